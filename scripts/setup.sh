@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv with everything prefq and its tests need, from this repository's own files. Re-runnable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU wheel on this machine's disk.
+"${pip[@]}" torch==2.13.0
+# DeepSpeed's setup.py imports torch, so it builds against the torch above (no isolated build env).
+"${pip[@]}" --no-build-isolation deepspeed==0.19.8
+"${pip[@]}" -e '.[dev,deepspeed]'

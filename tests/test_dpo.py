@@ -1,0 +1,112 @@
+"""The DPO trainer in-process: every loss type, losses worked out by hand, beta schedules."""
+
+import math
+
+import pytest
+import torch
+
+from training.beta import BatchBetaSchedule, RiskBetaSchedule, quantile
+from training.spec import DPO_LOSS_TYPES, parse_spec
+
+
+def make_trainer(tmp_path, model, data, **overrides):
+    from training.data import load_splits
+    from training.run import _make_callback, _Stop, build_trainer
+
+    spec = parse_spec({"method": "dpo", "model": str(model), "train_file": str(data), "eval_fraction": 0,
+                       "max_steps": 2, "batch_size": 8, "learning_rate": 1e-2, "max_length": 64,
+                       "save_steps": 100, "precision": "fp32", **overrides})  # fmt: skip
+    train_ds, _ = load_splits(spec)
+    trainer, _ = build_trainer(spec, tmp_path, train_ds, None, _make_callback(spec, _Stop(), len(train_ds), 0))
+    return trainer
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_every_loss_type_trains(tmp_path, micro_model, toy_dpo, loss_type):
+    extra = {"label_smoothing": 1e-3} if loss_type == "exo_pair" else {}
+    trainer = make_trainer(tmp_path, micro_model, toy_dpo, loss_type=loss_type, **extra)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
+    assert len(changed) == len(before), f"{loss_type}: unchanged {set(before) - set(changed)}"
+
+
+def fixed_outputs(per_token: list[list[float]]):
+    """Policy outputs whose completion tokens have the given log-probs (2 completion tokens per sequence)."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    log_probs = torch.zeros(len(per_token), 4)
+    log_probs[:, 2:] = torch.tensor(per_token)
+    zeros = torch.zeros_like(log_probs)
+    return FusedCausalLMOutput(log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+
+def by_hand_inputs():
+    # sequences of 5 tokens: 3 prompt, 2 completion; rows are [chosen_1, chosen_2, rejected_1, rejected_2]
+    mask = torch.tensor([[0, 0, 0, 1, 1]] * 4)
+    return {"input_ids": torch.ones(4, 5, dtype=torch.long), "attention_mask": torch.ones(4, 5, dtype=torch.long),
+            "completion_mask": mask, "ref_chosen_logps": torch.tensor([-11.0, -8.0]),
+            "ref_rejected_logps": torch.tensor([-11.0, -9.0])}  # fmt: skip
+
+
+def test_sigmoid_and_ipo_losses_match_hand_computation(tmp_path, micro_model, toy_dpo):
+    """Policy log-probs: chosen -10 and -6, rejected -12 and -9 (each the sum of two tokens).
+
+    Reference: chosen -11 and -8, rejected -11 and -9. Log-ratios: chosen 1 and 2, rejected -1 and 0,
+    so h = chosen - rejected = 2 and 2.
+    sigmoid, beta 0.1: -log sigmoid(0.1 * 2) = log(1 + e^-0.2) = 0.598138869381...
+    IPO, beta 0.1 (TRL divides each log-ratio by its 2 completion tokens): (2/2 - 1/(2 * 0.1))^2 = (1 - 5)^2 = 16
+    for both pairs. beta 0.5: (1 - 1)^2 = 0.
+    """
+    outputs = fixed_outputs([[-5.0, -5.0], [-3.0, -3.0], [-6.0, -6.0], [-4.5, -4.5]])
+    trainer = make_trainer(tmp_path, micro_model, toy_dpo, loss_type="sigmoid", beta=0.1)
+    loss = trainer.loss_from_outputs(outputs, by_hand_inputs())
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.2)), abs=1e-6)
+    assert loss.item() == pytest.approx(0.598138869381, abs=1e-6)
+
+    trainer = make_trainer(tmp_path, micro_model, toy_dpo, loss_type="ipo", beta=0.1)
+    assert trainer.loss_from_outputs(outputs, by_hand_inputs()).item() == pytest.approx(16.0, abs=1e-6)
+    trainer.beta = 0.5
+    assert trainer.loss_from_outputs(outputs, by_hand_inputs()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reference_free_uses_zero_reference_log_probs(tmp_path, micro_model, toy_dpo):
+    trainer = make_trainer(tmp_path, micro_model, toy_dpo, reference_free=True)
+    inputs = {k: v for k, v in by_hand_inputs().items() if not k.startswith("ref_")}
+    with_ref = trainer._with_reference(inputs)
+    assert with_ref["ref_chosen_logps"].tolist() == [0.0, 0.0] == with_ref["ref_rejected_logps"].tolist()
+    assert trainer.ref_model is None
+
+
+def test_max_prompt_length_keeps_the_end_of_the_prompt(tmp_path, micro_model, toy_dpo):
+    trainer = make_trainer(tmp_path, micro_model, toy_dpo, max_prompt_length=4)
+    tokenizer = trainer.processing_class
+    for row in trainer.train_dataset.select(range(5)):
+        assert len(row["prompt_ids"]) == 4
+        assert tokenizer.decode(row["prompt_ids"]).endswith("?")
+
+
+def test_risk_schedule_raises_beta_when_too_many_margins_pass_tau():
+    schedule = RiskBetaSchedule(beta=0.1, warmup_steps=2, quantile=0.5, target=0.2, alpha=0.1, gamma=5.0,
+                                tau_ema=0.9)  # fmt: skip
+    schedule.observe([0.0, 1.0, 2.0, 3.0])
+    schedule.observe([1.0, 2.0])
+    assert schedule.beta == 0.1 and schedule.tau == pytest.approx(quantile([0, 1, 2, 3, 1, 2], 0.5)) == 1.5
+    schedule.observe([2.0, 3.0, 4.0, 5.0])  # share above tau 1.0, target 0.2: u = 0.8
+    assert schedule.beta == pytest.approx(0.1 * math.exp(0.1 * math.tanh(5.0 * 0.8)))
+    assert schedule.tau == pytest.approx(0.9 * 1.5 + 0.1 * 3.5)
+    raised = schedule.beta
+    for _ in range(5):
+        schedule.observe([-5.0, -4.0])  # tau lags above these margins: share 0, u = -0.2, beta shrinks
+    assert schedule.tau > -4.0
+    assert 0 < schedule.beta == pytest.approx(raised * math.exp(-0.1 * math.tanh(-5.0 * -0.2) * 5))
+
+
+def test_batch_schedule_follows_beta_dpo():
+    schedule = BatchBetaSchedule(beta=0.1, alpha=0.6, momentum=0.9, min_beta=1e-3)
+    assert schedule.beta_for([2.0, 4.0]) == pytest.approx(0.1)  # the first batch sets the baseline
+    schedule.observe([2.0, 4.0])
+    assert schedule.baseline == pytest.approx(0.3)
+    assert schedule.beta_for([6.0, 8.0]) == pytest.approx(0.1 * (1 + 0.6 * (0.7 - 0.3)))
+    assert schedule.beta_for([-1000.0]) == 1e-3

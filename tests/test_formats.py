@@ -1,0 +1,157 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, python_env
+from training.formats import check_lines
+
+MSG = lambda role, content: {"role": role, "content": content}  # noqa: E731
+
+
+def lines(*rows) -> list[bytes]:
+    return [r if isinstance(r, bytes) else json.dumps(r).encode() for r in rows]
+
+
+def only_error(rows, method="dpo"):
+    report, _ = check_lines(lines(*rows), method)
+    assert report.error_count == 1, report.errors
+    return report.errors[0]
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt", "expected"),
+    [
+        ({"prompt": "Q", "chosen": "A", "rejected": "B"}, "dpo_pairs", {"prompt": "Q", "chosen": "A", "rejected": "B"}),
+        (
+            {"prompt": [MSG("user", "Q")], "chosen": [MSG("assistant", "A")], "rejected": [MSG("assistant", "B")]},
+            "dpo_conversational",
+            {"prompt": [MSG("user", "Q")], "chosen": [MSG("assistant", "A")], "rejected": [MSG("assistant", "B")]},
+        ),
+        (
+            {"chosen": [MSG("user", "Q"), MSG("assistant", "A")], "rejected": [MSG("user", "Q"), MSG("assistant", "B")]},
+            "dpo_conversational",
+            {"prompt": [MSG("user", "Q")], "chosen": [MSG("assistant", "A")], "rejected": [MSG("assistant", "B")]},
+        ),
+        (
+            {"input": {"messages": [MSG("user", "Q")]}, "preferred_output": [MSG("assistant", "A")],
+             "non_preferred_output": [MSG("assistant", "B")]},
+            "openai_dpo",
+            {"prompt": [MSG("user", "Q")], "chosen": [MSG("assistant", "A")], "rejected": [MSG("assistant", "B")]},
+        ),
+        (
+            {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: sum 2+2?\n\nAssistant: 4",
+             "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: sum 2+2?\n\nAssistant: 5"},
+            "hh_rlhf",
+            {"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: sum 2+2?\n\nAssistant:", "chosen": " 4",
+             "rejected": " 5"},
+        ),
+    ],
+)  # fmt: skip
+def test_dpo_formats_are_detected_and_normalised(row, fmt, expected):
+    report, rows = check_lines(lines(row), "dpo")
+    assert report.ok and report.format == fmt and report.method == "dpo"
+    assert rows == [expected]
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt"),
+    [
+        ({"prompt": "Q", "completion": "A"}, "sft_prompt_completion"),
+        ({"prompt": [MSG("user", "Q")], "completion": [MSG("assistant", "A")]}, "sft_prompt_completion"),
+        ({"messages": [MSG("system", "S"), MSG("user", "Q"), MSG("assistant", "A")]}, "sft_messages"),
+        ({"text": "some text"}, "sft_text"),
+    ],
+)
+def test_sft_formats_are_detected(row, fmt):
+    report, rows = check_lines(lines(row), "sft")
+    assert report.ok and report.format == fmt and rows == [row]
+
+
+def test_malformed_json_names_line_and_column():
+    err = only_error([{"prompt": "Q", "chosen": "A", "rejected": "B"}, b'{"prompt": "Q", "chosen": "A"'])
+    assert (err.line, err.field) == (2, "-")
+    assert err.reason.startswith("malformed JSON") and "column 30" in err.reason
+
+
+def test_wrong_type_names_the_field():
+    err = only_error([{"prompt": "Q", "chosen": ["A"], "rejected": "B"}])
+    assert (err.line, err.field, err.reason) == (1, "chosen", "expected a string, got array")
+
+
+def test_wrong_type_inside_messages_names_the_path():
+    row = {"input": {"messages": [MSG("user", "Q"), {"role": "user", "content": 7}]},
+           "preferred_output": [MSG("assistant", "A")], "non_preferred_output": [MSG("assistant", "B")]}  # fmt: skip
+    err = only_error([row])
+    assert (err.field, err.reason) == ("input.messages[1].content", "expected a string, got number")
+
+
+def test_missing_field_is_named():
+    err = only_error([{"prompt": "Q", "chosen": "A"}])
+    assert (err.line, err.field, err.reason) == (1, "rejected", "missing")
+
+
+def test_empty_string_is_an_error_for_answers_and_a_warning_for_prompts():
+    err = only_error([{"prompt": "Q", "chosen": "   ", "rejected": "B"}])
+    assert (err.field, err.reason) == ("chosen", "empty string")
+    report, rows = check_lines(lines({"prompt": "", "chosen": "A", "rejected": "B"}), "dpo")
+    assert report.ok and len(rows) == 1
+    assert [(w.field, w.reason) for w in report.warnings] == [("prompt", "empty field")]
+
+
+def test_non_utf8_bytes_are_reported():
+    err = only_error([{"prompt": "Q", "chosen": "A", "rejected": "B"}, b'{"prompt": "caf\xe9"}'])
+    assert err.line == 2 and err.reason == "not valid UTF-8: byte 0xe9 at column 16"
+
+
+def test_empty_file_is_an_error():
+    report, rows = check_lines([b"", b"\n"], "dpo")
+    assert not report.ok and rows == []
+    assert report.errors[0].reason == "no rows: the file is empty"
+
+
+def test_mixed_formats_are_reported_per_line():
+    err = only_error([{"prompt": "Q", "chosen": "A", "rejected": "B"}, {"text": "T"}], method=None)
+    assert err.line == 2 and err.reason == "mixed formats: this line is sft_text, line 1 is dpo_pairs"
+
+
+def test_data_of_the_other_method_is_refused():
+    err = only_error([{"text": "T"}], method="dpo")
+    assert err.reason == "format sft_text holds sft data, but the method is dpo"
+
+
+def test_hh_pair_with_different_conversations_is_refused():
+    err = only_error([{"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}])
+    assert err.field == "rejected" and "differ before their final Assistant turn" in err.reason
+
+
+def test_warnings_for_duplicates_and_identical_answers():
+    row = {"prompt": "Q", "chosen": "A", "rejected": "B"}
+    report, rows = check_lines(lines(row, row, {"prompt": "Q", "chosen": "A", "rejected": "A"}), "dpo")
+    assert report.ok and len(rows) == 3
+    assert [(w.line, w.reason) for w in report.warnings] == [
+        (2, "duplicate of line 1"), (3, "identical to chosen: the pair carries no preference"),
+    ]  # fmt: skip
+
+
+def test_errors_are_counted_beyond_the_listed_fifty():
+    report, _ = check_lines([b"not json"] * 80, "dpo")
+    assert report.error_count == 80 and len(report.errors) == 50
+
+
+def test_validate_command_reports_and_fails_on_errors(tmp_path, micro_model, toy_dpo):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "Q", "chosen": "A", "rejected": "B"}\n{"prompt": 1, "chosen": "A", "rejected": "B"}\n')
+    cmd = [sys.executable, "-m", "training", "validate"]
+    out = subprocess.run([*cmd, str(bad), "--method", "dpo"], capture_output=True, text=True, env=python_env(), cwd=ROOT)
+    assert out.returncode == 2
+    assert "line 2: prompt: expected a string, got number" in out.stdout
+    out = subprocess.run([*cmd, str(toy_dpo), "--model", str(micro_model), "--max-length", "12", "--json"],
+                         capture_output=True, text=True, env=python_env(), cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["rows"] == 400 and report["format"] == "dpo_pairs"
+    lengths = report["token_lengths"]
+    assert 10 <= lengths["p50"] <= lengths["p95"] <= lengths["max"] <= 20
+    assert lengths["truncated_rows"] > 0

@@ -1,0 +1,65 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, python_env
+from training.spec import DPO_LOSS_TYPES, SpecError, parse_spec
+
+BASE = {"method": "dpo", "model": "m", "train_file": "t.jsonl"}
+
+
+def test_defaults_follow_the_method():
+    assert parse_spec(BASE).resolved().learning_rate == 1e-6
+    assert parse_spec({**BASE, "method": "sft"}).resolved().learning_rate == 2e-5
+    assert parse_spec(BASE).beta == 0.1
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"beta": 0}, "beta", "greater than 0"),
+        ({"method": "ppo"}, "method", "'dpo' or 'sft'"),
+        ({"loss_type": ["sigmoid", "nope"]}, "loss_type", "unknown loss type 'nope'"),
+        ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, "loss_weights", "one per type"),
+        ({"loss_type": "exo_pair"}, "label_smoothing", "label_smoothing > 0"),
+        ({"method": "sft", "reference_free": True}, "reference_free", "only applies to method 'dpo'"),
+        ({"max_length": 64, "max_prompt_length": 64}, "max_prompt_length", "smaller than max_length"),
+        ({"batch_size": 0}, "batch_size", "greater than or equal to 1"),
+        ({"lora": {"r": 0}}, "lora.r", "greater than or equal to 1"),
+        ({"risk": {"quantile": 1.5}}, "risk.quantile", "less than 1"),
+        ({"trainer": "basic", "gpus": 2}, "gpus", "use 'fsdp'"),
+        ({"learning_rte": 1e-5}, "learning_rte", "unknown field"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_fix(change, field, words):
+    with pytest.raises(SpecError) as err:
+        parse_spec({**BASE, **change})
+    assert str(err.value).startswith(f"{field}: ")
+    assert words in str(err.value)
+
+
+def test_loss_types_are_those_of_the_installed_trl():
+    from trl import DPOConfig
+
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    listed = help_text.split("Possible values are:")[1].split(". If")[0]
+    assert set(DPO_LOSS_TYPES) == {name.strip(" `'") for name in listed.split(",")}
+
+
+def test_schema_command_prints_every_field():
+    out = subprocess.run([sys.executable, "-m", "training", "schema"], capture_output=True, text=True,
+                         env=python_env(), cwd=ROOT, check=True)  # fmt: skip
+    schema = json.loads(out.stdout)
+    for name in ("method", "model", "train_file", "eval_file", "eval_fraction", "learning_rate", "max_steps",
+                 "epochs", "batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length", "seed",
+                 "save_steps", "eval_steps", "trainer", "beta", "loss_type", "label_smoothing", "reference_free",
+                 "precompute_ref_log_probs", "beta_schedule", "lora"):  # fmt: skip
+        assert name in schema["properties"], name
+
+
+def test_spec_formats_and_validate_import_no_torch():
+    code = ("import sys, training.spec, training.formats, training.events, training.beta; "
+            "import training.__main__; assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], env=python_env(), cwd=ROOT, check=True)

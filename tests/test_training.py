@@ -1,0 +1,140 @@
+"""Real training runs of the micro model on toy data, as `python -m training run` subprocesses."""
+
+import json
+import signal
+
+import pytest
+
+from tests.conftest import dpo_spec, of_type, run_training, start_training
+from training.spec import EXIT_OK, EXIT_STOPPED, EXIT_USER_ERROR, MANIFEST_NAME
+
+
+def test_dpo_raises_held_out_reward_accuracy(tmp_path, micro_model, toy_dpo):
+    out = tmp_path / "run"
+    rc, events = run_training(dpo_spec(micro_model, toy_dpo, max_steps=30, save_steps=15, eval_steps=15), out)
+    assert rc == EXIT_OK
+    assert events[0]["event"] == "started" and events[0]["total_steps"] == 30 and events[0]["examples"] == 340
+    accuracies = [e["metrics"]["eval_rewards/accuracies"] for e in of_type(events, "eval")]
+    assert [e["step"] for e in of_type(events, "eval")] == [0, 15, 30]
+    assert accuracies[0] <= 0.6 and accuracies[-1] >= 0.9, accuracies
+
+    progress = of_type(events, "progress")
+    assert [e["step"] for e in progress] == list(range(1, 31))
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "beta"):  # fmt: skip
+        assert key in progress[-1]["metrics"], key
+    assert progress[-1]["total_steps"] == 30 and progress[-1]["learning_rate"] == 3e-3
+
+    assert [(e["step"], e["path"]) for e in of_type(events, "checkpoint")] == [
+        (15, str(out / "checkpoint-15")), (30, str(out / "checkpoint-30")),
+    ]  # fmt: skip
+    ckpt = out / "checkpoint-15"
+    manifest = json.loads((ckpt / MANIFEST_NAME).read_text())
+    assert manifest["step"] == 15 and manifest["spec"]["method"] == "dpo"
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(
+        manifest["files"]
+    )
+    newest_other = max(p.stat().st_mtime_ns for p in ckpt.iterdir() if p.name != MANIFEST_NAME)
+    assert (ckpt / MANIFEST_NAME).stat().st_mtime_ns >= newest_other
+
+    done = events[-1]
+    assert done["event"] == "done" and done["final_path"] == str(out / "final")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"]["eval_rewards/accuracies"] == accuracies[-1]
+    assert json.loads((out / "spec.json").read_text())["learning_rate"] == 3e-3
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert AutoTokenizer.from_pretrained(out / "final").pad_token == "<|pad|>"
+    assert (out / "final" / "model.safetensors").is_file()
+    assert sum(p.numel() for p in model.parameters()) > 100_000
+
+
+def test_sft_halves_the_eval_loss(tmp_path, micro_model, toy_sft):
+    spec = {"method": "sft", "model": str(micro_model), "train_file": str(toy_sft), "eval_fraction": 0.15,
+            "max_steps": 30, "batch_size": 16, "learning_rate": 3e-3, "max_length": 64, "save_steps": 100}  # fmt: skip
+    rc, events = run_training(spec, tmp_path / "run")
+    assert rc == EXIT_OK
+    losses = [e["metrics"]["eval_loss"] for e in of_type(events, "eval")]
+    assert len(losses) == 2 and losses[-1] <= losses[0] / 2, losses
+    assert "mean_token_accuracy" in of_type(events, "progress")[-1]["metrics"]
+
+
+def test_sigterm_then_resume_ends_like_a_straight_run(tmp_path, micro_model, toy_dpo):
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=16, save_steps=100, eval_fraction=0)
+    rc, straight = run_training(spec, tmp_path / "straight")
+    assert rc == EXIT_OK
+
+    out = tmp_path / "stopped"
+    proc = start_training(spec, out)
+    events = []
+    for line in proc.stdout:
+        events.append(json.loads(line))
+        if events[-1]["event"] == "progress" and events[-1]["step"] == 8:
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_STOPPED
+    stopped = events[-1]
+    assert stopped["event"] == "stopped" and 8 <= stopped["step"] < 16
+    assert stopped["checkpoint"] == str(out / f"checkpoint-{stopped['step']}")
+    assert (out / f"checkpoint-{stopped['step']}" / MANIFEST_NAME).is_file()
+    assert not (out / "final").exists()
+
+    rc, resumed = run_training(spec, out, "--resume")
+    assert rc == EXIT_OK
+    assert resumed[0]["event"] == "started" and resumed[0]["resumed_from_step"] == stopped["step"]
+    assert of_type(resumed, "progress")[0]["step"] == stopped["step"] + 1
+    last, last_straight = of_type(resumed, "progress")[-1], of_type(straight, "progress")[-1]
+    assert last["step"] == last_straight["step"] == 16
+    assert last["loss"] == pytest.approx(last_straight["loss"], abs=1e-4)
+
+
+def test_lora_trains_without_a_reference_model(tmp_path, micro_model, toy_dpo):
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=6, eval_fraction=0,
+                    lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})  # fmt: skip
+    rc, events = run_training(spec, tmp_path / "run")
+    assert rc == EXIT_OK
+    losses = [e["loss"] for e in of_type(events, "progress")]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0]
+
+    from safetensors.torch import load_file
+
+    base = load_file(micro_model / "model.safetensors")
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert set(final) == set(base), "the adapters are merged into a plain model"
+    changed = {k for k in base if not (base[k] == final[k]).all()}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed), changed
+
+
+def test_risk_schedule_moves_beta_and_keeps_it_positive(tmp_path, micro_model, toy_dpo):
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=20, eval_fraction=0, beta_schedule="risk",
+                    risk={"warmup_steps": 4, "quantile": 0.5, "target": 0.2, "alpha": 0.1})  # fmt: skip
+    rc, events = run_training(spec, tmp_path / "run")
+    assert rc == EXIT_OK
+    betas = [e["metrics"]["beta"] for e in of_type(events, "progress")]
+    assert len(betas) == 20 and all(b > 0 for b in betas)
+    assert betas[:4] == [0.1] * 4, "beta holds during the warm-up"
+    assert len(set(betas[4:])) > 5, betas
+
+
+def test_bad_spec_is_a_user_error_event(tmp_path, micro_model, toy_dpo):
+    rc, events = run_training(dpo_spec(micro_model, toy_dpo, beta=-1), tmp_path / "run")
+    assert rc == EXIT_USER_ERROR
+    assert events == [{**events[0], "event": "error", "code": "invalid_spec", "user_error": True}]
+    assert events[0]["message"].startswith("beta: ")
+
+
+def test_bad_data_is_a_user_error_event_with_lines(tmp_path, micro_model):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "Q", "chosen": "A", "rejected": "B"}\n{"prompt": "Q", "chosen": "A"}\n')
+    rc, events = run_training(dpo_spec(micro_model, data), tmp_path / "run")
+    assert rc == EXIT_USER_ERROR
+    (error,) = events
+    assert error["code"] == "invalid_data" and error["user_error"] is True
+    assert error["errors"] == [{"line": 2, "field": "rejected", "reason": "missing"}]
+
+
+def test_missing_model_is_a_user_error_event(tmp_path, toy_dpo):
+    rc, events = run_training(dpo_spec(tmp_path / "nowhere", toy_dpo), tmp_path / "run")
+    assert rc == EXIT_USER_ERROR
+    assert events[-1]["code"] == "invalid_model" and str(tmp_path / "nowhere") in events[-1]["message"]

@@ -1,0 +1,105 @@
+"""`python -m training COMMAND`: schema, validate, run, make-tiny-model, make-toy-data.
+
+`schema` and `validate` without `--model` import no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from training.spec import EXIT_OK, EXIT_USER_ERROR
+
+
+def _validate(args) -> int:
+    from training.formats import check_file
+
+    try:
+        report, examples = check_file(args.file, args.method)
+    except OSError as exc:
+        print(f"{args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.model and examples:
+        from transformers import AutoTokenizer
+
+        from training.data import token_length_stats
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        report.token_lengths = token_length_stats(examples, tokenizer, args.max_length)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(f"file: {args.file}\nrows: {report.rows}\nformat: {report.format or '-'} ({report.method or '-'})")
+        for title, items, total in (("errors", report.errors, report.error_count),
+                                    ("warnings", report.warnings, report.warning_count)):  # fmt: skip
+            more = f" (first {len(items)} listed)" if total > len(items) else ""
+            print(f"{title}: {total}{more}")
+            for p in items:
+                print(f"  line {p.line}: {p.field}: {p.reason}")
+        if report.token_lengths:
+            t = report.token_lengths
+            print(f"tokens: p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; "
+                  f"{t['truncated_rows']} rows longer than max_length {t['max_length']}")  # fmt: skip
+    return EXIT_OK if report.ok else EXIT_USER_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("schema", help="print the JSON schema of the training spec")
+    p = sub.add_parser("validate", help="check a JSONL data file and print a report")
+    p.add_argument("file")
+    p.add_argument("--method", choices=["dpo", "sft"])
+    p.add_argument("--model", help="model folder whose tokenizer measures token lengths")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = sub.add_parser("run", help="train: events on stdout, outputs in --out")
+    p.add_argument("spec")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p = sub.add_parser("make-tiny-model", help="build a small random Llama and a local tokenizer")
+    p.add_argument("dir")
+    p.add_argument("--size", default="tiny", choices=["micro", "tiny", "small"])
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("make-toy-data", help="write synthetic data with a learnable signal")
+    p.add_argument("out")
+    p.add_argument("--method", choices=["dpo", "sft"], default="dpo")
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context-words", type=int, default=0, help="filler words before each question")
+    args = parser.parse_args(argv)
+
+    if args.command == "schema":
+        from training.spec import spec_json_schema
+
+        print(json.dumps(spec_json_schema(), indent=1))
+        return EXIT_OK
+    if args.command == "validate":
+        return _validate(args)
+    if args.command == "run":
+        from training.events import claim_stdout
+
+        claim_stdout()
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+        from training.run import main as run_main
+
+        return run_main(args.spec, args.out, args.resume)
+    if args.command == "make-tiny-model":
+        from training.tiny import make_tiny_model
+
+        n = make_tiny_model(args.dir, args.size, args.seed)
+        print(f"{args.dir}: {n:,} parameters")
+        return EXIT_OK
+    if args.command == "make-toy-data":
+        from training.toy_data import write_toy_data
+
+        n = write_toy_data(args.out, args.method, args.rows, args.seed, args.context_words)
+        print(f"{args.out}: {n} rows")
+        return EXIT_OK
+    raise ValueError(f"Unknown command: {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

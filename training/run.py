@@ -1,0 +1,345 @@
+"""One training run: a spec in, JSON-lines events out, checkpoints and the final model in a local folder.
+
+OUT/
+  spec.json            the resolved spec
+  checkpoint-N/        resumable: model, optimizer, scheduler, RNG, data position (trainer_state.json),
+                       beta-schedule state; `prefq-manifest.json` is written last
+  final/               save_pretrained (safetensors) and the tokenizer; LoRA adapters are merged in
+  metrics.json         the last train and eval metrics, under TRL's names
+
+SIGTERM: the run saves a checkpoint at the end of the current step and exits with EXIT_STOPPED (75).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from training.events import emit
+from training.formats import DataError
+from training.spec import (
+    EXIT_INFRA_ERROR, EXIT_OK, EXIT_STOPPED, EXIT_USER_ERROR, MANIFEST_NAME, SpecError, TrainingSpec, load_spec,
+)  # fmt: skip
+
+log = logging.getLogger("training")
+SCHEDULE_STATE = "beta-schedule.json"
+
+
+class ModelError(ValueError):
+    """The model cannot be loaded (`invalid_model`) or does not fit (`model_too_big`): the user's to fix."""
+
+    def __init__(self, message: str, code: str = "invalid_model"):
+        super().__init__(message)
+        self.code = code
+
+
+class StopRequested(Exception):
+    """SIGTERM before the training loop started: nothing to save."""
+
+
+class _Stop:
+    requested = False
+    training = False
+
+
+def _install_sigterm(stop: _Stop) -> None:
+    def handler(signum, frame):
+        stop.requested = True
+        if not stop.training:
+            raise StopRequested()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def newest_checkpoint(out_dir: Path) -> Path | None:
+    """The complete checkpoint (manifest present) with the highest step."""
+    done = [p for p in out_dir.glob("checkpoint-*") if (p / MANIFEST_NAME).is_file()]
+    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+def _write_manifest(ckpt: Path, step: int, epoch: float | None, spec: TrainingSpec) -> None:
+    files = {
+        str(p.relative_to(ckpt)): p.stat().st_size for p in sorted(ckpt.rglob("*")) if p.is_file()
+    }
+    manifest = {
+        "step": step,
+        "epoch": epoch,
+        "base_model": spec.model,
+        "method": spec.method,
+        "spec": spec.resolved().model_dump(mode="json"),
+        "files": files,
+        "created_at": time.time(),
+    }
+    tmp = ckpt / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, ckpt / MANIFEST_NAME)
+
+
+def _check_fits(spec: TrainingSpec) -> None:
+    """Refuse a model whose weights, gradients and Adam state cannot fit before trying to load it."""
+    import psutil
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(spec.model)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model: cannot load {spec.model}: {exc}") from None
+    trained = params if spec.lora is None else 0  # LoRA trains a small fraction
+    # fp32 weights + gradients + two Adam moments for trained weights, fp32 frozen copies otherwise
+    need = 16 * trained + 4 * params * (1 if (spec.lora or spec.method == "sft" or spec.reference_free) else 2)
+    if torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0] * spec.gpus
+    else:
+        free = psutil.virtual_memory().available
+    if need > free:
+        raise ModelError(
+            f"model: {params / 1e6:.0f}M parameters need about {need / 2**30:.1f} GiB for training, "
+            f"{free / 2**30:.1f} GiB are free; use LoRA, more GPUs with fsdp, or a smaller model",
+            code="model_too_big",
+        )
+
+
+def _load_model(spec: TrainingSpec):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.model)
+        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model: cannot load {spec.model}: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int):
+    from transformers import TrainerCallback
+
+    class EventsCallback(TrainerCallback):
+        """Turns the Trainer's hooks into events, manifests and a clean stop on SIGTERM."""
+
+        def __init__(self):
+            self.trainer = None
+            self.last_train: dict = {}
+            self.last_eval: dict = {}
+            self.last_checkpoint: Path | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            emit("started", total_steps=state.max_steps, examples=n_train, eval_examples=n_eval,
+                 epochs=spec.epochs if spec.max_steps is None else None,
+                 resumed_from_step=state.global_step)  # fmt: skip
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            if any(k.startswith("eval_") for k in logs):
+                self.last_eval = {k: v for k, v in logs.items() if k.startswith("eval_")}
+                emit("eval", step=state.global_step, metrics=self.last_eval)
+            elif "loss" in logs:
+                loss, lr = logs.pop("loss"), logs.pop("learning_rate", None)
+                logs.pop("epoch", None)
+                self.last_train = {"loss": loss, **logs}
+                emit("progress", step=state.global_step, total_steps=state.max_steps, epoch=state.epoch,
+                     loss=loss, learning_rate=lr, metrics=logs)  # fmt: skip
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if _stop_agreed(stop):
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            _barrier()
+            if state.is_world_process_zero:
+                schedule = getattr(self.trainer, "beta_schedule", None)
+                if schedule is not None:
+                    (ckpt / SCHEDULE_STATE).write_text(json.dumps(schedule.state_dict()))
+                _write_manifest(ckpt, state.global_step, state.epoch, spec)
+                emit("checkpoint", step=state.global_step, path=str(ckpt))
+            self.last_checkpoint = ckpt
+
+    return EventsCallback()
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _stop_agreed(stop: _Stop) -> bool:
+    """Whether any process was asked to stop: all ranks must save the same step."""
+    if not _distributed():
+        return stop.requested
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if stop.requested else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _trainer_args(spec: TrainingSpec, out_dir: Path, has_eval: bool) -> dict:
+    import torch
+
+    return dict(
+        output_dir=str(out_dir),
+        max_steps=spec.max_steps or -1,
+        num_train_epochs=spec.epochs,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        learning_rate=spec.resolved_learning_rate,
+        lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=spec.warmup_steps,
+        weight_decay=spec.weight_decay,
+        max_grad_norm=spec.max_grad_norm,
+        max_length=spec.max_length,
+        bf16=spec.precision == "bf16",
+        gradient_checkpointing=spec.gradient_checkpointing,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        logging_steps=spec.logging_steps,
+        save_strategy="steps",
+        save_steps=spec.save_steps,
+        eval_strategy="steps" if (has_eval and spec.eval_steps) else "no",
+        eval_steps=spec.eval_steps,
+        eval_on_start=has_eval,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback):
+    """The TRL trainer for the spec's method, with the model loaded and the callback attached."""
+    from transformers import PrinterCallback
+
+    model, tokenizer = _load_model(spec)
+    peft_config = None
+    if spec.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                                 target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+    common = _trainer_args(spec, out_dir, eval_ds is not None)
+    if spec.method == "dpo":
+        from trl import DPOConfig
+
+        from training.dpo import PrefqDPOTrainer
+
+        args = DPOConfig(**common, beta=spec.beta, loss_type=spec.loss_types, loss_weights=spec.loss_weights,
+                         label_smoothing=spec.label_smoothing,
+                         precompute_ref_log_probs=spec.precompute_ref_log_probs)  # fmt: skip
+        trainer = PrefqDPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
+                                  spec=spec)  # fmt: skip
+    elif spec.method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**common)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])  # fmt: skip
+    else:
+        raise ValueError(f"Unknown method: {spec.method}")
+    trainer.remove_callback(PrinterCallback)
+    callback.trainer = trainer
+    return trainer, tokenizer
+
+
+def _save_final(trainer, tokenizer, final_dir: Path) -> None:
+    from peft import PeftModel
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    if trainer.accelerator.is_main_process:
+        model.save_pretrained(final_dir, safe_serialization=True)
+        tokenizer.save_pretrained(final_dir)
+
+
+def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
+    from datasets import disable_progress_bars
+
+    from training.data import load_splits
+
+    disable_progress_bars()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spec.json").write_text(spec.resolved().model_dump_json(indent=1))
+    train_ds, eval_ds = load_splits(spec)
+    _check_fits(spec)
+    checkpoint = newest_checkpoint(out_dir) if resume else None
+    if resume and checkpoint is None:
+        log.warning("--resume: no complete checkpoint in %s, starting from step 0", out_dir)
+    callback = _make_callback(spec, stop, len(train_ds), len(eval_ds) if eval_ds is not None else 0)
+    trainer, tokenizer = build_trainer(spec, out_dir, train_ds, eval_ds, callback)
+    schedule = getattr(trainer, "beta_schedule", None)
+    if checkpoint is not None and schedule is not None and (checkpoint / SCHEDULE_STATE).is_file():
+        schedule.load_state_dict(json.loads((checkpoint / SCHEDULE_STATE).read_text()))
+
+    stop.training = True
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stop.requested:
+        saved = callback.last_checkpoint
+        emit("stopped", step=trainer.state.global_step, checkpoint=str(saved) if saved else None)
+        return EXIT_STOPPED
+    step = trainer.state.global_step
+    if eval_ds is not None and not (spec.eval_steps and step % spec.eval_steps == 0):
+        trainer.evaluate()
+    final_dir = out_dir / "final"
+    _save_final(trainer, tokenizer, final_dir)
+    metrics = {"step": step, "train": callback.last_train, "eval": callback.last_eval}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    emit("done", final_path=str(final_dir), metrics=metrics)
+    return EXIT_OK
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
+def main(spec_path: str, out_dir: str, resume: bool) -> int:
+    """Run and map every failure to an `error` event and an exit code; never a bare traceback."""
+    stop = _Stop()
+    _install_sigterm(stop)
+    try:
+        spec = load_spec(spec_path)
+        return train(spec, Path(out_dir), resume, stop)
+    except StopRequested:
+        emit("stopped", step=0, checkpoint=None)
+        return EXIT_STOPPED
+    except SpecError as exc:
+        emit("error", code="invalid_spec", message=str(exc), user_error=True)
+    except DataError as exc:
+        emit("error", code="invalid_data", message=str(exc), user_error=True,
+             errors=[vars(p) for p in exc.report.errors])  # fmt: skip
+    except ModelError as exc:
+        emit("error", code=exc.code, message=str(exc), user_error=True)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence of a child process
+        traceback.print_exc(file=sys.stderr)
+        if not _is_out_of_memory(exc):
+            emit("error", code="training_crashed", message=f"{type(exc).__name__}: {exc}", user_error=False)
+            return EXIT_INFRA_ERROR
+        emit("error", code="model_too_big", message=f"out of memory: {exc}", user_error=True)
+    return EXIT_USER_ERROR

@@ -1,0 +1,222 @@
+"""The training spec: everything one run needs, validated before anything heavy is imported.
+
+Torch-free: the API and the worker import this module to check a job before it is queued.
+Field names are the ones the HTTP API and `prefq submit --set key=value` use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The DPO loss types of the pinned TRL (1.16), `DPOConfig.loss_type`. A test checks this list against TRL.
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+
+Method = Literal["dpo", "sft"]
+TrainerName = Literal["basic", "fsdp", "deepspeed-tp"]
+
+DEFAULT_LEARNING_RATE = {"dpo": 1e-6, "sft": 2e-5}  # DPO paper; TRL's SFTConfig
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the field and the fix."""
+
+
+class LoraSpec(BaseModel):
+    """LoRA adapters (PEFT). With LoRA, DPO needs no separate reference model: the adapter is switched off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1, description="Rank of the adapter matrices.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the LM head."
+    )
+
+
+class RiskBetaSpec(BaseModel):
+    """Parameters of `beta_schedule: "risk"` (see `training.dpo.RiskBetaSchedule`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warmup_steps: int = Field(10, ge=1, description="Steps that only collect margins to estimate the quantile tau.")
+    quantile: float = Field(0.8, gt=0, lt=1, description="Quantile of the per-pair margin that tau estimates.")
+    target: float = Field(0.2, gt=0, lt=1, description="Target share of pairs whose margin exceeds tau.")
+    alpha: float = Field(0.05, gt=0, le=1, description="Largest log-change of beta in one step.")
+    gamma: float = Field(5.0, gt=0, description="Slope of tanh on the share error u.")
+    tau_ema: float = Field(0.9, ge=0, lt=1, description="EMA decay that tracks tau after the warm-up.")
+
+
+class BatchBetaSpec(BaseModel):
+    """Parameters of `beta_schedule: "batch"`, beta-DPO (Wu et al. 2024)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(0.6, ge=0, description="Sensitivity of beta to the batch's mean margin (paper's alpha).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the baseline margin M0.")
+    min_beta: float = Field(1e-3, gt=0, description="Floor that keeps beta positive.")
+
+
+class TrainingSpec(BaseModel):
+    """One training run. Paths are local to the process that runs it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # what
+    method: Method = Field(description="'dpo' (preference pairs) or 'sft' (demonstrations).")
+    model: str = Field(min_length=1, description="Base model: a Hugging Face format folder.")
+    train_file: str = Field(min_length=1, description="Training data, JSONL (see `python -m training validate`).")
+    eval_file: str | None = Field(None, description="Held-out data, JSONL. Without it, `eval_fraction` is split off.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of train_file held out when eval_file is unset.")
+    trainer: TrainerName = Field("basic", description="'basic' (one device), 'fsdp' or 'deepspeed-tp'.")
+    gpus: int = Field(1, ge=1, le=64, description="Devices of the run; processes for fsdp and deepspeed-tp.")
+
+    # optimisation
+    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate; default 1e-6 DPO, 2e-5 SFT.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps of the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides `epochs`.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data when `max_steps` is unset.")
+    batch_size: int = Field(8, ge=1, description="Examples (pairs for DPO) per device per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    max_length: int = Field(1024, ge=8, description="Longest prompt+completion in tokens; longer ones are cut.")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="DPO: longest prompt in tokens, cut from the left; None keeps it whole."
+    )
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast with fp32 weights, or fp32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~20% slower.")
+    seed: int = Field(42, description="Seed of initialisation, shuffling and dropout.")
+
+    # bookkeeping
+    save_steps: int = Field(100, ge=1, description="Steps between resumable checkpoints.")
+    eval_steps: int | None = Field(None, ge=1, description="Steps between evaluations; always at start and end.")
+    logging_steps: int = Field(1, ge=1, description="Steps between progress events.")
+
+    # DPO
+    beta: float = Field(0.1, gt=0, description="DPO beta: strength of the pull towards the reference model.")
+    loss_type: str | list[str] = Field("sigmoid", description="One DPO loss type or several (see DPO_LOSS_TYPES).")
+    loss_weights: list[float] | None = Field(None, description="Weights of several loss types; default all 1.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Robust DPO flip rate / EXO epsilon.")
+    reference_free: bool = Field(False, description="Reference log-probs taken as 0 (no reference model).")
+    precompute_ref_log_probs: bool = Field(
+        False, description="One reference pass over the data before training instead of one per step."
+    )
+    beta_schedule: Literal["constant", "risk", "batch"] = Field("constant", description="How beta moves.")
+    risk: RiskBetaSpec = Field(default_factory=RiskBetaSpec, description="Parameters of beta_schedule 'risk'.")
+    batch_beta: BatchBetaSpec = Field(default_factory=BatchBetaSpec, description="Parameters of 'batch'.")
+
+    # LoRA
+    lora: LoraSpec | None = Field(None, description="LoRA adapters; off when unset.")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss_types(cls, value: str | list[str]) -> str | list[str]:
+        names = [value] if isinstance(value, str) else value
+        if not names:
+            raise ValueError("give at least one loss type")
+        unknown = [n for n in names if n not in DPO_LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"unknown loss type {', '.join(map(repr, unknown))}; choose from {', '.join(DPO_LOSS_TYPES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSpec:
+        loss_types = self.loss_types
+        if len(set(loss_types)) != len(loss_types):
+            raise ValueError(f"loss_type: {loss_types} repeats a type; list each loss type once")
+        if self.loss_weights is not None and len(self.loss_weights) != len(loss_types):
+            raise ValueError(
+                f"loss_weights: {len(self.loss_weights)} weights for {len(loss_types)} loss types; give one per type"
+            )
+        if "exo_pair" in loss_types and self.label_smoothing == 0:
+            raise ValueError("label_smoothing: the 'exo_pair' loss needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+        if self.method == "sft":
+            dpo_only = {
+                "beta_schedule": self.beta_schedule != "constant",
+                "reference_free": self.reference_free,
+                "precompute_ref_log_probs": self.precompute_ref_log_probs,
+            }
+            for name, used in dpo_only.items():
+                if used:
+                    raise ValueError(f"{name}: only applies to method 'dpo'; remove it for 'sft'")
+        if self.reference_free and self.precompute_ref_log_probs:
+            raise ValueError("precompute_ref_log_probs: has no use with reference_free; set one of them")
+        if self.method == "sft" and self.max_prompt_length is not None:
+            raise ValueError("max_prompt_length: only applies to method 'dpo'; use max_length for 'sft'")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length: {self.max_prompt_length} leaves no room for the completion within "
+                f"max_length {self.max_length}; make it smaller than max_length"
+            )
+        if self.trainer == "basic" and self.gpus != 1:
+            raise ValueError(f"gpus: the 'basic' trainer runs on one device, not {self.gpus}; use 'fsdp' or 1")
+        return self
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def resolved_learning_rate(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.method]
+
+    def resolved(self) -> TrainingSpec:
+        """The spec with method-dependent defaults filled in, as written next to the run's outputs."""
+        return self.model_copy(update={"learning_rate": self.resolved_learning_rate})
+
+
+def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """Pydantic errors as `{"field", "reason"}` pairs, with the field path dotted."""
+    out = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "spec"
+        reason = err["msg"].removeprefix("Value error, ")
+        # A model-level check names its field at the start of the message ("loss_weights: ...")
+        if field == "spec" and ": " in reason:
+            field, reason = reason.split(": ", 1)
+        if err["type"] == "extra_forbidden":
+            reason = "unknown field; see `python -m training schema` for the accepted ones"
+        out.append({"field": field, "reason": reason})
+    return out
+
+
+def parse_spec(data: dict) -> TrainingSpec:
+    """Validate a spec; a `SpecError` names each bad field and the fix."""
+    try:
+        return TrainingSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError("; ".join(f"{e['field']}: {e['reason']}" for e in describe_errors(exc))) from None
+
+
+def load_spec(path: str | Path) -> TrainingSpec:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"spec file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {path}: expected a JSON object, got {type(data).__name__}")
+    return parse_spec(data)
+
+
+def spec_json_schema() -> dict:
+    return TrainingSpec.model_json_schema()
+
+
+
+# The run's exit codes, part of its contract with whoever launched it (the worker).
+EXIT_OK = 0  # `done` was printed; final/ is complete
+EXIT_INFRA_ERROR = 1  # an unexpected failure; an `error` event says what, with user_error false
+EXIT_USER_ERROR = 2  # bad spec, bad data, a model that cannot load or does not fit; `error` says which
+EXIT_STOPPED = 75  # stopped by SIGTERM after saving a checkpoint (EX_TEMPFAIL: resume it)
+
+# Written last into every checkpoint folder: a checkpoint without it is incomplete and never used.
+MANIFEST_NAME = "prefq-manifest.json"

@@ -1,0 +1,80 @@
+"""Small random-initialised Llama models with a locally trained byte-level BPE tokenizer.
+
+No hub is needed: the tokenizer is trained with `tokenizers` on local text (`toy_data.corpus`), and both
+model and tokenizer reload with `AutoModelForCausalLM` / `AutoTokenizer` from the folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+# name: (hidden, layers, heads, intermediate, model vocab size; None = the tokenizer's)
+SIZES = {
+    "micro": (64, 2, 4, 128, None),  # ~150k parameters: fast tests
+    "tiny": (128, 4, 4, 384, None),  # ~1M parameters: the default
+    "small": (384, 6, 6, 1024, 16384),  # ~25M parameters: benchmarks
+}
+
+
+def build_tokenizer(vocab_size: int = 2048):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from training.toy_data import corpus
+
+    tok = Tokenizer(models.BPE())
+    # Digits one by one, as in Llama 3 and Qwen: numbers compare digit by digit, which a small model can learn
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_tiny_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> int:
+    """Write a model folder; returns its parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if size not in SIZES:
+        raise ValueError(f"Unknown size: {size}; choose from {', '.join(SIZES)}")
+    hidden, layers, heads, intermediate, vocab = SIZES[size]
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=max(vocab or 0, len(tokenizer)),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=2048,
+        tie_word_embeddings=vocab is None,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())

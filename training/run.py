@@ -24,7 +24,14 @@ from pathlib import Path
 from training.events import emit
 from training.formats import DataError
 from training.spec import (
-    EXIT_INFRA_ERROR, EXIT_OK, EXIT_STOPPED, EXIT_USER_ERROR, MANIFEST_NAME, SpecError, TrainingSpec, load_spec,
+    EXIT_INFRA_ERROR,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_USER_ERROR,
+    MANIFEST_NAME,
+    SpecError,
+    TrainingSpec,
+    load_spec,
 )  # fmt: skip
 
 log = logging.getLogger("training")

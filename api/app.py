@@ -1,0 +1,31 @@
+"""The FastAPI app: `uvicorn --factory api.app:create_app` (what `prefq api` runs). Torch-free."""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+
+from api import errors
+from api.deps import Services, require_key
+from api.routes import datasets, jobs, ops
+from jobs.db import make_engine
+from jobs.store import JobStore
+from queue_config import Settings, make_celery
+from storage import open_storage
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(title="prefq", version="0.1.0",
+                  description="Preference training (DPO, SFT) of language models on your own GPU pool.")  # fmt: skip
+    app.state.services = Services(
+        settings=settings,
+        store=JobStore(make_engine(settings.database_url)),
+        storage=open_storage(settings.storage_url, **settings.storage_options()),
+        celery=make_celery(settings, "prefq-api"),
+    )
+    errors.install(app)
+    app.include_router(ops.router)
+    for router in (datasets.router, jobs.router, ops.protected):
+        app.include_router(router, dependencies=[Depends(require_key)])
+    return app
+

@@ -1,0 +1,350 @@
+"""The `prefq` command. Client commands talk HTTP to the API (--api-url or PREFQ_API_URL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from api.client import Client, ClientError
+from queue_config import Settings
+
+app = typer.Typer(help="prefq: preference training (DPO, SFT) on your own GPU pool.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console()
+state: dict = {}
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+@app.callback()
+def main(api_url: str = typer.Option(None, help="API base URL [env PREFQ_API_URL]")) -> None:
+    state["api_url"] = api_url
+
+
+def client() -> Client:
+    settings = Settings()
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    return Client(state.get("api_url") or settings.api_url, key)
+
+
+def fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def parse_since(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text.strip())
+    if not match:
+        fail(f"--since: expected a duration like 30m, 1h or 2d, got {text!r}")
+    seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return time.time() - seconds
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """`key=value` (value as JSON where it parses, else a string); dotted keys nest: `lora.r=8`."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            fail(f"--set: expected key=value, got {pair!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _dataset_ref(c: Client, ref: str, method: str) -> str:
+    path = Path(ref)
+    if not path.is_file():
+        return ref
+    ds = c.upload_dataset(path, method)
+    console.print(f"dataset {ds['id']}: {ds['rows']} rows, {ds['format']}, {ds['warning_count']} warning(s)")
+    return ds["id"]
+
+
+def _row(job: dict) -> str:
+    acc = job["eval_metrics"].get("eval_rewards/accuracies")
+    extra = f" eval reward accuracy {acc:.3f}" if acc is not None else ""
+    return f"{job['id']} {job['status']} step {job['step']}/{job['total_steps'] or '?'}{extra}"
+
+
+def wait_with_progress(c: Client, job_id: str) -> dict:
+    """A live bar with step/total, loss, reward accuracy and time left, until the job finishes."""
+    columns = [TextColumn("[bold]{task.fields[status]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"), TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("job", total=None, status="queued", loss="-", acc="-")
+        while True:
+            job = c.job(job_id)
+            m = job["metrics"]
+            acc = m.get("rewards/accuracies", m.get("mean_token_accuracy"))
+            bar.update(task, total=job["total_steps"], completed=job["step"], status=job["status"],
+                       loss=f"{m['loss']:.4f}" if m.get("loss") is not None else "-",
+                       acc=f"{acc:.2f}" if acc is not None else "-")  # fmt: skip
+            if job["status"] in FINISHED:
+                return job
+            time.sleep(1.0)
+
+
+@app.command()
+def submit(
+    dataset: str = typer.Argument(..., help="A JSONL file (uploaded first), a dataset id or a storage URI"),
+    model: str = typer.Option(..., help="Base model: a folder the workers can read, or a storage URI"),
+    method: str = typer.Option(..., help="dpo or sft"),
+    trainer: str = typer.Option("basic", help="basic, fsdp or deepspeed-tp"),
+    gpus: int = typer.Option(1, help="Devices of the job (0: a CPU worker)"),
+    eval_dataset: str = typer.Option(None, "--eval", help="Held-out data: a file, dataset id or URI"),
+    sets: list[str] = typer.Option([], "--set", help="A hyperparameter, key=value (repeatable)"),
+    callback_url: str = typer.Option(None, help="POSTed the finished job, HMAC-signed"),
+    idempotency_key: str = typer.Option(None, help="Repeat-safe submission key"),
+    wait: bool = typer.Option(False, "--wait", help="Show a live progress bar until the job finishes"),
+) -> None:
+    """Queue a training job; prints its id first."""
+    c = client()
+    try:
+        job = {"model": str(Path(model).resolve()) if Path(model).is_dir() else model,
+               "dataset": _dataset_ref(c, dataset, method), "method": method, "trainer": trainer, "gpus": gpus,
+               "hyperparameters": parse_sets(sets)}  # fmt: skip
+        if eval_dataset:
+            job["eval_dataset"] = _dataset_ref(c, eval_dataset, method)
+        if callback_url:
+            job["callback_url"] = callback_url
+        created = c.submit(job, idempotency_key)
+        console.print(created["id"])
+        if not wait:
+            return
+        final = wait_with_progress(c, created["id"])
+    except ClientError as exc:
+        fail(str(exc))
+    console.print(_row(final))
+    if final["status"] != "succeeded":
+        fail(f"{final['error']['code']}: {final['error']['message']}" if final["error"] else final["status"])
+    console.print(f"model: {final['result_uri']}")
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """A job, as JSON."""
+    try:
+        console.print_json(json.dumps(client().job(job_id)))
+    except ClientError as exc:
+        fail(str(exc))
+
+
+@app.command("list")
+def list_jobs(status: str = typer.Option(None, help="queued, running, cancelling, succeeded, failed, cancelled"),
+              since: str = typer.Option(None, help="Created within, e.g. 1h"),
+              limit: int = typer.Option(50)) -> None:  # fmt: skip
+    """Jobs, newest first."""
+    table = Table("id", "status", "method", "trainer", "gpus", "step", "error")
+    try:
+        for i, job in enumerate(client().jobs(status, parse_since(since) if since else None)):
+            if i == limit:
+                break
+            err = job["error"]["code"] if job["error"] else ""
+            table.add_row(job["id"], job["status"], job["method"], job["trainer"], str(job["gpus"]),
+                          f"{job['step']}/{job['total_steps'] or '?'}", err)  # fmt: skip
+    except ClientError as exc:
+        fail(str(exc))
+    console.print(table)
+
+
+@app.command()
+def events(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), after: int = 0) -> None:
+    """A job's events, one JSON object per line; --follow streams them until the job ends."""
+    c = client()
+    try:
+        stream = c.stream_events(job_id, after) if follow else c.events(job_id, after)["data"]
+        for event in stream:
+            print(json.dumps(event), flush=True)
+    except ClientError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job (a running one stops at its next heartbeat, after saving a checkpoint)."""
+    try:
+        console.print(_row(client().request("POST", f"/jobs/{job_id}/cancel")))
+    except ClientError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def retry(job_id: str = typer.Argument(None), failed: bool = typer.Option(False, "--failed", help="Every failed job"),
+          since: str = typer.Option(None, help="With --failed: created within, e.g. 1h")) -> None:  # fmt: skip
+    """Run a failed or cancelled job again, resuming from its newest checkpoint."""
+    if bool(job_id) == failed:
+        fail("give a job id or --failed")
+    c = client()
+    try:
+        ids = [job_id] if job_id else [j["id"] for j in c.jobs("failed", parse_since(since) if since else None)]
+        for jid in ids:
+            console.print(_row(c.request("POST", f"/jobs/{jid}/retry")))
+    except ClientError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def download(job_id: str, out_dir: Path, checkpoint: int = typer.Option(None, help="A checkpoint's step")) -> None:
+    """Download the trained model (or a checkpoint) into a folder."""
+    c = client()
+    try:
+        if checkpoint is None:
+            files = c.request("GET", f"/jobs/{job_id}/model")["files"]
+        else:
+            found = [ck for ck in c.request("GET", f"/jobs/{job_id}/checkpoints")["data"] if ck["step"] == checkpoint]
+            if not found:
+                fail(f"job {job_id} has no complete checkpoint at step {checkpoint}")
+            files = found[0]["files"]
+        c.download(files, out_dir)
+    except ClientError as exc:
+        fail(str(exc))
+    console.print(f"{len(files)} files in {out_dir}")
+
+
+@app.command()
+def workers() -> None:
+    """The worker pool: devices, current job, last heartbeat."""
+    table = Table("name", "live", "devices", "inventory", "queues", "current job", "heartbeat")
+    try:
+        for w in client().request("GET", "/workers")["data"]:
+            inv = w["inventory"]
+            gpus = ", ".join(f"{g['name']} {g['memory_mib']} MiB" for g in inv.get("gpus", []))
+            desc = gpus or f"CPU x{inv.get('cpu_devices', 0)} ({inv.get('cpu_count')} cores, {inv.get('memory_gib')} GiB)"
+            table.add_row(w["name"], "yes" if w["live"] else "no", str(w["devices"]), desc, ",".join(w["queues"]),
+                          w["current_job_id"] or "-", f"{time.time() - w['last_heartbeat']:.0f}s ago")  # fmt: skip
+    except ClientError as exc:
+        fail(str(exc))
+    console.print(table)
+
+
+def _exec(cmd: list[str], env: dict | None = None) -> None:
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env or dict(os.environ))
+
+
+@app.command()
+def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Serve the HTTP API (uvicorn)."""
+    _exec([sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", host, "--port", str(port),
+           "--workers", str(workers), "--no-access-log"])  # fmt: skip
+
+
+@app.command()
+def worker(gpus: str = typer.Option(None, help="GPU indices this worker owns, e.g. 0,1"),
+           cpu_devices: int = typer.Option(None, help="Without GPUs: serve jobs of up to N devices on the CPU"),
+           service: bool = typer.Option(False, "--service", help="Callbacks and the reconciler, not training"),
+           name: str = typer.Option(None, help="Worker name (default prefq-<kind>@<host>)")) -> None:  # fmt: skip
+    """A Celery worker: training (prefork pool, one job at a time) or --service."""
+    env = dict(os.environ)
+    if gpus is not None:
+        env["PREFQ_GPUS"], env["CUDA_VISIBLE_DEVICES"] = gpus, gpus
+    if cpu_devices is not None:
+        env["PREFQ_CPU_DEVICES"] = str(cpu_devices)
+    base = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "INFO", "-E"]
+    if service:
+        from queue_config import SERVICE_QUEUE
+
+        cmd = [*base, "-Q", SERVICE_QUEUE, "--pool", "threads", "--concurrency", "4", "-B",
+               "-n", name or "prefq-service@%h", "--schedule", str(Path(Settings().data_dir) / "beat-schedule")]  # fmt: skip
+    else:
+        settings = Settings(gpus=env.get("PREFQ_GPUS", ""), cpu_devices=int(env.get("PREFQ_CPU_DEVICES", "0")))
+        queues = ",".join(settings.worker_queues())
+        cmd = [*base, "-Q", queues, "--pool", "prefork", "--concurrency", "1", "--prefetch-multiplier", "1",
+               "-n", name or "prefq-worker@%h"]  # fmt: skip
+    _exec(cmd, env)
+
+
+@app.command()
+def flower(port: int = 5555) -> None:
+    """Flower, the Celery monitor, on the same broker."""
+    _exec([sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", "--address=127.0.0.1"])
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply the schema migrations to PREFQ_DATABASE_URL."""
+    from jobs.db import upgrade
+
+    url = Settings().database_url
+    upgrade(url, revision)
+    console.print(f"database at {url.split('@')[-1]} is at {revision}")
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def dev(port: int = 8000, flower_port: int = 5555, data_dir: Path = Path(".prefq"),
+        cpu_devices: int = typer.Option(2, help="Devices the worker serves on the CPU")) -> None:  # fmt: skip
+    """Broker, API, a worker, the service worker and Flower on this machine, until Ctrl-C."""
+    from api.dev import start_stack, stop
+
+    procs, _ = start_stack(data_dir, port, flower_port, cpu_devices)
+    console.print(f"prefq dev: API http://127.0.0.1:{port} (docs /docs), Flower http://127.0.0.1:{flower_port}, "
+                  f"data in {data_dir.resolve()}; Ctrl-C stops everything")  # fmt: skip
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        console.print("[red]a process of the stack exited; stopping[/red]")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(procs)
+
+
+def _training(*args: str) -> None:
+    _exec([sys.executable, "-m", "training", *args])
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def make_tiny_model(ctx: typer.Context) -> None:
+    """python -m training make-tiny-model DIR [--size micro|tiny|small]"""
+    _training("make-tiny-model", *ctx.args)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def make_toy_data(ctx: typer.Context) -> None:
+    """python -m training make-toy-data OUT --method dpo|sft --rows N --seed S"""
+    _training("make-toy-data", *ctx.args)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def validate(ctx: typer.Context) -> None:
+    """python -m training validate FILE --method dpo|sft [--model DIR]"""
+    _training("validate", *ctx.args)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(ctx: typer.Context) -> None:
+    """python -m training run SPEC --out DIR [--resume]: one run without the queue"""
+    _training("run", *ctx.args)
+
+
+@app.command()
+def schema() -> None:
+    """The training spec's JSON schema (the hyperparameters' names)."""
+    _training("schema")
+
+
+if __name__ == "__main__":
+    app()

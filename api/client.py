@@ -1,0 +1,85 @@
+"""A small HTTP client of the API, for the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+class ClientError(RuntimeError):
+    """The API answered with an error, or could not be reached."""
+
+
+class Client:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 60.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+
+    def request(self, method: str, path: str, **kwargs) -> dict:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ClientError(f"cannot reach the API at {self.base_url} ({exc}); start it with `prefq dev` or "
+                              "`prefq api`, or set --api-url / PREFQ_API_URL") from None  # fmt: skip
+        if response.is_error:
+            try:
+                err = response.json()["error"]
+                message = f"{err['code']}: {err['message']}"
+                for detail in err.get("details") or []:
+                    message += "\n  " + ", ".join(f"{k} {v}" for k, v in detail.items())
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {response.status_code}: {response.text[:500]}"
+            raise ClientError(message)
+        return response.json()
+
+    def upload_dataset(self, path: Path, method: str | None) -> dict:
+        with open(path, "rb") as fh:
+            data = {"method": method} if method else {}
+            return self.request("POST", "/datasets", files={"file": (path.name, fh, "application/jsonl")}, data=data)
+
+    def submit(self, job: dict, idempotency_key: str | None = None) -> dict:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self.request("POST", "/jobs", json=job, headers=headers)
+
+    def job(self, job_id: str) -> dict:
+        return self.request("GET", f"/jobs/{job_id}")
+
+    def jobs(self, status: str | None = None, created_after: float | None = None) -> Iterator[dict]:
+        """Every job matching, across pages."""
+        params = {"limit": 100, "status": status, "created_after": created_after}
+        while True:
+            page = self.request("GET", "/jobs", params={k: v for k, v in params.items() if v is not None})
+            yield from page["data"]
+            if not page["has_more"]:
+                return
+            params["after"] = page["next_cursor"]
+
+    def events(self, job_id: str, after: int = 0) -> dict:
+        return self.request("GET", f"/jobs/{job_id}/events", params={"after": after})
+
+    def stream_events(self, job_id: str, after: int = 0) -> Iterator[dict]:
+        """Server-Sent Events until the job has finished."""
+        headers = {"Accept": "text/event-stream"}
+        with self.http.stream("GET", f"/jobs/{job_id}/events", params={"after": after}, headers=headers,
+                              timeout=None) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    yield json.loads(line[6:])
+
+    def download(self, files: list[dict], out_dir: Path) -> None:
+        for f in files:
+            target = out_dir / f["name"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if f["url"].startswith("file://"):
+                shutil.copyfile(f["url"].removeprefix("file://"), target)
+                continue
+            with httpx.stream("GET", f["url"], timeout=None) as response:
+                response.raise_for_status()
+                with open(target, "wb") as out:
+                    for chunk in response.iter_bytes(1 << 20):
+                        out.write(chunk)

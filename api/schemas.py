@@ -1,0 +1,100 @@
+"""Request and response models of the HTTP API (jobs are `jobs.models.JobPublic`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+from jobs.models import JobPublic
+
+
+class JobCreate(BaseModel):
+    """A training job. `hyperparameters` takes the training spec's field names (`python -m training schema`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="Base model: a folder the workers can read, or a storage URI.")
+    dataset: str = Field(min_length=1, description="Training data: a dataset id from POST /datasets, or a URI.")
+    eval_dataset: str | None = Field(None, description="Held-out data; without it a share of `dataset` is held out.")
+    method: Literal["dpo", "sft"]
+    trainer: Literal["basic", "fsdp", "deepspeed-tp"] = "basic"
+    gpus: int = Field(1, ge=0, le=64, description="Devices of the job; 0 runs it on a CPU worker.")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    callback_url: HttpUrl | None = Field(None, description="POSTed the job, HMAC-signed, when it finishes.")
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
+
+
+class JobsPublic(BaseModel):
+    object: str = "list"
+    data: list[JobPublic]
+    has_more: bool
+    next_cursor: str | None
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    object: str = "dataset"
+    created_at: float
+    filename: str
+    bytes: int
+    sha256: str
+    rows: int
+    format: str
+    method: str
+    warnings: list[dict]
+    warning_count: int
+
+
+class EventPublic(BaseModel):
+    seq: int
+    attempt: int
+    created_at: float
+    type: str
+    data: dict
+
+
+class EventsPublic(BaseModel):
+    object: str = "list"
+    data: list[EventPublic]
+    last_seq: int
+
+
+class FilePublic(BaseModel):
+    name: str
+    bytes: int | None
+    url: str
+
+
+class CheckpointPublic(BaseModel):
+    step: int
+    uri: str
+    files: list[FilePublic]
+
+
+class ModelFilesPublic(BaseModel):
+    uri: str
+    files: list[FilePublic]
+
+
+class CheckpointsPublic(BaseModel):
+    object: str = "list"
+    data: list[CheckpointPublic]
+
+
+class WorkerPublic(BaseModel):
+    name: str
+    hostname: str
+    queues: list[str]
+    devices: int
+    inventory: dict
+    current_job_id: str | None
+    started_at: float
+    last_heartbeat: float
+    live: bool
+
+
+class WorkersPublic(BaseModel):
+    object: str = "list"
+    data: list[WorkerPublic]
+

@@ -1,0 +1,221 @@
+"""Job store: every status change is one conditional UPDATE (compare-and-set on status and attempt).
+
+The lease: a worker that claims attempt N of a job owns it until `lease_expires_at`, and renews it with
+each heartbeat. Every write a worker makes is fenced by (attempt, owner): after the reconciler has given
+the job to a new attempt, the old worker's writes match no row, and it stops its run.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from jobs.db import session
+from jobs.models import ACTIVE, FINISHED, Dataset, Job, JobEvent, JobStatus, Worker, now
+
+_CLEARED = {"error_code": None, "error_message": None, "error_is_user": None, "finished_at": None,
+            "lease_owner": None, "lease_expires_at": None, "callback_status": None}  # fmt: skip
+
+
+class JobStore:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    # -- rows -------------------------------------------------------------------------------------------
+
+    def add(self, row: Dataset | Worker) -> None:
+        with session(self.engine) as s:
+            s.merge(row)
+            s.commit()
+
+    def get_dataset(self, dataset_id: str) -> Dataset | None:
+        with session(self.engine) as s:
+            return s.get(Dataset, dataset_id)
+
+    def create_job(self, job: Job) -> tuple[Job, bool]:
+        """Insert a queued job; with an idempotency key already used, return that job instead."""
+        with session(self.engine) as s:
+            if job.idempotency_key:
+                found = s.exec(select(Job).where(Job.idempotency_key == job.idempotency_key)).first()
+                if found:
+                    return found, False
+            s.add(job)
+            try:
+                s.commit()
+            except IntegrityError:  # a concurrent request with the same key won
+                s.rollback()
+                return s.exec(select(Job).where(Job.idempotency_key == job.idempotency_key)).one(), False
+            return job, True
+
+    def get_job(self, job_id: str) -> Job | None:
+        with session(self.engine) as s:
+            return s.get(Job, job_id)
+
+    def list_jobs(self, status: JobStatus | None = None, since: float | None = None, limit: int = 20,
+                  after: str | None = None) -> tuple[list[Job], bool]:  # fmt: skip
+        """Newest first; `after` is the last id of the previous page. Returns the page and whether more exist."""
+        query = select(Job).order_by(col(Job.id).desc()).limit(limit + 1)
+        if status is not None:
+            query = query.where(Job.status == status)
+        if since is not None:
+            query = query.where(Job.created_at >= since)
+        if after is not None:
+            query = query.where(Job.id < after)
+        with session(self.engine) as s:
+            rows = list(s.exec(query))
+        return rows[:limit], len(rows) > limit
+
+    # -- transitions --------------------------------------------------------------------------------
+
+    def _cas(self, job_id: str, where: list, values: dict) -> bool:
+        stmt = update(Job).where(Job.id == job_id, *where).values(updated_at=now(), **values)
+        with session(self.engine) as s:
+            changed = s.execute(stmt).rowcount == 1
+            s.commit()
+        return changed
+
+    def _fenced(self, attempt: int, owner: str) -> list:
+        return [Job.attempt == attempt, Job.lease_owner == owner, col(Job.status).in_(ACTIVE)]
+
+    def claim(self, job_id: str, attempt: int, owner: str, ttl_s: float) -> Job | None:
+        """Queued attempt -> running under a lease; None if the job is not this attempt's to run."""
+        t = now()
+        values = {"status": JobStatus.running, "lease_owner": owner, "lease_expires_at": t + ttl_s, "started_at": t}
+        if not self._cas(job_id, [Job.attempt == attempt, Job.status == JobStatus.queued], values):
+            return None
+        return self.get_job(job_id)
+
+    def record(self, job_id: str, attempt: int, owner: str, ttl_s: float, event: tuple[str, dict] | None = None,
+               **fields) -> JobStatus | None:  # fmt: skip
+        """Renew the lease, update progress fields and append an event, in one transaction.
+
+        Returns the job's status (the worker watches for `cancelling`), or None when the lease is lost.
+        """
+        stmt = (update(Job).where(Job.id == job_id, *self._fenced(attempt, owner))
+                .values(lease_expires_at=now() + ttl_s, updated_at=now(), **fields))  # fmt: skip
+        for _ in range(10):
+            with session(self.engine) as s:
+                if s.execute(stmt).rowcount != 1:
+                    s.rollback()
+                    return None
+                if event is not None:
+                    self._insert_event(s, job_id, attempt, *event)
+                try:
+                    s.commit()
+                except IntegrityError:  # the API appended an event with the same seq meanwhile
+                    s.rollback()
+                    continue
+                return s.exec(select(Job.status).where(Job.id == job_id)).one()
+        raise RuntimeError(f"Job {job_id}: could not record event {event}")
+
+    def finish(self, job_id: str, attempt: int, owner: str, status: JobStatus, **fields) -> bool:
+        """running/cancelling -> succeeded, failed or cancelled, by the lease holder."""
+        assert status in FINISHED
+        values = {"status": status, "finished_at": now(), "lease_owner": None, "lease_expires_at": None, **fields}
+        return self._cas(job_id, self._fenced(attempt, owner), values)
+
+    def request_cancel(self, job_id: str) -> JobStatus | None:
+        """queued -> cancelled at once; running -> cancelling (the worker stops the run). Returns the new status."""
+        if self._cas(job_id, [Job.status == JobStatus.queued], {"status": JobStatus.cancelled, "finished_at": now()}):
+            return JobStatus.cancelled
+        if self._cas(job_id, [Job.status == JobStatus.running], {"status": JobStatus.cancelling}):
+            return JobStatus.cancelling
+        return None
+
+    def fail_unsent(self, job_id: str, attempt: int, message: str) -> bool:
+        """A queued attempt whose task could not be sent -> failed (infrastructure; retry it)."""
+        values = {"status": JobStatus.failed, "finished_at": now(), "error_code": "enqueue_failed",
+                  "error_message": message, "error_is_user": False}  # fmt: skip
+        return self._cas(job_id, [Job.attempt == attempt, Job.status == JobStatus.queued], values)
+
+    def retry(self, job_id: str, auto_attempts: int) -> int | None:
+        """failed/cancelled -> queued as a new attempt; returns its number (the caller enqueues it)."""
+        job = self.get_job(job_id)
+        if job is None or job.status not in (JobStatus.failed, JobStatus.cancelled):
+            return None
+        new = job.attempt + 1
+        values = {**_CLEARED, "status": JobStatus.queued, "attempt": new, "max_attempts": new + auto_attempts - 1}
+        if not self._cas(job_id, [Job.attempt == job.attempt, Job.status == job.status], values):
+            return None
+        return new
+
+    def requeue(self, job_id: str, attempt: int, owner: str | None = None) -> bool:
+        """An active attempt (fenced by owner, or with an expired lease) -> queued as attempt + 1."""
+        where = [Job.attempt == attempt, col(Job.status).in_(ACTIVE)]
+        where += [Job.lease_owner == owner] if owner else [Job.lease_expires_at < now()]
+        return self._cas(job_id, where, {**_CLEARED, "status": JobStatus.queued, "attempt": attempt + 1})
+
+    def expired(self) -> list[Job]:
+        """Active jobs whose lease ran out: their worker died or lost the database."""
+        query = select(Job).where(col(Job.status).in_(ACTIVE), Job.lease_expires_at < now())
+        with session(self.engine) as s:
+            return list(s.exec(query))
+
+    def fail_expired(self, job: Job, status: JobStatus, **fields) -> bool:
+        where = [Job.attempt == job.attempt, Job.status == job.status, Job.lease_expires_at < now()]
+        return self._cas(job.id, where, {**_CLEARED, "status": status, "finished_at": now(), **fields})
+
+    def set_callback_status(self, job_id: str, status: str) -> None:
+        self._cas(job_id, [], {"callback_status": status})
+
+    # -- events -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_event(s, job_id: str, attempt: int, kind: str, data: dict) -> None:
+        seq = s.exec(select(func.coalesce(func.max(JobEvent.seq), 0)).where(JobEvent.job_id == job_id)).one() + 1
+        s.add(JobEvent(job_id=job_id, seq=seq, attempt=attempt, type=kind, data=data))
+
+    def add_event(self, job_id: str, attempt: int, kind: str, data: dict | None = None) -> None:
+        """An event outside a lease (API actions, the reconciler); retried if another writer took the seq."""
+        for _ in range(10):
+            with session(self.engine) as s:
+                self._insert_event(s, job_id, attempt, kind, data or {})
+                try:
+                    s.commit()
+                    return
+                except IntegrityError:
+                    s.rollback()
+        raise RuntimeError(f"Job {job_id}: could not append event {kind}")
+
+    def events_after(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        query = (select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after)
+                 .order_by(col(JobEvent.seq)).limit(limit))  # fmt: skip
+        with session(self.engine) as s:
+            return list(s.exec(query))
+
+    # -- workers and metrics ------------------------------------------------------------------------
+
+    def workers(self, live_since: float | None = None) -> list[Worker]:
+        query = select(Worker).order_by(col(Worker.name))
+        if live_since is not None:
+            query = query.where(Worker.last_heartbeat >= live_since)
+        with session(self.engine) as s:
+            return list(s.exec(query))
+
+    def update_worker(self, name: str, **values) -> bool:
+        with session(self.engine) as s:
+            changed = s.execute(update(Worker).where(Worker.name == name).values(**values)).rowcount == 1
+            s.commit()
+        return changed
+
+    def remove_worker(self, name: str) -> None:
+        with session(self.engine) as s:
+            row = s.get(Worker, name)
+            if row:
+                s.delete(row)
+                s.commit()
+
+    def count_by_status(self) -> dict[str, int]:
+        with session(self.engine) as s:
+            rows = s.exec(select(Job.status, func.count()).group_by(Job.status)).all()
+        return {JobStatus(status).value: n for status, n in rows}
+
+    def durations(self, since: float) -> list[float]:
+        """Run times (start to finish) of jobs that finished since `since`."""
+        query = select(Job.started_at, Job.finished_at).where(
+            Job.finished_at >= since, col(Job.started_at).is_not(None), col(Job.status).in_(FINISHED)
+        )
+        with session(self.engine) as s:
+            return [end - start for start, end in s.exec(query)]

@@ -1,0 +1,138 @@
+"""The one settings object (every `PREFQ_*` environment variable) and the Celery options derived from it.
+
+Nothing else in prefq reads the environment. The API, the worker and the CLI build `Settings()` once and
+pass what each part needs (database URL, storage URL, ...) to `jobs/` and `storage/`, which take plain
+arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery import Celery
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RUN_JOB = "prefq.run_job"
+DELIVER_CALLBACK = "prefq.deliver_callback"
+RECONCILE = "prefq.reconcile"
+CPU_QUEUE = "cpu"
+SERVICE_QUEUE = "service"  # callbacks and the reconciler: never behind a training run
+
+
+def gpu_queue(gpus: int) -> str:
+    """The queue of jobs that need `gpus` devices; `gpus == 0` runs on a CPU."""
+    return CPU_QUEUE if gpus == 0 else f"gpu{gpus}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFQ_", extra="ignore")
+
+    data_dir: Path = Path(".prefq")  # SQLite file, local storage and work folders live here by default
+    database_url: str = ""  # default sqlite:///<data_dir>/prefq.db; PostgreSQL: postgresql+psycopg://...
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    storage_url: str = ""  # default file://<data_dir>/storage; S3: s3://bucket/prefix
+    s3_endpoint_url: str | None = None  # MinIO, SeaweedFS, ...; None is AWS
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    api_url: str = "http://127.0.0.1:8000"  # where the CLI finds the API
+    api_key: SecretStr | None = None  # when set, the API wants `Authorization: Bearer <key>` (not on /healthz)
+    callback_secret: SecretStr | None = None  # HMAC-SHA256 key for callback signatures; callbacks need it
+    callback_max_retries: int = 8
+    callback_timeout_s: float = 10.0
+
+    gpus: str = ""  # this worker's GPUs, e.g. "0,1" (`prefq worker --gpus 0,1`); empty: none
+    cpu_devices: int = 0  # without GPUs: serve jobs of up to this many devices as CPU processes (dev, CI)
+    work_dir: Path | None = None  # default <data_dir>/work: datasets, models and runs being trained
+    lease_ttl_s: float = 60.0  # a worker that stops heartbeating loses its job after this
+    heartbeat_s: float = 10.0
+    cancel_grace_s: float = 30.0  # SIGTERM, then SIGKILL after this
+    max_attempts: int = 3  # attempts the reconciler may start for a job whose worker died
+    reconcile_interval_s: float = 30.0
+    visibility_timeout_s: int = 7 * 24 * 3600  # above the longest job: Redis re-sends unacked tasks after it
+    worker_live_s: float = 120.0  # a worker whose last heartbeat is older is not counted as live
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        data_dir = self.data_dir.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{data_dir / 'prefq.db'}"
+        if not self.storage_url:
+            self.storage_url = f"file://{data_dir / 'storage'}"
+        if self.work_dir is None:
+            self.work_dir = data_dir / "work"
+        return self
+
+    @property
+    def gpu_ids(self) -> list[str]:
+        return [g.strip() for g in self.gpus.split(",") if g.strip()]
+
+    @property
+    def devices(self) -> int:
+        """Devices this worker serves jobs for: its GPUs, or emulated CPU devices."""
+        return len(self.gpu_ids) or self.cpu_devices
+
+    def worker_queues(self) -> list[str]:
+        """A worker with N devices takes jobs of 1..N devices (a job uses the first ones); CPU jobs without GPUs."""
+        queues = [gpu_queue(n) for n in range(1, self.devices + 1)]
+        return queues if self.gpu_ids else [CPU_QUEUE, *queues]
+
+    def storage_options(self) -> dict:
+        """Keyword arguments of `storage.open_storage` besides the URL."""
+        secret = self.s3_secret_access_key
+        return {
+            "endpoint_url": self.s3_endpoint_url,
+            "region": self.s3_region,
+            "access_key_id": self.s3_access_key_id,
+            "secret_access_key": secret.get_secret_value() if secret else None,
+        }
+
+
+def celery_config(settings: Settings) -> dict:
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        # The job table holds every result and state: Celery keeps none.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # Ack after the task body returns: a worker that dies mid-job leaves its message to be re-sent.
+        # Safe because run_job is idempotent by (job id, attempt): the lease makes a second copy exit.
+        "task_acks_late": True,
+        # A pool child killed by the OOM killer or SIGKILL: re-queue the message instead of acking it.
+        "task_reject_on_worker_lost": True,
+        # One job at a time per worker, and no second job reserved behind a running one.
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": 1,
+        # Redis re-sends an unacked message after this: keep it above the longest job (the lease decides).
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        # Routes live here, not on decorators: training by device count, the rest on the service queue.
+        "task_routes": {
+            DELIVER_CALLBACK: {"queue": SERVICE_QUEUE},
+            RECONCILE: {"queue": SERVICE_QUEUE},
+        },
+        "task_default_queue": SERVICE_QUEUE,
+        "task_create_missing_queues": True,
+        # Flower shows tasks and workers from these events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        # No Celery time limit: a job's length is the user's; cancel and the lease bound it instead.
+        "task_time_limit": None,
+        # The reconciler runs on the service worker's embedded beat.
+        "beat_schedule": {
+            "reconcile": {"task": RECONCILE, "schedule": settings.reconcile_interval_s},
+        },
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_celery(settings: Settings, name: str = "prefq") -> Celery:
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def enqueue_job(app: Celery, job_id: str, attempt: int, gpus: int) -> None:
+    """Send one attempt of a job to the queue for its device count; the job row must be committed first."""
+    app.send_task(RUN_JOB, args=[job_id, attempt], queue=gpu_queue(gpus))

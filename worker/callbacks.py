@@ -1,0 +1,40 @@
+"""Signed callbacks: POST the job as JSON, with an HMAC-SHA256 signature over timestamp and body.
+
+Headers: `X-Prefq-Timestamp` (Unix seconds) and `X-Prefq-Signature: sha256=<hex>` where the hex digest is
+HMAC-SHA256(secret, f"{timestamp}.{body}"). A receiver recomputes it over the raw body, compares in constant
+time, and rejects old timestamps to stop replays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+
+import httpx
+
+
+class CallbackError(RuntimeError):
+    """The receiver could not be reached or did not answer 2xx; worth retrying."""
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"sha256={mac.hexdigest()}"
+
+
+def post_signed(url: str, body: bytes, secret: str, event: str, timeout_s: float) -> int:
+    timestamp = str(int(time.time()))
+    headers = {
+        "Content-Type": "application/json",
+        "X-Prefq-Event": event,
+        "X-Prefq-Timestamp": timestamp,
+        "X-Prefq-Signature": sign(secret, timestamp, body),
+    }
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise CallbackError(f"{url}: {exc}") from exc
+    if not 200 <= response.status_code < 300:
+        raise CallbackError(f"{url} answered {response.status_code}")
+    return response.status_code

@@ -21,7 +21,7 @@ from queue_config import Settings
 app = typer.Typer(help="prefq: preference training (DPO, SFT) on your own GPU pool.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 250)  # piped output: no truncated tables
 state: dict = {}
 FINISHED = {"succeeded", "failed", "cancelled"}
 

@@ -76,3 +76,58 @@ def run_training(spec: dict, out: Path, *extra: str) -> tuple[int, list[dict]]:
 
 def of_type(events: list[dict], kind: str) -> list[dict]:
     return [e for e in events if e["event"] == kind]
+
+
+# -- real services ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def broker_url(tmp_path_factory):
+    from api.dev import free_port, start_valkey, stop
+
+    port = free_port()
+    proc = start_valkey(port, tmp_path_factory.mktemp("valkey"))
+    yield f"redis://127.0.0.1:{port}/0"
+    stop([proc])
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    from tests.services import create_pg_database, drop_pg_database
+
+    url, name = create_pg_database()
+    yield url
+    drop_pg_database(name)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 endpoint with credentials; yields the settings that reach it."""
+    from api.dev import stop
+    from tests.services import S3_BUCKET, S3_KEY, S3_SECRET, start_seaweedfs
+
+    proc, endpoint = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield {"endpoint_url": endpoint, "access_key_id": S3_KEY, "secret_access_key": S3_SECRET, "bucket": S3_BUCKET}
+    stop([proc])
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, broker_url, pg_url, s3):
+    """The whole service on PostgreSQL, the broker and S3, with short heartbeats and leases."""
+    import secrets
+
+    from jobs.db import upgrade
+    from tests.services import Stack
+
+    upgrade(pg_url)
+    data_dir = tmp_path_factory.mktemp("prefq")
+    env = dict(python_env(), PREFQ_DATA_DIR=str(data_dir), PREFQ_DATABASE_URL=pg_url, PREFQ_BROKER_URL=broker_url,
+               PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/stack-{secrets.token_hex(3)}",
+               PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"], PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
+               PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"], PREFQ_CALLBACK_SECRET="test-secret",
+               PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="6", PREFQ_RECONCILE_INTERVAL_S="2",
+               PREFQ_CANCEL_GRACE_S="30", PREFQ_CPU_DEVICES="2", PREFQ_WORKER_LIVE_S="10")  # fmt: skip
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    stack = Stack(env, tmp_path_factory.mktemp("logs")).up()
+    yield stack
+    stack.down()

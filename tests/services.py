@@ -1,0 +1,121 @@
+"""Real services for the tests: a Valkey broker, a PostgreSQL database, a SeaweedFS S3 server, and the prefq
+stack (API, training worker, service worker) as separate processes. Each is started fresh on free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from api.dev import free_port, stop, wait_for_port
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+S3_KEY, S3_SECRET, S3_BUCKET = "prefq-test", secrets.token_hex(16), "prefq"
+
+
+def create_pg_database() -> tuple[str, str]:
+    """A fresh database on the local PostgreSQL; returns (SQLAlchemy URL, name)."""
+    name = f"prefq_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", name
+
+
+def drop_pg_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def start_seaweedfs(data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """`weed mini` on 127.0.0.1 with credentials, so that S3 signatures are checked; returns (process, endpoint)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "prefq", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}))  # fmt: skip
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin", "webdav")}
+    flags = [f"-{name}.port={port}" for name, port in ports.items()]
+    flags += [f"-{name}.port.grpc={free_port()}" for name in ("master", "volume", "filer", "admin")]
+    weed = shutil.which("weed", path=str(Path(os.sys.executable).parent)) or "weed"
+    log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 - the child holds it
+    proc = subprocess.Popen([weed, "mini", f"-dir={data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                             f"-s3.config={config}", "-webdav=false", "-admin.ui=false", f"-bucket={S3_BUCKET}",
+                             *flags], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    log.close()
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # ready when the bucket answers a signed request
+        try:
+            from storage import open_storage
+
+            open_storage(f"s3://{S3_BUCKET}", endpoint_url=endpoint, access_key_id=S3_KEY,
+                         secret_access_key=S3_SECRET).list("")  # fmt: skip
+            return proc, endpoint
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.3)
+    stop([proc])
+    raise RuntimeError(f"SeaweedFS did not start; see {data_dir / 'weed.log'}")
+
+
+class Stack:
+    """API, training worker and service worker processes sharing one environment."""
+
+    def __init__(self, env: dict, log_dir: Path):
+        self.env, self.log_dir, self.procs = env, log_dir, {}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env["PREFQ_API_URL"] = self.url
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
+        proc = subprocess.Popen(["prefq", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def up(self) -> Stack:
+        self.start("api", "api", "--port", str(self.port))
+        self.start("worker", "worker", "--name", "prefq-test-worker@%h")
+        self.start("service", "worker", "--service", "--name", "prefq-test-service@%h")
+        wait_for_port(self.port, 60)
+        self.wait_for_worker("prefq-test-worker@")
+        return self
+
+    def wait_for_worker(self, prefix: str, timeout_s: float = 60) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for w in httpx.get(f"{self.url}/workers").json()["data"]:
+                if w["name"].startswith(prefix) and w["live"]:
+                    return w
+            time.sleep(0.3)
+        raise TimeoutError(f"no live worker {prefix}*; logs in {self.log_dir}")
+
+    def down(self) -> None:
+        stop(list(self.procs.values()), timeout_s=60)
+
+    def wait_for(self, job_id: str, statuses: set[str], timeout_s: float = 300) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = httpx.get(f"{self.url}/jobs/{job_id}").json()
+            if job["status"] in statuses:
+                return job
+            time.sleep(0.3)
+        raise TimeoutError(f"job {job_id} is {job['status']}, not {statuses}; logs in {self.log_dir}")
+
+    def wait_for_event(self, job_id: str, kind: str, timeout_s: float = 300) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for event in httpx.get(f"{self.url}/jobs/{job_id}/events").json()["data"]:
+                if event["type"] == kind:
+                    return event
+            time.sleep(0.2)
+        raise TimeoutError(f"job {job_id} had no {kind} event; logs in {self.log_dir}")

@@ -1,0 +1,177 @@
+"""The HTTP API in-process (FastAPI TestClient) against a real broker, SQLite and local storage."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from api.app import create_app
+from jobs.db import upgrade
+from queue_config import Settings
+from tests.conftest import ROOT, python_env
+
+GOOD = b'{"prompt": "Q1", "chosen": "A", "rejected": "B"}\n{"prompt": "Q2", "chosen": "A", "rejected": "B"}\n'
+
+
+@pytest.fixture
+def settings(tmp_path, broker_url):
+    url = broker_url.rsplit("/", 1)[0] + "/1"  # a keyspace of its own: no worker consumes these messages
+    redis.Redis.from_url(url).flushdb()
+    s = Settings(data_dir=tmp_path, broker_url=url, callback_secret="s3cret")
+    upgrade(s.database_url)
+    return s
+
+
+@pytest.fixture
+def client(settings):
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture
+def dataset_id(client):
+    return client.post("/datasets", files={"file": ("pairs.jsonl", GOOD)}).json()["id"]
+
+
+def job_body(model, dataset, **extra):
+    return {"model": str(model), "dataset": dataset, "method": "dpo", **extra}
+
+
+def test_dataset_upload_reports_rows_format_and_warnings(client, settings):
+    data = GOOD + b'{"prompt": "Q1", "chosen": "A", "rejected": "B"}\n'
+    r = client.post("/datasets", files={"file": ("pairs.jsonl", data)}, data={"method": "dpo"})
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert (ds["rows"], ds["format"], ds["method"], ds["warning_count"]) == (3, "dpo_pairs", "dpo", 1)
+    assert ds["warnings"] == [{"line": 3, "field": "-", "reason": "duplicate of line 1"}]
+    assert client.get(f"/datasets/{ds['id']}").json() == ds
+    stored = settings.data_dir / "storage" / "datasets" / f"{ds['id']}.jsonl"
+    assert stored.read_bytes() == data
+
+
+def test_bad_dataset_is_422_with_lines_and_nothing_is_stored(client, settings):
+    bad = GOOD + b'{"prompt": "Q3", "chosen": 5, "rejected": "B"}\nnot json\n'
+    r = client.post("/datasets", files={"file": ("bad.jsonl", bad)})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == "invalid_dataset" and err["field"] == "file"
+    assert err["details"] == [
+        {"line": 3, "field": "chosen", "reason": "expected a string, got number"},
+        {"line": 4, "field": "-", "reason": "malformed JSON: Expecting value at column 1"},
+    ]
+    assert not (settings.data_dir / "storage" / "datasets").exists()
+    assert client.get("/jobs").json()["data"] == []
+
+
+def test_job_is_accepted_queued_and_sent_once_per_idempotency_key(client, settings, dataset_id, micro_model):
+    body = job_body(micro_model, dataset_id, hyperparameters={"beta": 0.2, "max_steps": 5}, metadata={"team": "a"})
+    first = client.post("/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == 202, first.text
+    job = first.json()
+    assert job["status"] == "queued" and job["attempt"] == 1 and job["metadata"] == {"team": "a"}
+    again = client.post("/jobs", json=body, headers={"Idempotency-Key": "k1"}).json()
+    assert again["id"] == job["id"]
+    assert redis.Redis.from_url(settings.broker_url).llen("gpu1") == 1, "one message for one job"
+    events = client.get(f"/jobs/{job['id']}/events").json()
+    assert [e["type"] for e in events["data"]] == ["queued"] and events["last_seq"] == 1
+    metrics = client.get("/metrics").text
+    assert 'prefq_jobs{status="queued"} 1.0' in metrics and 'prefq_queue_depth{queue="gpu1"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "code", "field"),
+    [
+        ({"dataset": "ds_nope"}, 422, "dataset_not_found", "dataset"),
+        ({"eval_dataset": "ds_nope"}, 422, "dataset_not_found", "eval_dataset"),
+        ({"model": "/no/such/model"}, 422, "model_not_found", "model"),
+        ({"method": "sft"}, 422, "dataset_method_mismatch", "dataset"),
+        ({"hyperparameters": {"beta": -1}}, 422, "invalid_hyperparameters", "hyperparameters.beta"),
+        ({"hyperparameters": {"model": "/x"}}, 422, "invalid_hyperparameters", "hyperparameters.model"),
+        ({"hyperparameters": {"bogus": 1}}, 422, "invalid_hyperparameters", "hyperparameters.bogus"),
+        ({"trainer": "basic", "gpus": 4}, 422, "invalid_hyperparameters", "gpus"),
+        ({"gpus": -1}, 422, "invalid_request", "gpus"),
+        ({"callback_url": "not a url"}, 422, "invalid_request", "callback_url"),
+    ],
+)
+def test_bad_jobs_name_what_is_wrong(client, dataset_id, micro_model, change, status, code, field):
+    r = client.post("/jobs", json={**job_body(micro_model, dataset_id), **change})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["field"]) == (code, field), err
+    assert client.get("/jobs").json()["data"] == [], "nothing is created"
+
+
+def test_cancel_retry_and_errors_share_one_shape(client, dataset_id, micro_model):
+    job = client.post("/jobs", json=job_body(micro_model, dataset_id)).json()
+    cancelled = client.post(f"/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
+    again = client.post(f"/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
+    retried = client.post(f"/jobs/{job['id']}/retry")
+    assert retried.status_code == 202 and retried.json()["attempt"] == 2 and retried.json()["status"] == "queued"
+    assert client.post(f"/jobs/{job['id']}/retry").json()["error"]["code"] == "not_retryable"
+    assert [e["type"] for e in client.get(f"/jobs/{job['id']}/events?after=1").json()["data"]] == [
+        "cancel_requested", "retried",
+    ]  # fmt: skip
+    missing = client.get("/jobs/job_nope")
+    assert missing.status_code == 404 and missing.json() == {
+        "error": {"code": "job_not_found", "message": "no job with id 'job_nope'"}
+    }
+    assert client.get("/nowhere").json()["error"]["code"] == "not_found"
+    assert client.get(f"/jobs/{job['id']}/model").json()["error"]["code"] == "model_not_ready"
+
+
+def test_list_pages_with_a_cursor_and_filters_by_status(client, dataset_id, micro_model):
+    ids = [client.post("/jobs", json=job_body(micro_model, dataset_id)).json()["id"] for _ in range(5)]
+    client.post(f"/jobs/{ids[0]}/cancel")
+    page = client.get("/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["data"]] == ids[::-1][:2] and page["has_more"]
+    rest = client.get("/jobs", params={"limit": 10, "after": page["next_cursor"]}).json()
+    assert [j["id"] for j in rest["data"]] == ids[::-1][2:] and not rest["has_more"] and rest["next_cursor"] is None
+    cancelled = client.get("/jobs", params={"status": "cancelled"}).json()["data"]
+    assert [j["id"] for j in cancelled] == [ids[0]]
+    assert client.get("/jobs", params={"status": "exploded"}).status_code == 422
+
+
+def test_callbacks_need_a_secret(settings, dataset_id, micro_model):
+    client = TestClient(create_app(settings.model_copy(update={"callback_secret": None})))
+    ds = client.post("/datasets", files={"file": ("p.jsonl", GOOD)}).json()["id"]
+    r = client.post("/jobs", json=job_body(micro_model, ds, callback_url="http://127.0.0.1:9/hook"))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "callbacks_disabled"
+
+
+def test_api_key_guards_everything_but_probes(settings):
+    client = TestClient(create_app(settings.model_copy(update={"api_key": SecretStr("k3y")})))
+    assert client.get("/jobs").status_code == 401
+    assert client.get("/jobs").json()["error"]["code"] == "unauthorized"
+    assert client.get("/jobs", headers={"Authorization": "Bearer k3y"}).status_code == 200
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_readyz_names_what_is_down_and_a_dead_broker_fails_the_job_cleanly(settings, micro_model):
+    dead = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    client = TestClient(create_app(dead))
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["broker"].startswith("error") and ready.json()["checks"]["database"] == "ok"
+    ds = client.post("/datasets", files={"file": ("p.jsonl", GOOD)}).json()["id"]
+    r = client.post("/jobs", json=job_body(micro_model, ds))
+    assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable"
+    (job,) = client.get("/jobs").json()["data"]
+    assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"
+
+
+@pytest.mark.parametrize("module", ["api.app", "worker.app", "api.cli"])
+def test_api_and_worker_processes_import_no_torch(module):
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], env=python_env(), cwd=ROOT, check=True)
+
+
+def test_openapi_lists_the_routes(client):
+    paths = set(client.get("/openapi.json").json()["paths"])
+    assert {"/datasets", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/events", "/jobs/{job_id}/checkpoints",
+            "/jobs/{job_id}/cancel", "/jobs/{job_id}/retry", "/healthz", "/readyz", "/metrics", "/workers"} <= paths
+    assert json.loads(client.get("/healthz").text) == {"status": "ok"}

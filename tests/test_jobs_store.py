@@ -1,0 +1,130 @@
+"""The job store on SQLite and on the PostgreSQL server: transitions, leases, fencing, queries, events."""
+
+import time
+
+import pytest
+from sqlalchemy import text
+
+from jobs.db import make_engine, upgrade
+from jobs.models import Dataset, Job, JobStatus, new_id
+from jobs.store import JobStore
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+        upgrade(url)
+    else:
+        url = request.getfixturevalue("pg_url")
+        upgrade(url)
+        with make_engine(url).begin() as conn:
+            conn.execute(text("TRUNCATE job_events, jobs, datasets, workers"))
+    return JobStore(make_engine(url))
+
+
+def a_job(**fields) -> Job:
+    base = dict(id=new_id("job"), method="dpo", trainer="basic", gpus=1, model="/m", dataset_id="ds_x")
+    return Job(**{**base, **fields})
+
+
+def test_claim_is_exclusive_and_fenced(store):
+    job, created = store.create_job(a_job())
+    assert created and job.status == JobStatus.queued and job.attempt == 1
+    claimed = store.claim(job.id, 1, "w1", ttl_s=30)
+    assert claimed.status == JobStatus.running and claimed.lease_owner == "w1" and claimed.started_at
+    assert store.claim(job.id, 1, "w2", ttl_s=30) is None, "a redelivered message must not train twice"
+    assert store.record(job.id, 1, "w2", 30) is None, "a writer without the lease is fenced off"
+    assert store.record(job.id, 1, "w1", 30, ("progress", {"step": 3}), step=3) == JobStatus.running
+    assert store.get_job(job.id).step == 3
+    assert store.finish(job.id, 1, "w1", JobStatus.succeeded, result_uri="s3://b/m")
+    assert not store.finish(job.id, 1, "w1", JobStatus.failed), "a finished job does not move again"
+    assert store.claim(job.id, 1, "w3", ttl_s=30) is None
+    done = store.get_job(job.id)
+    assert done.status == JobStatus.succeeded and done.lease_owner is None and done.finished_at >= done.started_at
+
+
+def test_cancel_queued_at_once_and_running_through_cancelling(store):
+    queued, _ = store.create_job(a_job())
+    assert store.request_cancel(queued.id) == JobStatus.cancelled
+    assert store.claim(queued.id, 1, "w", 30) is None
+    running, _ = store.create_job(a_job())
+    store.claim(running.id, 1, "w", 30)
+    assert store.request_cancel(running.id) == JobStatus.cancelling
+    assert store.record(running.id, 1, "w", 30) == JobStatus.cancelling, "the worker sees it at its heartbeat"
+    assert store.finish(running.id, 1, "w", JobStatus.cancelled)
+    assert store.request_cancel(running.id) is None
+
+
+def test_retry_makes_a_new_attempt_and_fences_the_old_one(store):
+    job, _ = store.create_job(a_job())
+    store.claim(job.id, 1, "w", 30)
+    store.finish(job.id, 1, "w", JobStatus.failed, error_code="run_crashed", error_is_user=False)
+    assert store.retry(job.id, auto_attempts=3) == 2
+    again = store.get_job(job.id)
+    assert again.status == JobStatus.queued and again.attempt == 2 and again.error_code is None
+    assert again.max_attempts == 4
+    assert store.claim(job.id, 1, "w", 30) is None, "the old attempt's message is stale"
+    assert store.claim(job.id, 2, "w", 30) is not None
+    assert store.retry(job.id, 3) is None, "a running job is not retried"
+
+
+def test_expired_lease_is_requeued_once_and_the_old_worker_is_fenced(store):
+    job, _ = store.create_job(a_job())
+    store.claim(job.id, 1, "dead", ttl_s=0.2)
+    assert store.expired() == []
+    time.sleep(0.4)
+    (expired,) = store.expired()
+    assert expired.id == job.id
+    assert store.requeue(job.id, 1)
+    assert not store.requeue(job.id, 1), "two reconcilers cannot both move it"
+    assert store.record(job.id, 1, "dead", 30) is None
+    assert store.get_job(job.id).attempt == 2 and store.get_job(job.id).status == JobStatus.queued
+
+
+def test_idempotency_key_returns_the_same_job(store):
+    first, created = store.create_job(a_job(idempotency_key="key-1"))
+    second, created_again = store.create_job(a_job(idempotency_key="key-1"))
+    assert created and not created_again and second.id == first.id
+
+
+def test_list_filters_and_pages_newest_first(store):
+    ids = []
+    for i in range(7):
+        job, _ = store.create_job(a_job())
+        ids.append(job.id)
+        if i % 2:
+            store.request_cancel(job.id)
+        time.sleep(0.002)
+    page, more = store.list_jobs(limit=3)
+    assert [j.id for j in page] == ids[::-1][:3] and more
+    page2, more2 = store.list_jobs(limit=3, after=page[-1].id)
+    page3, more3 = store.list_jobs(limit=3, after=page2[-1].id)
+    assert [j.id for j in page2 + page3] == ids[::-1][3:] and more2 and not more3
+    cancelled, _ = store.list_jobs(status=JobStatus.cancelled)
+    assert [j.id for j in cancelled] == [ids[5], ids[3], ids[1]]
+    recent, _ = store.list_jobs(since=store.get_job(ids[4]).created_at)
+    assert [j.id for j in recent] == ids[4:][::-1]
+    assert store.count_by_status() == {"queued": 4, "cancelled": 3}
+
+
+def test_events_are_numbered_per_job_and_read_after_a_sequence(store):
+    job, _ = store.create_job(a_job())
+    other, _ = store.create_job(a_job())
+    store.add_event(job.id, 1, "queued")
+    store.claim(job.id, 1, "w", 30)
+    for step in (1, 2, 3):
+        store.record(job.id, 1, "w", 30, ("progress", {"step": step}))
+    store.add_event(other.id, 1, "queued")
+    events = store.events_after(job.id)
+    assert [(e.seq, e.type) for e in events] == [(1, "queued"), (2, "progress"), (3, "progress"), (4, "progress")]
+    assert [e.data["step"] for e in store.events_after(job.id, after=2)] == [2, 3]
+    assert [e.seq for e in store.events_after(other.id)] == [1]
+
+
+def test_datasets_round_trip(store):
+    ds = Dataset(id=new_id("ds"), filename="a.jsonl", uri="s3://b/a", bytes=10, sha256="00", rows=2,
+                 format="dpo_pairs", method="dpo", warnings=[{"line": 2, "field": "-", "reason": "dup"}])  # fmt: skip
+    store.add(ds)
+    assert store.get_dataset(ds.id).warnings == ds.warnings
+    assert store.get_dataset("ds_missing") is None

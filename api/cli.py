@@ -312,6 +312,45 @@ def dev(port: int = 8000, flower_port: int = 5555, data_dir: Path = Path(".prefq
         stop(procs)
 
 
+DEMO_HYPERPARAMETERS = {"max_steps": 40, "batch_size": 16, "learning_rate": 1e-3, "lr_scheduler": "constant",
+                        "max_length": 64, "save_steps": 20, "eval_steps": 20}  # fmt: skip
+
+
+@app.command()
+def demo(data_dir: Path = Path(".prefq-demo")) -> None:
+    """Start the embedded stack, build a tiny model and toy pairs, run a DPO job through the API, and stop."""
+    import subprocess
+
+    from api.dev import free_port, start_stack, stop
+
+    data_dir = data_dir.resolve()
+    model_dir, pairs = data_dir / "tiny-model", data_dir / "pairs.jsonl"
+    if not (model_dir / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "training", "make-tiny-model", str(model_dir)], check=True)
+    subprocess.run([sys.executable, "-m", "training", "make-toy-data", str(pairs), "--rows", "512"], check=True)
+    port = free_port()
+    console.print(f"starting broker, API (port {port}), worker and service worker; logs in {data_dir / 'logs'}")
+    procs, env = start_stack(data_dir, port, flower_port=None)
+    try:
+        c = Client(env["PREFQ_API_URL"])
+        dataset = c.upload_dataset(pairs, "dpo")
+        console.print(f"dataset {dataset['id']}: {dataset['rows']} pairs ({dataset['format']})")
+        job = c.submit({"model": str(model_dir), "dataset": dataset["id"], "method": "dpo",
+                        "hyperparameters": DEMO_HYPERPARAMETERS})  # fmt: skip
+        console.print(f"job {job['id']}")
+        final = wait_with_progress(c, job["id"])
+        evals = [e["data"] for e in c.events(job["id"])["data"] if e["type"] == "eval"]
+    except ClientError as exc:
+        fail(str(exc))
+    finally:
+        stop(procs)
+    if final["status"] != "succeeded":
+        fail(f"job {final['id']} {final['status']}: {final['error']}")
+    curve = ", ".join(f"step {e['step']}: {e['metrics']['eval_rewards/accuracies']:.3f}" for e in evals)
+    console.print(f"held-out reward accuracy: {final['eval_metrics']['eval_rewards/accuracies']:.3f} ({curve})")
+    console.print(f"model: {final['result_uri']}")
+
+
 def _training(*args: str) -> None:
     _exec([sys.executable, "-m", "training", *args])
 

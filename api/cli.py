@@ -273,9 +273,9 @@ def worker(gpus: str = typer.Option(None, help="GPU indices this worker owns, e.
 
 
 @app.command()
-def flower(port: int = 5555) -> None:
+def flower(port: int = 5555, address: str = "127.0.0.1") -> None:
     """Flower, the Celery monitor, on the same broker."""
-    _exec([sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", "--address=127.0.0.1"])
+    _exec([sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", f"--address={address}"])
 
 
 @db_app.command("upgrade")

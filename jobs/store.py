@@ -34,14 +34,16 @@ class JobStore:
         with session(self.engine) as s:
             return s.get(Dataset, dataset_id)
 
-    def create_job(self, job: Job) -> tuple[Job, bool]:
-        """Insert a queued job; with an idempotency key already used, return that job instead."""
+    def create_job(self, job: Job, event: tuple[str, dict]) -> tuple[Job, bool]:
+        """Insert a queued job with its first event, in one commit; with an idempotency key already used,
+        return that job instead."""
         with session(self.engine) as s:
             if job.idempotency_key:
                 found = s.exec(select(Job).where(Job.idempotency_key == job.idempotency_key)).first()
                 if found:
                     return found, False
             s.add(job)
+            s.add(JobEvent(job_id=job.id, seq=1, attempt=job.attempt, type=event[0], data=event[1]))
             try:
                 s.commit()
             except IntegrityError:  # a concurrent request with the same key won

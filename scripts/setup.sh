@@ -8,4 +8,4 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0
 # DeepSpeed's setup.py imports torch, so it builds against the torch above (no isolated build env).
 "${pip[@]}" --no-build-isolation deepspeed==0.19.8
-"${pip[@]}" -e '.[dev,deepspeed]'
+"${pip[@]}" -e '.[train,deepspeed,dev]'

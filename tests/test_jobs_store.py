@@ -23,13 +23,13 @@ def store(request, tmp_path):
     return JobStore(make_engine(url))
 
 
-def a_job(**fields) -> Job:
+def create(store, **fields) -> tuple[Job, bool]:
     base = dict(id=new_id("job"), method="dpo", trainer="basic", gpus=1, model="/m", dataset_id="ds_x")
-    return Job(**{**base, **fields})
+    return store.create_job(Job(**{**base, **fields}), ("queued", {"queue": "gpu1"}))
 
 
 def test_claim_is_exclusive_and_fenced(store):
-    job, created = store.create_job(a_job())
+    job, created = create(store)
     assert created and job.status == JobStatus.queued and job.attempt == 1
     claimed = store.claim(job.id, 1, "w1", ttl_s=30)
     assert claimed.status == JobStatus.running and claimed.lease_owner == "w1" and claimed.started_at
@@ -45,10 +45,10 @@ def test_claim_is_exclusive_and_fenced(store):
 
 
 def test_cancel_queued_at_once_and_running_through_cancelling(store):
-    queued, _ = store.create_job(a_job())
+    queued, _ = create(store)
     assert store.request_cancel(queued.id) == JobStatus.cancelled
     assert store.claim(queued.id, 1, "w", 30) is None
-    running, _ = store.create_job(a_job())
+    running, _ = create(store)
     store.claim(running.id, 1, "w", 30)
     assert store.request_cancel(running.id) == JobStatus.cancelling
     assert store.record(running.id, 1, "w", 30) == JobStatus.cancelling, "the worker sees it at its heartbeat"
@@ -57,7 +57,7 @@ def test_cancel_queued_at_once_and_running_through_cancelling(store):
 
 
 def test_retry_makes_a_new_attempt_and_fences_the_old_one(store):
-    job, _ = store.create_job(a_job())
+    job, _ = create(store)
     store.claim(job.id, 1, "w", 30)
     store.finish(job.id, 1, "w", JobStatus.failed, error_code="run_crashed", error_is_user=False)
     assert store.retry(job.id, auto_attempts=3) == 2
@@ -70,7 +70,7 @@ def test_retry_makes_a_new_attempt_and_fences_the_old_one(store):
 
 
 def test_expired_lease_is_requeued_once_and_the_old_worker_is_fenced(store):
-    job, _ = store.create_job(a_job())
+    job, _ = create(store)
     store.claim(job.id, 1, "dead", ttl_s=0.2)
     assert store.expired() == []
     time.sleep(0.4)
@@ -83,15 +83,15 @@ def test_expired_lease_is_requeued_once_and_the_old_worker_is_fenced(store):
 
 
 def test_idempotency_key_returns_the_same_job(store):
-    first, created = store.create_job(a_job(idempotency_key="key-1"))
-    second, created_again = store.create_job(a_job(idempotency_key="key-1"))
+    first, created = create(store, idempotency_key="key-1")
+    second, created_again = create(store, idempotency_key="key-1")
     assert created and not created_again and second.id == first.id
 
 
 def test_list_filters_and_pages_newest_first(store):
     ids = []
     for i in range(7):
-        job, _ = store.create_job(a_job())
+        job, _ = create(store)
         ids.append(job.id)
         if i % 2:
             store.request_cancel(job.id)
@@ -109,17 +109,16 @@ def test_list_filters_and_pages_newest_first(store):
 
 
 def test_events_are_numbered_per_job_and_read_after_a_sequence(store):
-    job, _ = store.create_job(a_job())
-    other, _ = store.create_job(a_job())
-    store.add_event(job.id, 1, "queued")
+    job, _ = create(store)
+    other, _ = create(store)
     store.claim(job.id, 1, "w", 30)
     for step in (1, 2, 3):
         store.record(job.id, 1, "w", 30, ("progress", {"step": step}))
-    store.add_event(other.id, 1, "queued")
+    store.add_event(other.id, 1, "cancel_requested")
     events = store.events_after(job.id)
     assert [(e.seq, e.type) for e in events] == [(1, "queued"), (2, "progress"), (3, "progress"), (4, "progress")]
     assert [e.data["step"] for e in store.events_after(job.id, after=2)] == [2, 3]
-    assert [e.seq for e in store.events_after(other.id)] == [1]
+    assert [(e.seq, e.type) for e in store.events_after(other.id)] == [(1, "queued"), (2, "cancel_requested")]
 
 
 def test_datasets_round_trip(store):

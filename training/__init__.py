@@ -1,0 +1,1 @@
+"""Pure training: spec in, JSON-lines events out, files in a local folder."""

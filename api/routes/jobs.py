@@ -102,9 +102,8 @@ def create_job(req: JobCreate, idempotency_key: str | None = Header(None, max_le
               dataset_id=dataset_id, eval_dataset_id=eval_id, hyperparameters=req.hyperparameters,
               callback_url=str(req.callback_url) if req.callback_url else None, user_metadata=req.metadata,
               idempotency_key=idempotency_key, max_attempts=svc.settings.max_attempts)  # fmt: skip
-    job, created = svc.store.create_job(job)
+    job, created = svc.store.create_job(job, ("queued", {"queue": gpu_queue(job.gpus)}))
     if created:
-        svc.store.add_event(job.id, job.attempt, "queued", {"queue": gpu_queue(job.gpus)})
         _enqueue(svc, job.id, job.attempt, job.gpus)
     return JobPublic.of(job)
 

@@ -1,0 +1,64 @@
+"""The deployment files stay true to the code: they parse, reference what exists, and run real commands."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from api.cli import app
+from tests.conftest import ROOT
+
+MANIFESTS = sorted((ROOT / "deploy" / "k8s").rglob("*.yaml")) + [ROOT / "compose.yaml"]
+
+
+def commands() -> list[tuple[str, list[str]]]:
+    """Every `prefq ...` command line in the manifests and compose file."""
+    found = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("command", "value") and isinstance(value, list) and value[:1] == ["prefq"]:
+                    found.append((where, value[1:]))
+                walk(value, where)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, where)
+        elif isinstance(node, str) and node.lstrip().startswith("- op:"):
+            walk(yaml.safe_load(node), where)
+
+    for path in MANIFESTS:
+        for doc in yaml.safe_load_all(path.read_text()):
+            walk(doc, path.name)
+    return found
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_manifests_parse(path):
+    assert list(yaml.safe_load_all(path.read_text()))
+
+
+def test_kustomizations_name_existing_files():
+    for kustomization in (ROOT / "deploy" / "k8s").rglob("kustomization.yaml"):
+        for resource in yaml.safe_load(kustomization.read_text())["resources"]:
+            assert (kustomization.parent / resource).exists(), f"{kustomization}: {resource}"
+
+
+def test_every_prefq_command_line_is_accepted_by_the_cli():
+    found = commands()
+    assert len(found) >= 8
+    runner = CliRunner()
+    for where, args in found:
+        result = runner.invoke(app, [("pod-1" if a.startswith("$(") else a) for a in args] + ["--help"])
+        assert result.exit_code == 0, f"{where}: prefq {' '.join(args)}: {result.output}"
+
+
+def test_dockerfiles_copy_every_package():
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "tests"}
+    for dockerfile in (ROOT / "deploy").glob("Dockerfile.*"):
+        text = dockerfile.read_text()
+        assert all(f"COPY {p} {p}" in text for p in packages), dockerfile.name
+        assert "queue_config.py" in text
+    assert packages == {"api", "jobs", "storage", "training", "worker"}
+    assert Path(ROOT / "deploy" / "seaweedfs-s3.json").is_file()

@@ -127,6 +127,8 @@ def submit(
             job["callback_url"] = callback_url
         created = c.submit(job, idempotency_key)
         console.print(created["id"])
+        for warning in created.get("warnings", []):
+            console.print(f"[yellow]warning:[/yellow] {warning}")
         if not wait:
             return
         final = wait_with_progress(c, created["id"])

@@ -85,7 +85,7 @@ def dev_env(data_dir: Path, broker_port: int, api_port: int, cpu_devices: int) -
 
 
 def start_stack(data_dir: Path, api_port: int, flower_port: int | None, cpu_devices: int = 2,
-                log_dir: Path | None = None) -> tuple[list[subprocess.Popen], dict]:  # fmt: skip
+                log_dir: Path | None = None, api_workers: int = 1) -> tuple[list[subprocess.Popen], dict]:  # fmt: skip
     """Start everything; returns the processes (broker first) and the environment that reaches them."""
     data_dir = data_dir.resolve()
     log_dir = log_dir or data_dir / "logs"
@@ -95,7 +95,7 @@ def start_stack(data_dir: Path, api_port: int, flower_port: int | None, cpu_devi
     env = dev_env(data_dir, broker_port, api_port, cpu_devices)
     upgrade(Settings(data_dir=data_dir).database_url)
     services = {
-        "api": prefq_command("api", "--port", str(api_port)),
+        "api": prefq_command("api", "--port", str(api_port), "--workers", str(api_workers)),
         "worker": prefq_command("worker"),
         "service-worker": prefq_command("worker", "--service"),
     }

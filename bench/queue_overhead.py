@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="GET /jobs/{id} per second")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--database-url", default=None, help="default: SQLite in the data folder")
+    parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes of the API")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="prefq-bench-"))
@@ -98,7 +99,7 @@ def main() -> None:
         import os
 
         os.environ["PREFQ_DATABASE_URL"] = args.database_url
-    procs, env = start_stack(work / "data", free_port(), flower_port=None)
+    procs, env = start_stack(work / "data", free_port(), flower_port=None, api_workers=args.api_workers)
     try:
         http = httpx.Client(base_url=env["PREFQ_API_URL"], timeout=60)
         with open(work / "pairs.jsonl", "rb") as fh:
@@ -118,7 +119,8 @@ def main() -> None:
         stop(procs)
 
     database = "PostgreSQL" if args.database_url else "SQLite (WAL)"
-    print(f"\nprefq queue overhead: Valkey broker, {database}, local storage, one API process, idle worker\n")
+    print(f"\nprefq queue overhead: Valkey broker, {database}, local storage, {args.api_workers} API process(es), "
+          "idle worker\n")
     print(f"{'measure':46} {'prefq':>12} {'baseline':>12} {'ratio':>7}  goal")
     print(f"{'submit -> process started, p50 (s)':46} {statistics.median(launched):12.3f} {'':>12} {'':>7}  <= 1 s")
     print(f"{'submit -> process started, p95 (s)':46} {pct(launched, 0.95):12.3f}")

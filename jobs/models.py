@@ -152,6 +152,7 @@ class JobPublic(BaseModel):
     eval_metrics: dict
     error: dict | None
     result_uri: str | None
+    warnings: list[str] = []  # POST /jobs only: why the job may wait
 
     @classmethod
     def of(cls, job: Job) -> JobPublic:

@@ -72,11 +72,13 @@ def test_job_is_accepted_queued_and_sent_once_per_idempotency_key(client, settin
     assert first.status_code == 202, first.text
     job = first.json()
     assert job["status"] == "queued" and job["attempt"] == 1 and job["metadata"] == {"team": "a"}
+    assert job["warnings"] == ["no live worker takes 1-device jobs (queue gpu1; the largest live worker has 0 "
+                               "devices): the job waits until such a worker joins"]  # fmt: skip
     again = client.post("/jobs", json=body, headers={"Idempotency-Key": "k1"}).json()
     assert again["id"] == job["id"]
     assert redis.Redis.from_url(settings.broker_url).llen("gpu1") == 1, "one message for one job"
     events = client.get(f"/jobs/{job['id']}/events").json()
-    assert [e["type"] for e in events["data"]] == ["queued"] and events["last_seq"] == 1
+    assert [e["type"] for e in events["data"]] == ["queued", "unschedulable"] and events["last_seq"] == 2
     metrics = client.get("/metrics").text
     assert 'prefq_jobs{status="queued"} 1.0' in metrics and 'prefq_queue_depth{queue="gpu1"} 1.0' in metrics
 
@@ -113,7 +115,7 @@ def test_cancel_retry_and_errors_share_one_shape(client, dataset_id, micro_model
     retried = client.post(f"/jobs/{job['id']}/retry")
     assert retried.status_code == 202 and retried.json()["attempt"] == 2 and retried.json()["status"] == "queued"
     assert client.post(f"/jobs/{job['id']}/retry").json()["error"]["code"] == "not_retryable"
-    assert [e["type"] for e in client.get(f"/jobs/{job['id']}/events?after=1").json()["data"]] == [
+    assert [e["type"] for e in client.get(f"/jobs/{job['id']}/events?after=2").json()["data"]] == [
         "cancel_requested", "retried",
     ]  # fmt: skip
     missing = client.get("/jobs/job_nope")

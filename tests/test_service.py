@@ -111,8 +111,14 @@ def test_dpo_job_end_to_end(stack, micro_model, toy_dpo, callback_url, tmp_path)
     assert [json.loads(line)["type"] for line in streamed.stdout.splitlines()] == kinds
 
 
-def test_cancel_queued_job_at_once(stack, micro_model, toy_dpo):
-    job_id = submit(stack, micro_model, toy_dpo, "--gpus", "8", "--trainer", "fsdp")  # no worker has 8 devices
+def test_a_job_no_worker_can_take_is_told_so_and_cancelled_at_once(stack, micro_model, toy_dpo):
+    out = prefq(stack, "submit", str(toy_dpo), "--model", str(micro_model), "--method", "dpo", "--gpus", "8",
+                "--trainer", "fsdp")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.splitlines()[1].strip()
+    assert "warning: no live worker takes 8-device jobs (queue gpu8; the largest live worker has 2 devices)" in (
+        " ".join(out.stdout.split())
+    )
     assert httpx.get(f"{stack.url}/jobs/{job_id}").json()["status"] == "queued"
     out = prefq(stack, "cancel", job_id)
     assert out.returncode == 0 and "cancelled" in out.stdout

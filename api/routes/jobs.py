@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -103,9 +104,24 @@ def create_job(req: JobCreate, idempotency_key: str | None = Header(None, max_le
               callback_url=str(req.callback_url) if req.callback_url else None, user_metadata=req.metadata,
               idempotency_key=idempotency_key, max_attempts=svc.settings.max_attempts)  # fmt: skip
     job, created = svc.store.create_job(job, ("queued", {"queue": gpu_queue(job.gpus)}))
+    public = JobPublic.of(job)
     if created:
         _enqueue(svc, job.id, job.attempt, job.gpus)
-    return JobPublic.of(job)
+        public.warnings = _schedulable(svc, job)
+    return public
+
+
+def _schedulable(svc: Services, job: Job) -> list[str]:
+    """A warning when no live worker takes the job's queue: it waits until one joins (or is cancelled)."""
+    queue = gpu_queue(job.gpus)
+    live = svc.store.workers(time.time() - svc.settings.worker_live_s)
+    if any(queue in w.queues for w in live):
+        return []
+    largest = max((w.devices for w in live), default=0)
+    message = (f"no live worker takes {job.gpus}-device jobs (queue {queue}; the largest live worker has "
+               f"{largest} devices): the job waits until such a worker joins")  # fmt: skip
+    svc.store.add_event(job.id, job.attempt, "unschedulable", {"message": message})
+    return [message]
 
 
 def _enqueue(svc: Services, job_id: str, attempt: int, gpus: int) -> None:

@@ -102,6 +102,9 @@ class Stack:
     def down(self) -> None:
         stop(list(self.procs.values()), timeout_s=60)
 
+    def get(self, path: str) -> dict:
+        return httpx.get(f"{self.url}{path}").json()
+
     def wait_for(self, job_id: str, statuses: set[str], timeout_s: float = 300) -> dict:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

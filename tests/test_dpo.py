@@ -110,3 +110,42 @@ def test_batch_schedule_follows_beta_dpo():
     assert schedule.baseline == pytest.approx(0.3)
     assert schedule.beta_for([6.0, 8.0]) == pytest.approx(0.1 * (1 + 0.6 * (0.7 - 0.3)))
     assert schedule.beta_for([-1000.0]) == 1e-3
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-4), ("bf16", 0.05)])
+def test_fast_path_matches_trls_fused_lm_head(tmp_path, micro_model, toy_dpo, precision, tolerance):
+    """The basic trainer's completion-only log-probs against TRL's fused LM head, on the same batch:
+    per-token log-probs, the metrics TRL logs, and the gradient of the summed log-probs."""
+    trainer = make_trainer(tmp_path, micro_model, toy_dpo, precision=precision)
+    assert trainer.fast
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    mask = batch["completion_mask"][:, 1:].bool()
+
+    def run(fast: bool):
+        trainer.fast = fast
+        trainer.model.zero_grad()
+        out = trainer._policy_outputs(trainer.model, batch)
+        out.log_probs.sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+        return out, grad
+
+    (fast, fast_grad), (trl, trl_grad) = run(True), run(False)
+    assert (fast.log_probs[~mask] == 0).all()
+    assert torch.allclose(fast.log_probs[mask], trl.log_probs[mask], atol=tolerance)
+    assert torch.allclose(fast.entropy[mask], trl.entropy[mask], atol=tolerance * 10)
+    assert (fast.is_top1[mask] == trl.is_top1[mask]).float().mean() > 0.95
+    assert torch.allclose(fast.mean_logits[mask], trl.mean_logits[mask], atol=tolerance * 10)
+    assert (fast_grad - trl_grad).norm() / trl_grad.norm() < tolerance
+
+
+def test_bf16_reference_equals_the_policy_at_step_0(tmp_path, micro_model, toy_dpo):
+    """The reference model's linear layers are stored in bf16: at step 0 its log-probs equal the policy's
+    under autocast exactly (with tied embeddings too), so the first rewards are exactly 0."""
+    trainer = make_trainer(tmp_path, micro_model, toy_dpo, precision="bf16")
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    ref = torch.cat(trainer.compute_ref_log_probs(trainer.ref_model, batch))
+    with torch.no_grad():
+        policy = trainer._policy_outputs(trainer.model, batch).log_probs.sum(dim=1)
+    assert torch.equal(policy, ref)
+    assert trainer.ref_model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert trainer.ref_model.model.embed_tokens.weight.dtype == torch.float32

@@ -61,5 +61,5 @@ def test_schema_command_prints_every_field():
 
 def test_spec_formats_and_validate_import_no_torch():
     code = ("import sys, training.spec, training.formats, training.events, training.beta; "
-            "import training.__main__; assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
+            "import training.launch, training.__main__; assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], env=python_env(), cwd=ROOT, check=True)

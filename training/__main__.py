@@ -79,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         return _validate(args)
     if args.command == "run":
+        from training.distributed import die_with_launcher, finish_rank, in_launched_rank
         from training.events import claim_stdout
 
+        if in_launched_rank():  # a process of `accelerate launch` (fsdp, deepspeed-tp)
+            die_with_launcher()
         claim_stdout()
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
         from training.run import main as run_main
 
-        return run_main(args.spec, args.out, args.resume)
+        code = run_main(args.spec, args.out, args.resume)
+        return finish_rank(args.out, code) if in_launched_rank() else code
     if args.command == "make-tiny-model":
         from training.tiny import make_tiny_model
 

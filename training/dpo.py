@@ -1,17 +1,26 @@
-"""TRL's DPOTrainer with what prefq adds: a moving beta, reference-free DPO and a prompt-length cap.
+"""TRL's DPOTrainer with what prefq adds: a moving beta, reference-free DPO, a prompt-length cap, and a
+faster single-process path.
 
 The losses stay TRL's (`DPOTrainer._compute_loss`, one switch over `loss_type`). This subclass runs the
 policy forward itself, so that it knows the batch's pair margins before the loss is taken, sets `self.beta`
 from the schedule, and then hands TRL the outputs it already has, together with the reference log-probs,
 through `loss_from_outputs`.
+
+In one process without LoRA (the `basic` trainer), policy and reference log-probs come from
+`training.logprobs` (completion positions only, one log-softmax pass, bf16 GEMMs) and the reference model's
+linear layers are stored in bf16 (what autocast casts them to on every call anyway). Under `fsdp` and
+`deepspeed-tp` the forward stays TRL's fused LM head, which runs inside the sharded model's forward.
 """
 
 from __future__ import annotations
 
 import torch
+from peft import PeftModel
 from trl import DPOTrainer
 
 from training.beta import BatchBetaSchedule, RiskBetaSchedule
+from training.distributed import DistributedTrainerMixin, GatheredMargins
+from training.logprobs import completion_outputs
 from training.spec import TrainingSpec
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -27,14 +36,26 @@ def make_beta_schedule(spec: TrainingSpec) -> RiskBetaSchedule | BatchBetaSchedu
     raise ValueError(f"Unknown beta schedule: {spec.beta_schedule}")
 
 
-class PrefqDPOTrainer(DPOTrainer):
+class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
     def __init__(self, *args, spec: TrainingSpec, **kwargs):
         self.max_prompt_length = spec.max_prompt_length
         super().__init__(*args, **kwargs)
         self.beta_schedule = make_beta_schedule(spec)
+        if self.beta_schedule is not None and self.is_fsdp_enabled and self.accelerator.num_processes > 1:
+            self.beta_schedule = GatheredMargins(self.beta_schedule)  # each rank has only its part of the batch
         self.reference_free = spec.reference_free
         if self.reference_free:
             self.ref_model = None  # TRL loads one whenever LoRA and precompute are off; it is never used here
+        self.fast = (self.accelerator.num_processes == 1 and not isinstance(self.model, PeftModel)
+                     and not self.aux_loss_enabled)  # fmt: skip
+        if self.fast and self.ref_model is not None:
+            self.ref_model.requires_grad_(False)
+            if self.args.bf16:  # linear weights only: norms and embeddings stay fp32, as under autocast
+                head = self.ref_model.get_output_embeddings()
+                tied = head.weight is self.ref_model.get_input_embeddings().weight  # a bf16 head would cast both
+                for module in self.ref_model.modules():
+                    if isinstance(module, torch.nn.Linear) and not (tied and module is head):
+                        module.to(torch.bfloat16)
         # From here on `_compute_loss` always finds the reference log-probs in its inputs: precomputed,
         # zero (reference-free), or computed by `_with_reference` just before.
         self.precompute_ref_logps = True
@@ -56,7 +77,18 @@ class PrefqDPOTrainer(DPOTrainer):
         ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
         return {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
 
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of a padded batch (also TRL's precompute pass): (chosen, rejected)."""
+        if not self.fast:
+            return super().compute_ref_log_probs(model, inputs)
+        with torch.inference_mode():
+            outputs = completion_outputs(self.accelerator.unwrap_model(model), inputs, self.accelerator.autocast())
+            logps = outputs.log_probs.sum(dim=1)
+        return logps.clone().chunk(2, dim=0)  # out of inference mode, usable in the loss
+
     def _policy_outputs(self, model, inputs: dict):
+        if self.fast:
+            return completion_outputs(self.accelerator.unwrap_model(model), inputs, self.accelerator.autocast())
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
         if self.aux_loss_enabled:

@@ -43,6 +43,11 @@ def _clean(value):
     return value
 
 
+def event_stream():
+    """The file events go to: a child that prints events (the distributed launcher) writes here too."""
+    return _stream
+
+
 def emit(event: str, **fields) -> None:
     """Print one event line (rank 0 only)."""
     if not _IS_MAIN:

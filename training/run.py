@@ -105,8 +105,9 @@ def _check_fits(spec: TrainingSpec) -> None:
     need = 16 * trained + 4 * params * (1 if (spec.lora or spec.method == "sft" or spec.reference_free) else 2)
     if torch.cuda.is_available():
         free = torch.cuda.mem_get_info()[0] * spec.gpus
-    else:
+    else:  # CPU processes share the host, and each loads whole copies before sharding
         free = psutil.virtual_memory().available
+        need += (spec.gpus - 1) * 4 * params * (1 if spec.lora else 2)
     if need > free:
         raise ModelError(
             f"model: {params / 1e6:.0f}M parameters need about {need / 2**30:.1f} GiB for training, "
@@ -141,10 +142,12 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int):
             self.last_eval: dict = {}
             self.last_checkpoint: Path | None = None
 
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            from training.distributed import describe_parallelism
+
             emit("started", total_steps=state.max_steps, examples=n_train, eval_examples=n_eval,
-                 epochs=spec.epochs if spec.max_steps is None else None,
-                 resumed_from_step=state.global_step)  # fmt: skip
+                 epochs=spec.epochs if spec.max_steps is None else None, resumed_from_step=state.global_step,
+                 trainer=spec.trainer, parallelism=describe_parallelism(model))  # fmt: skip
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
@@ -259,11 +262,13 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
                                   processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
                                   spec=spec)  # fmt: skip
     elif spec.method == "sft":
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
+
+        from training.sft import PrefqSFTTrainer
 
         args = SFTConfig(**common)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])  # fmt: skip
+        trainer = PrefqSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])  # fmt: skip
     else:
         raise ValueError(f"Unknown method: {spec.method}")
     trainer.remove_callback(PrinterCallback)
@@ -274,6 +279,10 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
 def _save_final(trainer, tokenizer, final_dir: Path) -> None:
     from peft import PeftModel
 
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        from training.distributed import save_final
+
+        return save_final(trainer, tokenizer, final_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
@@ -286,11 +295,23 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
     from datasets import disable_progress_bars
 
     from training.data import load_splits
+    from training.distributed import install_reference_sharding, on_disk, world_size
 
     disable_progress_bars()
+    main_rank = os.environ.get("RANK", "0") == "0"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "spec.json").write_text(spec.resolved().model_dump_json(indent=1))
+    if main_rank:
+        (out_dir / "spec.json").write_text(spec.resolved().model_dump_json(indent=1))
     train_ds, eval_ds = load_splits(spec)
+    if spec.precompute_ref_log_probs and world_size() > 1:  # one cache folder all ranks share
+        train_ds = on_disk(train_ds, out_dir / "datasets" / "train")
+        eval_ds = on_disk(eval_ds, out_dir / "datasets" / "eval") if eval_ds is not None else None
+    if world_size() > 1:
+        install_reference_sharding()
+    else:
+        from training.logprobs import keep_freed_memory
+
+        keep_freed_memory()
     _check_fits(spec)
     checkpoint = newest_checkpoint(out_dir) if resume else None
     if resume and checkpoint is None:
@@ -313,7 +334,8 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
     final_dir = out_dir / "final"
     _save_final(trainer, tokenizer, final_dir)
     metrics = {"step": step, "train": callback.last_train, "eval": callback.last_eval}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if main_rank:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     emit("done", final_path=str(final_dir), metrics=metrics)
     return EXIT_OK
 
@@ -332,6 +354,10 @@ def main(spec_path: str, out_dir: str, resume: bool) -> int:
     _install_sigterm(stop)
     try:
         spec = load_spec(spec_path)
+        if spec.trainer != "basic" and "LOCAL_RANK" not in os.environ:
+            from training.launch import launch
+
+            return launch(spec, spec_path, Path(out_dir), resume)  # the ranks come back in here
         return train(spec, Path(out_dir), resume, stop)
     except StopRequested:
         emit("stopped", step=0, checkpoint=None)

@@ -159,6 +159,12 @@ class TrainingSpec(BaseModel):
             )
         if self.trainer == "basic" and self.gpus != 1:
             raise ValueError(f"gpus: the 'basic' trainer runs on one device, not {self.gpus}; use 'fsdp' or 1")
+        if self.trainer != "basic" and self.gpus < 2:
+            raise ValueError(f"gpus: '{self.trainer}' splits the model over several devices; give 2 or more, or use "
+                             "the 'basic' trainer for one")  # fmt: skip
+        if self.trainer == "deepspeed-tp" and self.lora is not None:
+            raise ValueError("lora: not supported with 'deepspeed-tp' (DeepSpeed's optimizer cannot map the "
+                             "adapters); use 'fsdp' or 'basic'")  # fmt: skip
         return self
 
     @property

@@ -1,0 +1,106 @@
+"""The fsdp and deepspeed-tp trainers as 2 CPU processes over gloo: sharding, numbers, queue, resume, cancel."""
+
+import json
+
+import psutil
+import pytest
+
+from tests.conftest import dpo_spec, of_type, run_training
+from tests.test_service import alive, prefq, submit
+from training.spec import EXIT_OK
+
+TRAINERS = [("fsdp", 4), ("deepspeed-tp", 8)]  # (trainer, per-process batch giving the global batch of 8)
+
+
+@pytest.fixture(scope="module")
+def basic_run(tmp_path_factory, micro_model, toy_dpo):
+    out = tmp_path_factory.mktemp("basic") / "run"
+    rc, events = run_training(dpo_spec(micro_model, toy_dpo, max_steps=4, batch_size=8, eval_fraction=0,
+                                       precision="fp32"), out)  # fmt: skip
+    assert rc == EXIT_OK
+    return out, events
+
+
+@pytest.mark.parametrize(("trainer", "batch_size"), TRAINERS)
+def test_distributed_trainer_matches_basic(trainer, batch_size, basic_run, micro_model, toy_dpo, tmp_path):
+    """fsdp: each of 2 processes takes half of the batch of 8; deepspeed-tp: both see all 8. Same seed, same
+    examples, fp32: the step-0 log-probs agree within 1e-4 and the first 4 losses within 1e-5."""
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=4, batch_size=batch_size, eval_fraction=0, precision="fp32",
+                    trainer=trainer, gpus=2)  # fmt: skip
+    rc, events = run_training(spec, tmp_path / "run")
+    assert rc == EXIT_OK, events
+    basic_out, basic_events = basic_run
+    ours, theirs = of_type(events, "progress"), of_type(basic_events, "progress")
+    for key in ("logps/chosen", "logps/rejected"):
+        assert ours[0]["metrics"][key] == pytest.approx(theirs[0]["metrics"][key], abs=1e-4), key
+    assert [e["loss"] for e in ours] == pytest.approx([e["loss"] for e in theirs], abs=1e-5)
+    assert ours[0]["metrics"]["num_tokens"] == theirs[0]["metrics"]["num_tokens"], "each token counted once"
+
+    from safetensors.torch import load_file
+
+    final, reference = load_file(tmp_path / "run" / "final" / "model.safetensors"), load_file(
+        basic_out / "final" / "model.safetensors"
+    )
+    assert set(final) == set(reference)
+    assert max((final[k] - reference[k]).abs().max().item() for k in final) < 1e-4
+
+
+def test_fsdp_parameters_are_sharded_dtensors(micro_model, toy_dpo, tmp_path):
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=1, eval_fraction=0, trainer="fsdp", gpus=2)
+    rc, events = run_training(spec, tmp_path / "run")
+    assert rc == EXIT_OK
+    p = events[0]["parallelism"]
+    assert p["processes"] == 2 and p["parameters"] > 0 and p["dtensor_parameters"] == p["parameters"]
+    assert p["lm_head"]["class"] == "FSDPLinear", "FSDP2 units, not DDP replicas"
+
+
+def test_deepspeed_tp_splits_attention_and_mlp_but_not_the_lm_head(micro_model, toy_dpo, tmp_path):
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=1, eval_fraction=0, trainer="deepspeed-tp", gpus=2)
+    rc, events = run_training(spec, tmp_path / "run")
+    assert rc == EXIT_OK
+    p = events[0]["parallelism"]
+    assert p["layer_classes"] == {"self_attn.q_proj": "LinearLayer", "self_attn.o_proj": "LinearAllreduce",
+                                  "mlp.up_proj": "LinearLayer", "mlp.down_proj": "LinearAllreduce"}  # fmt: skip
+    vocab = json.loads((micro_model / "config.json").read_text())["vocab_size"]
+    assert p["lm_head"] == {"class": "Linear", "rows": vocab}, "log-softmax over the whole vocabulary"
+
+
+def test_deepspeed_tp_refuses_heads_that_do_not_divide(micro_model, toy_dpo, tmp_path):
+    rc, events = run_training(dpo_spec(micro_model, toy_dpo, trainer="deepspeed-tp", gpus=3), tmp_path / "run")
+    assert rc == 2 and events[-1]["code"] == "invalid_spec"
+    assert "num_attention_heads (4) over 3 processes" in events[-1]["message"]
+
+
+def run_processes(job_id: str) -> list[psutil.Process]:
+    """Every process whose command line names the job (its supervisor, launcher and ranks)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(job_id in part for part in p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+@pytest.mark.parametrize(("trainer", "batch_size"), TRAINERS)
+def test_through_the_queue_cancel_then_retry_resumes_and_learns(stack, micro_model, toy_dpo, trainer, batch_size):
+    job_id = submit(stack, micro_model, toy_dpo, "--trainer", trainer, "--gpus", "2", "--set", "max_steps=40",
+                    "--set", "save_steps=10", "--set", f"batch_size={batch_size}")  # fmt: skip
+    stack.wait_for_event(job_id, "checkpoint")
+    workers = prefq(stack, "workers").stdout
+    assert job_id in workers and "CPU x2" in workers, workers
+    ranks = [p for p in run_processes(job_id) if "LOCAL_RANK" in p.environ()]
+    assert len(ranks) == 2, "two rank processes train"
+
+    assert prefq(stack, "cancel", job_id).returncode == 0
+    cancelled = stack.wait_for(job_id, {"cancelled", "failed", "succeeded"})
+    assert cancelled["status"] == "cancelled", cancelled
+    assert run_processes(job_id) == [] and not any(alive(r.pid) for r in ranks), "no rank process left behind"
+    saved = max(c["step"] for c in stack.get(f"/jobs/{job_id}/checkpoints")["data"])
+
+    assert prefq(stack, "retry", job_id).returncode == 0
+    done = stack.wait_for(job_id, {"succeeded", "failed"})
+    assert done["status"] == "succeeded" and done["step"] == 40, done
+    assert done["eval_metrics"]["eval_rewards/accuracies"] >= 0.9
+    events = stack.get(f"/jobs/{job_id}/events")["data"]
+    started = [e["data"] for e in events if e["type"] == "started"]
+    assert started[-1]["resumed_from_step"] == saved and started[-1]["trainer"] == trainer
+    assert started[-1]["parallelism"]["processes"] == 2

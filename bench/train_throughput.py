@@ -145,7 +145,7 @@ def main() -> None:
             print(f"round {r + 1} {variant}: {results[variant][-1]}", file=sys.stderr, flush=True)
 
     def ratio(variant: str, key: str) -> float:
-        return statistics.median(a[key] / b[key] for a, b in zip(results[variant], results["trl_default"]))
+        return statistics.median(a[key] / b[key] for a, b in zip(results[variant], results["trl_default"], strict=True))
 
     print(f"\nDPO training throughput, 23M-parameter Llama, batch {BATCH}, max_length {MAX_LENGTH}, "
           f"{args.steps} steps ({args.warmup} warm-up), {os.cpu_count()} CPU cores, median of {args.rounds} rounds\n")

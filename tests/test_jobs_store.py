@@ -16,11 +16,21 @@ def store(request, tmp_path):
         url = f"sqlite:///{tmp_path / 'jobs.db'}"
         upgrade(url)
     else:
-        url = request.getfixturevalue("pg_url")
+        url = request.getfixturevalue("pg_store_url")
         upgrade(url)
         with make_engine(url).begin() as conn:
             conn.execute(text("TRUNCATE job_events, jobs, datasets, workers"))
     return JobStore(make_engine(url))
+
+
+@pytest.fixture(scope="module")
+def pg_store_url():
+    """A database of these tests' own: the stack's database must keep its rows."""
+    from tests.services import create_pg_database, drop_pg_database
+
+    url, name = create_pg_database()
+    yield url
+    drop_pg_database(name)
 
 
 def create(store, **fields) -> tuple[Job, bool]:

@@ -180,6 +180,9 @@ def test_a_dead_worker_is_replaced_and_its_job_resumes(stack, micro_model, toy_d
                     "--set", "eval_fraction=0")  # fmt: skip
     run_pid = stack.wait_for_event(job_id, "launched")["data"]["pid"]
     stack.wait_for_event(job_id, "checkpoint")
+    deadline = time.monotonic() + 60
+    while not stack.get(f"/jobs/{job_id}/checkpoints")["data"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # uploaded, manifest last: only then is it a checkpoint to resume from
     os.killpg(stack.procs["worker"].pid, signal.SIGKILL)
     stack.procs["worker"].wait()
     deadline = time.monotonic() + 60

@@ -62,12 +62,13 @@ def set_current_job(name: str, job_id: str | None) -> None:
     _store().update_worker(name, current_job_id=job_id, last_heartbeat=now())
 
 
-def _beat(store: JobStore, name: str, interval_s: float) -> None:
+def _beat(store: JobStore, row: Worker, interval_s: float) -> None:
     while not _stop.wait(interval_s):
         try:
-            store.update_worker(name, last_heartbeat=now())
+            if not store.update_worker(row.name, last_heartbeat=now()):
+                store.add(row.model_copy(update={"last_heartbeat": now()}))  # the row went away: register again
         except Exception as exc:  # noqa: BLE001 - a database hiccup must not kill the worker
-            log.warning("Worker %s: heartbeat failed: %s", name, exc)
+            log.warning("Worker %s: heartbeat failed: %s", row.name, exc)
 
 
 @signals.worker_ready.connect
@@ -78,9 +79,10 @@ def _register(sender=None, **_):
     name = sender.hostname
     queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
     devices = settings.devices if set(queues) - {SERVICE_QUEUE} else 0  # the service worker trains nothing
-    store.add(Worker(name=name, hostname=socket.gethostname(), pid=os.getpid(), queues=queues, devices=devices,
-                     inventory=inventory(settings)))  # fmt: skip
-    threading.Thread(target=_beat, args=(store, name, settings.heartbeat_s), daemon=True).start()
+    row = Worker(name=name, hostname=socket.gethostname(), pid=os.getpid(), queues=queues, devices=devices,
+                 inventory=inventory(settings))  # fmt: skip
+    store.add(row)
+    threading.Thread(target=_beat, args=(store, row, settings.heartbeat_s), daemon=True).start()
     log.info("Worker %s: serving %s with %s device(s)", name, ",".join(queues), devices)
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from celery import Celery
 from fastapi import Request
 
 from api.errors import APIError
+from jobs.models import Dataset, Worker
 from jobs.store import JobStore
 from queue_config import Settings
 from storage import Storage
@@ -20,6 +22,26 @@ class Services:
     store: JobStore
     storage: Storage
     celery: Celery
+    _live: tuple[float, list[Worker]] = (0.0, [])  # (when read, workers): POST /jobs reads it per request
+    _datasets: dict = field(default_factory=dict)  # datasets never change once stored
+
+    def live_workers(self, max_age_s: float = 2.0) -> list[Worker]:
+        """Workers with a recent heartbeat, read from the database at most every `max_age_s`."""
+        read_at, workers = self._live
+        if time.monotonic() - read_at > max_age_s:
+            workers = self.store.workers(time.time() - self.settings.worker_live_s)
+            self._live = (time.monotonic(), workers)
+        return workers
+
+    def dataset(self, dataset_id: str) -> Dataset | None:
+        if dataset_id not in self._datasets:
+            found = self.store.get_dataset(dataset_id)
+            if found is None:
+                return None
+            if len(self._datasets) > 10_000:
+                self._datasets.clear()
+            self._datasets[dataset_id] = found
+        return self._datasets[dataset_id]
 
 
 def services(request: Request) -> Services:

@@ -34,8 +34,8 @@ class JobStore:
         with session(self.engine) as s:
             return s.get(Dataset, dataset_id)
 
-    def create_job(self, job: Job, event: tuple[str, dict]) -> tuple[Job, bool]:
-        """Insert a queued job with its first event, in one commit; with an idempotency key already used,
+    def create_job(self, job: Job, *events: tuple[str, dict]) -> tuple[Job, bool]:
+        """Insert a queued job with its first events, in one commit; with an idempotency key already used,
         return that job instead."""
         with session(self.engine) as s:
             if job.idempotency_key:
@@ -43,7 +43,8 @@ class JobStore:
                 if found:
                     return found, False
             s.add(job)
-            s.add(JobEvent(job_id=job.id, seq=1, attempt=job.attempt, type=event[0], data=event[1]))
+            for seq, (kind, data) in enumerate(events, start=1):
+                s.add(JobEvent(job_id=job.id, seq=seq, attempt=job.attempt, type=kind, data=data))
             try:
                 s.commit()
             except IntegrityError:  # a concurrent request with the same key won

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -35,7 +34,7 @@ RESERVED = TOP_LEVEL | {"model", "train_file", "eval_file"}
 
 def _dataset(svc: Services, ref: str, method: str, field: str) -> str:
     if ref.startswith("ds_"):
-        dataset = svc.store.get_dataset(ref)
+        dataset = svc.dataset(ref)
         if dataset is None:
             raise APIError(422, "dataset_not_found", f"{field}: no dataset with id {ref!r}", field=field)
         if dataset.method != method:
@@ -103,25 +102,25 @@ def create_job(req: JobCreate, idempotency_key: str | None = Header(None, max_le
               dataset_id=dataset_id, eval_dataset_id=eval_id, hyperparameters=req.hyperparameters,
               callback_url=str(req.callback_url) if req.callback_url else None, user_metadata=req.metadata,
               idempotency_key=idempotency_key, max_attempts=svc.settings.max_attempts)  # fmt: skip
-    job, created = svc.store.create_job(job, ("queued", {"queue": gpu_queue(job.gpus)}))
+    warnings = _unschedulable(svc, job.gpus)
+    events = [("queued", {"queue": gpu_queue(job.gpus)})] + [("unschedulable", {"message": w}) for w in warnings]
+    job, created = svc.store.create_job(job, *events)
     public = JobPublic.of(job)
     if created:
         _enqueue(svc, job.id, job.attempt, job.gpus)
-        public.warnings = _schedulable(svc, job)
+        public.warnings = warnings
     return public
 
 
-def _schedulable(svc: Services, job: Job) -> list[str]:
+def _unschedulable(svc: Services, gpus: int) -> list[str]:
     """A warning when no live worker takes the job's queue: it waits until one joins (or is cancelled)."""
-    queue = gpu_queue(job.gpus)
-    live = svc.store.workers(time.time() - svc.settings.worker_live_s)
+    queue = gpu_queue(gpus)
+    live = svc.live_workers()
     if any(queue in w.queues for w in live):
         return []
     largest = max((w.devices for w in live), default=0)
-    message = (f"no live worker takes {job.gpus}-device jobs (queue {queue}; the largest live worker has "
-               f"{largest} devices): the job waits until such a worker joins")  # fmt: skip
-    svc.store.add_event(job.id, job.attempt, "unschedulable", {"message": message})
-    return [message]
+    return [f"no live worker takes {gpus}-device jobs (queue {queue}; the largest live worker has {largest} "
+            "devices): the job waits until such a worker joins"]  # fmt: skip
 
 
 def _enqueue(svc: Services, job_id: str, attempt: int, gpus: int) -> None:

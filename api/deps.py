@@ -44,11 +44,11 @@ class Services:
         return self._datasets[dataset_id]
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     return request.app.state.services
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
     key = request.app.state.services.settings.api_key
     if key is None:
         return

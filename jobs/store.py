@@ -7,7 +7,7 @@ the job to a new attempt, the old worker's writes match no row, and it stops its
 
 from __future__ import annotations
 
-from sqlalchemy import func, update
+from sqlalchemy import func, insert, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
@@ -36,21 +36,27 @@ class JobStore:
 
     def create_job(self, job: Job, *events: tuple[str, dict]) -> tuple[Job, bool]:
         """Insert a queued job with its first events, in one commit; with an idempotency key already used,
-        return that job instead."""
+        return that job instead. (Core inserts: the API's hottest write.)"""
+        if job.idempotency_key:
+            found = self._by_key(job.idempotency_key)
+            if found:
+                return found, False
+        rows = [{"job_id": job.id, "seq": seq, "attempt": job.attempt, "created_at": job.created_at, "type": kind,
+                 "data": data} for seq, (kind, data) in enumerate(events, start=1)]  # fmt: skip
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(Job), job.model_dump())
+                if rows:
+                    conn.execute(insert(JobEvent), rows)
+        except IntegrityError:
+            if job.idempotency_key and (found := self._by_key(job.idempotency_key)):  # a concurrent twin won
+                return found, False
+            raise
+        return job, True
+
+    def _by_key(self, key: str) -> Job | None:
         with session(self.engine) as s:
-            if job.idempotency_key:
-                found = s.exec(select(Job).where(Job.idempotency_key == job.idempotency_key)).first()
-                if found:
-                    return found, False
-            s.add(job)
-            for seq, (kind, data) in enumerate(events, start=1):
-                s.add(JobEvent(job_id=job.id, seq=seq, attempt=job.attempt, type=kind, data=data))
-            try:
-                s.commit()
-            except IntegrityError:  # a concurrent request with the same key won
-                s.rollback()
-                return s.exec(select(Job).where(Job.idempotency_key == job.idempotency_key)).one(), False
-            return job, True
+            return s.exec(select(Job).where(Job.idempotency_key == key)).first()
 
     def get_job(self, job_id: str) -> Job | None:
         with session(self.engine) as s:

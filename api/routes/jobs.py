@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -59,8 +60,6 @@ def _check_model(svc: Services, model: str) -> None:
     if "://" in model:
         found = _uri_exists(svc, model, "model", "/config.json")
     else:
-        from pathlib import Path
-
         found = (Path(model) / "config.json").is_file()
     if not found:
         raise APIError(422, "model_not_found",

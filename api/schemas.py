@@ -62,7 +62,6 @@ class EventsPublic(BaseModel):
 
 class FilePublic(BaseModel):
     name: str
-    bytes: int | None
     url: str
 
 

@@ -26,7 +26,7 @@ def prefq(stack, *args, timeout=600) -> subprocess.CompletedProcess:
 def submit(stack, model, data, *args) -> str:
     out = prefq(stack, "submit", str(data), "--model", str(model), "--method", "dpo", *FAST, *args)
     assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout.split()[0] if "dataset" not in out.stdout.split()[0] else out.stdout.splitlines()[1].strip()
+    return next(line for line in out.stdout.split() if line.startswith("job_"))
 
 
 class Receiver(BaseHTTPRequestHandler):

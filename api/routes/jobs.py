@@ -186,7 +186,7 @@ def job_events(job_id: str, request: Request, after: int = Query(0, ge=0), limit
 
 
 def _files(storage: Storage, prefix: str, keys: list[str]) -> list[FilePublic]:
-    return [FilePublic(name=k[len(prefix):], bytes=None, url=storage.presigned_url(k)) for k in keys]
+    return [FilePublic(name=k[len(prefix):], url=storage.presigned_url(k)) for k in keys]
 
 
 @router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointsPublic)

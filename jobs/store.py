@@ -36,27 +36,45 @@ class JobStore:
 
     def create_job(self, job: Job, *events: tuple[str, dict]) -> tuple[Job, bool]:
         """Insert a queued job with its first events, in one commit; with an idempotency key already used,
-        return that job instead. (Core inserts: the API's hottest write.)"""
-        if job.idempotency_key:
-            found = self._by_key(job.idempotency_key)
-            if found:
-                return found, False
+        return that job instead (and False)."""
+        return self.create_jobs([(job, list(events))])[0]
+
+    def create_jobs(self, items: list[tuple[Job, list[tuple[str, dict]]]]) -> list[tuple[Job, bool]]:
+        """Insert queued jobs with their first events, all in one commit (the API's group commit). Per item,
+        the job and whether it is new: a job whose idempotency key is already used, in the table or earlier in
+        `items`, gives the job that holds the key. (Core inserts: the API's hottest write.)"""
+        keys = [job.idempotency_key for job, _ in items if job.idempotency_key]
+        holders = self._by_keys(keys) if keys else {}
+        results, new = [], []
+        for job, events in items:
+            holder = holders.get(job.idempotency_key) if job.idempotency_key else None
+            results.append((holder or job, holder is None))
+            if holder is None:
+                new.append((job, events))
+                if job.idempotency_key:
+                    holders[job.idempotency_key] = job
+        if not new:
+            return results
         rows = [{"job_id": job.id, "seq": seq, "attempt": job.attempt, "created_at": job.created_at, "type": kind,
-                 "data": data} for seq, (kind, data) in enumerate(events, start=1)]  # fmt: skip
+                 "data": data} for job, events in new for seq, (kind, data) in enumerate(events, start=1)]  # fmt: skip
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(Job), job.model_dump())
+                conn.execute(insert(Job), [job.model_dump() for job, _ in new])
                 if rows:
                     conn.execute(insert(JobEvent), rows)
         except IntegrityError:
-            if job.idempotency_key and (found := self._by_key(job.idempotency_key)):  # a concurrent twin won
-                return found, False
+            # A concurrent request (another API process) took one of the keys first: one job at a time now.
+            if len(items) > 1:
+                return [self.create_jobs([item])[0] for item in items]
+            key = items[0][0].idempotency_key
+            if key and (found := self._by_keys([key]).get(key)):
+                return [(found, False)]
             raise
-        return job, True
+        return results
 
-    def _by_key(self, key: str) -> Job | None:
+    def _by_keys(self, keys: list[str]) -> dict[str, Job]:
         with session(self.engine) as s:
-            return s.exec(select(Job).where(Job.idempotency_key == key)).first()
+            return {j.idempotency_key: j for j in s.exec(select(Job).where(col(Job.idempotency_key).in_(keys)))}
 
     def get_job(self, job_id: str) -> Job | None:
         with session(self.engine) as s:

@@ -98,6 +98,35 @@ def test_idempotency_key_returns_the_same_job(store):
     assert created and not created_again and second.id == first.id
 
 
+def test_a_batch_is_one_commit_and_twins_by_key_share_one_job(store):
+    held, _ = create(store, idempotency_key="held")
+    base = dict(method="dpo", trainer="basic", gpus=1, model="/m", dataset_id="ds_x")
+    jobs = [Job(id=new_id("job"), **base, idempotency_key=key) for key in ("held", "twin", None, "twin")]
+    results = store.create_jobs([(job, [("queued", {"queue": "gpu1"})]) for job in jobs])
+    assert [(job.id, created) for job, created in results] == [
+        (held.id, False), (jobs[1].id, True), (jobs[2].id, True), (jobs[1].id, False),
+    ]  # fmt: skip
+    assert store.count_by_status() == {"queued": 3}
+    assert [e.type for e in store.events_after(jobs[2].id, 0)] == ["queued"]
+
+
+def test_a_batch_that_loses_a_key_race_falls_back_to_one_job_at_a_time(store):
+    base = dict(method="dpo", trainer="basic", gpus=1, model="/m", dataset_id="ds_x")
+    raced = Job(id=new_id("job"), **base, idempotency_key="raced")
+    fresh = Job(id=new_id("job"), **base)
+    winner, _ = create(store, idempotency_key="raced")
+    real, calls = store._by_keys, []
+
+    def stale_once(keys):  # the batch looks the key up just before another API process inserts it
+        calls.append(keys)
+        return {} if len(calls) == 1 else real(keys)
+
+    store._by_keys = stale_once
+    results = store.create_jobs([(raced, []), (fresh, [])])
+    assert [(job.id, created) for job, created in results] == [(winner.id, False), (fresh.id, True)]
+    assert store.get_job(raced.id) is None and store.get_job(fresh.id) is not None and len(calls) == 2
+
+
 def test_list_filters_and_pages_newest_first(store):
     ids = []
     for i in range(7):

@@ -133,6 +133,9 @@ def make_celery(settings: Settings, name: str = "prefq") -> Celery:
     return app
 
 
-def enqueue_job(app: Celery, job_id: str, attempt: int, gpus: int) -> None:
-    """Send one attempt of a job to the queue for its device count; the job row must be committed first."""
-    app.send_task(RUN_JOB, args=[job_id, attempt], queue=gpu_queue(gpus))
+def enqueue_job(app: Celery, job_id: str, attempt: int, gpus: int, producer=None) -> None:
+    """Send one attempt of a job to the queue for its device count; the job row must be committed first.
+    Within `with producer.batch():` the message waits for the batch's one pipelined write to the broker.
+    The task id names the attempt (`job_….2`), so Flower and the broker show which job a message is."""
+    app.send_task(RUN_JOB, args=[job_id, attempt], queue=gpu_queue(gpus), producer=producer,
+                  task_id=f"{job_id}.{attempt}")  # fmt: skip

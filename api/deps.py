@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 from celery import Celery
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import APIError
+from api.submit import Submitter
 from jobs.models import Dataset, Worker
 from jobs.store import JobStore
 from queue_config import Settings
@@ -24,18 +26,22 @@ class Services:
     celery: Celery
     _live: tuple[float, list[Worker]] = (0.0, [])  # (when read, workers): POST /jobs reads it per request
     _datasets: dict = field(default_factory=dict)  # datasets never change once stored
+    submitter: Submitter = field(init=False)  # POST /jobs writes and sends through it
 
-    def live_workers(self, max_age_s: float = 2.0) -> list[Worker]:
+    def __post_init__(self) -> None:
+        self.submitter = Submitter(self.store, self.celery)
+
+    async def live_workers(self, max_age_s: float = 2.0) -> list[Worker]:
         """Workers with a recent heartbeat, read from the database at most every `max_age_s`."""
         read_at, workers = self._live
         if time.monotonic() - read_at > max_age_s:
-            workers = self.store.workers(time.time() - self.settings.worker_live_s)
+            workers = await run_in_threadpool(self.store.workers, time.time() - self.settings.worker_live_s)
             self._live = (time.monotonic(), workers)
         return workers
 
-    def dataset(self, dataset_id: str) -> Dataset | None:
+    async def dataset(self, dataset_id: str) -> Dataset | None:
         if dataset_id not in self._datasets:
-            found = self.store.get_dataset(dataset_id)
+            found = await run_in_threadpool(self.store.get_dataset, dataset_id)
             if found is None:
                 return None
             if len(self._datasets) > 10_000:

@@ -3,10 +3,14 @@
 import json
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from kombu.transport.redis import PublishBatch
 from pydantic import SecretStr
 
 from api.app import create_app
@@ -81,6 +85,40 @@ def test_job_is_accepted_queued_and_sent_once_per_idempotency_key(client, settin
     assert [e["type"] for e in events["data"]] == ["queued", "unschedulable"] and events["last_seq"] == 2
     metrics = client.get("/metrics").text
     assert 'prefq_jobs{status="queued"} 1.0' in metrics and 'prefq_queue_depth{queue="gpu1"} 1.0' in metrics
+
+
+def test_jobs_posted_together_share_a_commit_and_a_broker_write(client, settings, dataset_id, micro_model,
+                                                                 monkeypatch):
+    svc = client.app.state.services
+    real, batches, held = svc.store.create_jobs, [], threading.Event()  # batch sizes
+
+    def recorded(items):
+        batches.append(len(items))
+        held.wait(30)  # the first batch holds the writer until every other request has queued behind it
+        return real(items)
+
+    svc.store.create_jobs = recorded
+    writes, real_flush = [], PublishBatch.flush  # commands per pipelined write to the broker
+
+    def counted(batch):
+        writes.append(batch._buffered)
+        return real_flush(batch)
+
+    monkeypatch.setattr(PublishBatch, "flush", counted)
+    body = job_body(micro_model, dataset_id)
+    with ThreadPoolExecutor(12) as pool:
+        answers = [pool.submit(client.post, "/jobs", json=body) for _ in range(12)]
+        while not batches or batches[0] + svc.submitter._queue.qsize() < 12:
+            time.sleep(0.01)
+        held.set()
+        jobs = [a.result().json() for a in answers]
+    assert len(batches) == 2 and sum(batches) == 12, batches  # the eleven or so that waited went in one batch
+    # one write per batch: each job's task and its task-sent event
+    assert [w for w in writes if w] == [2 * b for b in batches], (writes, batches)
+    assert {j["status"] for j in jobs} == {"queued"} and len({j["id"] for j in jobs}) == 12
+    messages = [json.loads(m) for m in redis.Redis.from_url(settings.broker_url).lrange("gpu1", 0, -1)]
+    assert sorted(m["headers"]["id"] for m in messages) == sorted(f"{j['id']}.1" for j in jobs)
+    assert sorted(m["headers"]["argsrepr"] for m in messages) == sorted(f"['{j['id']}', 1]" for j in jobs)
 
 
 @pytest.mark.parametrize(

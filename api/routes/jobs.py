@@ -9,6 +9,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import Services, services
 from api.errors import APIError, not_found
@@ -22,8 +23,9 @@ from api.schemas import (
     JobsPublic,
     ModelFilesPublic,
 )  # fmt: skip
+from api.submit import EnqueueFailed
 from jobs import layout
-from jobs.models import Job, JobPublic, JobStatus, new_id
+from jobs.models import Job, JobPublic, JobStatus, Worker, new_id
 from queue_config import enqueue_job, gpu_queue
 from storage import Storage, StorageError, open_uri
 from training.spec import MANIFEST_NAME, TrainingSpec, describe_errors
@@ -33,9 +35,10 @@ TOP_LEVEL = {"method", "trainer", "gpus"}  # spec fields set on the job itself
 RESERVED = TOP_LEVEL | {"model", "train_file", "eval_file"}
 
 
-def _dataset(svc: Services, ref: str, method: str, field: str) -> str:
+# POST /jobs runs on the event loop (no thread per request): what may block goes to the thread pool.
+async def _dataset(svc: Services, ref: str, method: str, field: str) -> str:
     if ref.startswith("ds_"):
-        dataset = svc.dataset(ref)
+        dataset = await svc.dataset(ref)
         if dataset is None:
             raise APIError(422, "dataset_not_found", f"{field}: no dataset with id {ref!r}", field=field)
         if dataset.method != method:
@@ -43,7 +46,7 @@ def _dataset(svc: Services, ref: str, method: str, field: str) -> str:
                            f"{field}: {ref} holds {dataset.method} data ({dataset.format}); the job's method is {method}",
                            field=field)  # fmt: skip
         return ref
-    if not _uri_exists(svc, ref, field):
+    if not await run_in_threadpool(_uri_exists, svc, ref, field):
         raise APIError(422, "dataset_not_found", f"{field}: nothing stored at {ref}", field=field)
     return ref
 
@@ -56,11 +59,11 @@ def _uri_exists(svc: Services, uri: str, field: str, suffix: str = "") -> bool:
         raise APIError(422, "invalid_uri", f"{field}: {exc}", field=field) from None
 
 
-def _check_model(svc: Services, model: str) -> None:
+async def _check_model(svc: Services, model: str) -> None:
     if "://" in model:
-        found = _uri_exists(svc, model, "model", "/config.json")
+        found = await run_in_threadpool(_uri_exists, svc, model, "model", "/config.json")
     else:
-        found = (Path(model) / "config.json").is_file()
+        found = (Path(model) / "config.json").is_file()  # one local stat: cheaper than a thread hop
     if not found:
         raise APIError(422, "model_not_found",
                        f"model: no model folder (config.json) at {model}; give a folder the workers can read "
@@ -87,12 +90,12 @@ def _check_spec(req: JobCreate) -> None:
 
 
 @router.post("/jobs", status_code=202, response_model=JobPublic)
-def create_job(req: JobCreate, idempotency_key: str | None = Header(None, max_length=200),
-               svc: Services = Depends(services)) -> JobPublic:  # fmt: skip
+async def create_job(req: JobCreate, idempotency_key: str | None = Header(None, max_length=200),
+                     svc: Services = Depends(services)) -> JobPublic:  # fmt: skip
     """Queue a training job. A repeated `Idempotency-Key` returns the job it created the first time."""
-    dataset_id = _dataset(svc, req.dataset, req.method, "dataset")
-    eval_id = _dataset(svc, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
-    _check_model(svc, req.model)
+    dataset_id = await _dataset(svc, req.dataset, req.method, "dataset")
+    eval_id = await _dataset(svc, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
+    await _check_model(svc, req.model)
     _check_spec(req)
     if req.callback_url and svc.settings.callback_secret is None:
         raise APIError(422, "callbacks_disabled", "callback_url: this server has no PREFQ_CALLBACK_SECRET to sign "
@@ -101,20 +104,21 @@ def create_job(req: JobCreate, idempotency_key: str | None = Header(None, max_le
               dataset_id=dataset_id, eval_dataset_id=eval_id, hyperparameters=req.hyperparameters,
               callback_url=str(req.callback_url) if req.callback_url else None, user_metadata=req.metadata,
               idempotency_key=idempotency_key, max_attempts=svc.settings.max_attempts)  # fmt: skip
-    warnings = _unschedulable(svc, job.gpus)
+    warnings = _unschedulable(await svc.live_workers(), job.gpus)
     events = [("queued", {"queue": gpu_queue(job.gpus)})] + [("unschedulable", {"message": w}) for w in warnings]
-    job, created = svc.store.create_job(job, *events)
+    try:
+        job, created = await asyncio.wrap_future(svc.submitter.submit(job, events))
+    except EnqueueFailed as exc:
+        raise APIError(503, "broker_unavailable", f"job {job.id} could not be queued ({exc}); retry it later") from exc
     public = JobPublic.of(job)
     if created:
-        _enqueue(svc, job.id, job.attempt, job.gpus)
         public.warnings = warnings
     return public
 
 
-def _unschedulable(svc: Services, gpus: int) -> list[str]:
+def _unschedulable(live: list[Worker], gpus: int) -> list[str]:
     """A warning when no live worker takes the job's queue: it waits until one joins (or is cancelled)."""
     queue = gpu_queue(gpus)
-    live = svc.live_workers()
     if any(queue in w.queues for w in live):
         return []
     largest = max((w.devices for w in live), default=0)

@@ -5,6 +5,8 @@
 1. submit -> training process started, with an idle worker: POST /jobs until the worker has launched
    `python -m training run` (and until that process has printed `started`), p50 and p95.
 2. POST /jobs throughput (8 keep-alive connections) against raw Celery `send_task` to the same broker (4 threads).
+   POST /jobs writes and sends the jobs of concurrent requests together (api/submit.py); the row below it shows
+   what send_task alone gains from the same pipelining.
 3. GET /jobs/{id} latency at a fixed request rate (open loop: latency counts from the scheduled send time).
 """
 
@@ -60,6 +62,33 @@ def start_latency(http: httpx.Client, body: dict, n: int) -> tuple[list[float], 
     return launched, started
 
 
+def batched_sends(celery, n: int, size: int = 8) -> float:
+    """send_task per second in pipelined batches of `size` (kombu's Producer.batch), as POST /jobs sends."""
+    t0 = time.perf_counter()
+    with celery.producer_or_acquire() as producer:
+        for start in range(0, n, size):
+            with producer.batch():
+                for i in range(start, min(n, start + size)):
+                    celery.send_task("bench.noop", args=[i, 1], queue="bench", producer=producer)
+    return n / (time.perf_counter() - t0)
+
+
+def settle(idle: float = 0.8, timeout_s: float = 60.0) -> None:
+    """Waits until the machine is idle (the last cancelled run has exited and freed its cores)."""
+
+    def times() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        idle0, all0 = times()
+        time.sleep(1.0)
+        idle1, all1 = times()
+        if (idle1 - idle0) / max(1, all1 - all0) >= idle:
+            return
+
+
 def throughput(fn, n: int, threads: int = 4) -> float:
     """Calls per second of `fn(i)` for i in range(n), spread over threads."""
     t0 = time.perf_counter()
@@ -68,27 +97,45 @@ def throughput(fn, n: int, threads: int = 4) -> float:
     return n / (time.perf_counter() - t0)
 
 
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client: a few microseconds of CPU per request, so that the load generator
+    does not take the server's cores (httpx's async client needs most of a core for 200 requests/s here)."""
+
+    def __init__(self, url: str):
+        self.host, port = url.removeprefix("http://").split(":")
+        self.port = int(port)
+
+    async def __aenter__(self) -> Connection:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.writer.close()
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> int:
+        """Sends one request and reads the whole answer; returns its status."""
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+        if body:
+            head += "Content-Type: application/json\r\n"
+        self.writer.write(head.encode() + b"\r\n" + body)
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await self.reader.readexactly(length)
+        return status
+
+
 def post_throughput(url: str, path: str, body: dict, n: int, connections: int = 8) -> float:
-    """POSTs per second over keep-alive connections from a minimal asyncio client (a few microseconds of CPU
-    per request, so that the load generator does not take the server's cores); every answer must be 202."""
-    host, port = url.removeprefix("http://").split(":")
+    """POSTs per second over keep-alive connections; every answer must be 202."""
     payload = json.dumps(body).encode()
-    request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload  # fmt: skip
 
     async def connection(count: int) -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        for _ in range(count):
-            writer.write(request)
-            status = int((await reader.readline()).split()[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            await reader.readexactly(length)
-            if status != 202:
-                raise RuntimeError(f"POST {path} answered {status}")
-        writer.close()
+        async with Connection(url) as conn:
+            for _ in range(count):
+                if (status := await conn.request("POST", path, payload)) != 202:
+                    raise RuntimeError(f"POST {path} answered {status}")
 
     async def run() -> None:
         await asyncio.gather(*[connection(n // connections) for _ in range(connections)])
@@ -98,21 +145,29 @@ def post_throughput(url: str, path: str, body: dict, n: int, connections: int = 
     return n // connections * connections / (time.perf_counter() - t0)
 
 
-async def fixed_rate(url: str, rate: float, seconds: float) -> list[float]:
-    """Latency (ms) of GET url at `rate` requests per second, measured from each request's scheduled time."""
+async def fixed_rate(url: str, path: str, rate: float, seconds: float, connections: int = 32) -> list[float]:
+    """Latency (ms) of GET path at `rate` requests per second, measured from each request's scheduled time
+    (open loop: waiting for a free connection counts)."""
     latencies: list[float] = []
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
+    idle: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(connections):
+        idle.put_nowait(await Connection(url).__aenter__())
 
-        async def one(scheduled: float) -> None:
-            await client.get(url)
-            latencies.append((time.perf_counter() - scheduled) * 1000)
+    async def one(scheduled: float) -> None:
+        conn = await idle.get()
+        if (status := await conn.request("GET", path)) != 200:
+            raise RuntimeError(f"GET {path} answered {status}")
+        latencies.append((time.perf_counter() - scheduled) * 1000)
+        idle.put_nowait(conn)
 
-        start, tasks = time.perf_counter(), []
-        for i in range(int(rate * seconds)):
-            scheduled = start + i / rate
-            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(scheduled)))
-        await asyncio.gather(*tasks)
+    start, tasks = time.perf_counter(), []
+    for i in range(int(rate * seconds)):
+        scheduled = start + i / rate
+        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(scheduled)))
+    await asyncio.gather(*tasks)
+    while not idle.empty():
+        await idle.get_nowait().__aexit__()
     return latencies
 
 
@@ -149,15 +204,16 @@ def main() -> None:
 
         queued_body = {**body, "gpus": 8, "trainer": "fsdp"}  # a queue no worker consumes: nothing trains
         celery = make_celery(Settings(broker_url=env["PREFQ_BROKER_URL"]), "bench")
-        time.sleep(3)  # the last cancelled run has exited
+        settle()
         job_id = http.post("/jobs", json=queued_body).json()["id"]
-        latencies = asyncio.run(fixed_rate(f"{env['PREFQ_API_URL']}/jobs/{job_id}", args.rate, args.seconds))
-        posts, raw = [], []
+        latencies = asyncio.run(fixed_rate(env["PREFQ_API_URL"], f"/jobs/{job_id}", args.rate, args.seconds))
+        posts, raw, batched = [], [], []
         for _ in range(3):  # alternated, medians
             posts.append(post_throughput(env["PREFQ_API_URL"], "/jobs", queued_body, args.posts))
             raw.append(throughput(lambda i: celery.send_task("bench.noop", args=[i, 1], queue="bench"), args.posts))
-        posts, raw = statistics.median(posts), statistics.median(raw)
-        after = asyncio.run(fixed_rate(f"{env['PREFQ_API_URL']}/jobs/{job_id}", args.rate, args.seconds))
+            batched.append(batched_sends(celery, args.posts))
+        posts, raw, batched = statistics.median(posts), statistics.median(raw), statistics.median(batched)
+        after = asyncio.run(fixed_rate(env["PREFQ_API_URL"], f"/jobs/{job_id}", args.rate, args.seconds))
 
     finally:
         stop(procs)
@@ -174,12 +230,14 @@ def main() -> None:
     print(f"{'submit -> training started, p50 (s)':46} {statistics.median(started):12.3f}")
     print(f"{'submit -> training started, p95 (s)':46} {pct(started, 0.95):12.3f}")
     print(f"{'POST /jobs vs raw send_task (per s)':46} {posts:12.0f} {raw:12.0f} {posts / raw:7.2f}  >= 0.5x")
+    print(f"{'  send_task in pipelined batches of 8 (per s)':46} {batched:12.0f} {raw:12.0f} {batched / raw:7.2f}")
     print(f"{f'GET /jobs/id at {args.rate:.0f}/s, p50 (ms)':46} {pct(latencies, 0.50):12.1f}")
     print(f"{f'GET /jobs/id at {args.rate:.0f}/s, p99 (ms)':46} {pct(latencies, 0.99):12.1f} {'':>12} {'':>7}  <= 20 ms")
     print(f"{'  the same after the POST rounds, p50 (ms)':46} {pct(after, 0.50):12.1f}")
     print(f"{'  the same after the POST rounds, p99 (ms)':46} {pct(after, 0.99):12.1f}")
     print(f"\n({args.starts} starts, 3 x {args.posts} posts over 8 connections, {len(latencies)} GETs; baseline: Celery "
-          "send_task from 4 threads to the same broker)")
+          "send_task from 4 threads to the same broker; POST /jobs commits and sends the jobs of concurrent requests "
+          "together)")
 
 
 if __name__ == "__main__":

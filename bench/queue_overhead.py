@@ -98,8 +98,8 @@ def throughput(fn, n: int, threads: int = 4) -> float:
 
 
 class Connection:
-    """A minimal HTTP/1.1 keep-alive client: a few microseconds of CPU per request, so that the load generator
-    does not take the server's cores (httpx's async client needs most of a core for 200 requests/s here)."""
+    """A minimal HTTP/1.1 keep-alive client: little CPU per request, so that the load generator leaves the
+    server its cores."""
 
     def __init__(self, url: str):
         self.host, port = url.removeprefix("http://").split(":")

@@ -34,11 +34,6 @@ class JobStore:
         with session(self.engine) as s:
             return s.get(Dataset, dataset_id)
 
-    def create_job(self, job: Job, *events: tuple[str, dict]) -> tuple[Job, bool]:
-        """Insert a queued job with its first events, in one commit; with an idempotency key already used,
-        return that job instead (and False)."""
-        return self.create_jobs([(job, list(events))])[0]
-
     def create_jobs(self, items: list[tuple[Job, list[tuple[str, dict]]]]) -> list[tuple[Job, bool]]:
         """Insert queued jobs with their first events, all in one commit (the API's group commit). Per item,
         the job and whether it is new: a job whose idempotency key is already used, in the table or earlier in

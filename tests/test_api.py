@@ -97,7 +97,7 @@ def test_jobs_posted_together_share_a_commit_and_a_broker_write(client, settings
         held.wait(30)  # the first batch holds the writer until every other request has queued behind it
         return real(items)
 
-    svc.store.create_jobs = recorded
+    monkeypatch.setattr(svc.store, "create_jobs", recorded)
     writes, real_flush = [], PublishBatch.flush  # commands per pipelined write to the broker
 
     def counted(batch):

@@ -35,7 +35,7 @@ def pg_store_url():
 
 def create(store, **fields) -> tuple[Job, bool]:
     base = dict(id=new_id("job"), method="dpo", trainer="basic", gpus=1, model="/m", dataset_id="ds_x")
-    return store.create_job(Job(**{**base, **fields}), ("queued", {"queue": "gpu1"}))
+    return store.create_jobs([(Job(**{**base, **fields}), [("queued", {"queue": "gpu1"})])])[0]
 
 
 def test_claim_is_exclusive_and_fenced(store):

@@ -109,7 +109,7 @@ async def create_job(req: JobCreate, idempotency_key: str | None = Header(None, 
     try:
         job, created = await asyncio.wrap_future(svc.submitter.submit(job, events))
     except EnqueueFailed as exc:
-        raise APIError(503, "broker_unavailable", f"job {job.id} could not be queued ({exc}); retry it later") from exc
+        raise _unqueued(job.id, exc) from exc
     public = JobPublic.of(job)
     if created:
         public.warnings = warnings
@@ -132,7 +132,11 @@ def _enqueue(svc: Services, job_id: str, attempt: int, gpus: int) -> None:
         enqueue_job(svc.celery, job_id, attempt, gpus)
     except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
         svc.store.fail_unsent(job_id, attempt, f"broker unavailable: {exc}")
-        raise APIError(503, "broker_unavailable", f"job {job_id} could not be queued ({exc}); retry it later") from exc
+        raise _unqueued(job_id, exc) from exc
+
+
+def _unqueued(job_id: str, reason: Exception) -> APIError:
+    return APIError(503, "broker_unavailable", f"job {job_id} could not be queued ({reason}); retry it later")
 
 
 @router.get("/jobs", response_model=JobsPublic)

@@ -7,6 +7,7 @@ arguments.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from celery import Celery
@@ -18,6 +19,47 @@ DELIVER_CALLBACK = "prefq.deliver_callback"
 RECONCILE = "prefq.reconcile"
 CPU_QUEUE = "cpu"
 SERVICE_QUEUE = "service"  # callbacks and the reconciler: never behind a training run
+
+
+# kombu's Redis layout: a list per queue and priority step, and the delivered-but-unacknowledged messages in
+# a hash (delivery tag -> [message, exchange, routing key]) with their delivery times in a sorted set.
+PRIORITY_SEP, PRIORITY_STEPS = "\x06\x16", (0, 3, 6, 9)
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's waiting messages, one per priority step."""
+    return [queue if p == 0 else f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
+
+
+def task_ids_in_broker(client, queues: list[str]) -> tuple[set[str], dict[str, tuple[str, float]]]:
+    """Task ids of the messages waiting in `queues`, and of the delivered, unacknowledged ones (task id ->
+    (delivery tag, delivered at)) of every queue. One pass over the lists: O(messages waiting)."""
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            for key in queue_keys(queue):
+                pipe.lrange(key, 0, -1)
+        pipe.hgetall(UNACKED)
+        pipe.zrange(UNACKED_INDEX, 0, -1, withscores=True)
+        *lists, unacked, index = pipe.execute()
+    waiting = {_task_id(m) for messages in lists for m in messages}
+    delivered_at = {_text(tag): score for tag, score in index}
+    held = {_task_id(value, unacked=True): (_text(tag), delivered_at.get(_text(tag), 0.0))
+            for tag, value in unacked.items()}  # fmt: skip
+    return waiting - {None}, {k: v for k, v in held.items() if k is not None}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _task_id(raw: bytes, unacked: bool = False) -> str | None:
+    """The Celery task id of a raw kombu message (None for a message that is not a Celery task)."""
+    try:
+        message = json.loads(raw)
+        return (message[0] if unacked else message)["headers"]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def gpu_queue(gpus: int) -> str:
@@ -51,18 +93,24 @@ class Settings(BaseSettings):
     cancel_grace_s: float = 30.0  # SIGTERM, then SIGKILL after this
     max_attempts: int = 3  # attempts the reconciler may start for a job whose worker died
     reconcile_interval_s: float = 30.0
+    resend_after_s: float | None = None  # default 3 x reconcile_interval_s: a queued job unclaimed this long
+    # whose task is in no queue (broker wiped, API killed between commit and send, a worker that died holding
+    # it) gets its task sent again
+    model_cache_gb: float = 100.0  # models fetched by URI stay on the worker's disk up to this size (LRU)
+    metrics_port: int = 9464  # the service worker's Prometheus exporter of database-wide metrics; 0: off
     visibility_timeout_s: int = 7 * 24 * 3600  # above the longest job: Redis re-sends unacked tasks after it
     worker_live_s: float = 120.0  # a worker whose last heartbeat is older is not counted as live
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
-        data_dir = self.data_dir.resolve()
+        self.data_dir = data_dir = self.data_dir.resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{data_dir / 'prefq.db'}"
         if not self.storage_url:
             self.storage_url = f"file://{data_dir / 'storage'}"
-        if self.work_dir is None:
-            self.work_dir = data_dir / "work"
+        self.work_dir = (self.work_dir or data_dir / "work").resolve()
+        if self.resend_after_s is None:
+            self.resend_after_s = 3 * self.reconcile_interval_s
         return self
 
     @property
@@ -90,6 +138,12 @@ class Settings(BaseSettings):
         }
 
 
+def _restore_sweep(settings: Settings) -> dict:
+    if settings.visibility_timeout_s >= 600:
+        return {}
+    return {"unacked_restore_interval": max(1, settings.visibility_timeout_s // 5), "unacked_restore_throttle": 1}
+
+
 def celery_config(settings: Settings) -> dict:
     return {
         "broker_url": settings.broker_url,
@@ -106,7 +160,9 @@ def celery_config(settings: Settings) -> dict:
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": 1,
         # Redis re-sends an unacked message after this: keep it above the longest job (the lease decides).
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        # kombu sweeps for expired unacked messages only every interval x throttle (10 x 10 s): with a short
+        # visibility timeout (chaos runs, tests), sweep at a fifth of it instead.
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s, **_restore_sweep(settings)},
         # Routes live here, not on decorators: training by device count, the rest on the service queue.
         "task_routes": {
             DELIVER_CALLBACK: {"queue": SERVICE_QUEUE},
@@ -119,10 +175,14 @@ def celery_config(settings: Settings) -> dict:
         "task_send_sent_event": True,
         # No Celery time limit: a job's length is the user's; cancel and the lease bound it instead.
         "task_time_limit": None,
-        # The reconciler runs on the service worker's embedded beat.
+        # The reconciler runs on the service worker's embedded beat, whose schedule lives in memory: nothing
+        # to write, so nothing that a missing or read-only data folder can break.
         "beat_schedule": {
             "reconcile": {"task": RECONCILE, "schedule": settings.reconcile_interval_s},
         },
+        "beat_scheduler": "celery.beat:Scheduler",
+        # A worker keeps reconnecting to a broker that went away (restarted, failed over) instead of exiting.
+        "broker_connection_max_retries": None,
         "worker_hijack_root_logger": False,
     }
 
@@ -139,3 +199,9 @@ def enqueue_job(app: Celery, job_id: str, attempt: int, gpus: int, producer=None
     The task id names the attempt (`job_….2`), so Flower and the broker show which job a message is."""
     app.send_task(RUN_JOB, args=[job_id, attempt], queue=gpu_queue(gpus), producer=producer,
                   task_id=f"{job_id}.{attempt}")  # fmt: skip
+
+
+def send_callback(app: Celery, callback_id: str) -> None:
+    """Ask the service worker to deliver a callback of the outbox now; if this message is lost, the reconciler
+    sends it again."""
+    app.send_task(DELIVER_CALLBACK, args=[callback_id])

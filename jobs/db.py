@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import event
+from sqlalchemy import Float, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 from sqlmodel import Session, create_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -49,3 +51,21 @@ def upgrade(url: str, revision: str = "head") -> None:
     if url.startswith("sqlite"):
         make_engine(url).dispose()  # creates the folder
     command.upgrade(cfg, revision)
+
+
+class db_now(FunctionElement):  # noqa: N801 - used like a SQL function: `db_now()`
+    """The database server's clock in Unix seconds. Leases are written and judged on this one clock, so that
+    the clocks of the workers and the reconciler's host never have to agree."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(db_now, "sqlite")
+def _sqlite_now(element, compiler, **kw) -> str:
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+@compiles(db_now, "postgresql")
+def _pg_now(element, compiler, **kw) -> str:
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"

@@ -30,6 +30,9 @@ class JobStatus(StrEnum):
 
 FINISHED = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
 ACTIVE = {JobStatus.running, JobStatus.cancelling}
+# Upper bounds (seconds) of the run-time histogram; rows for them are created by migration 0002.
+DURATION_BUCKETS_S = (10, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600, 72 * 3600)
+INF_BUCKET = 1e300  # the +Inf bucket's `le`: a float both SQLite and PostgreSQL store as is
 
 
 def new_id(prefix: str) -> str:
@@ -80,7 +83,8 @@ class Job(SQLModel, table=True):
     error_message: str | None = None
     error_is_user: bool | None = None  # True: the user's to fix (data, spec, model); False: infrastructure
     result_uri: str | None = None  # the final model's folder in storage
-    callback_status: str | None = None  # pending | delivered | failed
+    callback_status: str | None = None  # pending | delivered | failed (its outbox row, `Callback`, decides)
+    enqueued_at: float | None = None  # when its task was last sent: the reconciler re-sends a lost one
 
 
 class JobEvent(SQLModel, table=True):
@@ -94,6 +98,51 @@ class JobEvent(SQLModel, table=True):
     created_at: float = Field(default_factory=now)
     type: str
     data: dict = _json({})
+
+
+class Callback(SQLModel, table=True):
+    """The outbox: one row per terminal transition of a job with a callback URL, committed with the transition.
+    The service worker delivers it; the reconciler sends again what is pending and overdue."""
+
+    __tablename__ = "callbacks"
+
+    id: str = Field(primary_key=True)  # the delivery id, sent as `X-Prefq-Delivery`: receivers drop duplicates
+    job_id: str = Field(index=True, foreign_key="jobs.id")
+    attempt: int
+    event: str  # job.succeeded | job.failed | job.cancelled
+    url: str
+    payload: dict = _json({})  # the job as it was at the transition
+    status: str = Field(default="pending", index=True)  # pending | delivered | failed
+    tries: int = 0
+    next_try_at: float = Field(default_factory=now)  # a try is due (or overdue) from then
+    last_error: str | None = None
+    created_at: float = Field(default_factory=now)
+    delivered_at: float | None = None
+
+
+class ServiceLease(SQLModel, table=True):
+    """A named lease that one service process holds at a time (`reconciler`: one pass at a time across service
+    workers; `exporter`: the one process that exports database-wide metrics), and what its last run did."""
+
+    __tablename__ = "service_leases"
+
+    name: str = Field(primary_key=True)
+    holder: str | None = None
+    expires_at: float = 0.0
+    last_run_at: float | None = None
+    last_result: dict = _json({})
+
+
+class DurationBucket(SQLModel, table=True):
+    """Cumulative counts of run times (first start to finish) per terminal status, incremented in the transaction
+    of each terminal transition: a Prometheus histogram that never decreases. `le` of +Inf is `INF_BUCKET`."""
+
+    __tablename__ = "job_duration_buckets"
+
+    status: str = Field(primary_key=True)
+    le: float = Field(primary_key=True)
+    count: int = 0
+    sum_s: float = 0.0  # only on the +Inf row: the sum of every observed run time
 
 
 class Dataset(SQLModel, table=True):
@@ -152,6 +201,7 @@ class JobPublic(BaseModel):
     eval_metrics: dict
     error: dict | None
     result_uri: str | None
+    callback_status: str | None  # pending | delivered | failed, once the job has ended with a callback_url
     warnings: list[str] = []  # POST /jobs only: why the job may wait
 
     @classmethod

@@ -1,22 +1,40 @@
 """Job store: every status change is one conditional UPDATE (compare-and-set on status and attempt).
 
 The lease: a worker that claims attempt N of a job owns it until `lease_expires_at`, and renews it with
-each heartbeat. Every write a worker makes is fenced by (attempt, owner): after the reconciler has given
-the job to a new attempt, the old worker's writes match no row, and it stops its run.
+each write. Leases are written and judged on the database's clock (`db_now`). A renewal succeeds only
+while the lease has not expired, and every write a worker makes is fenced by (attempt, owner): once the
+reconciler has given the job to a new attempt, the old worker's writes match no row.
+
+Every terminal transition (succeeded, failed, cancelled) writes, in the transaction of the status change,
+its terminal event, its callback in the outbox (`jobs.outbox`) and its run time in the histogram.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from sqlalchemy import func, insert, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
-from jobs.db import session
-from jobs.models import ACTIVE, FINISHED, Dataset, Job, JobEvent, JobStatus, Worker, now
+from jobs import outbox
+from jobs.db import db_now, session
+from jobs.models import ACTIVE, FINISHED, INF_BUCKET, Dataset, DurationBucket, Job, JobEvent, JobStatus, Worker, now
 
 _CLEARED = {"error_code": None, "error_message": None, "error_is_user": None, "finished_at": None,
             "lease_owner": None, "lease_expires_at": None, "callback_status": None}  # fmt: skip
+_TRIES = 10  # transactions retried when a concurrent writer took the same event sequence number
+
+Events = list[tuple[str, dict]]
+
+
+@dataclass
+class Finished:
+    """A terminal transition that happened: the job after it, and its callback's delivery id, if any."""
+
+    job: Job
+    callback_id: str | None
 
 
 class JobStore:
@@ -34,7 +52,7 @@ class JobStore:
         with session(self.engine) as s:
             return s.get(Dataset, dataset_id)
 
-    def create_jobs(self, items: list[tuple[Job, list[tuple[str, dict]]]]) -> list[tuple[Job, bool]]:
+    def create_jobs(self, items: list[tuple[Job, Events]]) -> list[tuple[Job, bool]]:
         """Insert queued jobs with their first events, all in one commit (the API's group commit). Per item,
         the job and whether it is new: a job whose idempotency key is already used, in the table or earlier in
         `items`, gives the job that holds the key. (Core inserts: the API's hottest write.)"""
@@ -52,6 +70,8 @@ class JobStore:
             return results
         rows = [{"job_id": job.id, "seq": seq, "attempt": job.attempt, "created_at": job.created_at, "type": kind,
                  "data": data} for job, events in new for seq, (kind, data) in enumerate(events, start=1)]  # fmt: skip
+        for job, _ in new:
+            job.enqueued_at = job.created_at  # its task is sent right after this commit
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(Job), [job.model_dump() for job, _ in new])
@@ -101,56 +121,98 @@ class JobStore:
     def _fenced(self, attempt: int, owner: str) -> list:
         return [Job.attempt == attempt, Job.lease_owner == owner, col(Job.status).in_(ACTIVE)]
 
+    def _terminal(self, job_id: str, where: list, status: JobStatus, values: dict, data: dict | None = None,
+                  ) -> Finished | None:  # fmt: skip
+        """CAS to a terminal status; with it, in one transaction: the terminal event (its type is the status),
+        the callback in the outbox, and the run time in the histogram."""
+        assert status in FINISHED
+        values = {"updated_at": now(), "finished_at": now(), "lease_owner": None, "lease_expires_at": None,
+                  **values, "status": status}  # fmt: skip
+        stmt = update(Job).where(Job.id == job_id, *where).values(**values).returning(Job)
+        for _ in range(_TRIES):
+            with session(self.engine) as s:
+                job = s.execute(stmt).scalars().first()
+                if job is None:
+                    s.rollback()
+                    return None
+                event = {"attempt": job.attempt, **(data or {})}
+                if job.error_code:
+                    event["error"] = {"code": job.error_code, "message": job.error_message,
+                                      "user_error": job.error_is_user}  # fmt: skip
+                self._insert_event(s, job_id, job.attempt, status.value, event)
+                callback_id = outbox.schedule(s, job) if job.callback_url else None
+                if callback_id:
+                    s.execute(update(Job).where(Job.id == job_id).values(callback_status="pending"))
+                    job.callback_status = "pending"
+                if job.started_at is not None:
+                    self._observe(s, status, max(0.0, job.finished_at - job.started_at))
+                try:
+                    s.commit()
+                except IntegrityError:  # another writer took the event's seq: the whole transition again
+                    s.rollback()
+                    continue
+                s.expunge(job)
+                return Finished(job, callback_id)
+        raise RuntimeError(f"Job {job_id}: could not write its {status.value} transition")
+
+    @staticmethod
+    def _observe(s, status: JobStatus, seconds: float) -> None:
+        s.execute(update(DurationBucket).where(DurationBucket.status == status.value, DurationBucket.le >= seconds)
+                  .values(count=DurationBucket.count + 1))  # fmt: skip
+        s.execute(update(DurationBucket).where(DurationBucket.status == status.value, DurationBucket.le == INF_BUCKET)
+                  .values(sum_s=DurationBucket.sum_s + seconds))  # fmt: skip
+
     def claim(self, job_id: str, attempt: int, owner: str, ttl_s: float) -> Job | None:
         """Queued attempt -> running under a lease; None if the job is not this attempt's to run."""
-        t = now()
-        values = {"status": JobStatus.running, "lease_owner": owner, "lease_expires_at": t + ttl_s, "started_at": t}
+        values = {"status": JobStatus.running, "lease_owner": owner, "lease_expires_at": db_now() + ttl_s,
+                  "started_at": func.coalesce(Job.started_at, now())}  # fmt: skip
         if not self._cas(job_id, [Job.attempt == attempt, Job.status == JobStatus.queued], values):
             return None
         return self.get_job(job_id)
 
-    def record(self, job_id: str, attempt: int, owner: str, ttl_s: float, event: tuple[str, dict] | None = None,
+    def record(self, job_id: str, attempt: int, owner: str, ttl_s: float, events: Events = (),
                **fields) -> JobStatus | None:  # fmt: skip
-        """Renew the lease, update progress fields and append an event, in one transaction.
+        """Renew an unexpired lease, update progress fields and append events, in one transaction.
 
-        Returns the job's status (the worker watches for `cancelling`), or None when the lease is lost.
+        Returns the job's status (the worker watches for `cancelling`), or None when the lease is lost: taken
+        by another attempt, the job finished, or the lease expired before this renewal.
         """
-        stmt = (update(Job).where(Job.id == job_id, *self._fenced(attempt, owner))
-                .values(lease_expires_at=now() + ttl_s, updated_at=now(), **fields))  # fmt: skip
-        for _ in range(10):
+        stmt = (update(Job).where(Job.id == job_id, *self._fenced(attempt, owner), Job.lease_expires_at >= db_now())
+                .values(lease_expires_at=db_now() + ttl_s, updated_at=now(), **fields))  # fmt: skip
+        for _ in range(_TRIES):
             with session(self.engine) as s:
                 if s.execute(stmt).rowcount != 1:
                     s.rollback()
                     return None
-                if event is not None:
-                    self._insert_event(s, job_id, attempt, *event)
+                for kind, data in events:
+                    self._insert_event(s, job_id, attempt, kind, data)
                 try:
                     s.commit()
                 except IntegrityError:  # the API appended an event with the same seq meanwhile
                     s.rollback()
                     continue
                 return s.exec(select(Job.status).where(Job.id == job_id)).one()
-        raise RuntimeError(f"Job {job_id}: could not record event {event}")
+        raise RuntimeError(f"Job {job_id}: could not record {len(events)} event(s)")
 
-    def finish(self, job_id: str, attempt: int, owner: str, status: JobStatus, **fields) -> bool:
+    def finish(self, job_id: str, attempt: int, owner: str, status: JobStatus, **fields) -> Finished | None:
         """running/cancelling -> succeeded, failed or cancelled, by the lease holder."""
-        assert status in FINISHED
-        values = {"status": status, "finished_at": now(), "lease_owner": None, "lease_expires_at": None, **fields}
-        return self._cas(job_id, self._fenced(attempt, owner), values)
+        return self._terminal(job_id, self._fenced(attempt, owner), status, fields)
 
-    def request_cancel(self, job_id: str) -> JobStatus | None:
-        """queued -> cancelled at once; running -> cancelling (the worker stops the run). Returns the new status."""
-        if self._cas(job_id, [Job.status == JobStatus.queued], {"status": JobStatus.cancelled, "finished_at": now()}):
-            return JobStatus.cancelled
+    def request_cancel(self, job_id: str) -> tuple[JobStatus, Finished | None] | None:
+        """queued -> cancelled at once; running -> cancelling (the worker stops the run). Returns the new status
+        (and the transition, for a queued job), or None when the job is already finished."""
+        done = self._terminal(job_id, [Job.status == JobStatus.queued], JobStatus.cancelled, {}, {"by": "user"})
+        if done:
+            return JobStatus.cancelled, done
         if self._cas(job_id, [Job.status == JobStatus.running], {"status": JobStatus.cancelling}):
-            return JobStatus.cancelling
+            return JobStatus.cancelling, None
         return None
 
-    def fail_unsent(self, job_id: str, attempt: int, message: str) -> bool:
+    def fail_unsent(self, job_id: str, attempt: int, message: str) -> Finished | None:
         """A queued attempt whose task could not be sent -> failed (infrastructure; retry it)."""
-        values = {"status": JobStatus.failed, "finished_at": now(), "error_code": "enqueue_failed",
-                  "error_message": message, "error_is_user": False}  # fmt: skip
-        return self._cas(job_id, [Job.attempt == attempt, Job.status == JobStatus.queued], values)
+        values = {"error_code": "enqueue_failed", "error_message": message, "error_is_user": False}
+        return self._terminal(job_id, [Job.attempt == attempt, Job.status == JobStatus.queued], JobStatus.failed,
+                              values)  # fmt: skip
 
     def retry(self, job_id: str, auto_attempts: int) -> int | None:
         """failed/cancelled -> queued as a new attempt; returns its number (the caller enqueues it)."""
@@ -158,7 +220,8 @@ class JobStore:
         if job is None or job.status not in (JobStatus.failed, JobStatus.cancelled):
             return None
         new = job.attempt + 1
-        values = {**_CLEARED, "status": JobStatus.queued, "attempt": new, "max_attempts": new + auto_attempts - 1}
+        values = {**_CLEARED, "status": JobStatus.queued, "attempt": new, "max_attempts": new + auto_attempts - 1,
+                  "enqueued_at": now()}  # fmt: skip
         if not self._cas(job_id, [Job.attempt == job.attempt, Job.status == job.status], values):
             return None
         return new
@@ -166,21 +229,31 @@ class JobStore:
     def requeue(self, job_id: str, attempt: int, owner: str | None = None) -> bool:
         """An active attempt (fenced by owner, or with an expired lease) -> queued as attempt + 1."""
         where = [Job.attempt == attempt, col(Job.status).in_(ACTIVE)]
-        where += [Job.lease_owner == owner] if owner else [Job.lease_expires_at < now()]
-        return self._cas(job_id, where, {**_CLEARED, "status": JobStatus.queued, "attempt": attempt + 1})
+        where += [Job.lease_owner == owner] if owner else [Job.lease_expires_at < db_now()]
+        values = {**_CLEARED, "status": JobStatus.queued, "attempt": attempt + 1, "enqueued_at": now()}
+        return self._cas(job_id, where, values)
 
     def expired(self) -> list[Job]:
         """Active jobs whose lease ran out: their worker died or lost the database."""
-        query = select(Job).where(col(Job.status).in_(ACTIVE), Job.lease_expires_at < now())
+        query = select(Job).where(col(Job.status).in_(ACTIVE), Job.lease_expires_at < db_now())
         with session(self.engine) as s:
             return list(s.exec(query))
 
-    def fail_expired(self, job: Job, status: JobStatus, **fields) -> bool:
-        where = [Job.attempt == job.attempt, Job.status == job.status, Job.lease_expires_at < now()]
-        return self._cas(job.id, where, {**_CLEARED, "status": status, "finished_at": now(), **fields})
+    def fail_expired(self, job: Job, status: JobStatus, **fields) -> Finished | None:
+        where = [Job.attempt == job.attempt, Job.status == job.status, Job.lease_expires_at < db_now()]
+        return self._terminal(job.id, where, status, {**fields, "error_is_user": fields.get("error_is_user")})
 
-    def set_callback_status(self, job_id: str, status: str) -> None:
-        self._cas(job_id, [], {"callback_status": status})
+    def unclaimed(self, older_than_s: float) -> list[Job]:
+        """Queued jobs whose task was sent more than `older_than_s` ago and that no worker has claimed."""
+        query = select(Job).where(Job.status == JobStatus.queued, Job.enqueued_at < db_now() - older_than_s)
+        with session(self.engine) as s:
+            return list(s.exec(query))
+
+    def mark_enqueued(self, job_id: str, attempt: int) -> bool:
+        return self._cas(job_id, [Job.attempt == attempt, Job.status == JobStatus.queued], {"enqueued_at": now()})
+
+    def set_callback_status(self, job_id: str, attempt: int, status: str) -> None:
+        self._cas(job_id, [Job.attempt == attempt], {"callback_status": status})
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -188,13 +261,14 @@ class JobStore:
     def _insert_event(s, job_id: str, attempt: int, kind: str, data: dict) -> None:
         seq = s.exec(select(func.coalesce(func.max(JobEvent.seq), 0)).where(JobEvent.job_id == job_id)).one() + 1
         s.add(JobEvent(job_id=job_id, seq=seq, attempt=attempt, type=kind, data=data))
+        s.flush()
 
     def add_event(self, job_id: str, attempt: int, kind: str, data: dict | None = None) -> None:
         """An event outside a lease (API actions, the reconciler); retried if another writer took the seq."""
-        for _ in range(10):
+        for _ in range(_TRIES):
             with session(self.engine) as s:
-                self._insert_event(s, job_id, attempt, kind, data or {})
                 try:
+                    self._insert_event(s, job_id, attempt, kind, data or {})
                     s.commit()
                     return
                 except IntegrityError:
@@ -207,7 +281,7 @@ class JobStore:
         with session(self.engine) as s:
             return list(s.exec(query))
 
-    # -- workers and metrics ------------------------------------------------------------------------
+    # -- workers ------------------------------------------------------------------------------------
 
     def workers(self, live_since: float | None = None) -> list[Worker]:
         query = select(Worker).order_by(col(Worker.name))
@@ -228,16 +302,3 @@ class JobStore:
             if row:
                 s.delete(row)
                 s.commit()
-
-    def count_by_status(self) -> dict[str, int]:
-        with session(self.engine) as s:
-            rows = s.exec(select(Job.status, func.count()).group_by(Job.status)).all()
-        return {JobStatus(status).value: n for status, n in rows}
-
-    def durations(self, since: float) -> list[float]:
-        """Run times (start to finish) of jobs that finished since `since`."""
-        query = select(Job.started_at, Job.finished_at).where(
-            Job.finished_at >= since, col(Job.started_at).is_not(None), col(Job.status).in_(FINISHED)
-        )
-        with session(self.engine) as s:
-            return [end - start for start, end in s.exec(query)]

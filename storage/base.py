@@ -5,6 +5,7 @@ Keys are `/`-separated paths relative to the storage root (`datasets/ds_1.jsonl`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -43,26 +44,44 @@ class Storage(Protocol):
         ...
 
 
-def put_dir(storage: Storage, local_dir: Path, prefix: str, last: str | None = None) -> list[str]:
-    """Upload a folder under `prefix/`; the file named `last` (a manifest) goes after all others."""
+def put_dir(storage: Storage, local_dir: Path, prefix: str, last: str | None = None,
+            put: Callable[[Path, str], None] | None = None) -> list[str]:  # fmt: skip
+    """Upload a folder under `prefix/`; the file named `last` (a manifest) goes after all others. `put(path, key)`
+    replaces `storage.put_file` (the worker's checks the lease before every file)."""
+    put = put or storage.put_file
     files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
     files.sort(key=lambda p: p.name == last)
     keys = []
     for path in files:
         key = f"{prefix.rstrip('/')}/{path.relative_to(local_dir).as_posix()}"
-        storage.put_file(path, key)
+        put(path, key)
         keys.append(key)
     return keys
 
 
+def contained(root: Path, relative: str) -> Path:
+    """`root / relative`, refused when `relative` (an object key's tail, a file name from a server) would leave
+    `root`: absolute names, `..` parts, empty or NUL-bearing names."""
+    parts = relative.replace("\\", "/").split("/")
+    if not relative or "\x00" in relative or relative.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"refusing the path {relative!r}: it would leave {root}")
+    target = (Path(root) / Path(*parts)).resolve()
+    base = Path(root).resolve()
+    if base != target and base not in target.parents:
+        raise StorageError(f"refusing the path {relative!r}: it would leave {root}")
+    return target
+
+
 def get_dir(storage: Storage, prefix: str, local_dir: Path) -> list[str]:
-    """Download every key under `prefix/` into `local_dir`, keeping the relative paths."""
+    """Download every key under `prefix/` into `local_dir`, keeping the relative paths; a key that would land
+    outside `local_dir` is refused before anything is written."""
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     keys = storage.list(prefix)
     if not keys:
         raise StorageError(f"nothing stored under {storage.uri(prefix)}")
-    for key in keys:
-        storage.get_file(key, Path(local_dir) / key[len(prefix):])
+    targets = [contained(Path(local_dir), key[len(prefix):]) for key in keys]
+    for key, target in zip(keys, targets, strict=True):
+        storage.get_file(key, target)
     return keys
 
 

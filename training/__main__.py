@@ -45,6 +45,25 @@ def _validate(args) -> int:
     return EXIT_OK if report.ok else EXIT_USER_ERROR
 
 
+def _kill_when_orphaned(grace_s: float) -> None:
+    """Once the parent is gone (its death also sends SIGTERM, which starts a checkpoint), the kernel kills this
+    process `grace_s` later (SIGALRM's default action), whatever its main thread is doing."""
+    import math
+    import os
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        signal.alarm(max(1, math.ceil(grace_s)))
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("spec")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--stop-grace-s", type=float, help="if the process that started this run dies, the run gets "
+                   "this long to checkpoint, then is killed (the lease it trained under expires soon after)")
     p = sub.add_parser("make-tiny-model", help="build a small random Llama and a local tokenizer")
     p.add_argument("dir")
     p.add_argument("--size", default="tiny", choices=["micro", "tiny", "small"])
@@ -84,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if in_launched_rank():  # a process of `accelerate launch` (fsdp, deepspeed-tp)
             die_with_launcher()
+        if args.stop_grace_s:
+            _kill_when_orphaned(args.stop_grace_s)
         claim_stdout()
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
         from training.run import main as run_main

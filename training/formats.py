@@ -249,6 +249,9 @@ def check_lines(lines: Iterable[bytes], method: str | None = None) -> tuple[Repo
         except json.JSONDecodeError as exc:
             report.error(number, "-", f"malformed JSON: {exc.msg} at column {exc.colno}")
             continue
+        except RecursionError:
+            report.error(number, "-", "malformed JSON: nested too deeply")
+            continue
         if not isinstance(row, dict):
             report.error(number, "-", f"expected a JSON object, got {_type_name(row)}")
             continue

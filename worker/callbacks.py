@@ -1,8 +1,10 @@
 """Signed callbacks: POST the job as JSON, with an HMAC-SHA256 signature over timestamp and body.
 
-Headers: `X-Prefq-Timestamp` (Unix seconds) and `X-Prefq-Signature: sha256=<hex>` where the hex digest is
-HMAC-SHA256(secret, f"{timestamp}.{body}"). A receiver recomputes it over the raw body, compares in constant
-time, and rejects old timestamps to stop replays.
+Headers: `X-Prefq-Event` (`job.succeeded`, ...), `X-Prefq-Delivery` (the same id on every try of one
+callback: a receiver drops the duplicates of a delivery it has seen), `X-Prefq-Timestamp` (Unix seconds)
+and `X-Prefq-Signature: sha256=<hex>` where the hex digest is HMAC-SHA256(secret, f"{timestamp}.{body}").
+A receiver recomputes it over the raw body, compares in constant time, and rejects old timestamps to stop
+replays. Redirects are not followed.
 """
 
 from __future__ import annotations
@@ -23,16 +25,17 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={mac.hexdigest()}"
 
 
-def post_signed(url: str, body: bytes, secret: str, event: str, timeout_s: float) -> int:
+def post_signed(url: str, body: bytes, secret: str, event: str, delivery_id: str, timeout_s: float) -> int:
     timestamp = str(int(time.time()))
     headers = {
         "Content-Type": "application/json",
         "X-Prefq-Event": event,
+        "X-Prefq-Delivery": delivery_id,
         "X-Prefq-Timestamp": timestamp,
         "X-Prefq-Signature": sign(secret, timestamp, body),
     }
     try:
-        response = httpx.post(url, content=body, headers=headers, timeout=timeout_s)
+        response = httpx.post(url, content=body, headers=headers, timeout=timeout_s, follow_redirects=False)
     except httpx.HTTPError as exc:
         raise CallbackError(f"{url}: {exc}") from exc
     if not 200 <= response.status_code < 300:

@@ -1,19 +1,18 @@
-"""One attempt of one job: claim the lease, fetch the inputs, run training as a child process, follow it.
+"""One attempt of one job: fetch the inputs, run training as a child process, follow it, hand back or finish.
 
 The worker process never imports torch: training runs as `python -m training run` in its own process
 group (so cancel can stop every process of it, including the ranks that `accelerate launch` starts).
-Its JSON-lines events become event rows, job progress and lease renewals; each checkpoint it saves is
-uploaded (manifest last) while it trains.
+Its JSON-lines events become event rows and job progress through the attempt's `Lease`, which renews
+itself through the whole attempt (fetches and uploads included); each checkpoint the run saves is uploaded
+(manifest last) while it trains. The run is stopped before the lease can expire (see `worker.lease`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,15 +21,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
 from jobs import layout
 from jobs.models import Job, JobStatus
-from jobs.store import JobStore
+from jobs.store import Finished, JobStore
 from queue_config import Settings
 from storage import Storage, StorageError, get_dir, open_uri, put_dir
 from training.spec import EXIT_OK, EXIT_STOPPED, MANIFEST_NAME, SpecError, parse_spec
+from worker.lease import Lease, LeaseLost
+from worker.workdir import AttemptDir, ModelCache, sweep
 
 log = logging.getLogger("prefq.worker")
 _EOF = object()
+# What the training process inherits of the worker's environment: nothing secret (no storage or callback
+# credentials, API keys or database URLs), only what Python, CUDA, the libraries and the hub need.
+ENV_PREFIXES = ("CUDA_", "NVIDIA_", "NCCL_", "HF_", "TORCH", "OMP_", "MKL_", "KMP_", "LD_", "PYTHON", "TRANSFORMERS_")
+ENV_NAMES = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "HOSTNAME", "TERM")
+ENV_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # passed only to hub downloads, never to the run
 
 
 class JobFailed(Exception):
@@ -41,31 +49,45 @@ class JobFailed(Exception):
         self.code, self.message, self.user_error = code, message, user_error
 
 
-class LeaseLost(Exception):
-    """Another attempt owns the job now: stop without writing anything more."""
-
-
 @dataclass
 class Outcome:
     returncode: int | None = None
     done: dict | None = None
     error: dict | None = None
     cancelled: bool = False
+    lease_expiring: bool = False  # stopped because the lease could not be renewed in time
+    stopping: bool = False  # stopped because the worker shuts down
+
+
+@dataclass
+class Result:
+    """How the attempt ended: a terminal transition, a new attempt to enqueue, or neither (lease lost)."""
+
+    finished: Finished | None = None
+    requeued: int | None = None
 
 
 class Uploader:
-    """Uploads checkpoint folders in order on one thread, so training and heartbeats go on meanwhile."""
+    """Uploads checkpoint folders in order on one thread, so training and heartbeats go on meanwhile. Every file
+    goes up only while the lease is valid: an attempt that lost it writes nothing more to the job's prefix."""
 
-    def __init__(self, storage: Storage):
-        self.storage, self.jobs, self.errors = storage, queue.Queue(), []
+    def __init__(self, storage: Storage, lease: Lease):
+        self.storage, self.lease, self.jobs, self.errors = storage, lease, queue.Queue(), []
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
+
+    def _put(self, local: Path, key: str) -> None:
+        if not self.lease.valid():
+            raise LeaseLost(f"upload of {key} stopped: the lease is gone")
+        self.storage.put_file(local, key)
 
     def _loop(self) -> None:
         while (item := self.jobs.get()) is not None:
             local, prefix = item
             try:
-                put_dir(self.storage, local, prefix, last=MANIFEST_NAME)
+                put_dir(self.storage, local, prefix, last=MANIFEST_NAME, put=self._put)
+            except LeaseLost as exc:
+                log.warning("%s", exc)
             except (StorageError, OSError) as exc:
                 self.errors.append(f"upload of {local} failed: {exc}")
 
@@ -77,8 +99,8 @@ class Uploader:
         self.thread.join()
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the worker process that started it dies (Linux)."""
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies (Linux)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -93,27 +115,32 @@ def stop_run(pid_file: Path) -> None:
         pass
 
 
+def run_env(environ: dict, gpu_ids: list[str], gpus: int) -> dict:
+    """The training process's environment: the worker's, without its secrets (see ENV_PREFIXES)."""
+    env = {k: v for k, v in environ.items()
+           if (k in ENV_NAMES or k.startswith(ENV_PREFIXES)) and k not in ENV_SECRETS}  # fmt: skip
+    env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(gpu_ids[:gpus]))
+    return env
+
+
 class JobRun:
-    def __init__(self, settings: Settings, store: JobStore, storage: Storage, job_id: str, attempt: int, owner: str,
-                 pid_file: Path):  # fmt: skip
+    def __init__(self, settings: Settings, store: JobStore, storage: Storage, job: Job, owner: str,
+                 pid_file: Path, claim_sent: float, stopping: threading.Event):  # fmt: skip
         self.settings, self.store, self.storage = settings, store, storage
-        self.job_id, self.attempt, self.owner = job_id, attempt, owner
-        self.work = settings.work_dir / job_id / f"attempt-{attempt}"
+        self.job, self.job_id, self.attempt, self.owner = job, job.id, job.attempt, owner
         self.pid_file = pid_file  # where the worker's main process finds the run to stop it on shutdown
+        self.stopping = stopping  # set when this process is told to shut down (SIGTERM)
+        self.lease = Lease(store, job.id, job.attempt, owner, settings.lease_ttl_s, settings.heartbeat_s, claim_sent)
+        self.models = ModelCache(settings.work_dir / "models", int(settings.model_cache_gb * 1e9))
         self.proc: subprocess.Popen | None = None
-
-    # -- store writes, fenced by the lease ---------------------------------------------------------
-
-    def record(self, event: tuple[str, dict] | None = None, **fields) -> JobStatus:
-        status = self.store.record(self.job_id, self.attempt, self.owner, self.settings.lease_ttl_s, event, **fields)
-        if status is None:
-            raise LeaseLost(f"Job {self.job_id}: attempt {self.attempt} lost its lease")
-        return status
-
-    def finish(self, status: JobStatus, **fields) -> bool:
-        done = self.store.finish(self.job_id, self.attempt, self.owner, status, **fields)
-        log.info("Job %s: attempt %s %s", self.job_id, self.attempt, status.value if done else "lost its lease")
-        return done
+        self.held_fds: list[int] = []  # locks the run inherits: its folder, the cached model it reads
+        self.work: Path | None = None
+        # When renewals fail, the run is SIGTERMed (it checkpoints) `stop_grace_s` before the SIGKILL that comes
+        # `kill_margin_s` before the lease may expire: half the lease is tolerance, half the time to stop. A run
+        # whose supervisor died stops itself within `stop_grace_s` too (`python -m training run --stop-grace-s`).
+        ttl, beat = settings.lease_ttl_s, settings.heartbeat_s
+        self.kill_margin_s = max(1.0, 0.1 * ttl)
+        self.stop_grace_s = max(1.0, min(settings.cancel_grace_s, (ttl - beat) / 2 - self.kill_margin_s))
 
     # -- inputs -------------------------------------------------------------------------------------
 
@@ -142,12 +169,9 @@ class JobRun:
             if not (Path(model) / "config.json").is_file():
                 raise JobFailed("invalid_model", f"model: no model folder at {model} on this worker", user_error=True)
             return model
-        cache = self.settings.work_dir / "models" / hashlib.sha1(model.encode()).hexdigest()[:16]
-        if not (cache / ".complete").is_file():
-            shutil.rmtree(cache, ignore_errors=True)
-            self._fetch(model, cache, "model", prefix=True)
-            (cache / ".complete").touch()
-        return str(cache)
+        folder, fd = self.models.open(model, lambda local: self._fetch(model, local, "model", prefix=True))
+        self.held_fds.append(fd)
+        return str(folder)
 
     def _resume_checkpoint(self, out: Path) -> int | None:
         """Download the newest complete checkpoint of the job, if it has one; returns its step."""
@@ -159,10 +183,9 @@ class JobRun:
         get_dir(self.storage, steps[step], out / f"checkpoint-{step}")
         return step
 
-    def prepare(self, job: Job) -> tuple[Path, bool]:
+    def prepare(self) -> tuple[Path, bool]:
         """Fetch data, model and checkpoint into the work folder and write the spec; returns (spec, resume)."""
-        shutil.rmtree(self.work, ignore_errors=True)
-        out = self.work / "out"
+        job, out = self.job, self.work / "out"
         out.mkdir(parents=True)
         data = {**job.hyperparameters, "method": job.method, "trainer": job.trainer, "gpus": max(1, job.gpus),
                 "model": self._model(job.model),
@@ -177,23 +200,23 @@ class JobRun:
         spec_path.write_text(spec.model_dump_json(indent=1))
         step = self._resume_checkpoint(out)
         if step is not None:
-            self.record(("resuming", {"step": step}))
+            self.lease.post(("resuming", {"step": step}))
         return spec_path, step is not None
 
     # -- the run ------------------------------------------------------------------------------------
 
     def _launch(self, spec_path: Path, resume: bool, gpus: int) -> None:
-        cmd = [sys.executable, "-m", "training", "run", str(spec_path), "--out", str(self.work / "out")]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(self.settings.gpu_ids[:gpus])
+        cmd = [sys.executable, "-P", "-m", "training", "run", str(spec_path), "--out", str(self.work / "out"),
+               "--stop-grace-s", str(self.stop_grace_s)]  # fmt: skip
+        env = run_env(dict(os.environ), self.settings.gpu_ids, gpus)
         stderr = open(self.work / "train.log", "wb")  # noqa: SIM115 - the child holds it
         self.proc = subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=subprocess.PIPE, stderr=stderr,
-                                     env=env, cwd=self.work, start_new_session=True,
-                                     preexec_fn=_die_with_parent)  # fmt: skip
+                                     env=env, cwd=self.work, start_new_session=True, pass_fds=self.held_fds,
+                                     preexec_fn=die_with_parent)  # fmt: skip
         stderr.close()
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.pid_file.write_text(str(self.proc.pid))
-        self.record(("launched", {"pid": self.proc.pid, "resume": resume}))
+        self.lease.post(("launched", {"pid": self.proc.pid, "resume": resume}))
 
     def _signal_group(self, sig: int) -> None:
         try:
@@ -206,7 +229,7 @@ class JobRun:
             lines.put(line)
         lines.put(_EOF)
 
-    def _handle(self, event: dict, outcome: Outcome, uploader: Uploader) -> JobStatus:
+    def _handle(self, event: dict, outcome: Outcome, uploader: Uploader) -> None:
         kind = event.get("event")
         data = {k: v for k, v in event.items() if k != "event"}
         fields = {}
@@ -224,77 +247,117 @@ class JobRun:
             outcome.done = event
         elif kind == "error":
             outcome.error = event
-        return self.record((kind, data), **fields)
+        self.lease.post((kind, data), **fields)
+
+    def _steer(self, outcome: Outcome) -> float | None:
+        """Stop the run when the job is cancelled or the lease runs short; returns when to SIGKILL, if due."""
+        left = self.lease.remaining_s()
+        if self.lease.lost.is_set() or left <= self.kill_margin_s:
+            self._signal_group(signal.SIGKILL)
+            return None
+        stop = None
+        if self.lease.status == JobStatus.cancelling and not outcome.cancelled:
+            log.info("Job %s: cancelling, SIGTERM to the run", self.job_id)
+            outcome.cancelled, stop = True, self.settings.cancel_grace_s
+        if left <= self.kill_margin_s + self.stop_grace_s and not outcome.lease_expiring:
+            log.warning("Job %s: the lease could not be renewed (%.1fs left); stopping the run", self.job_id, left)
+            outcome.lease_expiring, stop = True, self.stop_grace_s
+        if self.stopping.is_set() and not outcome.stopping:
+            log.info("Job %s: the worker is shutting down, SIGTERM to the run", self.job_id)
+            outcome.stopping, stop = True, self.settings.cancel_grace_s
+        if stop is not None:
+            self._signal_group(signal.SIGTERM)
+            return time.monotonic() + stop
+        return None
 
     def supervise(self, spec_path: Path, resume: bool, gpus: int) -> Outcome:
-        outcome, uploader, lines = Outcome(), Uploader(self.storage), queue.Queue()
+        outcome, uploader, lines = Outcome(), Uploader(self.storage, self.lease), queue.Queue()
         self._launch(spec_path, resume, gpus)
         threading.Thread(target=self._reader, args=(lines,), daemon=True).start()
         kill_at = None
-        next_beat = time.monotonic() + self.settings.heartbeat_s
         try:
             while True:
                 try:
-                    line = lines.get(timeout=max(0.05, next_beat - time.monotonic()))
+                    line = lines.get(timeout=0.1)
                 except queue.Empty:
                     line = None
                 if line is _EOF:
                     break
                 if line is not None:
                     try:
-                        status = self._handle(json.loads(line), outcome, uploader)
-                    except (json.JSONDecodeError, TypeError, KeyError):
+                        self._handle(json.loads(line), outcome, uploader)
+                    except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
                         log.warning("Job %s: unreadable event line %r", self.job_id, line[:200])
-                        continue
-                elif time.monotonic() >= next_beat:
-                    status = self.record()
-                else:
-                    continue
-                next_beat = time.monotonic() + self.settings.heartbeat_s
-                if status == JobStatus.cancelling and not outcome.cancelled:
-                    log.info("Job %s: cancelling, SIGTERM to the run", self.job_id)
-                    outcome.cancelled = True
-                    self._signal_group(signal.SIGTERM)
-                    kill_at = time.monotonic() + self.settings.cancel_grace_s
+                kill_at = self._steer(outcome) or kill_at
                 if kill_at is not None and time.monotonic() >= kill_at and self.proc.poll() is None:
-                    log.warning("Job %s: run ignored SIGTERM for %ss, SIGKILL", self.job_id, self.settings.cancel_grace_s)
+                    log.warning("Job %s: the run ignored SIGTERM, SIGKILL", self.job_id)
                     self._signal_group(signal.SIGKILL)
-        except LeaseLost:
-            self._signal_group(signal.SIGKILL)
-            raise
         finally:
             outcome.returncode = self.proc.wait()
             self._signal_group(signal.SIGKILL)  # no process of the run outlives it
             self.pid_file.unlink(missing_ok=True)
             uploader.close()
-        if uploader.errors:
+        if self.lease.lost.is_set():
+            raise LeaseLost(f"Job {self.job_id}: attempt {self.attempt} lost its lease; its run is stopped")
+        if uploader.errors and not outcome.lease_expiring:
             raise JobFailed("storage_error", "; ".join(uploader.errors), user_error=False)
         return outcome
 
-    def conclude(self, outcome: Outcome) -> int | None:
-        """Set the final status; returns the number of a new attempt to enqueue, if the run was interrupted."""
+    # -- the end ------------------------------------------------------------------------------------
+
+    def _store_call(self, fn, *args, **kwargs):
+        """A store write at the end of the attempt, retried through a database outage for up to a lease. If the
+        database stays away, it gives up (None): the lease expires and the reconciler takes the job over."""
+        retrying = Retrying(retry=retry_if_exception_type(Exception), reraise=True,
+                            stop=stop_after_delay(self.settings.lease_ttl_s),
+                            wait=wait_random_exponential(multiplier=0.2, max=5))  # fmt: skip
+        try:
+            return retrying(fn, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raises; the reconciler recovers
+            log.warning("Job %s: attempt %s could not write its end (%s); the reconciler will take it over",
+                        self.job_id, self.attempt, exc)  # fmt: skip
+            return None
+
+    def _finish(self, status: JobStatus, **fields) -> Finished | None:
+        self.lease.flush(self.settings.lease_ttl_s)
+        self.lease.close()
+        done = self._store_call(self.store.finish, self.job_id, self.attempt, self.owner, status, **fields)
+        log.info("Job %s: attempt %s %s", self.job_id, self.attempt, status.value if done else "lost its lease")
+        return done
+
+    def hand_back(self, reason: str) -> int | None:
+        """Queue the job again as the next attempt (it resumes from the newest checkpoint), if still ours."""
+        self.lease.flush(self.settings.lease_ttl_s)
+        self.lease.close()
+        if not self._store_call(self.store.requeue, self.job_id, self.attempt, self.owner):
+            return None
+        self._store_call(self.store.add_event, self.job_id, self.attempt + 1, "requeued", {reason: self.attempt})
+        return self.attempt + 1
+
+    def conclude(self, outcome: Outcome) -> Result:
+        if outcome.lease_expiring:  # stopped in time; the next attempt resumes from the newest uploaded checkpoint
+            return Result(requeued=self.hand_back("lease_expiring_attempt"))
         if outcome.cancelled:
-            self.finish(JobStatus.cancelled)
-        elif outcome.returncode == EXIT_OK and outcome.done:
+            return Result(finished=self._finish(JobStatus.cancelled))
+        if outcome.returncode == EXIT_OK and outcome.done:
             prefix = layout.model_prefix(self.job_id)
             try:
                 put_dir(self.storage, Path(outcome.done["final_path"]), prefix)
             except (StorageError, OSError) as exc:
                 raise JobFailed("storage_error", f"upload of the final model failed: {exc}", user_error=False) from exc
             metrics = outcome.done.get("metrics", {})
-            self.finish(JobStatus.succeeded, result_uri=self.storage.uri(prefix), step=metrics.get("step", 0),
-                        eval_metrics=metrics.get("eval") or {})  # fmt: skip
-        elif outcome.error:
+            return Result(finished=self._finish(JobStatus.succeeded, result_uri=self.storage.uri(prefix),
+                                                step=metrics.get("step", 0),
+                                                eval_metrics=metrics.get("eval") or {}))  # fmt: skip
+        if outcome.error:
             err = outcome.error
             raise JobFailed(err.get("code", "training_failed"), err.get("message", ""), bool(err.get("user_error")))
-        elif outcome.returncode == EXIT_STOPPED:  # the worker is shutting down: another worker resumes it
-            if self.store.requeue(self.job_id, self.attempt, self.owner):
-                self.store.add_event(self.job_id, self.attempt + 1, "requeued", {"interrupted_attempt": self.attempt})
-                return self.attempt + 1
-        else:
-            tail = "".join(self._stderr_tail())
-            raise JobFailed("run_crashed", f"training exited with {outcome.returncode}: {tail}", user_error=False)
-        return None
+        # the worker is shutting down (or the run was told to stop some other way): another attempt resumes it.
+        # A run stopped before it could install its SIGTERM handler dies of the signal: the same hand-back.
+        if outcome.returncode == EXIT_STOPPED or outcome.stopping:
+            return Result(requeued=self.hand_back("interrupted_attempt"))
+        tail = "".join(self._stderr_tail())
+        raise JobFailed("run_crashed", f"training exited with {outcome.returncode}: {tail}", user_error=False)
 
     def _stderr_tail(self, lines: int = 15) -> list[str]:
         try:
@@ -303,17 +366,30 @@ class JobRun:
             return []
         return text[-lines:]
 
-    def run(self, job: Job) -> int | None:
-        """The attempt from claimed to finished; returns a new attempt to enqueue if this one was interrupted."""
+    def run(self) -> Result:
+        """The attempt from claimed to its end."""
+        sweep(self.settings.work_dir)
+        attempt_dir = AttemptDir(self.settings.work_dir, self.job_id, self.attempt)
+        self.work, self.held_fds = attempt_dir.path, [attempt_dir.fd]
+        self.lease.post(("claimed", {"worker": self.owner.split("/")[0], "attempt": self.attempt}))
         try:
-            spec_path, resume = self.prepare(job)
-            outcome = self.supervise(spec_path, resume, job.gpus)
-            return self.conclude(outcome)
+            spec_path, resume = self.prepare()
+            if self.lease.lost.is_set():
+                raise LeaseLost(f"Job {self.job_id}: attempt {self.attempt} lost its lease while fetching")
+            if self.lease.status == JobStatus.cancelling:
+                return Result(finished=self._finish(JobStatus.cancelled))
+            if self.stopping.is_set():
+                return Result(requeued=self.hand_back("interrupted_attempt"))
+            return self.conclude(self.supervise(spec_path, resume, self.job.gpus))
         except JobFailed as exc:
             log.warning("Job %s: attempt %s failed: %s: %s", self.job_id, self.attempt, exc.code, exc.message)
-            self.finish(JobStatus.failed, error_code=exc.code, error_message=exc.message[:4000],
-                        error_is_user=exc.user_error)  # fmt: skip
+            return Result(finished=self._finish(JobStatus.failed, error_code=exc.code,
+                                                error_message=exc.message[:4000], error_is_user=exc.user_error))  # fmt: skip
         except LeaseLost as exc:
-            log.warning("%s; stopped its run", exc)
+            log.warning("%s; it writes nothing more", exc)
+            return Result()
         finally:
-            shutil.rmtree(self.work, ignore_errors=True)
+            self.lease.close()
+            for fd in self.held_fds[1:]:
+                os.close(fd)
+            attempt_dir.release()

@@ -1,75 +1,88 @@
-"""Celery tasks: thin, by id. The logic lives in `worker.supervisor` and `jobs.store`."""
+"""Celery tasks: thin, by id. The logic lives in `worker.supervisor`, `worker.reconciler` and `jobs/`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
+import time
 
-from jobs.models import JobPublic, JobStatus
-from queue_config import DELIVER_CALLBACK, RECONCILE, RUN_JOB, enqueue_job
+from celery.utils.time import get_exponential_backoff_interval
+
+from jobs.outbox import Outbox
+from queue_config import DELIVER_CALLBACK, RECONCILE, RUN_JOB, enqueue_job, send_callback
 from worker import pool
 from worker.app import app, settings, storage, store
 from worker.callbacks import CallbackError, post_signed
+from worker.reconciler import reconcile_pass
 from worker.supervisor import JobRun
 
 log = logging.getLogger("prefq.worker")
+CALLBACK_BACKOFF_MAX_S = 600
+
+
+def _dispatch(what: str, fn, *args) -> None:
+    """Send a follow-up message; if the broker refuses, the reconciler sends it later (nothing is lost)."""
+    try:
+        fn(app, *args)
+    except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
+        log.warning("Could not send %s now (%s); the reconciler will", what, exc)
 
 
 @app.task(name=RUN_JOB, bind=True)
 def run_job(self, job_id: str, attempt: int) -> None:
     """Run one attempt of a job; a message for an attempt that is not queued (done, cancelled, taken) exits."""
     owner = f"{self.request.hostname}/{os.getpid()}/{self.request.id}"
+    claim_sent = time.monotonic()
     job = store().claim(job_id, attempt, owner, settings.lease_ttl_s)
     if job is None:
         log.info("Job %s: attempt %s is not queued; skipping this message", job_id, attempt)
         return
     log.info("Job %s: attempt %s claimed by %s", job_id, attempt, owner)
-    store().add_event(job_id, attempt, "claimed", {"worker": self.request.hostname, "attempt": attempt})
     pool.set_current_job(self.request.hostname, job_id)
     try:
-        run = JobRun(settings, store(), storage(), job_id, attempt, owner, pool.pid_file(self.request.hostname))
-        requeued = run.run(job)
+        with pool.handing_back_on_sigterm(self.request.hostname):
+            run = JobRun(settings, store(), storage(), job, owner, pool.pid_file(self.request.hostname), claim_sent,
+                         pool.stopping)  # fmt: skip
+            result = run.run()
     finally:
         pool.set_current_job(self.request.hostname, None)
-    if requeued is not None:
-        enqueue_job(app, job_id, requeued, job.gpus)
-        return
-    job = store().get_job(job_id)
-    if job.callback_url and job.status.finished and job.attempt == attempt:
-        store().set_callback_status(job_id, "pending")
-        app.send_task(DELIVER_CALLBACK, args=[job_id, attempt])
+    if result.requeued is not None:
+        _dispatch(f"job {job_id}", enqueue_job, job_id, result.requeued, job.gpus)
+    if result.finished and result.finished.callback_id:
+        _dispatch(f"callback {result.finished.callback_id}", send_callback, result.finished.callback_id)
 
 
-@app.task(name=DELIVER_CALLBACK, bind=True, max_retries=settings.callback_max_retries)
-def deliver_callback(self, job_id: str, attempt: int) -> None:
-    """POST the finished job to its callback URL, signed; retried with exponential backoff."""
-    job = store().get_job(job_id)
-    if job is None or job.attempt != attempt or not job.callback_url:
-        return
-    body = JobPublic.of(job).model_dump_json().encode()
+@app.task(name=DELIVER_CALLBACK, bind=True, max_retries=None)
+def deliver_callback(self, callback_id: str) -> None:
+    """POST a callback of the outbox, signed, with a delivery id; a failed try comes back after a jittered
+    exponential backoff (Celery's), up to `callback_max_retries` tries."""
+    outbox = Outbox(store().engine)
+    callback = outbox.claim(callback_id, busy_s=settings.callback_timeout_s + 5)
+    if callback is None:
+        return  # delivered, given up, or another copy of this task has the try
+    body = json.dumps(callback.payload).encode()
     try:
-        post_signed(job.callback_url, body, settings.callback_secret.get_secret_value(), f"job.{job.status.value}",
+        post_signed(callback.url, body, settings.callback_secret.get_secret_value(), callback.event, callback.id,
                     settings.callback_timeout_s)  # fmt: skip
     except CallbackError as exc:
-        if self.request.retries >= self.max_retries:
-            log.warning("Job %s: callback failed for good: %s", job_id, exc)
-            store().set_callback_status(job_id, "failed")
+        if callback.tries >= settings.callback_max_retries:
+            log.warning("Job %s: callback %s failed for good after %s tries: %s", callback.job_id, callback.id,
+                        callback.tries, exc)  # fmt: skip
+            outbox.gave_up(callback, str(exc))
             return
-        log.info("Job %s: callback failed (%s), retry %s", job_id, exc, self.request.retries + 1)
-        raise self.retry(countdown=min(600, 2 ** self.request.retries)) from exc
-    store().set_callback_status(job_id, "delivered")
+        countdown = get_exponential_backoff_interval(2, callback.tries, CALLBACK_BACKOFF_MAX_S, full_jitter=True)
+        log.info("Job %s: callback %s failed (%s); try %s in %ss", callback.job_id, callback.id, exc,
+                 callback.tries + 1, countdown)  # fmt: skip
+        outbox.try_failed(callback, str(exc), retry_in_s=countdown)
+        raise self.retry(countdown=countdown) from exc
+    outbox.delivered(callback)
 
 
 @app.task(name=RECONCILE)
 def reconcile() -> None:
-    """Jobs whose worker stopped heartbeating: a new attempt (up to max_attempts), or failed."""
-    for job in store().expired():
-        if job.status == JobStatus.cancelling:
-            store().fail_expired(job, JobStatus.cancelled)
-        elif job.attempt < job.max_attempts and store().requeue(job.id, job.attempt):
-            log.warning("Job %s: lease of attempt %s expired; queued attempt %s", job.id, job.attempt, job.attempt + 1)
-            store().add_event(job.id, job.attempt + 1, "requeued", {"expired_attempt": job.attempt})
-            enqueue_job(app, job.id, job.attempt + 1, job.gpus)
-        else:
-            store().fail_expired(job, JobStatus.failed, error_code="lease_expired", error_is_user=False,
-                                 error_message=f"the worker of attempt {job.attempt} stopped heartbeating")  # fmt: skip
+    """Repair what faults left behind (see `worker.reconciler`); one pass at a time across service workers."""
+    counts = reconcile_pass(settings, store(), app, holder=f"{socket.gethostname()}/{os.getpid()}")
+    if counts and any(v for k, v in counts.items() if k != "duration_s"):
+        log.info("Reconciler: %s", counts)

@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI
 from api import errors
 from api.deps import Services, require_key
 from api.routes import datasets, jobs, ops
+from api.routes.ops import RequestCounter
 from jobs.db import make_engine
 from jobs.store import JobStore
 from queue_config import Settings, make_celery
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery=make_celery(settings, "prefq-api"),
     )
     errors.install(app)
+    app.add_middleware(RequestCounter)
     app.include_router(ops.router)
     for router in (datasets.router, jobs.router, ops.protected):
         app.include_router(router, dependencies=[Depends(require_key)])

@@ -237,16 +237,31 @@ def workers() -> None:
     console.print(table)
 
 
-def _exec(cmd: list[str], env: dict | None = None) -> None:
+PREFQ_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds prefq's packages
+
+
+def _serve(cmd: list[str], env: dict | None = None) -> None:
+    """Become a long-running prefq process (API, worker, Flower) that imports nothing from the working folder:
+    Python's `-P`, and the working folder set to prefq's own root, since Celery and uvicorn put it first on the
+    import path. Relative data and work folders are made absolute first, so they keep their meaning."""
+    env = dict(env or os.environ)
+    settings = Settings()
+    env["PREFQ_DATA_DIR"], env["PREFQ_WORK_DIR"] = str(settings.data_dir), str(settings.work_dir)
     sys.stdout.flush()
-    os.execvpe(cmd[0], cmd, env or dict(os.environ))
+    os.chdir(PREFQ_ROOT)
+    os.execvpe(cmd[0], cmd, env)
+
+
+def _exec(cmd: list[str]) -> None:
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, dict(os.environ))
 
 
 @app.command()
 def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     """Serve the HTTP API (uvicorn)."""
-    _exec([sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", host, "--port", str(port),
-           "--workers", str(workers), "--no-access-log"])  # fmt: skip
+    _serve([sys.executable, "-P", "-m", "uvicorn", "--factory", "api.app:create_app", "--host", host, "--port",
+            str(port), "--workers", str(workers), "--no-access-log"])  # fmt: skip
 
 
 @app.command()
@@ -260,24 +275,57 @@ def worker(gpus: str = typer.Option(None, help="GPU indices this worker owns, e.
         env["PREFQ_GPUS"], env["CUDA_VISIBLE_DEVICES"] = gpus, gpus
     if cpu_devices is not None:
         env["PREFQ_CPU_DEVICES"] = str(cpu_devices)
-    base = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "INFO", "-E"]
+    base = [sys.executable, "-P", "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "INFO", "-E"]
     if service:
         from queue_config import SERVICE_QUEUE
 
+        # -B: the reconciler's beat, embedded; its schedule is in memory (queue_config: beat_scheduler)
         cmd = [*base, "-Q", SERVICE_QUEUE, "--pool", "threads", "--concurrency", "4", "-B",
-               "-n", name or "prefq-service@%h", "--schedule", str(Path(Settings().data_dir) / "beat-schedule")]  # fmt: skip
+               "-n", name or "prefq-service@%h"]  # fmt: skip
     else:
         settings = Settings(gpus=env.get("PREFQ_GPUS", ""), cpu_devices=int(env.get("PREFQ_CPU_DEVICES", "0")))
         queues = ",".join(settings.worker_queues())
         cmd = [*base, "-Q", queues, "--pool", "prefork", "--concurrency", "1", "--prefetch-multiplier", "1",
                "-n", name or "prefq-worker@%h"]  # fmt: skip
-    _exec(cmd, env)
+    _serve(cmd, env)
 
 
 @app.command()
 def flower(port: int = 5555, address: str = "127.0.0.1") -> None:
     """Flower, the Celery monitor, on the same broker."""
-    _exec([sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", f"--address={address}"])
+    _serve([sys.executable, "-P", "-m", "celery", "-A", "worker.app", "flower", f"--port={port}",
+            f"--address={address}"])  # fmt: skip
+
+
+@app.command()
+def check(kind: str = typer.Argument(..., help="worker or service"),
+          name: str = typer.Option(None, help="The worker's name (default prefq-<kind>@<this host>)")) -> None:  # fmt: skip
+    """Exit 0 if this host's worker (or service worker) is healthy: its heartbeat is fresh and, for the service
+    worker, its beat lives and the reconciler runs. What a liveness probe calls."""
+    from worker import health
+
+    if kind not in health.KINDS:
+        fail(f"expected one of {', '.join(health.KINDS)}, got {kind!r}")
+    problems = health.check(Settings(), kind, name)
+    if problems:
+        fail("; ".join(problems))
+    console.print(f"{name or health.default_name(kind)}: healthy")
+
+
+@app.command()
+def doctor() -> None:
+    """What the API knows of the deployment: database, storage, broker, and when the reconciler last ran."""
+    try:
+        ready = client().request("GET", "/readyz", expected=(200, 503))
+    except ClientError as exc:
+        fail(str(exc))
+    for part, state in ready["checks"].items():
+        console.print(f"{part}: {state}")
+    console.print(f"broker: {ready['broker']}")
+    last = ready["reconciler_last_run_s_ago"]
+    console.print(f"reconciler: {'never ran' if last is None else f'last pass {last:.0f}s ago'}")
+    if ready["status"] != "ok" or ready["broker"] != "ok" or last is None:
+        raise typer.Exit(1)
 
 
 @db_app.command("upgrade")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import httpx
 
+from storage.base import StorageError, contained
+
 
 class ClientError(RuntimeError):
     """The API answered with an error, or could not be reached."""
@@ -20,13 +22,14 @@ class Client:
         self.base_url = base_url.rstrip("/")
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
-    def request(self, method: str, path: str, **kwargs) -> dict:
+    def request(self, method: str, path: str, expected: tuple[int, ...] = (), **kwargs) -> dict:
+        """The JSON answer; a `ClientError` for an error status, unless it is one of `expected`."""
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ClientError(f"cannot reach the API at {self.base_url} ({exc}); start it with `prefq dev` or "
                               "`prefq api`, or set --api-url / PREFQ_API_URL") from None  # fmt: skip
-        if response.is_error:
+        if response.is_error and response.status_code not in expected:
             try:
                 err = response.json()["error"]
                 message = f"{err['code']}: {err['message']}"
@@ -72,8 +75,11 @@ class Client:
                     yield json.loads(line[6:])
 
     def download(self, files: list[dict], out_dir: Path) -> None:
-        for f in files:
-            target = out_dir / f["name"]
+        try:  # every name is checked before anything is written
+            targets = [contained(out_dir, f["name"]) for f in files]
+        except StorageError as exc:
+            raise ClientError(f"the API listed a file outside the download folder: {exc}") from None
+        for f, target in zip(files, targets, strict=True):
             target.parent.mkdir(parents=True, exist_ok=True)
             if f["url"].startswith("file://"):
                 shutil.copyfile(f["url"].removeprefix("file://"), target)

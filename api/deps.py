@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from celery import Celery
-from fastapi import Request
+from fastapi import Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import APIError
 from api.submit import Submitter
 from jobs.models import Dataset, Worker
 from jobs.store import JobStore
-from queue_config import Settings
+from queue_config import Settings, send_callback
 from storage import Storage
+
+log = logging.getLogger("prefq.api")
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # every id prefq makes; anything else (NUL, slashes, ...) is refused
+JobId = Annotated[str, Path(pattern=ID_PATTERN, description="A job id, `job_...`")]
+DatasetId = Annotated[str, Path(pattern=ID_PATTERN, description="A dataset id, `ds_...`")]
+Cursor = Annotated[str, Query(pattern=ID_PATTERN, description="`next_cursor` of the previous page")]
 
 
 @dataclass
@@ -52,6 +60,14 @@ class Services:
 
 async def services(request: Request) -> Services:
     return request.app.state.services
+
+
+def dispatch_callback(svc: Services, callback_id: str) -> None:
+    """Ask the service worker to deliver a callback now; if the broker refuses, the reconciler sends it later."""
+    try:
+        send_callback(svc.celery, callback_id)
+    except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
+        log.warning("Callback %s: not sent now (%s); the reconciler will", callback_id, exc)
 
 
 async def require_key(request: Request) -> None:

@@ -22,6 +22,15 @@ from jobs.db import upgrade
 from queue_config import Settings
 
 
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM it when the process that started it dies, even by SIGKILL (Linux), so
+    that a killed `prefq dev` leaves no broker, API or worker behind holding its ports."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,13 +54,13 @@ def start_valkey(port: int, data_dir: Path) -> subprocess.Popen:
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(data_dir), "--logfile", str(data_dir / "valkey.log")],
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
     wait_for_port(port)
     return proc
 
 
 def prefq_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "api.cli", *args]
+    return [sys.executable, "-P", "-m", "api.cli", *args]  # -P: nothing imported from the working folder
 
 
 def stop(procs: list[subprocess.Popen], timeout_s: float = 90.0) -> None:
@@ -103,7 +112,8 @@ def start_stack(data_dir: Path, api_port: int, flower_port: int | None, cpu_devi
         services["flower"] = prefq_command("flower", "--port", str(flower_port))
     for name, cmd in services.items():
         log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=die_with_parent))  # fmt: skip
         log.close()
     deadline = time.monotonic() + 60
     while True:

@@ -1,22 +1,59 @@
-"""One error shape for every HTTP error: {"error": {"code", "message", "field", "details"}}."""
+"""One error shape for every HTTP error: {"error": {"code", "message", "field", "details"}}.
+
+Every route lists the errors it can answer in its `responses=` (see `responses`), so that the OpenAPI
+document shows them. A crash answers 500 with a request id, never the exception's text or SQL: the log has
+the rest.
+"""
 
 from __future__ import annotations
 
 import logging
+import secrets
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("prefq.api")
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+    details: list[dict] | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+_WHAT = {
+    400: "The request cannot be read (malformed JSON or form, a bad header)",
+    401: "No API key, or not a valid one: send `Authorization: Bearer <key>`",
+    403: "The key may not do this (an admin key is needed)",
+    404: "No such object (or not this key's tenant's)",
+    409: "The object is not in a state that allows this",
+    413: "The upload is larger than the server's limit",
+    422: "The request is invalid: `field` names what is wrong",
+    429: "Too many unfinished jobs for this tenant: retry after `Retry-After` seconds",
+    503: "A service the request needs (the broker) is unavailable: retry later",
+}
+
+
+def responses(*codes: int) -> dict:
+    """`responses=` of a route: each status it can answer, with the one error shape."""
+    return {code: {"model": ErrorBody, "description": _WHAT[code]} for code in codes}
+
+
 class APIError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 details: list | None = None):  # fmt: skip
+                 details: list | None = None, headers: dict | None = None):  # fmt: skip
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.details = status, code, message, field, details
+        self.headers = headers
 
 
 def not_found(what: str, ident: str, field: str | None = None) -> APIError:
@@ -40,7 +77,8 @@ def _field(loc: tuple) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(body(exc.code, exc.message, exc.field, exc.details), status_code=exc.status)
+        return JSONResponse(body(exc.code, exc.message, exc.field, exc.details), status_code=exc.status,
+                            headers=exc.headers)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -51,10 +89,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
+            exc.status_code, "http_error")
         return JSONResponse(body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
-        log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse(body("internal_error", f"{type(exc).__name__}: {exc}"), status_code=500)
+        request_id = secrets.token_hex(6)
+        log.exception("%s %s failed (request %s)", request.method, request.url.path, request_id)
+        return JSONResponse(body("internal_error", f"internal error (request {request_id}); the server log has "
+                                 "the details"), status_code=500)  # fmt: skip

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from fastapi import Query
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
 
 from jobs.models import JobPublic
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("NUL characters are not allowed")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+Timestamp = Annotated[float, Query(ge=0, le=1e11, description="Unix seconds")]
 
 
 class JobCreate(BaseModel):
@@ -14,15 +25,19 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, description="Base model: a folder the workers can read, or a storage URI.")
-    dataset: str = Field(min_length=1, description="Training data: a dataset id from POST /datasets, or a URI.")
-    eval_dataset: str | None = Field(None, description="Held-out data; without it a share of `dataset` is held out.")
+    model: Text = Field(min_length=1, max_length=2048,
+                        description="Base model: a folder the workers can read, or a storage URI.")
+    dataset: Text = Field(min_length=1, max_length=2048,
+                          description="Training data: a dataset id from POST /datasets, or a URI.")
+    eval_dataset: Text | None = Field(None, min_length=1, max_length=2048,
+                                      description="Held-out data; without it a share of `dataset` is held out.")
     method: Literal["dpo", "sft"]
     trainer: Literal["basic", "fsdp", "deepspeed-tp"] = "basic"
     gpus: int = Field(1, ge=0, le=64, description="Devices of the job; 0 runs it on a CPU worker.")
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     callback_url: HttpUrl | None = Field(None, description="POSTed the job, HMAC-signed, when it finishes.")
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
+    metadata: dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]] = Field(
+        default_factory=dict, max_length=16, description="Up to 16 key/value strings, kept with the job.")
 
 
 class JobsPublic(BaseModel):

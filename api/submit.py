@@ -73,6 +73,7 @@ class Submitter:
             except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
                 # A failed pipeline may have delivered part of the batch: a job a worker has already claimed
                 # was sent, and stays; the rest are failed (retryable), so no message waits for a failed row.
+                # Their callbacks wait in the outbox: the reconciler sends them once the broker is back.
                 failure = EnqueueFailed(f"broker unavailable: {exc}")
                 failed = {job.id for job in created if self.store.fail_unsent(job.id, job.attempt, str(failure))}
         for (job, new), (*_, future) in zip(results, batch, strict=True):

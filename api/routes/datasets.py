@@ -8,8 +8,8 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
-from api.deps import Services, services
-from api.errors import APIError, not_found
+from api.deps import DatasetId, Services, services
+from api.errors import APIError, not_found, responses
 from api.schemas import DatasetPublic
 from jobs.models import Dataset, new_id
 from training.formats import check_lines
@@ -25,7 +25,7 @@ def _lines_and_hash(upload, copy, digest):
         yield line
 
 
-@router.post("/datasets", status_code=201, response_model=DatasetPublic)
+@router.post("/datasets", status_code=201, response_model=DatasetPublic, responses=responses(400, 401, 422))
 def create_dataset(file: UploadFile = File(description="JSONL, one example per line"),
                    method: str | None = Form(None, pattern="^(dpo|sft)$"),
                    svc: Services = Depends(services)) -> DatasetPublic:  # fmt: skip
@@ -48,8 +48,8 @@ def create_dataset(file: UploadFile = File(description="JSONL, one example per l
     return DatasetPublic(**dataset.model_dump())
 
 
-@router.get("/datasets/{dataset_id}", response_model=DatasetPublic)
-def get_dataset(dataset_id: str, svc: Services = Depends(services)) -> DatasetPublic:
+@router.get("/datasets/{dataset_id}", response_model=DatasetPublic, responses=responses(401, 404, 422))
+def get_dataset(dataset_id: DatasetId, svc: Services = Depends(services)) -> DatasetPublic:
     dataset = svc.store.get_dataset(dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id)

@@ -1,4 +1,8 @@
-"""Health, readiness, Prometheus metrics and the worker pool."""
+"""Health, readiness, this API process's Prometheus metrics, the reconciler's state, and the worker pool.
+
+Database-wide figures (jobs by status, queue depth, run times, live workers) are exported once for the whole
+deployment by the service worker (`worker.metrics`), not by every API replica.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,48 @@ import time
 
 import redis
 from fastapi import APIRouter, Depends, Response
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from api.deps import Services, services
+from api.errors import responses
 from api.schemas import WorkerPublic, WorkersPublic
-from jobs.models import JobStatus
-from queue_config import CPU_QUEUE, SERVICE_QUEUE, gpu_queue
+from jobs.service import ServiceLeases
 
 router = APIRouter(tags=["ops"])  # open: probes and scrapes carry no key
 protected = APIRouter(tags=["ops"])
-QUEUES = [CPU_QUEUE, SERVICE_QUEUE] + [gpu_queue(n) for n in (1, 2, 3, 4, 5, 6, 7, 8)]
-PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")  # kombu's Redis keys per priority step
-DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600, 72 * 3600)
+REQUESTS = Counter("prefq_api_requests", "HTTP requests answered by this API process", ["route", "status"])
+
+
+class ReadyPublic(BaseModel):
+    status: str
+    checks: dict[str, str]
+    broker: str  # reported, not required: submissions answer 503 while it is down
+    reconciler_last_run_s_ago: float | None
+
+
+class RequestCounter:
+    """ASGI middleware: counts answered requests by route template and status."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def _send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(route, str(status[0])).inc()
 
 
 @router.get("/healthz")
@@ -33,70 +65,39 @@ def _check(fn) -> str:
         fn()
         return "ok"
     except Exception as exc:  # noqa: BLE001 - a probe reports any failure
-        return f"error: {type(exc).__name__}: {exc}"
+        return f"error: {type(exc).__name__}"
 
 
-@router.get("/readyz")
-def readyz(response: Response, svc: Services = Depends(services)) -> dict:
-    """Database, broker and storage answer."""
+@router.get("/readyz", response_model=ReadyPublic, responses={503: {"model": ReadyPublic, "description": "not ready"}})
+def readyz(response: Response, svc: Services = Depends(services)) -> ReadyPublic:
+    """Ready when the database and storage answer. The broker is reported but not required, so that a broker
+    outage does not take every API replica out of service (submissions answer 503 meanwhile)."""
 
     def database():
         with svc.store.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
-    checks = {
-        "database": _check(database),
-        "broker": _check(lambda: redis.Redis.from_url(svc.settings.broker_url, socket_timeout=2).ping()),
-        "storage": _check(lambda: svc.storage.exists("readyz-probe")),
-    }
+    checks = {"database": _check(database), "storage": _check(lambda: svc.storage.exists("readyz-probe"))}
+    broker = _check(lambda: redis.Redis.from_url(svc.settings.broker_url, socket_timeout=2).ping())
+    last = None
+    if checks["database"] == "ok":
+        lease = ServiceLeases(svc.store.engine).get("reconciler")
+        last = round(time.time() - lease.last_run_at, 1) if lease and lease.last_run_at else None
     ready = all(v == "ok" for v in checks.values())
     response.status_code = 200 if ready else 503
-    return {"status": "ok" if ready else "unavailable", "checks": checks}
+    return ReadyPublic(status="ok" if ready else "unavailable", checks=checks, broker=broker,
+                       reconciler_last_run_s_ago=last)  # fmt: skip
 
 
-def queue_depths(broker_url: str) -> dict[str, int]:
-    client = redis.Redis.from_url(broker_url, socket_timeout=2)
-    with client.pipeline() as pipe:
-        for queue in QUEUES:
-            for suffix in PRIORITY_SUFFIXES:
-                pipe.llen(queue + suffix)
-        lengths = pipe.execute()
-    n = len(PRIORITY_SUFFIXES)
-    return {q: sum(lengths[i * n:(i + 1) * n]) for i, q in enumerate(QUEUES)}
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
+def metrics() -> Response:
+    """This API process's metrics in Prometheus text format (`prefq_api_requests_total{route,status}`). The
+    database-wide ones are on the service worker's `PREFQ_METRICS_PORT`."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-class _JobCollector:
-    def __init__(self, svc: Services):
-        self.svc = svc
-
-    def collect(self):
-        counts = self.svc.store.count_by_status()
-        jobs = GaugeMetricFamily("prefq_jobs", "Jobs by status", labels=["status"])
-        for status in JobStatus:
-            jobs.add_metric([status.value], counts.get(status.value, 0))
-        yield jobs
-        depth = GaugeMetricFamily("prefq_queue_depth", "Messages waiting per queue", labels=["queue"])
-        for queue, n in queue_depths(self.svc.settings.broker_url).items():
-            depth.add_metric([queue], n)
-        yield depth
-        durations = sorted(self.svc.store.durations(time.time() - 24 * 3600))
-        buckets = [(str(b), sum(d <= b for d in durations)) for b in DURATION_BUCKETS]
-        hist = HistogramMetricFamily("prefq_job_duration_seconds", "Run time of jobs finished in the last 24 h")
-        hist.add_metric([], buckets + [("+Inf", len(durations))], sum_value=sum(durations))
-        yield hist
-        workers = self.svc.store.workers(time.time() - self.svc.settings.worker_live_s)
-        yield GaugeMetricFamily("prefq_workers_live", "Workers with a recent heartbeat", value=len(workers))
-
-
-@router.get("/metrics")
-def metrics(svc: Services = Depends(services)) -> Response:
-    """Prometheus text format: jobs by status, queue depth, job durations, live workers."""
-    registry = CollectorRegistry()
-    registry.register(_JobCollector(svc))
-    return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
-
-
-@protected.get("/workers", response_model=WorkersPublic)
+@protected.get("/workers", response_model=WorkersPublic, responses=responses(401))
 def workers(svc: Services = Depends(services)) -> WorkersPublic:
     """Every worker that has reported, with its devices, current job and last heartbeat."""
     live_since = time.time() - svc.settings.worker_live_s

@@ -116,6 +116,7 @@ def stack(tmp_path_factory, broker_url, pg_url, s3):
     """The whole service on PostgreSQL, the broker and S3, with short heartbeats and leases."""
     import secrets
 
+    from api.dev import free_port
     from jobs.db import upgrade
     from tests.services import Stack
 
@@ -125,9 +126,19 @@ def stack(tmp_path_factory, broker_url, pg_url, s3):
                PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/stack-{secrets.token_hex(3)}",
                PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"], PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
                PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"], PREFQ_CALLBACK_SECRET="test-secret",
-               PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="6", PREFQ_RECONCILE_INTERVAL_S="2",
-               PREFQ_CANCEL_GRACE_S="30", PREFQ_CPU_DEVICES="2", PREFQ_WORKER_LIVE_S="10")  # fmt: skip
+               PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="10", PREFQ_RECONCILE_INTERVAL_S="2",
+               PREFQ_CANCEL_GRACE_S="30", PREFQ_CPU_DEVICES="2", PREFQ_WORKER_LIVE_S="10",
+               PREFQ_METRICS_PORT=str(free_port()))  # fmt: skip
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("logs")).up()
     yield stack
     stack.down()
+
+
+@pytest.fixture
+def callback_url():
+    from tests.services import serve_callbacks
+
+    server, url = serve_callbacks()
+    yield url
+    server.shutdown()

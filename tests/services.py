@@ -8,15 +8,20 @@ import os
 import secrets
 import shutil
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import httpx
 import psycopg
 
-from api.dev import free_port, stop, wait_for_port
+from api.dev import die_with_parent, free_port, stop, wait_for_port
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--set", "batch_size=16", "--set", "learning_rate=3e-3", "--set", "lr_scheduler=constant",
+        "--set", "max_length=64"]  # fmt: skip
 S3_KEY, S3_SECRET, S3_BUCKET = "prefq-test", secrets.token_hex(16), "prefq"
 
 
@@ -74,10 +79,12 @@ class Stack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env["PREFQ_API_URL"] = self.url
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+        """`prefq ARGS` as the process `name`; `env` overrides some of the stack's variables for it alone."""
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
-        proc = subprocess.Popen(["prefq", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(["prefq", *args], env={**self.env, **(env or {})}, stdout=log, cwd=cwd,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent)  # fmt: skip
         log.close()
         self.procs[name] = proc
         return proc
@@ -122,3 +129,44 @@ class Stack:
                     return event
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} had no {kind} event; logs in {self.log_dir}")
+
+
+def prefq(stack: Stack, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(["prefq", *args], env=stack.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def submit(stack: Stack, model, data, *args) -> str:
+    out = prefq(stack, "submit", str(data), "--model", str(model), "--method", "dpo", *FAST, *args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return next(line for line in out.stdout.split() if line.startswith("job_"))
+
+
+def alive(pid: int) -> bool:
+    """Whether any process of the process group `pid` lives."""
+    try:
+        os.killpg(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """A callback receiver: keeps every POST (headers, body)."""
+
+    received: list = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.received.append((dict(self.headers), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_callbacks() -> tuple[HTTPServer, str]:
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Receiver.received = []
+    return server, f"http://127.0.0.1:{server.server_port}/hook"

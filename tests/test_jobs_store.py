@@ -6,7 +6,9 @@ import pytest
 from sqlalchemy import text
 
 from jobs.db import make_engine, upgrade
-from jobs.models import Dataset, Job, JobStatus, new_id
+from jobs.models import INF_BUCKET, Dataset, Job, JobStatus, new_id
+from jobs.outbox import Outbox
+from jobs.service import ServiceLeases, count_by_status, duration_buckets
 from jobs.store import JobStore
 
 
@@ -19,7 +21,9 @@ def store(request, tmp_path):
         url = request.getfixturevalue("pg_store_url")
         upgrade(url)
         with make_engine(url).begin() as conn:
-            conn.execute(text("TRUNCATE job_events, jobs, datasets, workers"))
+            conn.execute(text("TRUNCATE job_events, callbacks, jobs, datasets, workers"))
+            conn.execute(text("UPDATE job_duration_buckets SET count = 0, sum_s = 0"))
+            conn.execute(text("UPDATE service_leases SET holder = NULL, expires_at = 0, last_run_at = NULL"))
     return JobStore(make_engine(url))
 
 
@@ -45,7 +49,7 @@ def test_claim_is_exclusive_and_fenced(store):
     assert claimed.status == JobStatus.running and claimed.lease_owner == "w1" and claimed.started_at
     assert store.claim(job.id, 1, "w2", ttl_s=30) is None, "a redelivered message must not train twice"
     assert store.record(job.id, 1, "w2", 30) is None, "a writer without the lease is fenced off"
-    assert store.record(job.id, 1, "w1", 30, ("progress", {"step": 3}), step=3) == JobStatus.running
+    assert store.record(job.id, 1, "w1", 30, [("progress", {"step": 3})], step=3) == JobStatus.running
     assert store.get_job(job.id).step == 3
     assert store.finish(job.id, 1, "w1", JobStatus.succeeded, result_uri="s3://b/m")
     assert not store.finish(job.id, 1, "w1", JobStatus.failed), "a finished job does not move again"
@@ -56,11 +60,11 @@ def test_claim_is_exclusive_and_fenced(store):
 
 def test_cancel_queued_at_once_and_running_through_cancelling(store):
     queued, _ = create(store)
-    assert store.request_cancel(queued.id) == JobStatus.cancelled
+    assert store.request_cancel(queued.id)[0] == JobStatus.cancelled
     assert store.claim(queued.id, 1, "w", 30) is None
     running, _ = create(store)
     store.claim(running.id, 1, "w", 30)
-    assert store.request_cancel(running.id) == JobStatus.cancelling
+    assert store.request_cancel(running.id) == (JobStatus.cancelling, None)
     assert store.record(running.id, 1, "w", 30) == JobStatus.cancelling, "the worker sees it at its heartbeat"
     assert store.finish(running.id, 1, "w", JobStatus.cancelled)
     assert store.request_cancel(running.id) is None
@@ -106,7 +110,7 @@ def test_a_batch_is_one_commit_and_twins_by_key_share_one_job(store):
     assert [(job.id, created) for job, created in results] == [
         (held.id, False), (jobs[1].id, True), (jobs[2].id, True), (jobs[1].id, False),
     ]  # fmt: skip
-    assert store.count_by_status() == {"queued": 3}
+    assert count_by_status(store.engine) == {"queued": 3}
     assert [e.type for e in store.events_after(jobs[2].id, 0)] == ["queued"]
 
 
@@ -144,15 +148,16 @@ def test_list_filters_and_pages_newest_first(store):
     assert [j.id for j in cancelled] == [ids[5], ids[3], ids[1]]
     recent, _ = store.list_jobs(since=store.get_job(ids[4]).created_at)
     assert [j.id for j in recent] == ids[4:][::-1]
-    assert store.count_by_status() == {"queued": 4, "cancelled": 3}
+    assert count_by_status(store.engine) == {"queued": 4, "cancelled": 3}
 
 
 def test_events_are_numbered_per_job_and_read_after_a_sequence(store):
     job, _ = create(store)
     other, _ = create(store)
     store.claim(job.id, 1, "w", 30)
-    for step in (1, 2, 3):
-        store.record(job.id, 1, "w", 30, ("progress", {"step": step}))
+    for step in (1, 2):
+        store.record(job.id, 1, "w", 30, [("progress", {"step": step})])
+    store.record(job.id, 1, "w", 30, [("progress", {"step": 3})])
     store.add_event(other.id, 1, "cancel_requested")
     events = store.events_after(job.id)
     assert [(e.seq, e.type) for e in events] == [(1, "queued"), (2, "progress"), (3, "progress"), (4, "progress")]
@@ -166,3 +171,85 @@ def test_datasets_round_trip(store):
     store.add(ds)
     assert store.get_dataset(ds.id).warnings == ds.warnings
     assert store.get_dataset("ds_missing") is None
+
+
+def test_a_renewal_after_the_lease_expired_fails(store):
+    """Judged on the database's clock: an expired lease cannot be renewed, so a worker that was cut off for longer
+    than the lease can never train on beside the attempt the reconciler starts."""
+    job, _ = create(store)
+    store.claim(job.id, 1, "w", ttl_s=0.3)
+    assert store.record(job.id, 1, "w", 0.3) == JobStatus.running
+    time.sleep(0.5)
+    assert store.record(job.id, 1, "w", 30) is None, "expired: the renewal is refused"
+    assert [j.id for j in store.expired()] == [job.id]
+
+
+def test_every_terminal_transition_writes_its_event_callback_and_run_time_in_one_go(store):
+    url = "https://hooks.example.com/prefq"
+    ok, _ = create(store, callback_url=url)
+    store.claim(ok.id, 1, "w", 30)
+    time.sleep(0.05)
+    done = store.finish(ok.id, 1, "w", JobStatus.succeeded, result_uri="s3://b/m")
+    assert done.job.status == JobStatus.succeeded and done.callback_id.startswith("cb_")
+    assert store.get_job(ok.id).callback_status == "pending"
+    assert [e.type for e in store.events_after(ok.id)][-1] == "succeeded"
+    callback = Outbox(store.engine).get(done.callback_id)
+    assert (callback.event, callback.url, callback.status) == ("job.succeeded", url, "pending")
+    assert callback.payload["id"] == ok.id and callback.payload["status"] == "succeeded"
+
+    queued, _ = create(store, callback_url=url)  # cancelled while queued
+    status, cancelled = store.request_cancel(queued.id)
+    assert status == JobStatus.cancelled and cancelled.callback_id
+    assert store.events_after(queued.id)[-1].type == "cancelled"
+    unsent, _ = create(store, callback_url=url)  # its task could not be sent
+    failed = store.fail_unsent(unsent.id, 1, "broker down")
+    assert failed.callback_id and store.events_after(unsent.id)[-1].data["error"]["code"] == "enqueue_failed"
+    dead, _ = create(store, callback_url=url)  # failed by the reconciler
+    store.claim(dead.id, 1, "w", ttl_s=0.1)
+    time.sleep(0.3)
+    (expired,) = store.expired()
+    ended = store.fail_expired(expired, JobStatus.failed, error_code="lease_expired", error_is_user=False)
+    assert ended.callback_id and store.events_after(dead.id)[-1].type == "failed"
+    assert store.fail_expired(expired, JobStatus.failed) is None, "once"
+    assert store.finish(ok.id, 1, "w", JobStatus.failed) is None, "a finished job does not move, nor tell, again"
+    assert len(Outbox(store.engine).overdue(grace_s=-60)) == 4
+
+    buckets = {(b.status, b.le): b for b in duration_buckets(store.engine)}
+    assert buckets[("succeeded", 10)].count == 1 and buckets[("succeeded", INF_BUCKET)].sum_s >= 0.05
+    assert buckets[("failed", INF_BUCKET)].count == 1, "the never-started unsent job has no run time"
+    assert buckets[("cancelled", INF_BUCKET)].count == 0
+
+
+def test_a_callback_is_claimed_by_one_delivery_at_a_time(store):
+    job, _ = create(store, callback_url="https://hooks.example.com/x")
+    store.claim(job.id, 1, "w", 30)
+    done = store.finish(job.id, 1, "w", JobStatus.succeeded)
+    outbox = Outbox(store.engine)
+    first = outbox.claim(done.callback_id, busy_s=30)
+    assert first.tries == 1 and outbox.claim(done.callback_id, busy_s=30) is None, "a second copy waits"
+    outbox.try_failed(first, "503", retry_in_s=0)
+    second = outbox.claim(done.callback_id, busy_s=30)
+    assert second.tries == 2
+    outbox.delivered(second)
+    assert outbox.claim(done.callback_id, busy_s=30) is None and outbox.get(done.callback_id).status == "delivered"
+    assert store.get_job(job.id).callback_status == "delivered"
+
+
+def test_a_service_lease_has_one_holder_until_it_expires_or_is_released(store):
+    leases = ServiceLeases(store.engine)
+    assert leases.acquire("reconciler", "a", ttl_s=0.3)
+    assert not leases.acquire("reconciler", "b", ttl_s=30) and leases.acquire("reconciler", "a", ttl_s=0.3)
+    time.sleep(0.5)
+    assert leases.acquire("reconciler", "b", ttl_s=30), "expired: another may take it"
+    leases.release("reconciler", "b", {"requeued": 2})
+    lease = leases.get("reconciler")
+    assert lease.holder is None and lease.last_result == {"requeued": 2} and lease.last_run_at
+    assert leases.acquire("reconciler", "a", ttl_s=30)
+
+
+def test_unclaimed_lists_queued_jobs_whose_task_was_sent_long_enough_ago(store):
+    job, _ = create(store)
+    assert store.unclaimed(older_than_s=0.2) == []
+    time.sleep(0.4)
+    assert [j.id for j in store.unclaimed(older_than_s=0.2)] == [job.id]
+    assert store.mark_enqueued(job.id, 1) and store.unclaimed(older_than_s=0.2) == []

@@ -5,58 +5,11 @@ import hmac
 import json
 import os
 import signal
-import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
-import pytest
 
-from tests.conftest import ROOT
-
-FAST = ["--set", "batch_size=16", "--set", "learning_rate=3e-3", "--set", "lr_scheduler=constant",
-        "--set", "max_length=64"]  # fmt: skip
-
-
-def prefq(stack, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(["prefq", *args], env=stack.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-def submit(stack, model, data, *args) -> str:
-    out = prefq(stack, "submit", str(data), "--model", str(model), "--method", "dpo", *FAST, *args)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return next(line for line in out.stdout.split() if line.startswith("job_"))
-
-
-class Receiver(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        Receiver.received.append((dict(self.headers), body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def callback_url():
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    Receiver.received = []
-    yield f"http://127.0.0.1:{server.server_port}/hook"
-    server.shutdown()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+from tests.services import FAST, Receiver, alive, prefq, submit
 
 
 def test_dpo_job_end_to_end(stack, micro_model, toy_dpo, callback_url, tmp_path):
@@ -76,7 +29,7 @@ def test_dpo_job_end_to_end(stack, micro_model, toy_dpo, callback_url, tmp_path)
 
     events = httpx.get(f"{stack.url}/jobs/{job_id}/events").json()["data"]
     kinds = [e["type"] for e in events]
-    assert kinds[:4] == ["queued", "claimed", "launched", "started"] and kinds[-1] == "done"
+    assert kinds[:4] == ["queued", "claimed", "launched", "started"] and kinds[-2:] == ["done", "succeeded"]
     assert kinds.count("progress") == 30 and kinds.count("checkpoint") == 3
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     later = httpx.get(f"{stack.url}/jobs/{job_id}/events", params={"after": len(events) - 2}).json()["data"]
@@ -103,8 +56,12 @@ def test_dpo_job_end_to_end(stack, micro_model, toy_dpo, callback_url, tmp_path)
     signed = f"{headers['X-Prefq-Timestamp']}.".encode() + body
     expected = "sha256=" + hmac.new(b"test-secret", signed, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(headers["X-Prefq-Signature"], expected)
-    assert headers["X-Prefq-Event"] == "job.succeeded"
+    assert headers["X-Prefq-Event"] == "job.succeeded" and headers["X-Prefq-Delivery"].startswith("cb_")
     assert json.loads(body)["id"] == job_id and json.loads(body)["status"] == "succeeded"
+    deadline = time.monotonic() + 10
+    while stack.get(f"/jobs/{job_id}")["callback_status"] != "delivered" and time.monotonic() < deadline:
+        time.sleep(0.1)  # marked once the receiver has answered
+    assert stack.get(f"/jobs/{job_id}")["callback_status"] == "delivered"
     assert abs(int(headers["X-Prefq-Timestamp"]) - time.time()) < 60
 
     streamed = prefq(stack, "events", job_id, "--follow")

@@ -1,0 +1,109 @@
+"""prefq's processes and their surroundings: the dev stack dies with its parent, no process imports from its
+working folder, and the database-wide metrics are a valid, exported-once Prometheus histogram."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+from prometheus_client import CollectorRegistry, generate_latest
+
+from jobs.db import make_engine, upgrade
+from jobs.models import Job, JobStatus, new_id
+from jobs.store import JobStore
+from queue_config import Settings
+from tests.conftest import ROOT
+from worker.metrics import DatabaseCollector
+
+PREFQ = os.path.join(os.path.dirname(sys.executable), "prefq")
+
+
+def test_the_dev_stack_dies_with_its_parent_even_by_sigkill(tmp_path):
+    """An OOM kill or a closed terminal's hard kill of `prefq dev` leaves no broker, API or worker holding ports."""
+    from api.dev import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFQ_")}
+    dev = subprocess.Popen([sys.executable, "-m", "api.cli", "dev", "--port", str(port), "--flower-port", "0",
+                            "--data-dir", str(tmp_path / "dev"), "--cpu-devices", "0"], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 90
+    children = []
+    while time.monotonic() < deadline:
+        children = psutil.Process(dev.pid).children(recursive=True)
+        if len(children) >= 3 and (tmp_path / "dev" / "logs" / "service-worker.log").exists():
+            break
+        time.sleep(0.3)
+    assert len(children) >= 3, [c.cmdline() for c in children]
+    time.sleep(2)
+    children = psutil.Process(dev.pid).children(recursive=True)
+    dev.send_signal(signal.SIGKILL)
+    dev.wait()
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]
+
+
+def test_no_prefq_process_imports_from_its_working_folder(tmp_path, broker_url):
+    """Workers and the API started from a folder that holds `storage/`, `jobs/`, ... folders (common names) and a
+    `queue_config.py` run prefq's own packages, not those."""
+    from api.dev import die_with_parent, free_port, wait_for_port
+
+    for name in ("storage", "jobs", "worker", "api", "training"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "queue_config.py").write_text("raise ImportError('the working folder was imported')\n")
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PREFQ_")}
+    env.update(PREFQ_DATA_DIR=str(data), PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/3", PREFQ_METRICS_PORT="0")
+    upgrade(Settings(data_dir=data).database_url)
+    port = free_port()
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True, preexec_fn=die_with_parent)
+             for cmd in ([PREFQ, "worker", "--service", "--name", "cwd-test@%h"], [PREFQ, "api", "--port", str(port)])]  # fmt: skip
+    try:
+        wait_for_port(port, 60)
+        deadline = time.monotonic() + 60
+        while not list((data / "work" / "health").glob("cwd-test@*.json")) and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), "a process died at start-up"
+            time.sleep(0.3)
+        assert list((data / "work" / "health").glob("cwd-test@*.json")), "the worker came up"
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=60)
+
+
+def test_the_run_time_histogram_never_decreases_and_is_exported_once(tmp_path):
+    settings = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:1/0")
+    upgrade(settings.database_url)
+    store = JobStore(make_engine(settings.database_url))
+    job = Job(id=new_id("job"), method="dpo", trainer="basic", gpus=1, model="/m", dataset_id="ds_x")
+    store.create_jobs([(job, [])])
+    store.claim(job.id, 1, "w", 30)
+    store.finish(job.id, 1, "w", JobStatus.failed, error_code="run_crashed", error_is_user=False)
+
+    def scrape(holder: str) -> str:
+        registry = CollectorRegistry()
+        registry.register(_NoBroker(settings, store, holder))
+        return generate_latest(registry).decode()
+
+    first = scrape("a")
+    assert 'prefq_job_duration_seconds_count{status="failed"} 1.0' in first
+    assert store.retry(job.id, 3) == 2  # the job is no longer finished: a derived histogram would go down
+    assert 'prefq_job_duration_seconds_count{status="failed"} 1.0' in scrape("a")
+    other = scrape("b")  # a second service worker: exports nothing database-wide
+    assert "prefq_exporter_active 0.0" in other and "prefq_jobs" not in other
+
+
+class _NoBroker(DatabaseCollector):
+    """The exporter without a broker to count queue depths in (not what this test is about)."""
+
+    def collect(self):
+        import worker.metrics as m
+
+        real, m.queue_depths = m.queue_depths, lambda url: {}
+        try:
+            yield from super().collect()
+        finally:
+            m.queue_depths = real

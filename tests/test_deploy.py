@@ -1,6 +1,7 @@
-"""The deployment files stay true to the code: they parse, reference what exists, and run real commands."""
+"""The deployment files stay true to the code: they parse, reference what exists, run real commands, and pass
+`deploy/check` (kustomize renders, strict schemas, compose, images), which CI runs through this file."""
 
-from pathlib import Path
+import subprocess
 
 import pytest
 import yaml
@@ -13,14 +14,16 @@ MANIFESTS = sorted((ROOT / "deploy" / "k8s").rglob("*.yaml")) + [ROOT / "compose
 
 
 def commands() -> list[tuple[str, list[str]]]:
-    """Every `prefq ...` command line in the manifests and compose file."""
+    """Every `prefq ...` command line in the manifests and compose file, health checks included."""
     found = []
 
     def walk(node, where):
         if isinstance(node, dict):
             for key, value in node.items():
-                if key in ("command", "value") and isinstance(value, list) and value[:1] == ["prefq"]:
-                    found.append((where, value[1:]))
+                if key in ("command", "value", "test") and isinstance(value, list):
+                    line = value[1:] if value[:1] == ["CMD"] else value
+                    if line[:1] == ["prefq"]:
+                        found.append((where, line[1:]))
                 walk(value, where)
         elif isinstance(node, list):
             for item in node:
@@ -41,13 +44,14 @@ def test_manifests_parse(path):
 
 def test_kustomizations_name_existing_files():
     for kustomization in (ROOT / "deploy" / "k8s").rglob("kustomization.yaml"):
-        for resource in yaml.safe_load(kustomization.read_text())["resources"]:
+        spec = yaml.safe_load(kustomization.read_text())
+        for resource in spec.get("resources", []) + spec.get("components", []):
             assert (kustomization.parent / resource).exists(), f"{kustomization}: {resource}"
 
 
 def test_every_prefq_command_line_is_accepted_by_the_cli():
     found = commands()
-    assert len(found) >= 8
+    assert len(found) >= 10
     runner = CliRunner()
     for where, args in found:
         result = runner.invoke(app, [("pod-1" if a.startswith("$(") else a) for a in args] + ["--help"])
@@ -61,4 +65,9 @@ def test_dockerfiles_copy_every_package():
         assert all(f"COPY {p} {p}" in text for p in packages), dockerfile.name
         assert "queue_config.py" in text
     assert packages == {"api", "jobs", "storage", "training", "worker"}
-    assert Path(ROOT / "deploy" / "seaweedfs-s3.json").is_file()
+
+
+def test_deploy_check_passes_on_the_repository():
+    out = subprocess.run([str(ROOT / "deploy" / "check")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "deploy/check: ok: base, cpu-dev, gpu-4 rendered" in out.stdout

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated, Literal
 
 from celery import Celery
-from pydantic import SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RUN_JOB = "prefq.run_job"
 DELIVER_CALLBACK = "prefq.deliver_callback"
@@ -80,8 +81,14 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr | None = None
 
     api_url: str = "http://127.0.0.1:8000"  # where the CLI finds the API
-    api_key: SecretStr | None = None  # when set, the API wants `Authorization: Bearer <key>` (not on /healthz)
+    api_key: SecretStr | None = None  # the key the CLI sends (else the one in its config file)
+    auth: Literal["on", "off"] = "on"  # "off": every request is the admin of tenant `default` (a private laptop)
+    admin_key: SecretStr | None = None  # an admin key (of tenant `default`) the API creates at start if missing
+    # What a job may name (`jobs.perimeter`): shared storage prefixes of vetted models, local model folders
+    shared_models: Annotated[list[str], NoDecode] = []  # comma-separated URI prefixes, e.g. s3://models/vetted
+    model_roots: Annotated[list[str], NoDecode] = []  # comma-separated local folders; `prefq dev` lists its data
     callback_secret: SecretStr | None = None  # HMAC-SHA256 key for callback signatures; callbacks need it
+    callback_allow_private: bool = False  # allow callbacks to loopback and private addresses (tests, a lab)
     callback_max_retries: int = 8
     callback_timeout_s: float = 10.0
 
@@ -98,8 +105,25 @@ class Settings(BaseSettings):
     # it) gets its task sent again
     model_cache_gb: float = 100.0  # models fetched by URI stay on the worker's disk up to this size (LRU)
     metrics_port: int = 9464  # the service worker's Prometheus exporter of database-wide metrics; 0: off
+    # Limits: a request beyond one is refused with 413 or 422 naming it
+    max_upload_bytes: int = 1 << 30  # a dataset upload
+    max_rows: int = 10_000_000  # rows of a dataset
+    max_line_bytes: int = 8 << 20  # one JSONL line
+    max_json_depth: int = 32  # nesting of one line's JSON
+    max_job_steps: int = 1_000_000  # hyperparameters.max_steps
+    max_job_length: int = 131_072  # hyperparameters.max_length (tokens)
+    max_job_epochs: float = 100.0  # hyperparameters.epochs
+    max_job_batch_size: int = 4096  # hyperparameters.batch_size
+    tenant_max_active_jobs: int = 100  # unfinished jobs per tenant; beyond: 429 with Retry-After
     visibility_timeout_s: int = 7 * 24 * 3600  # above the longest job: Redis re-sends unacked tasks after it
     worker_live_s: float = 120.0  # a worker whose last heartbeat is older is not counted as live
+
+    @field_validator("shared_models", "model_roots", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

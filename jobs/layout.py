@@ -1,28 +1,32 @@
-"""Where a job's files live in storage (keys relative to the storage root)."""
+"""Where a tenant's files live in storage (keys relative to the storage root): everything under
+`tenants/<tenant>/`, so that a tenant's references can be confined to its prefix (`jobs.perimeter`)."""
 
 from __future__ import annotations
 
 import re
 
-
-def dataset_key(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}.jsonl"
+from jobs.perimeter import tenant_prefix
 
 
-def checkpoints_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/checkpoints/"
+def dataset_key(tenant: str, dataset_id: str) -> str:
+    return f"{tenant_prefix(tenant)}datasets/{dataset_id}.jsonl"
 
 
-def checkpoint_prefix(job_id: str, step: int) -> str:
-    return f"{checkpoints_prefix(job_id)}step-{step:08d}/"
+def checkpoints_prefix(tenant: str, job_id: str) -> str:
+    return f"{tenant_prefix(tenant)}jobs/{job_id}/checkpoints/"
 
 
-def model_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/model/"
+def checkpoint_prefix(tenant: str, job_id: str, step: int) -> str:
+    return f"{checkpoints_prefix(tenant, job_id)}step-{step:08d}/"
 
 
-def complete_checkpoints(job_id: str, keys: list[str], manifest: str) -> dict[int, str]:
+def model_prefix(tenant: str, job_id: str) -> str:
+    return f"{tenant_prefix(tenant)}jobs/{job_id}/model/"
+
+
+def complete_checkpoints(tenant: str, job_id: str, keys: list[str], manifest: str) -> dict[int, str]:
     """{step: prefix} of the checkpoints whose manifest (uploaded last) is present."""
-    pattern = re.compile(re.escape(checkpoints_prefix(job_id)) + r"step-(\d+)/" + re.escape(manifest) + "$")
+    base = checkpoints_prefix(tenant, job_id)
+    pattern = re.compile(re.escape(base) + r"step-(\d+)/" + re.escape(manifest) + "$")
     found = (pattern.match(k) for k in keys)
-    return {int(m.group(1)): checkpoint_prefix(job_id, int(m.group(1))) for m in found if m}
+    return {int(m.group(1)): f"{base}step-{int(m.group(1)):08d}/" for m in found if m}

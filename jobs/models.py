@@ -53,6 +53,7 @@ class Job(SQLModel, table=True):
     __tablename__ = "jobs"
 
     id: str = Field(primary_key=True)
+    tenant: str = Field(default="default", index=True)  # the tenant of the key that created it
     created_at: float = Field(default_factory=now, index=True)
     updated_at: float = Field(default_factory=now)
     started_at: float | None = None
@@ -145,10 +146,26 @@ class DurationBucket(SQLModel, table=True):
     sum_s: float = 0.0  # only on the +Inf row: the sum of every observed run time
 
 
+class ApiKey(SQLModel, table=True):
+    """An API key (`jobs.keys`): only its SHA-256 is stored; `id` is the public part that indexes it."""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True)
+    tenant: str = Field(index=True)
+    admin: bool = False  # sees and manages every tenant
+    label: str = ""
+    sha256: str
+    created_at: float = Field(default_factory=now)
+    last_used_at: float | None = None
+    revoked_at: float | None = None
+
+
 class Dataset(SQLModel, table=True):
     __tablename__ = "datasets"
 
     id: str = Field(primary_key=True)
+    tenant: str = Field(default="default", index=True)
     created_at: float = Field(default_factory=now)
     filename: str
     uri: str
@@ -180,6 +197,7 @@ class JobPublic(BaseModel):
 
     id: str
     object: str = "training.job"
+    tenant: str
     status: JobStatus
     created_at: float
     started_at: float | None

@@ -96,9 +96,12 @@ class JobStore:
             return s.get(Job, job_id)
 
     def list_jobs(self, status: JobStatus | None = None, since: float | None = None, limit: int = 20,
-                  after: str | None = None) -> tuple[list[Job], bool]:  # fmt: skip
-        """Newest first; `after` is the last id of the previous page. Returns the page and whether more exist."""
+                  after: str | None = None, tenant: str | None = None) -> tuple[list[Job], bool]:  # fmt: skip
+        """Newest first (of `tenant`'s; None: every tenant's); `after` is the last id of the previous page.
+        Returns the page and whether more exist."""
         query = select(Job).order_by(col(Job.id).desc()).limit(limit + 1)
+        if tenant is not None:
+            query = query.where(Job.tenant == tenant)
         if status is not None:
             query = query.where(Job.status == status)
         if since is not None:
@@ -108,6 +111,21 @@ class JobStore:
         with session(self.engine) as s:
             rows = list(s.exec(query))
         return rows[:limit], len(rows) > limit
+
+    def list_datasets(self, tenant: str | None, limit: int = 20, after: str | None = None) -> tuple[list[Dataset], bool]:
+        query = select(Dataset).order_by(col(Dataset.id).desc()).limit(limit + 1)
+        if tenant is not None:
+            query = query.where(Dataset.tenant == tenant)
+        if after is not None:
+            query = query.where(Dataset.id < after)
+        with session(self.engine) as s:
+            rows = list(s.exec(query))
+        return rows[:limit], len(rows) > limit
+
+    def count_unfinished(self, tenant: str) -> int:
+        query = select(func.count()).select_from(Job).where(Job.tenant == tenant, col(Job.status).not_in(FINISHED))
+        with session(self.engine) as s:
+            return s.exec(query).one()
 
     # -- transitions --------------------------------------------------------------------------------
 

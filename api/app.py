@@ -6,13 +6,16 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from api import errors
-from api.deps import Services, require_key
-from api.routes import datasets, jobs, ops
+from api.auth import DEFAULT_TENANT
+from api.deps import Services
+from api.limits import BodyLimit
+from api.routes import datasets, jobs, keys, ops
 from api.routes.ops import RequestCounter
 from jobs.db import make_engine
+from jobs.keys import KeyStore
 from jobs.store import JobStore
 from queue_config import Settings, make_celery
 from storage import open_storage
@@ -37,10 +40,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         storage=open_storage(settings.storage_url, **settings.storage_options()),
         celery=make_celery(settings, "prefq-api"),
     )
+    if settings.admin_key is not None:  # the operator's bootstrap key (from a Secret), hashed on first start
+        KeyStore(app.state.services.store.engine).ensure(settings.admin_key.get_secret_value(), DEFAULT_TENANT,
+                                                         admin=True, label="PREFQ_ADMIN_KEY")  # fmt: skip
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestCounter)
-    app.include_router(ops.router)
-    for router in (datasets.router, jobs.router, ops.protected):
-        app.include_router(router, dependencies=[Depends(require_key)])
+    for router in (ops.router, datasets.router, jobs.router, keys.router):
+        app.include_router(router)
     return app
 

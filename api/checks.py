@@ -10,9 +10,11 @@ from pathlib import Path
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import Principal
 from api.deps import Services
 from api.errors import APIError
 from api.schemas import JobCreate
+from jobs.perimeter import Refused, check_callback_url, confine
 from storage import StorageError, open_uri
 from training.spec import TrainingSpec, describe_errors
 
@@ -20,16 +22,28 @@ TOP_LEVEL = {"method", "trainer", "gpus"}  # spec fields set on the job itself
 RESERVED = TOP_LEVEL | {"model", "train_file", "eval_file"}
 
 
-async def dataset(svc: Services, ref: str, method: str, field: str) -> str:
+def _confine(svc: Services, who: Principal, ref: str, field: str, models: bool) -> str:
+    s = svc.settings
+    try:
+        return confine(ref, field, who.tenant, s.storage_url, s.shared_models, s.model_roots, models)
+    except Refused as exc:
+        raise APIError(422, "reference_not_allowed", str(exc), field=field) from None
+
+
+async def dataset(svc: Services, who: Principal, ref: str, method: str, field: str) -> str:
+    """A dataset id of the tenant's, or a storage URI under its prefix; nothing is looked up elsewhere."""
+    ref = _confine(svc, who, ref, field, models=False)
     if ref.startswith("ds_"):
         found = await svc.dataset(ref)
-        if found is None:
+        if found is None or found.tenant != who.tenant:
             raise APIError(422, "dataset_not_found", f"{field}: no dataset with id {ref!r}", field=field)
         if found.method != method:
             raise APIError(422, "dataset_method_mismatch",
                            f"{field}: {ref} holds {found.method} data ({found.format}); the job's method is {method}",
                            field=field)  # fmt: skip
         return ref
+    if ref.startswith("job_"):
+        raise APIError(422, "dataset_not_found", f"{field}: {ref} is a job, not a dataset", field=field)
     if not await run_in_threadpool(_uri_exists, svc, ref, field):
         raise APIError(422, "dataset_not_found", f"{field}: nothing stored at {ref}", field=field)
     return ref
@@ -43,18 +57,50 @@ def _uri_exists(svc: Services, uri: str, field: str, suffix: str = "") -> bool:
         raise APIError(422, "invalid_uri", f"{field}: {exc}", field=field) from None
 
 
-async def model(svc: Services, ref: str) -> None:
+async def model(svc: Services, who: Principal, ref: str) -> str:
+    """A model the tenant may read: under its storage prefix, a shared prefix, or a model root."""
+    ref = _confine(svc, who, ref, "model", models=True)
     if "://" in ref:
         found = await run_in_threadpool(_uri_exists, svc, ref, "model", "/config.json")
     else:
         found = (Path(ref) / "config.json").is_file()  # one local stat: cheaper than a thread hop
     if not found:
-        raise APIError(422, "model_not_found",
-                       f"model: no model folder (config.json) at {ref}; give a folder the workers can read "
-                       "or a storage URI", field="model")  # fmt: skip
+        raise APIError(422, "model_not_found", f"model: no model folder (config.json) at {ref}", field="model")
+    return ref
 
 
-def spec(req: JobCreate) -> None:
+async def callback_url(svc: Services, url: str) -> None:
+    if svc.settings.callback_secret is None:
+        raise APIError(422, "callbacks_disabled", "callback_url: this server has no PREFQ_CALLBACK_SECRET to sign "
+                       "callbacks with", field="callback_url")  # fmt: skip
+    try:
+        await run_in_threadpool(check_callback_url, url, svc.settings.callback_allow_private)
+    except Refused as exc:
+        raise APIError(422, "callback_url_not_allowed", str(exc), field="callback_url") from None
+
+
+async def room_for(svc: Services, who: Principal) -> None:
+    """A tenant with `PREFQ_TENANT_MAX_ACTIVE_JOBS` unfinished jobs gets 429 until some finish."""
+    limit = svc.settings.tenant_max_active_jobs
+    if await run_in_threadpool(svc.store.count_unfinished, who.tenant) >= limit:
+        raise APIError(429, "too_many_active_jobs", f"tenant {who.tenant} has {limit} unfinished jobs, the limit "
+                       "(PREFQ_TENANT_MAX_ACTIVE_JOBS); retry when some have finished", headers={"Retry-After": "60"})
+
+
+def _bounds(svc: Services) -> dict[str, tuple[float, str]]:
+    s = svc.settings
+    return {"max_steps": (s.max_job_steps, "PREFQ_MAX_JOB_STEPS"), "max_length": (s.max_job_length, "PREFQ_MAX_JOB_LENGTH"),
+            "epochs": (s.max_job_epochs, "PREFQ_MAX_JOB_EPOCHS"),
+            "batch_size": (s.max_job_batch_size, "PREFQ_MAX_JOB_BATCH_SIZE")}  # fmt: skip
+
+
+def spec(svc: Services, req: JobCreate) -> None:
+    """The hyperparameters validate as a training spec, within the server's limits."""
+    for name, (limit, setting) in _bounds(svc).items():
+        value = req.hyperparameters.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > limit:
+            raise APIError(422, "over_limit", f"hyperparameters.{name}: {value} is above this server's limit of "
+                           f"{limit:g} ({setting})", field=f"hyperparameters.{name}")  # fmt: skip
     clash = sorted(RESERVED & req.hyperparameters.keys())
     if clash:
         raise APIError(422, "invalid_hyperparameters", f"hyperparameters.{clash[0]}: set it at the top level of "

@@ -15,12 +15,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from api import clientconfig
 from api.client import Client, ClientError
+from api.keys_cli import keys_app
 from queue_config import Settings
 
 app = typer.Typer(help="prefq: preference training (DPO, SFT) on your own GPU pool.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
 console = Console(width=None if sys.stdout.isatty() else 250)  # piped output: no truncated tables
 state: dict = {}
 FINISHED = {"succeeded", "failed", "cancelled"}
@@ -32,9 +35,12 @@ def main(api_url: str = typer.Option(None, help="API base URL [env PREFQ_API_URL
 
 
 def client() -> Client:
-    settings = Settings()
-    key = settings.api_key.get_secret_value() if settings.api_key else None
-    return Client(state.get("api_url") or settings.api_url, key)
+    """The API client: --api-url, else PREFQ_API_URL, else the config file's; the key from PREFQ_API_KEY, else
+    the config file (which `prefq dev` writes)."""
+    settings, saved = Settings(), clientconfig.read()
+    url = state.get("api_url") or (settings.api_url if "api_url" in settings.model_fields_set else None)
+    key = settings.api_key.get_secret_value() if settings.api_key else saved.get("api_key")
+    return Client(url or saved.get("api_url") or settings.api_url, key)
 
 
 def fail(message: str) -> None:
@@ -346,11 +352,16 @@ def _interrupt(*_) -> None:
 def dev(port: int = 8000, flower_port: int = 5555, data_dir: Path = Path(".prefq"),
         cpu_devices: int = typer.Option(2, help="Devices the worker serves on the CPU")) -> None:  # fmt: skip
     """Broker, API, a worker, the service worker and Flower on this machine, until Ctrl-C."""
-    from api.dev import start_stack, stop
+    from api.dev import admin_key, start_stack, stop
 
-    procs, _ = start_stack(data_dir, port, flower_port, cpu_devices)
-    console.print(f"prefq dev: API http://127.0.0.1:{port} (docs /docs), Flower http://127.0.0.1:{flower_port}, "
+    procs, env = start_stack(data_dir, port, flower_port, cpu_devices)
+    key, created = admin_key(data_dir)
+    saved = clientconfig.write(env["PREFQ_API_URL"], key)
+    console.print(f"prefq dev: API {env['PREFQ_API_URL']} (docs /docs), Flower http://127.0.0.1:{flower_port}, "
                   f"data in {data_dir.resolve()}; Ctrl-C stops everything")  # fmt: skip
+    if created:
+        console.print(f"admin key (tenant default; shown once, also in {data_dir.resolve() / 'admin-key'}): {key}")
+    console.print(f"the CLI uses it from {saved}; models may be folders under {data_dir.resolve()}")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         while all(p.poll() is None for p in procs):
@@ -371,7 +382,7 @@ def demo(data_dir: Path = Path(".prefq-demo")) -> None:
     """Start the embedded stack, build a tiny model and toy pairs, run a DPO job through the API, and stop."""
     import subprocess
 
-    from api.dev import free_port, start_stack, stop
+    from api.dev import admin_key, free_port, start_stack, stop
 
     data_dir = data_dir.resolve()
     model_dir, pairs = data_dir / "tiny-model", data_dir / "pairs.jsonl"
@@ -382,7 +393,11 @@ def demo(data_dir: Path = Path(".prefq-demo")) -> None:
     console.print(f"starting broker, API (port {port}), worker and service worker; logs in {data_dir / 'logs'}")
     procs, env = start_stack(data_dir, port, flower_port=None)
     try:
-        c = Client(env["PREFQ_API_URL"])
+        key, created = admin_key(data_dir)
+        if created:
+            saved = clientconfig.write(env["PREFQ_API_URL"], key)
+            console.print(f"admin key (tenant default; also in {data_dir / 'admin-key'} and {saved}): {key}")
+        c = Client(env["PREFQ_API_URL"], key)
         dataset = c.upload_dataset(pairs, "dpo")
         console.print(f"dataset {dataset['id']}: {dataset['rows']} pairs ({dataset['format']})")
         job = c.submit({"model": str(model_dir), "dataset": dataset["id"], "method": "dpo",

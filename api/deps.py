@@ -1,8 +1,7 @@
-"""What the routes share: settings, the job store, storage, the Celery client, and the API key check."""
+"""What the routes share: settings, the job store, storage, the Celery client, the key cache, and typed ids."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,8 +11,9 @@ from celery import Celery
 from fastapi import Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import APIError
+from api.auth import KeyCache
 from api.submit import Submitter
+from jobs.keys import KeyStore
 from jobs.models import Dataset, Worker
 from jobs.store import JobStore
 from queue_config import Settings, send_callback
@@ -35,9 +35,11 @@ class Services:
     _live: tuple[float, list[Worker]] = (0.0, [])  # (when read, workers): POST /jobs reads it per request
     _datasets: dict = field(default_factory=dict)  # datasets never change once stored
     submitter: Submitter = field(init=False)  # POST /jobs writes and sends through it
+    key_cache: KeyCache = field(init=False)
 
     def __post_init__(self) -> None:
         self.submitter = Submitter(self.store, self.celery)
+        self.key_cache = KeyCache(KeyStore(self.store.engine))
 
     async def live_workers(self, max_age_s: float = 2.0) -> list[Worker]:
         """Workers with a recent heartbeat, read from the database at most every `max_age_s`."""
@@ -68,12 +70,3 @@ def dispatch_callback(svc: Services, callback_id: str) -> None:
         send_callback(svc.celery, callback_id)
     except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
         log.warning("Callback %s: not sent now (%s); the reconciler will", callback_id, exc)
-
-
-async def require_key(request: Request) -> None:
-    key = request.app.state.services.settings.api_key
-    if key is None:
-        return
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise APIError(401, "unauthorized", "missing or wrong API key: send Authorization: Bearer <PREFQ_API_KEY>")

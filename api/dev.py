@@ -89,8 +89,27 @@ def dev_env(data_dir: Path, broker_port: int, api_port: int, cpu_devices: int) -
     env = dict(os.environ)
     env.update(PREFQ_DATA_DIR=str(data_dir), PREFQ_BROKER_URL=f"redis://127.0.0.1:{broker_port}/0",
                PREFQ_API_URL=f"http://127.0.0.1:{api_port}", PREFQ_CALLBACK_SECRET=secret_file.read_text(),
-               PREFQ_CPU_DEVICES=str(cpu_devices), FLOWER_UNAUTHENTICATED_API="true")  # fmt: skip
+               PREFQ_CPU_DEVICES=str(cpu_devices), FLOWER_UNAUTHENTICATED_API="true",
+               PREFQ_MODEL_ROOTS=str(data_dir))  # fmt: skip
     return env
+
+
+def admin_key(data_dir: Path) -> tuple[str, bool]:
+    """The dev stack's admin key (tenant `default`), created on first start and kept in `<data>/admin-key`
+    (0600); returns it and whether it is new."""
+    from jobs.db import make_engine
+    from jobs.keys import KeyStore
+
+    data_dir = data_dir.resolve()
+    keys = KeyStore(make_engine(Settings(data_dir=data_dir).database_url))
+    key_file = data_dir / "admin-key"
+    if key_file.is_file() and keys.authenticate(key_file.read_text().strip()):
+        return key_file.read_text().strip(), False
+    _, key = keys.create("default", admin=True, label="prefq dev")
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key)
+    return key, True
 
 
 def start_stack(data_dir: Path, api_port: int, flower_port: int | None, cpu_devices: int = 2,

@@ -50,6 +50,7 @@ class JobsPublic(BaseModel):
 class DatasetPublic(BaseModel):
     id: str
     object: str = "dataset"
+    tenant: str
     created_at: float
     filename: str
     bytes: int
@@ -59,6 +60,17 @@ class DatasetPublic(BaseModel):
     method: str
     warnings: list[dict]
     warning_count: int
+
+    @classmethod
+    def of(cls, dataset) -> DatasetPublic:
+        return cls(**dataset.model_dump())
+
+
+class DatasetsPublic(BaseModel):
+    object: str = "list"
+    data: list[DatasetPublic]
+    has_more: bool
+    next_cursor: str | None
 
 
 class EventPublic(BaseModel):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,22 @@ FORMAT_METHOD = {
     "sft_messages": "sft",
     "sft_text": "sft",
 }
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one data file may hold; beyond a limit, the line (or the file) is an error that names it."""
+
+    max_rows: int = 10_000_000
+    max_line_bytes: int = 8 << 20
+    max_json_depth: int = 32
+
+
+@dataclass(frozen=True)
+class LongLine:
+    """A line longer than the limit, skipped without being held in memory."""
+
+    length: int
 
 
 class DataError(ValueError):
@@ -223,20 +240,85 @@ def normalise(row: dict, fmt: str) -> dict:
     raise ValueError(f"Unknown format: {fmt}")
 
 
-def _fingerprint(example: dict) -> str:
-    return hashlib.sha1(json.dumps(example, sort_keys=True).encode()).hexdigest()
+def _fingerprint(example: dict) -> int:
+    """8 bytes per row: duplicate detection stays small for files of millions of rows."""
+    return int.from_bytes(hashlib.blake2b(json.dumps(example, sort_keys=True).encode(), digest_size=8).digest())
 
 
-def check_lines(lines: Iterable[bytes], method: str | None = None) -> tuple[Report, list[dict]]:
-    """Validate JSONL lines (bytes, without caring for line endings); return the report and normalised rows.
+def _depth(value) -> int:
+    depth, level = 0, [(value, 1)]
+    while level:
+        node, d = level.pop()
+        depth = max(depth, d)
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        level += [(c, d + 1) for c in children if isinstance(c, (dict, list))]
+    return depth
+
+
+def _bad_text(value, path: str = "") -> tuple[str, str] | None:
+    """(field, reason) of the first string holding a NUL or a lone surrogate (text that cannot be encoded)."""
+    stack = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return where or "-", "contains a NUL character"
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "-", "contains a lone surrogate (\\ud800-\\udfff): not encodable text"
+        elif isinstance(node, dict):
+            stack += [(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()]
+        elif isinstance(node, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(node)]
+    return None
+
+
+_SUSPECT = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")  # JSON escapes of NUL or a surrogate half
+
+
+def _parse(text: str, limits: Limits) -> tuple[object | None, tuple[str, str] | None]:
+    """The line's JSON value, or (None, (field, reason))."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, ("-", f"malformed JSON: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return None, ("-", f"JSON nested deeper than {limits.max_json_depth} levels")
+    if text.count("[") + text.count("{") > limits.max_json_depth and _depth(row) > limits.max_json_depth:
+        return None, ("-", f"JSON nested deeper than {limits.max_json_depth} levels")
+    if _SUSPECT.search(text) and (bad := _bad_text(row)):
+        return None, bad
+    return row, None
+
+
+def bounded_lines(fh, max_line_bytes: int) -> Iterator[bytes | LongLine]:
+    """The lines of a binary file; a line longer than `max_line_bytes` is skipped in bounded chunks."""
+    while line := fh.readline(max_line_bytes + 1):
+        if len(line) <= max_line_bytes or line.endswith(b"\n") and len(line) == max_line_bytes + 1:
+            yield line
+            continue
+        length = len(line)
+        while not line.endswith(b"\n") and (line := fh.readline(1 << 20)):
+            length += len(line)
+        yield LongLine(length)
+
+
+def check_lines(lines: Iterable[bytes | LongLine], method: str | None = None, limits: Limits = Limits(),
+                keep: bool = True) -> tuple[Report, list[dict]]:  # fmt: skip
+    """Validate JSONL lines (bytes, without caring for line endings); return the report and, with `keep`, the
+    normalised rows. Memory stays bounded without `keep`: 8 bytes per row for duplicates, 50 listed problems.
 
     `method` ('dpo' or 'sft') is what the data must serve; None accepts either and reports which it is.
     """
     report = Report()
     examples: list[dict] = []
-    seen: dict[str, int] = {}
+    seen: dict[int, int] = {}
     first_line = 0
     for number, raw in enumerate(lines, start=1):
+        if isinstance(raw, LongLine):
+            report.error(number, "-", f"line of {raw.length} bytes, longer than the limit of {limits.max_line_bytes}")
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -244,20 +326,19 @@ def check_lines(lines: Iterable[bytes], method: str | None = None) -> tuple[Repo
             continue
         if not text.strip():
             continue
-        try:
-            row = json.loads(text.rstrip("\r\n"))
-        except json.JSONDecodeError as exc:
-            report.error(number, "-", f"malformed JSON: {exc.msg} at column {exc.colno}")
-            continue
-        except RecursionError:
-            report.error(number, "-", "malformed JSON: nested too deeply")
+        if report.rows >= limits.max_rows:
+            report.error(number, "-", f"more than {limits.max_rows} rows, the limit")
+            break
+        row, problem = _parse(text.rstrip("\r\n"), limits)
+        if problem:
+            report.error(number, *problem)
             continue
         if not isinstance(row, dict):
             report.error(number, "-", f"expected a JSON object, got {_type_name(row)}")
             continue
         fmt = detect_format(row)
         if fmt is None:
-            keys = ", ".join(sorted(row)) or "none"
+            keys = ", ".join(sorted(row)[:20]) or "none"
             report.error(number, "-", f"no known fields (has {keys}); see the accepted formats")
             continue
         if report.format is None:
@@ -276,13 +357,14 @@ def check_lines(lines: Iterable[bytes], method: str | None = None) -> tuple[Repo
             continue
         report.rows += 1
         _warn_about(report, number, example, seen)
-        examples.append(example)
+        if keep:
+            examples.append(example)
     if report.rows == 0 and report.error_count == 0:
         report.error(0, "-", "no rows: the file is empty")
     return report, examples
 
 
-def _warn_about(report: Report, number: int, example: dict, seen: dict[str, int]) -> None:
+def _warn_about(report: Report, number: int, example: dict, seen: dict[int, int]) -> None:
     key = _fingerprint(example)
     if key in seen:
         report.warn(number, "-", f"duplicate of line {seen[key]}")
@@ -294,9 +376,9 @@ def _warn_about(report: Report, number: int, example: dict, seen: dict[str, int]
         report.warn(number, "prompt", "empty field")
 
 
-def iter_file_lines(path: str | Path) -> Iterator[bytes]:
+def iter_file_lines(path: str | Path, max_line_bytes: int = Limits.max_line_bytes) -> Iterator[bytes | LongLine]:
     with open(path, "rb") as fh:
-        yield from fh
+        yield from bounded_lines(fh, max_line_bytes)
 
 
 def check_file(path: str | Path, method: str | None = None) -> tuple[Report, list[dict]]:

@@ -25,6 +25,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_r
 
 from jobs import layout
 from jobs.models import Job, JobStatus
+from jobs.perimeter import Refused, confine
 from jobs.store import Finished, JobStore
 from queue_config import Settings
 from storage import Storage, StorageError, get_dir, open_uri, put_dir
@@ -154,17 +155,26 @@ class JobRun:
         except StorageError as exc:
             raise JobFailed(f"{what}_unavailable", f"{what}: {exc}", user_error=False) from None
 
-    def _dataset(self, ref: str, local: Path) -> Path:
-        uri = ref
+    def _confine(self, ref: str, field: str, models: bool) -> str:
+        """The API checked the reference; the worker checks again before it reads anything (`jobs.perimeter`)."""
+        s = self.settings
+        try:
+            return confine(ref, field, self.job.tenant, s.storage_url, s.shared_models, s.model_roots, models)
+        except Refused as exc:
+            raise JobFailed("reference_not_allowed", str(exc), user_error=True) from None
+
+    def _dataset(self, ref: str, local: Path, field: str) -> Path:
+        uri = self._confine(ref, field, models=False)
         if ref.startswith("ds_"):
             dataset = self.store.get_dataset(ref)
-            if dataset is None:
-                raise JobFailed("dataset_unavailable", f"dataset: no dataset {ref}", user_error=True)
+            if dataset is None or dataset.tenant != self.job.tenant:
+                raise JobFailed("dataset_unavailable", f"{field}: no dataset {ref}", user_error=True)
             uri = dataset.uri
         self._fetch(uri, local, "dataset")
         return local
 
     def _model(self, model: str) -> str:
+        model = self._confine(model, "model", models=True)
         if "://" not in model:
             if not (Path(model) / "config.json").is_file():
                 raise JobFailed("invalid_model", f"model: no model folder at {model} on this worker", user_error=True)
@@ -175,8 +185,8 @@ class JobRun:
 
     def _resume_checkpoint(self, out: Path) -> int | None:
         """Download the newest complete checkpoint of the job, if it has one; returns its step."""
-        keys = self.storage.list(layout.checkpoints_prefix(self.job_id))
-        steps = layout.complete_checkpoints(self.job_id, keys, MANIFEST_NAME)
+        keys = self.storage.list(layout.checkpoints_prefix(self.job.tenant, self.job_id))
+        steps = layout.complete_checkpoints(self.job.tenant, self.job_id, keys, MANIFEST_NAME)
         if not steps:
             return None
         step = max(steps)
@@ -189,9 +199,9 @@ class JobRun:
         out.mkdir(parents=True)
         data = {**job.hyperparameters, "method": job.method, "trainer": job.trainer, "gpus": max(1, job.gpus),
                 "model": self._model(job.model),
-                "train_file": str(self._dataset(job.dataset_id, self.work / "train.jsonl"))}  # fmt: skip
+                "train_file": str(self._dataset(job.dataset_id, self.work / "train.jsonl", "dataset"))}  # fmt: skip
         if job.eval_dataset_id:
-            data["eval_file"] = str(self._dataset(job.eval_dataset_id, self.work / "eval.jsonl"))
+            data["eval_file"] = str(self._dataset(job.eval_dataset_id, self.work / "eval.jsonl", "eval_dataset"))
         try:
             spec = parse_spec(data)
         except SpecError as exc:
@@ -242,7 +252,7 @@ class JobRun:
         elif kind == "eval":
             fields["eval_metrics"] = event["metrics"]
         elif kind == "checkpoint":
-            uploader.add(Path(event["path"]), layout.checkpoint_prefix(self.job_id, event["step"]))
+            uploader.add(Path(event["path"]), layout.checkpoint_prefix(self.job.tenant, self.job_id, event["step"]))
         elif kind == "done":
             outcome.done = event
         elif kind == "error":
@@ -340,7 +350,7 @@ class JobRun:
         if outcome.cancelled:
             return Result(finished=self._finish(JobStatus.cancelled))
         if outcome.returncode == EXIT_OK and outcome.done:
-            prefix = layout.model_prefix(self.job_id)
+            prefix = layout.model_prefix(self.job.tenant, self.job_id)
             try:
                 put_dir(self.storage, Path(outcome.done["final_path"]), prefix)
             except (StorageError, OSError) as exc:

@@ -11,6 +11,7 @@ import time
 from celery.utils.time import get_exponential_backoff_interval
 
 from jobs.outbox import Outbox
+from jobs.perimeter import Refused, check_callback_url
 from queue_config import DELIVER_CALLBACK, RECONCILE, RUN_JOB, enqueue_job, send_callback
 from worker import pool
 from worker.app import app, settings, storage, store
@@ -63,9 +64,15 @@ def deliver_callback(self, callback_id: str) -> None:
     if callback is None:
         return  # delivered, given up, or another copy of this task has the try
     body = json.dumps(callback.payload).encode()
+    try:  # again at delivery: the name may resolve elsewhere now (DNS rebinding)
+        address = check_callback_url(callback.url, settings.callback_allow_private)
+    except Refused as exc:
+        log.warning("Job %s: callback %s refused at delivery: %s", callback.job_id, callback.id, exc)
+        outbox.gave_up(callback, str(exc))
+        return
     try:
         post_signed(callback.url, body, settings.callback_secret.get_secret_value(), callback.event, callback.id,
-                    settings.callback_timeout_s)  # fmt: skip
+                    settings.callback_timeout_s, address)  # fmt: skip
     except CallbackError as exc:
         if callback.tries >= settings.callback_max_retries:
             log.warning("Job %s: callback %s failed for good after %s tries: %s", callback.job_id, callback.id,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api import checks
+from api.auth import Caller, Principal
 from api.deps import Cursor, JobId, Services, dispatch_callback, services
 from api.errors import APIError, not_found, responses
 from api.schemas import (
@@ -25,6 +26,7 @@ from api.schemas import (
 from api.submit import EnqueueFailed
 from jobs import layout
 from jobs.models import Job, JobPublic, JobStatus, Worker, new_id
+from jobs.perimeter import TENANT_PATTERN
 from queue_config import enqueue_job, gpu_queue
 from storage import Storage
 from training.spec import MANIFEST_NAME
@@ -33,18 +35,21 @@ router = APIRouter(tags=["jobs"])
 MAX_SEQ = 2**31 - 1  # event sequence numbers are 32-bit integers in the database
 
 
-@router.post("/jobs", status_code=202, response_model=JobPublic, responses=responses(400, 401, 422, 503))
-async def create_job(req: JobCreate, idempotency_key: str | None = Header(None, max_length=200, pattern=r"^[\x21-\x7e]+$"),
+@router.post("/jobs", status_code=202, response_model=JobPublic, responses=responses(400, 401, 422, 429, 503))
+async def create_job(req: JobCreate, who: Caller,
+                     idempotency_key: str | None = Header(None, max_length=200, pattern=r"^[\x21-\x7e]+$"),
                      svc: Services = Depends(services)) -> JobPublic:  # fmt: skip
     """Queue a training job. A repeated `Idempotency-Key` returns the job it created the first time."""
-    dataset_id = await checks.dataset(svc, req.dataset, req.method, "dataset")
-    eval_id = await checks.dataset(svc, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
-    await checks.model(svc, req.model)
-    checks.spec(req)
-    if req.callback_url and svc.settings.callback_secret is None:
-        raise APIError(422, "callbacks_disabled", "callback_url: this server has no PREFQ_CALLBACK_SECRET to sign "
-                       "callbacks with", field="callback_url")  # fmt: skip
-    job = Job(id=new_id("job"), method=req.method, trainer=req.trainer, gpus=req.gpus, model=req.model,
+    dataset_id = await checks.dataset(svc, who, req.dataset, req.method, "dataset")
+    eval_id = await checks.dataset(svc, who, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
+    model = await checks.model(svc, who, req.model)
+    checks.spec(svc, req)
+    if req.callback_url:
+        await checks.callback_url(svc, str(req.callback_url))
+    await checks.room_for(svc, who)
+    if idempotency_key:  # keys are per tenant: another tenant's key names nothing here
+        idempotency_key = f"{who.tenant}:{idempotency_key}"
+    job = Job(id=new_id("job"), tenant=who.tenant, method=req.method, trainer=req.trainer, gpus=req.gpus, model=model,
               dataset_id=dataset_id, eval_dataset_id=eval_id, hyperparameters=req.hyperparameters,
               callback_url=str(req.callback_url) if req.callback_url else None, user_metadata=req.metadata,
               idempotency_key=idempotency_key, max_attempts=svc.settings.max_attempts)  # fmt: skip
@@ -86,24 +91,27 @@ def _unqueued(job_id: str, reason: Exception) -> APIError:
 
 
 @router.get("/jobs", response_model=JobsPublic, responses=responses(401, 422))
-def list_jobs(status: JobStatus | None = None, created_after: Timestamp | None = None,
+def list_jobs(who: Caller, status: JobStatus | None = None, created_after: Timestamp | None = None,
               limit: int = Query(20, ge=1, le=100), after: Cursor | None = None,
+              tenant: str | None = Query(None, pattern=TENANT_PATTERN, description="admin keys: one tenant's"),
               svc: Services = Depends(services)) -> JobsPublic:  # fmt: skip
-    """Jobs, newest first. Pass `next_cursor` as `after` for the next page."""
-    rows, more = svc.store.list_jobs(status, created_after, limit, after)
+    """The tenant's jobs, newest first (an admin key sees every tenant's, or `tenant`'s). Pass `next_cursor` as
+    `after` for the next page."""
+    rows, more = svc.store.list_jobs(status, created_after, limit, after, tenant if who.admin else who.tenant)
     return JobsPublic(data=[JobPublic.of(j) for j in rows], has_more=more, next_cursor=rows[-1].id if more else None)
 
 
-def _job(svc: Services, job_id: str) -> Job:
+def _job(svc: Services, who: Principal, job_id: str) -> Job:
+    """The job, if the key's tenant owns it: another tenant's job answers exactly as one that does not exist."""
     job = svc.store.get_job(job_id)
-    if job is None:
+    if job is None or not who.owns(job.tenant):
         raise not_found("job", job_id)
     return job
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=responses(401, 404, 422))
-def get_job(job_id: JobId, svc: Services = Depends(services)) -> JobPublic:
-    return JobPublic.of(_job(svc, job_id))
+def get_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> JobPublic:
+    return JobPublic.of(_job(svc, who, job_id))
 
 
 def _event(e) -> dict:
@@ -136,10 +144,10 @@ async def _stream(svc: Services, job_id: str, after: int, request: Request):
 
 @router.get("/jobs/{job_id}/events", response_model=EventsPublic, responses={
     **responses(401, 404, 422), 200: {"content": {"text/event-stream": {}}, "description": "JSON, or an SSE stream"}})
-def job_events(job_id: JobId, request: Request, after: int = Query(0, ge=0, le=MAX_SEQ),
+def job_events(job_id: JobId, who: Caller, request: Request, after: int = Query(0, ge=0, le=MAX_SEQ),
                limit: int = Query(1000, ge=1, le=1000), svc: Services = Depends(services)):  # fmt: skip
     """Events with a sequence number above `after`; a live stream with `Accept: text/event-stream`."""
-    _job(svc, job_id)
+    _job(svc, who, job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
         last = request.headers.get("last-event-id", "")
         start = int(last) if last.isdigit() and int(last) <= MAX_SEQ else after
@@ -153,11 +161,11 @@ def _files(storage: Storage, prefix: str, keys: list[str]) -> list[FilePublic]:
 
 
 @router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointsPublic, responses=responses(401, 404, 422))
-def job_checkpoints(job_id: JobId, svc: Services = Depends(services)) -> CheckpointsPublic:
+def job_checkpoints(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> CheckpointsPublic:
     """Complete checkpoints (manifest uploaded), newest first, with download URLs."""
-    _job(svc, job_id)
-    keys = svc.storage.list(layout.checkpoints_prefix(job_id))
-    steps = layout.complete_checkpoints(job_id, keys, MANIFEST_NAME)
+    job = _job(svc, who, job_id)
+    keys = svc.storage.list(layout.checkpoints_prefix(job.tenant, job_id))
+    steps = layout.complete_checkpoints(job.tenant, job_id, keys, MANIFEST_NAME)
     data = [
         CheckpointPublic(step=step, uri=svc.storage.uri(prefix),
                          files=_files(svc.storage, prefix, [k for k in keys if k.startswith(prefix)]))
@@ -167,42 +175,42 @@ def job_checkpoints(job_id: JobId, svc: Services = Depends(services)) -> Checkpo
 
 
 @router.get("/jobs/{job_id}/model", response_model=ModelFilesPublic, responses=responses(401, 404, 409, 422))
-def job_model(job_id: JobId, svc: Services = Depends(services)) -> ModelFilesPublic:
+def job_model(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> ModelFilesPublic:
     """The trained model's files with download URLs, once the job has succeeded."""
-    job = _job(svc, job_id)
+    job = _job(svc, who, job_id)
     if job.status != JobStatus.succeeded:
         raise APIError(409, "model_not_ready", f"job {job_id} is {job.status.value}; the model comes when it succeeds")
-    prefix = layout.model_prefix(job_id)
+    prefix = layout.model_prefix(job.tenant, job_id)
     return ModelFilesPublic(uri=svc.storage.uri(prefix), files=_files(svc.storage, prefix, svc.storage.list(prefix)))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic, responses=responses(401, 404, 409, 422))
-def cancel_job(job_id: JobId, svc: Services = Depends(services)) -> JobPublic:
+def cancel_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> JobPublic:
     """A queued job is cancelled at once; a running one becomes `cancelling` until its run has stopped."""
-    job = _job(svc, job_id)
+    job = _job(svc, who, job_id)
     if job.status == JobStatus.cancelling:
         return JobPublic.of(job)
     changed = svc.store.request_cancel(job_id)
     if changed is None:
-        job = _job(svc, job_id)
+        job = _job(svc, who, job_id)
         raise APIError(409, "job_finished", f"job {job_id} is already {job.status.value}")
     status, done = changed
     if done is None:
         svc.store.add_event(job_id, job.attempt, "cancel_requested", {"status": status.value})
     elif done.callback_id:
         dispatch_callback(svc, done.callback_id)
-    return JobPublic.of(_job(svc, job_id))
+    return JobPublic.of(_job(svc, who, job_id))
 
 
 @router.post("/jobs/{job_id}/retry", status_code=202, response_model=JobPublic,
              responses=responses(401, 404, 409, 422, 503))  # fmt: skip
-def retry_job(job_id: JobId, svc: Services = Depends(services)) -> JobPublic:
+def retry_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> JobPublic:
     """A failed or cancelled job runs again as a new attempt, resuming from its newest checkpoint."""
-    job = _job(svc, job_id)
+    job = _job(svc, who, job_id)
     attempt = svc.store.retry(job_id, svc.settings.max_attempts)
     if attempt is None:
         raise APIError(409, "not_retryable", f"job {job_id} is {job.status.value}; only failed or cancelled jobs "
                        "can be retried")  # fmt: skip
     svc.store.add_event(job_id, attempt, "retried", {"from_attempt": job.attempt})
     _enqueue(svc, job_id, attempt, job.gpus)
-    return JobPublic.of(_job(svc, job_id))
+    return JobPublic.of(_job(svc, who, job_id))

@@ -14,13 +14,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from api.auth import Admin
 from api.deps import Services, services
 from api.errors import responses
 from api.schemas import WorkerPublic, WorkersPublic
 from jobs.service import ServiceLeases
 
-router = APIRouter(tags=["ops"])  # open: probes and scrapes carry no key
-protected = APIRouter(tags=["ops"])
+router = APIRouter(tags=["ops"])  # probes and the scrape carry no key; /workers wants an admin key
 REQUESTS = Counter("prefq_api_requests", "HTTP requests answered by this API process", ["route", "status"])
 
 
@@ -97,8 +97,8 @@ def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-@protected.get("/workers", response_model=WorkersPublic, responses=responses(401))
-def workers(svc: Services = Depends(services)) -> WorkersPublic:
+@router.get("/workers", response_model=WorkersPublic, responses=responses(401, 403))
+def workers(who: Admin, svc: Services = Depends(services)) -> WorkersPublic:
     """Every worker that has reported, with its devices, current job and last heartbeat."""
     live_since = time.time() - svc.settings.worker_live_s
     data = [WorkerPublic(**w.model_dump(), live=w.last_heartbeat >= live_since) for w in svc.store.workers()]

@@ -15,9 +15,6 @@ from api.cli import app
 from queue_config import SERVICE_QUEUE, Settings, gpu_queue
 
 SETTINGS = {f"PREFQ_{name.upper()}": name for name in Settings.model_fields}
-# Settings that the manifests already pass and that an issue in progress adds to Settings. Each entry is
-# accepted only while Settings lacks it: once the field exists, deploy/check asks for the entry to go.
-PENDING_SETTINGS = {"PREFQ_ADMIN_KEY": "issue 10 (the admin key created at API start-up)"}
 # Queue name -> devices of its jobs, as queue_config names them.
 QUEUE_DEVICES = {gpu_queue(n): n for n in range(0, 257)}
 KNOWN_QUEUES = set(QUEUE_DEVICES) | {SERVICE_QUEUE}
@@ -38,12 +35,6 @@ def check_settings(env: dict[str, str], where: str, problems: Problems) -> None:
     values = {}
     for name, value in env.items():
         if not name.startswith("PREFQ_"):
-            continue
-        if name in PENDING_SETTINGS:
-            if name in SETTINGS:
-                problems.add(
-                    where, f"{name} is a setting now: remove it from PENDING_SETTINGS in deploy/deploycheck/code.py"
-                )
             continue
         if name not in SETTINGS:
             problems.add(where, f"{name} is not a setting: queue_config.Settings has no field {name[6:].lower()!r}")

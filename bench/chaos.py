@@ -103,7 +103,7 @@ class Chaos:
                    PREFQ_CALLBACK_SECRET="chaos", PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="10",
                    PREFQ_RECONCILE_INTERVAL_S="1", PREFQ_RESEND_AFTER_S="3", PREFQ_CANCEL_GRACE_S="15",
                    PREFQ_CPU_DEVICES="1", PREFQ_WORKER_LIVE_S="10", PREFQ_MAX_ATTEMPTS="20",
-                   PREFQ_METRICS_PORT="0")  # fmt: skip
+                   PREFQ_METRICS_PORT="0", PREFQ_MODEL_ROOTS=str(self.root))  # fmt: skip
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
         (self.root / "logs").mkdir()
         self.stack = Stack(env, self.root / "logs")
@@ -115,7 +115,7 @@ class Chaos:
         wait_for_port(self.stack.port, 60)
         for name in WORKERS:
             self.stack.wait_for_worker(f"chaos-{name}@")
-        self.http = httpx.Client(base_url=self.stack.url, timeout=30)
+        self.http = self.stack.http
         ds = self.http.post("/datasets", files={"file": ("pairs.jsonl", self.data.read_bytes())}).json()
         self.dataset = ds["id"]
         self.sampler = Sampler(self.root)
@@ -217,7 +217,7 @@ class Chaos:
 
         def post(_):
             try:
-                return httpx.post(f"{self.stack.url}/jobs", json=body, timeout=30).status_code
+                return self.stack.http.post("/jobs", json=body, timeout=30).status_code
             except httpx.HTTPError:
                 return None
 

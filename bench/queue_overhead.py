@@ -27,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from api.dev import free_port, start_stack, stop  # noqa: E402
+from api.dev import admin_key, free_port, start_stack, stop  # noqa: E402
 from queue_config import Settings, make_celery  # noqa: E402
 from training.tiny import make_tiny_model  # noqa: E402
 from training.toy_data import write_toy_data  # noqa: E402
@@ -101,6 +101,8 @@ class Connection:
     """A minimal HTTP/1.1 keep-alive client: little CPU per request, so that the load generator leaves the
     server its cores."""
 
+    key = ""  # the API key every request sends
+
     def __init__(self, url: str):
         self.host, port = url.removeprefix("http://").split(":")
         self.port = int(port)
@@ -114,7 +116,8 @@ class Connection:
 
     async def request(self, method: str, path: str, body: bytes = b"") -> int:
         """Sends one request and reads the whole answer; returns its status."""
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+                f"Authorization: Bearer {self.key}\r\n")
         if body:
             head += "Content-Type: application/json\r\n"
         self.writer.write(head.encode() + b"\r\n" + body)
@@ -183,7 +186,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="prefq-bench-"))
-    make_tiny_model(work / "model", "micro")
+    make_tiny_model(work / "data" / "model", "micro")  # under the data folder: a model root of the dev stack
     write_toy_data(work / "pairs.jsonl", "dpo", rows=64, seed=0)
     database = None
     if args.postgres:
@@ -193,12 +196,15 @@ def main() -> None:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {database}")
         os.environ["PREFQ_DATABASE_URL"] = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
+    os.environ["PREFQ_TENANT_MAX_ACTIVE_JOBS"] = str(10 * args.posts)  # the rounds leave thousands queued
     procs, env = start_stack(work / "data", free_port(), flower_port=None, api_workers=args.api_workers)
     try:
-        http = httpx.Client(base_url=env["PREFQ_API_URL"], timeout=60)
+        Connection.key = admin_key(work / "data")[0]
+        http = httpx.Client(base_url=env["PREFQ_API_URL"], timeout=60,
+                            headers={"Authorization": f"Bearer {Connection.key}"})  # fmt: skip
         with open(work / "pairs.jsonl", "rb") as fh:
             dataset = http.post("/datasets", files={"file": ("pairs.jsonl", fh)}).json()["id"]
-        body = {"model": str(work / "model"), "dataset": dataset, "method": "dpo", "hyperparameters": {"max_steps": 1000}}
+        body = {"model": str(work / "data" / "model"), "dataset": dataset, "method": "dpo", "hyperparameters": {"max_steps": 1000}}
         start_latency(http, body, 1)  # warm-up: the first run reads torch into the page cache
         launched, started = start_latency(http, body, args.starts)
 

@@ -128,7 +128,7 @@ def stack(tmp_path_factory, broker_url, pg_url, s3):
                PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"], PREFQ_CALLBACK_SECRET="test-secret",
                PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="10", PREFQ_RECONCILE_INTERVAL_S="2",
                PREFQ_CANCEL_GRACE_S="30", PREFQ_CPU_DEVICES="2", PREFQ_WORKER_LIVE_S="10",
-               PREFQ_METRICS_PORT=str(free_port()))  # fmt: skip
+               PREFQ_METRICS_PORT=str(free_port()), PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()))  # fmt: skip
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("logs")).up()
     yield stack

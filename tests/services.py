@@ -74,10 +74,18 @@ class Stack:
     """API, training worker and service worker processes sharing one environment."""
 
     def __init__(self, env: dict, log_dir: Path):
+        """`env` reaches the services; with a PREFQ_DATABASE_URL in it, an admin key is made there, which the CLI
+        (PREFQ_API_KEY) and `http` send."""
         self.env, self.log_dir, self.procs = env, log_dir, {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env["PREFQ_API_URL"] = self.url
+        self.env.setdefault("PREFQ_CALLBACK_ALLOW_PRIVATE", "true")  # the tests' receivers are on loopback
+        self.env.setdefault("XDG_CONFIG_HOME", str(log_dir / "config"))  # never the user's CLI config
+        if "PREFQ_API_KEY" not in self.env:
+            self.env["PREFQ_API_KEY"] = make_key(self.env["PREFQ_DATABASE_URL"], "default", admin=True)
+        self.http = httpx.Client(base_url=self.url, timeout=30,
+                                 headers={"Authorization": f"Bearer {self.env['PREFQ_API_KEY']}"})  # fmt: skip
 
     def start(self, name: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
         """`prefq ARGS` as the process `name`; `env` overrides some of the stack's variables for it alone."""
@@ -100,7 +108,7 @@ class Stack:
     def wait_for_worker(self, prefix: str, timeout_s: float = 60) -> dict:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for w in httpx.get(f"{self.url}/workers").json()["data"]:
+            for w in self.http.get("/workers").json()["data"]:
                 if w["name"].startswith(prefix) and w["live"]:
                     return w
             time.sleep(0.3)
@@ -110,12 +118,12 @@ class Stack:
         stop(list(self.procs.values()), timeout_s=60)
 
     def get(self, path: str) -> dict:
-        return httpx.get(f"{self.url}{path}").json()
+        return self.http.get(path).json()
 
     def wait_for(self, job_id: str, statuses: set[str], timeout_s: float = 300) -> dict:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            job = httpx.get(f"{self.url}/jobs/{job_id}").json()
+            job = self.http.get(f"/jobs/{job_id}").json()
             if job["status"] in statuses:
                 return job
             time.sleep(0.3)
@@ -124,7 +132,7 @@ class Stack:
     def wait_for_event(self, job_id: str, kind: str, timeout_s: float = 300) -> dict:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for event in httpx.get(f"{self.url}/jobs/{job_id}/events").json()["data"]:
+            for event in self.http.get(f"/jobs/{job_id}/events").json()["data"]:
                 if event["type"] == kind:
                     return event
             time.sleep(0.2)
@@ -170,3 +178,11 @@ def serve_callbacks() -> tuple[HTTPServer, str]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     Receiver.received = []
     return server, f"http://127.0.0.1:{server.server_port}/hook"
+
+
+def make_key(database_url: str, tenant: str, admin: bool = False) -> str:
+    """A new API key in the database at `database_url` (what `prefq keys create` does)."""
+    from jobs.db import make_engine
+    from jobs.keys import KeyStore
+
+    return KeyStore(make_engine(database_url)).create(tenant, admin, label="tests")[1]

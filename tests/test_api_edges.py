@@ -21,7 +21,10 @@ def pg_client(tmp_path_factory, broker_url):
     upgrade(url)
     settings = Settings(data_dir=tmp_path_factory.mktemp("edges"), database_url=url,
                         broker_url=broker_url.rsplit("/", 1)[0] + "/2")  # fmt: skip
-    client = TestClient(create_app(settings), raise_server_exceptions=False)
+    from tests.services import make_key
+
+    key = make_key(url, "default", admin=True)
+    client = TestClient(create_app(settings), raise_server_exceptions=False, headers={"Authorization": f"Bearer {key}"})
     job = Job(id=EXISTING, method="dpo", trainer="basic", gpus=1, model="/m", dataset_id="ds_x")
     client.app.state.services.store.create_jobs([(job, [("queued", {})])])
     yield client

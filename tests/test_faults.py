@@ -13,7 +13,6 @@ import time
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 import redis
 
@@ -57,7 +56,9 @@ def faulty(tmp_path_factory, s3):
                PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"], PREFQ_CALLBACK_SECRET="test-secret",
                PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S=str(LEASE_TTL_S), PREFQ_RECONCILE_INTERVAL_S="1",
                PREFQ_RESEND_AFTER_S="3", PREFQ_CANCEL_GRACE_S="20", PREFQ_CPU_DEVICES="1", PREFQ_WORKER_LIVE_S="10",
-               PREFQ_CALLBACK_TIMEOUT_S="2", PREFQ_METRICS_PORT=str(free_port()))  # fmt: skip
+               PREFQ_CALLBACK_TIMEOUT_S="2", PREFQ_METRICS_PORT=str(free_port()),
+               PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()),
+               PREFQ_SHARED_MODELS=f"s3://{s3['bucket']}/{prefix}/models")  # fmt: skip
     env["PATH"] = str(os.path.dirname(sys.executable)) + os.pathsep + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("faults-logs"))
     a_env = {"PREFQ_DATABASE_URL": pg_url.replace(":5432/", f":{pg_proxy.port}/"),
@@ -81,7 +82,7 @@ def faulty(tmp_path_factory, s3):
 
 
 def events(stack: Stack, job_id: str) -> list[dict]:
-    return httpx.get(f"{stack.url}/jobs/{job_id}/events").json()["data"]
+    return stack.http.get(f"/jobs/{job_id}/events").json()["data"]
 
 
 def attempt_pid(stack: Stack, job_id: str, attempt: int) -> int | None:
@@ -130,7 +131,7 @@ def test_sigterm_to_the_worker_process_group_hands_the_job_back_from_a_fresh_che
     started = wait(lambda: next((e for e in events(faulty.stack, job_id) if e["type"] == "started" and e["attempt"] == 2),
                                 None), 90, "attempt 2 started")  # fmt: skip
     assert started["data"]["resumed_from_step"] == stopped
-    httpx.post(f"{faulty.stack.url}/jobs/{job_id}/cancel")
+    faulty.stack.http.post(f"/jobs/{job_id}/cancel")
     faulty.stack.wait_for(job_id, {"cancelled"}, timeout_s=60)
 
 
@@ -164,7 +165,7 @@ def test_a_database_outage_never_lets_two_attempts_train_at_once(faulty, micro_m
     second = [e for e in events(faulty.stack, job_id) if e["attempt"] == 2]
     resumed = next(e for e in second if e["type"] == "started")["data"]["resumed_from_step"]
     assert resumed >= 5
-    httpx.post(f"{faulty.stack.url}/jobs/{job_id}/cancel")
+    faulty.stack.http.post(f"/jobs/{job_id}/cancel")
     faulty.stack.wait_for(job_id, {"cancelled"}, timeout_s=60)
 
 
@@ -183,7 +184,7 @@ def test_a_killed_workers_folders_are_swept_when_it_starts_again(faulty, micro_m
     faulty.stack.start(worker, "worker", "--name", f"faults-{worker}@%h",
                        env=faulty.a_env if worker == "a" else faulty.b_env)  # fmt: skip
     wait(lambda: not list(work.glob("job_*/attempt-*")), 60, "the folder of the dead attempt removed")
-    httpx.post(f"{faulty.stack.url}/jobs/{job_id}/cancel")
+    faulty.stack.http.post(f"/jobs/{job_id}/cancel")
     faulty.stack.wait_for(job_id, {"cancelled"}, timeout_s=90)
     for folder in ("work-a", "work-b"):
         wait(lambda f=folder: not list((faulty.data / f).glob("job_*/attempt-*")), 30, f"{folder} clean")
@@ -224,7 +225,7 @@ def test_queued_jobs_whose_message_is_lost_are_sent_again_once(faulty, micro_mod
     _resent(faulty, orphan.id, "not in the broker")
     assert faulty.broker.llen("gpu8") == 2
     for jid in (job_id, orphan.id):
-        httpx.post(f"{faulty.stack.url}/jobs/{jid}/cancel")
+        faulty.stack.http.post(f"/jobs/{jid}/cancel")
 
 
 def test_every_end_is_told_once(faulty, micro_model, toy_dpo):
@@ -232,7 +233,7 @@ def test_every_end_is_told_once(faulty, micro_model, toy_dpo):
     server, url = serve_callbacks()
     try:
         cancelled = submit(faulty.stack, micro_model, toy_dpo, "--gpus", "8", "--trainer", "fsdp", "--callback-url", url)
-        httpx.post(f"{faulty.stack.url}/jobs/{cancelled}/cancel")
+        faulty.stack.http.post(f"/jobs/{cancelled}/cancel")
         lost = Job(id=new_id("job"), method="dpo", trainer="basic", gpus=8, model="/m", dataset_id="ds_x",
                    callback_url=url)  # fmt: skip
         faulty.store.create_jobs([(lost, [])])
@@ -255,10 +256,11 @@ def test_every_end_is_told_once(faulty, micro_model, toy_dpo):
         for jid, status in ((cancelled, "cancelled"), (lost.id, "cancelled"), (expired.id, "failed")):
             assert events(faulty.stack, jid)[-1]["type"] == status
             wait(lambda j=jid: faulty.stack.get(f"/jobs/{j}")["callback_status"] == "delivered", 10, "delivered")
-        with httpx.stream("GET", f"{faulty.stack.url}/jobs/{cancelled}/events", headers={"Accept": "text/event-stream"},
+        with faulty.stack.http.stream("GET", f"/jobs/{cancelled}/events", headers={"Accept": "text/event-stream"},
                           timeout=30) as response:  # fmt: skip
-            streamed = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event: ")]
-        assert streamed[-1] == "cancelled", "a live follower sees the end"
+            lines = list(response.iter_lines())
+        streamed = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+        assert streamed and streamed[-1] == "cancelled", ("a live follower sees the end", response.status_code, lines)
     finally:
         server.shutdown()
 
@@ -289,5 +291,5 @@ def test_the_reconciler_runs_whatever_its_data_folder_and_its_death_stops_the_se
     beat.kill()
     assert proc.wait(timeout=60) == 1
     assert "the embedded beat has exited" in (faulty.stack.log_dir / "service2.log").read_text()
-    httpx.post(f"{faulty.stack.url}/jobs/{job.id}/cancel")
+    faulty.stack.http.post(f"/jobs/{job.id}/cancel")
     faulty.stack.start("service", "worker", "--service", "--name", "faults-service@%h")

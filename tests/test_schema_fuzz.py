@@ -49,3 +49,4 @@ def test_generated_requests_get_documented_answers_and_no_5xx(live_api, tmp_path
     assert out.returncode == 0, out.stdout[-6000:]
     cases = re.search(r"(\d+) generated, (\d+) passed", out.stdout)
     assert cases and cases.group(1) == cases.group(2) and int(cases.group(1)) >= 100, out.stdout[-3000:]
+    print(cases.group(0))

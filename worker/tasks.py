@@ -87,9 +87,10 @@ def deliver_callback(self, callback_id: str) -> None:
     outbox.delivered(callback)
 
 
-@app.task(name=RECONCILE)
-def reconcile() -> None:
-    """Repair what faults left behind (see `worker.reconciler`); one pass at a time across service workers."""
-    counts = reconcile_pass(settings, store(), app, holder=f"{socket.gethostname()}/{os.getpid()}")
+@app.task(name=RECONCILE, bind=True)
+def reconcile(self) -> None:
+    """Repair what faults left behind (see `worker.reconciler`); one pass at a time across service workers (and
+    across the threads of one: the holder is the pass's own task id)."""
+    counts = reconcile_pass(settings, store(), app, holder=f"{socket.gethostname()}/{os.getpid()}/{self.request.id}")
     if counts and any(v for k, v in counts.items() if k != "duration_s"):
         log.info("Reconciler: %s", counts)

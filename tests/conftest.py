@@ -13,6 +13,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped, saying why, where torch sees no CUDA device (and only there)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    reason = f"needs a CUDA device; torch {torch.__version__} sees none on this machine"
+    for item in marked:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="session")
 def micro_model(tmp_path_factory) -> Path:
     from training.tiny import make_tiny_model
@@ -28,6 +42,25 @@ def toy_dpo(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("data") / "dpo.jsonl"
     write_toy_data(path, "dpo", rows=400, seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mixed_dpo(tmp_path_factory) -> Path:
+    """Preference pairs of mixed lengths (prompts of 1 to 40 filler words, answers of 1 to 12): batches with padding."""
+    import random
+
+    from training.toy_data import FILLER
+
+    rng = random.Random(3)
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(FILLER) for _ in range(n))
+
+    rows = [{"prompt": words(rng.randint(1, 40)) + "?", "chosen": " " + words(rng.randint(1, 12)) + ".",
+             "rejected": " " + words(rng.randint(1, 12)) + "."} for _ in range(64)]  # fmt: skip
+    path = tmp_path_factory.mktemp("data") / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 

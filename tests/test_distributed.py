@@ -21,14 +21,22 @@ def basic_run(tmp_path_factory, micro_model, toy_dpo):
     return out, events
 
 
+@pytest.mark.parametrize("reference", ["per-step", "precomputed"])
 @pytest.mark.parametrize(("trainer", "batch_size"), TRAINERS)
-def test_distributed_trainer_matches_basic(trainer, batch_size, basic_run, micro_model, toy_dpo, tmp_path):
+def test_distributed_trainer_matches_basic(trainer, batch_size, reference, basic_run, micro_model, toy_dpo, tmp_path):
     """fsdp: each of 2 processes takes half of the batch of 8; deepspeed-tp: both see all 8. Same seed, same
-    examples, fp32: the step-0 log-probs agree within 1e-4 and the first 4 losses within 1e-5."""
+    examples, fp32: the step-0 log-probs agree within 1e-4 and the first 4 losses within 1e-5, with a reference
+    forward per step or with the reference log-probs precomputed (and cached) before training, against basic with
+    a reference forward per step."""
     spec = dpo_spec(micro_model, toy_dpo, max_steps=4, batch_size=batch_size, eval_fraction=0, precision="fp32",
                     trainer=trainer, gpus=2)  # fmt: skip
+    if reference == "precomputed":
+        spec.update(precompute_ref_log_probs=True, ref_cache_dir=str(tmp_path / "cache"))
     rc, events = run_training(spec, tmp_path / "run")
     assert rc == EXIT_OK, events
+    passes = [(e["split"], e["cached"], e["forward_passes"], e["rows"]) for e in of_type(events, "ref_logprobs")]
+    # fsdp: each rank scores half of the 400 pairs in batches of 4; deepspeed-tp: every rank all of them, by 8
+    assert passes == ([("train", False, 50, 400)] if reference == "precomputed" else [])
     basic_out, basic_events = basic_run
     ours, theirs = of_type(events, "progress"), of_type(basic_events, "progress")
     for key in ("logps/chosen", "logps/rejected"):

@@ -120,22 +120,22 @@ def test_fast_path_matches_trls_fused_lm_head(tmp_path, micro_model, toy_dpo, pr
     assert trainer.fast
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     mask = batch["completion_mask"][:, 1:].bool()
-
-    def run(fast: bool):
-        trainer.fast = fast
-        trainer.model.zero_grad()
-        out = trainer._policy_outputs(trainer.model, batch)
-        out.log_probs.sum().backward()
-        grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
-        return out, grad
-
-    (fast, fast_grad), (trl, trl_grad) = run(True), run(False)
+    fast, fast_grad = outputs_and_gradient(trainer, batch, trainer._policy_outputs)
+    trl, trl_grad = outputs_and_gradient(trainer, batch, trainer.fused_head_outputs)
     assert (fast.log_probs[~mask] == 0).all()
     assert torch.allclose(fast.log_probs[mask], trl.log_probs[mask], atol=tolerance)
     assert torch.allclose(fast.entropy[mask], trl.entropy[mask], atol=tolerance * 10)
     assert (fast.is_top1[mask] == trl.is_top1[mask]).float().mean() > 0.95
     assert torch.allclose(fast.mean_logits[mask], trl.mean_logits[mask], atol=tolerance * 10)
     assert (fast_grad - trl_grad).norm() / trl_grad.norm() < tolerance
+
+
+def outputs_and_gradient(trainer, batch, policy_outputs):
+    """Per-token outputs of `policy_outputs(model, batch)` and the gradient of their summed log-probs."""
+    trainer.model.zero_grad()
+    out = policy_outputs(trainer.model, batch)
+    out.log_probs.sum().backward()
+    return out, torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
 
 
 def test_bf16_reference_equals_the_policy_at_step_0(tmp_path, micro_model, toy_dpo):
@@ -149,3 +149,51 @@ def test_bf16_reference_equals_the_policy_at_step_0(tmp_path, micro_model, toy_d
     assert torch.equal(policy, ref)
     assert trainer.ref_model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert trainer.ref_model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_precomputed_reference_log_probs_match_the_per_step_ones(tmp_path, micro_model, toy_dpo):
+    """basic with precompute_ref_log_probs: TRL runs the pass inside its constructor. The batches then carry
+    reference log-probs equal to those of a reference forward of the untrained policy, and training runs."""
+    trainer = make_trainer(tmp_path, micro_model, toy_dpo, precompute_ref_log_probs=True)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    assert torch.allclose(batch["ref_chosen_logps"], chosen, atol=1e-4)
+    assert torch.allclose(batch["ref_rejected_logps"], rejected, atol=1e-4)
+    assert math.isfinite(trainer.train().training_loss)
+
+
+@pytest.mark.parametrize("head", ["completion", "fused"])
+def test_packed_batches_give_the_padded_numbers(tmp_path, micro_model, mixed_dpo, head):
+    """fp32, a batch with padding: padding-free log-probs within 1e-4 of the padded batch's, and the same
+    gradient, through the basic trainer's completion head and through TRL's fused head (fsdp, deepspeed-tp)."""
+    trainer = make_trainer(tmp_path, micro_model, mixed_dpo)
+    assert trainer.packed
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert lengths.min() < lengths.max() / 2, "a batch with padding"
+    policy_outputs = trainer._policy_outputs if head == "completion" else trainer.fused_head_outputs
+    mask = batch["completion_mask"][:, 1:].bool()
+
+    packed, packed_grad = outputs_and_gradient(trainer, batch, policy_outputs)
+    trainer.packed = False
+    padded, padded_grad = outputs_and_gradient(trainer, batch, policy_outputs)
+    assert (packed.log_probs[~mask] == 0).all()
+    assert torch.allclose(packed.log_probs, padded.log_probs, atol=1e-4)
+    assert torch.allclose(packed.entropy[mask], padded.entropy[mask], atol=1e-4)
+    assert (packed_grad - padded_grad).norm() / padded_grad.norm() < 1e-4
+    ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    trainer.packed = True
+    assert torch.allclose(torch.cat(trainer.compute_ref_log_probs(trainer.model, batch)), ref, atol=1e-4)
+
+
+def test_models_with_sliding_windows_stay_padded():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from training.packing import use_varlen_attention
+
+    def qwen(**window) -> Qwen2ForCausalLM:
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                            num_key_value_heads=1, intermediate_size=32, **window))  # fmt: skip
+
+    assert use_varlen_attention(qwen())
+    assert not use_varlen_attention(qwen(use_sliding_window=True, sliding_window=8, max_window_layers=0))

@@ -138,3 +138,23 @@ def test_missing_model_is_a_user_error_event(tmp_path, toy_dpo):
     rc, events = run_training(dpo_spec(tmp_path / "nowhere", toy_dpo), tmp_path / "run")
     assert rc == EXIT_USER_ERROR
     assert events[-1]["code"] == "invalid_model" and str(tmp_path / "nowhere") in events[-1]["message"]
+
+
+def test_a_retried_run_reads_the_reference_cache_and_trains_the_same(tmp_path, micro_model, toy_dpo):
+    """Attempt 1 computes the reference log-probs of both splits and writes them to ref_cache_dir; attempt 2 of
+    the same spec reads them, runs 0 reference forward passes and logs the same losses."""
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=6, eval_steps=6, ref_cache_dir=str(tmp_path / "cache"))
+    (rc1, first), (rc2, second) = (run_training(spec, tmp_path / name) for name in ("first", "second"))
+    assert rc1 == rc2 == EXIT_OK
+
+    def passes(events):
+        return [(e["split"], e["cached"], e["forward_passes"]) for e in of_type(events, "ref_logprobs")]
+
+    assert passes(first) == [("train", False, 22), ("eval", False, 4)]  # 340 and 60 pairs, batches of 16
+    assert passes(second) == [("train", True, 0), ("eval", True, 0)]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        f"ref-logps-{e['key']}.safetensors" for e in of_type(first, "ref_logprobs")
+    )
+    assert [e["loss"] for e in of_type(second, "progress")] == [e["loss"] for e in of_type(first, "progress")]
+    for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen"):
+        assert of_type(second, "eval")[-1]["metrics"][key] == of_type(first, "eval")[-1]["metrics"][key], key

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from training.spec import EXIT_OK, EXIT_USER_ERROR
+from training.tiny import SIZES
 
 
 def _validate(args) -> int:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                    "this long to checkpoint, then is killed (the lease it trained under expires soon after)")
     p = sub.add_parser("make-tiny-model", help="build a small random Llama and a local tokenizer")
     p.add_argument("dir")
-    p.add_argument("--size", default="tiny", choices=["micro", "tiny", "small"])
+    p.add_argument("--size", default="tiny", choices=list(SIZES))
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("make-toy-data", help="write synthetic data with a learnable signal")
     p.add_argument("out")

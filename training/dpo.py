@@ -1,29 +1,45 @@
-"""TRL's DPOTrainer with what prefq adds: a moving beta, reference-free DPO, a prompt-length cap, and a
-faster single-process path.
+"""TRL's DPOTrainer with what prefq adds: a moving beta, reference-free DPO, a prompt-length cap, padding-free
+batches, cached reference log-probs, and a faster single-process path.
 
 The losses stay TRL's (`DPOTrainer._compute_loss`, one switch over `loss_type`). This subclass runs the
 policy forward itself, so that it knows the batch's pair margins before the loss is taken, sets `self.beta`
 from the schedule, and then hands TRL the outputs it already has, together with the reference log-probs,
 through `loss_from_outputs`.
 
-In one process without LoRA (the `basic` trainer), policy and reference log-probs come from
-`training.logprobs` (completion positions only, one log-softmax pass, bf16 GEMMs) and the reference model's
-linear layers are stored in bf16 (what autocast casts them to on every call anyway). Under `fsdp` and
-`deepspeed-tp` the forward stays TRL's fused LM head, which runs inside the sharded model's forward.
+Padding-free (`padding_free`, on by default): the model runs on each batch's real tokens packed into one row
+(`training.packing`), and the outputs come back in TRL's padded layout. In one process without LoRA (the
+`basic` trainer), policy and reference log-probs come from `training.logprobs` (completion positions only, one
+log-softmax pass, bf16 GEMMs) and the reference model's linear layers are stored in bf16 (what autocast casts
+them to on every call anyway). Under `fsdp` and `deepspeed-tp` the forward stays TRL's fused LM head, which runs
+inside the sharded model's forward.
+
+Precomputed reference log-probs: TRL runs the pass inside its constructor; `_precompute_ref_logps` puts the
+cache of `training.refcache` in front of it when the spec names a `ref_cache_dir`, and reports each split in a
+`ref_logprobs` event.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import time
+
 import torch
+from accelerate.utils import broadcast_object_list
 from peft import PeftModel
 from trl import DPOTrainer
+from trl.trainer.utils import use_adapter
 
+from training import refcache
 from training.beta import BatchBetaSchedule, RiskBetaSchedule
 from training.distributed import DistributedTrainerMixin, GatheredMargins
+from training.events import emit
 from training.logprobs import completion_outputs
+from training.packing import pack, use_varlen_attention
 from training.spec import TrainingSpec
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+_PER_TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
 def make_beta_schedule(spec: TrainingSpec) -> RiskBetaSchedule | BatchBetaSchedule | None:
@@ -37,17 +53,19 @@ def make_beta_schedule(spec: TrainingSpec) -> RiskBetaSchedule | BatchBetaSchedu
 
 
 class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
-    def __init__(self, *args, spec: TrainingSpec, **kwargs):
+    def __init__(self, *args, model, spec: TrainingSpec, **kwargs):
+        # Set before TRL's constructor, which runs the reference precompute pass.
+        self.spec = spec
         self.max_prompt_length = spec.max_prompt_length
-        super().__init__(*args, **kwargs)
+        self.packed = spec.padding_free and use_varlen_attention(model)  # TRL's own reference copy inherits it
+        self.reference_forward_passes = 0
+        super().__init__(*args, model=model, **kwargs)
         self.beta_schedule = make_beta_schedule(spec)
         if self.beta_schedule is not None and self.is_fsdp_enabled and self.accelerator.num_processes > 1:
             self.beta_schedule = GatheredMargins(self.beta_schedule)  # each rank has only its part of the batch
         self.reference_free = spec.reference_free
         if self.reference_free:
             self.ref_model = None  # TRL loads one whenever LoRA and precompute are off; it is never used here
-        self.fast = (self.accelerator.num_processes == 1 and not isinstance(self.model, PeftModel)
-                     and not self.aux_loss_enabled)  # fmt: skip
         if self.fast and self.ref_model is not None:
             self.ref_model.requires_grad_(False)
             if self.args.bf16:  # linear weights only: norms and embeddings stay fp32, as under autocast
@@ -60,6 +78,12 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
         # zero (reference-free), or computed by `_with_reference` just before.
         self.precompute_ref_logps = True
 
+    @property
+    def fast(self) -> bool:
+        """One process, no LoRA, no MoE auxiliary loss: log-probs from `training.logprobs`, not TRL's fused head."""
+        return (self.accelerator.num_processes == 1 and not isinstance(self.model, PeftModel)
+                and not self.aux_loss_enabled)  # fmt: skip
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         keep = self.max_prompt_length
@@ -67,6 +91,46 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
             return dataset
         # Keep the end of a long prompt: the question sits next to the answer.
         return dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-keep:]}, desc="Capping prompt length")
+
+    @functools.cached_property
+    def reference_fingerprint(self) -> str:
+        """The reference model folder's fingerprint (`training.refcache`), hashed once for both splits."""
+        return refcache.folder_fingerprint(self.spec.model)
+
+    def _cache_settings(self) -> dict:
+        """What besides the reference model and the token ids decides the reference log-probs (`training.refcache`)."""
+        return {"max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode,
+                "precision": self.spec.precision, "device": self.accelerator.device.type,
+                "logprobs": "prefq-completion-head" if self.fast else "trl-fused-head", "packed": self.packed}  # fmt: skip
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's pass over a split, behind the spec's reference cache; one `ref_logprobs` event per split."""
+        if self.spec.ref_cache_dir is None:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        started = time.perf_counter()
+        decision = [None, None]
+        if self.accelerator.is_main_process:  # one hash of the model folder and the data, shared by every rank
+            key = refcache.cache_key(refcache.key_document(self.reference_fingerprint, refcache.rows_digest(dataset),
+                                                           self._cache_settings()))  # fmt: skip
+            decision = [key, refcache.cache_path(self.spec.ref_cache_dir, key).is_file()]
+        broadcast_object_list(decision, from_process=0)
+        key, hit = decision
+        path = refcache.cache_path(self.spec.ref_cache_dir, key)
+        cached = refcache.load(path, key, len(dataset)) if hit else None
+        passes_before = self.reference_forward_passes
+        if cached is not None:
+            chosen, rejected = cached
+            dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
+            dataset = dataset.add_column("ref_rejected_logps", rejected.tolist())
+        else:
+            dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+            if self.accelerator.is_main_process:
+                refcache.store(path, key, torch.tensor(dataset["ref_chosen_logps"]),
+                               torch.tensor(dataset["ref_rejected_logps"]))  # fmt: skip
+        emit("ref_logprobs", split=name, key=key, cached=cached is not None, rows=len(dataset), path=str(path),
+             forward_passes=self.reference_forward_passes - passes_before,
+             seconds=round(time.perf_counter() - started, 3))  # fmt: skip
+        return dataset
 
     def _with_reference(self, inputs: dict) -> dict:
         if "ref_chosen_logps" in inputs:
@@ -79,22 +143,44 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of a padded batch (also TRL's precompute pass): (chosen, rejected)."""
-        if not self.fast:
+        self.reference_forward_passes += 1
+        if self.fast:
+            with torch.inference_mode():
+                outputs = completion_outputs(self.accelerator.unwrap_model(model), inputs, self.accelerator.autocast(),
+                                             self.packed)  # fmt: skip
+            return outputs.log_probs.sum(dim=1).clone().chunk(2, dim=0)  # out of inference mode, usable in the loss
+        if not self.packed:
             return super().compute_ref_log_probs(model, inputs)
-        with torch.inference_mode():
-            outputs = completion_outputs(self.accelerator.unwrap_model(model), inputs, self.accelerator.autocast())
-            logps = outputs.log_probs.sum(dim=1)
-        return logps.clone().chunk(2, dim=0)  # out of inference mode, usable in the loss
+        adapter = contextlib.nullcontext()
+        if self.ref_model is None and isinstance(unwrapped := self.accelerator.unwrap_model(self.model), PeftModel):
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with torch.no_grad(), adapter, self.accelerator.autocast():
+            outputs = self.fused_head_outputs(model, inputs)
+        return outputs.log_probs.sum(dim=1).chunk(2, dim=0)
+
+    def fused_head_outputs(self, model, inputs: dict, **model_kwargs):
+        """TRL's fused LM head through the (possibly sharded) model's forward; packed when `self.packed`."""
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        if not self.packed:
+            padded = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+            return model(**padded, **model_kwargs, labels=labels, fused_lm_head=True, use_cache=False)
+        row = pack(inputs["input_ids"], inputs["attention_mask"])
+        scored = inputs["attention_mask"][:, 1:].bool()  # positions whose next token is in the same sequence
+        shift_labels = labels.new_full(row.input_ids.shape, -100)
+        shift_labels[0, row.offsets[scored]] = labels[:, 1:][scored]
+        outputs = model(**row.model_kwargs(), **model_kwargs, shift_labels=shift_labels, fused_lm_head=True,
+                        use_cache=False)  # fmt: skip
+        for name in _PER_TOKEN_OUTPUTS:
+            if (values := getattr(outputs, name)) is not None:
+                outputs[name] = row.spread(values[0], scored)
+        return outputs
 
     def _policy_outputs(self, model, inputs: dict):
         if self.fast:
-            return completion_outputs(self.accelerator.unwrap_model(model), inputs, self.accelerator.autocast())
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        return model(**model_kwargs, labels=labels, fused_lm_head=True)
+            return completion_outputs(self.accelerator.unwrap_model(model), inputs, self.accelerator.autocast(),
+                                      self.packed)  # fmt: skip
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        return self.fused_head_outputs(model, inputs, **router)
 
     def loss_from_outputs(self, outputs, inputs: dict, return_outputs: bool = False):
         """TRL's loss and metrics for policy outputs already computed (`inputs` carry reference log-probs)."""

@@ -6,6 +6,7 @@ Every event has `event` (its type) and `time` (Unix seconds). The types and thei
 | --- | --- |
 | `started` | `total_steps`, `examples` (training rows), `eval_examples`, `epochs`, `resumed_from_step` |
 | `progress` | `step`, `total_steps`, `epoch`, `loss`, `learning_rate`, `metrics` (TRL's names: DPO `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, `beta`; SFT `mean_token_accuracy`) |
+| `ref_logprobs` | `split` (`train`, `eval`), `key` (the cache key, see `training.refcache`), `cached` (true: read from `ref_cache_dir`), `forward_passes` (reference forward passes, batches, this process ran for the split: 0 when cached), `rows`, `path` (the cache file), `seconds`; once per split when `ref_cache_dir` is set, before `started` |
 | `eval` | `step`, `metrics` (TRL's names with the `eval_` prefix, e.g. `eval_rewards/accuracies`, `eval_loss`) |
 | `checkpoint` | `step`, `path` (a complete checkpoint folder: its manifest is written) |
 | `stopped` | `step`, `checkpoint` (path or null): SIGTERM was handled; the exit code is 75 |

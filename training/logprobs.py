@@ -2,9 +2,10 @@
 
 TRL's fused LM head scores every position of every sequence (prompt and padding included) and, on CPU, runs
 its chunked online log-sum-exp in fp32 with about fifteen passes over each [positions x vocabulary] tile. Here
-the LM head runs only on the positions whose next token is a completion token, with one log-softmax pass and
-GEMMs in the autocast dtype (bf16 runs on this CPU's AMX units at ~5x fp32). Numbers stay TRL's: logits are
-produced in the autocast dtype and soft-maxed in fp32, as TRL's CPU path does.
+the LM head runs only on the positions whose next token is a completion token, with one log-softmax pass per
+tile and GEMMs in the autocast dtype (bf16 runs on AVX512-BF16 or AMX units at 2.5-5x fp32). Numbers stay TRL's:
+logits are produced in the autocast dtype and soft-maxed in fp32, as TRL's CPU path does. With `packed`, the
+decoder runs on the batch's real tokens only (`training.packing`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ import ctypes
 
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
+
+from training.packing import pack
+
+# The LM head runs on tiles of positions whose fp32 (positions x vocabulary) log-softmax takes LM_HEAD_TILE_BYTES.
+# The backward reuses the forward's log-softmax when all of it fits in LM_HEAD_KEEP_BYTES (a step's completion
+# tokens at a small vocabulary: no recompute); above that (152k vocabulary x 8k tokens would be 5 GB) it recomputes
+# each tile's logits: one more GEMM of the head, and a peak of a few tiles whatever the vocabulary and token count.
+LM_HEAD_TILE_BYTES = 128 << 20
+LM_HEAD_KEEP_BYTES = 1 << 30
 
 
 class CompletionLogProbs(torch.autograd.Function):
@@ -25,44 +35,75 @@ class CompletionLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, dtype):
         hb, wb = hidden.to(dtype), weight.to(dtype)
-        logits = torch.mm(hb, wb.t())
-        mean_logits = logits.float().mean(dim=-1)
-        lsm = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-        del logits
-        logp = lsm.gather(1, targets[:, None]).squeeze(1)
-        is_top1 = lsm.argmax(dim=-1) == targets
-        entropy = -(lsm.exp() * lsm).sum(dim=-1)
-        ctx.save_for_backward(hb, wb, targets, lsm)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+        n, vocab = hb.size(0), wb.size(0)
+        rows = max(1, LM_HEAD_TILE_BYTES // (4 * vocab))
+        keep = n * vocab * 4 <= LM_HEAD_KEEP_BYTES
+        logp, entropy, lse, mean_logits = (hb.new_empty(n, dtype=torch.float32) for _ in range(4))
+        is_top1 = torch.empty(n, dtype=torch.bool, device=hb.device)
+        ctx.kept = []
+        for start in range(0, n, rows):
+            tile = slice(start, start + rows)
+            logits = torch.mm(hb[tile], wb.t())
+            lsm = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            target = targets[tile, None]
+            logp[tile] = lsm.gather(1, target).squeeze(1)
+            lse[tile] = logits.gather(1, target).squeeze(1).float() - logp[tile]  # logits = log-softmax + lse
+            del logits
+            mean_logits[tile] = lsm.mean(dim=-1) + lse[tile]
+            is_top1[tile] = lsm.argmax(dim=-1) == targets[tile]
+            entropy[tile] = -lsm.exp().mul_(lsm).sum(dim=-1)
+            if keep:
+                ctx.kept.append(lsm)
+        ctx.save_for_backward(hb, wb, targets, lse)
+        ctx.rows, ctx.dtypes = rows, (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(entropy, is_top1, mean_logits)
         return logp, entropy, is_top1, mean_logits
 
     @staticmethod
     def backward(ctx, grad, *_):
-        hb, wb, targets, lsm = ctx.saved_tensors
+        hb, wb, targets, lse = ctx.saved_tensors
         grad = grad.float()
-        dz = lsm.exp_().mul_(-grad[:, None])  # in place on the saved buffer: it is not needed again
-        dz.scatter_add_(1, targets[:, None], grad[:, None])
-        dz = dz.to(hb.dtype)
-        grad_h = torch.mm(dz, wb).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_w = torch.mm(dz.t(), hb).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        grad_h = torch.empty_like(hb) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(wb.shape, dtype=torch.float32, device=wb.device) if ctx.needs_input_grad[1] else None
+        kept, ctx.kept = ctx.kept, None
+        for i, start in enumerate(range(0, hb.size(0), ctx.rows)):
+            tile = slice(start, start + ctx.rows)
+            # softmax in place of the kept log-softmax or of the recomputed logits: neither is needed again
+            probs = kept[i].exp_() if kept else torch.mm(hb[tile], wb.t()).sub(lse[tile, None]).exp_()
+            dz = probs.mul_(-grad[tile, None])
+            dz.scatter_add_(1, targets[tile, None], grad[tile, None])
+            dz = dz.to(hb.dtype)
+            if kept:
+                kept[i] = None
+            if grad_h is not None:
+                grad_h[tile] = torch.mm(dz, wb)
+            if grad_w is not None:
+                grad_w += torch.mm(dz.t(), hb[tile])
+        grad_h = grad_h.to(ctx.dtypes[0]) if grad_h is not None else None
+        grad_w = grad_w.to(ctx.dtypes[1]) if grad_w is not None else None
         return grad_h, grad_w, None, None
 
 
-def completion_outputs(model, inputs: dict, autocast) -> FusedCausalLMOutput:
+def completion_outputs(model, inputs: dict, autocast, packed: bool) -> FusedCausalLMOutput:
     """Per-token outputs shaped as TRL's fused LM head gives them, (2B, T-1), zero off the completion tokens.
 
     `model` is the unwrapped causal LM; `autocast` the trainer's autocast context (calling the decoder
-    directly bypasses the autocast that accelerate wraps around `model.forward`).
+    directly bypasses the autocast that accelerate wraps around `model.forward`); `packed`: run the decoder on the
+    real tokens only, in one row (the model must use `training.packing.VARLEN` attention).
     """
     mask = inputs["completion_mask"][:, 1:].bool()
     with autocast:
-        hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                     use_cache=False).last_hidden_state  # fmt: skip
+        if packed:
+            row = pack(inputs["input_ids"], inputs["attention_mask"])
+            hidden = model.get_decoder()(**row.model_kwargs(), use_cache=False).last_hidden_state[0]
+            hidden = hidden[row.offsets[mask]]
+        else:
+            hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                         use_cache=False).last_hidden_state[:, :-1][mask]  # fmt: skip
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         logp, entropy, is_top1, mean_logits = CompletionLogProbs.apply(
-            hidden[:, :-1][mask], model.get_output_embeddings().weight, inputs["input_ids"][:, 1:][mask], dtype
+            hidden, model.get_output_embeddings().weight, inputs["input_ids"][:, 1:][mask], dtype
         )
 
     def spread(values: torch.Tensor) -> torch.Tensor:

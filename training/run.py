@@ -257,7 +257,7 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
 
         args = DPOConfig(**common, beta=spec.beta, loss_type=spec.loss_types, loss_weights=spec.loss_weights,
                          label_smoothing=spec.label_smoothing,
-                         precompute_ref_log_probs=spec.precompute_ref_log_probs)  # fmt: skip
+                         precompute_ref_log_probs=spec.precomputes_reference)  # fmt: skip
         trainer = PrefqDPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                   processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
                                   spec=spec)  # fmt: skip
@@ -303,7 +303,7 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
     if main_rank:
         (out_dir / "spec.json").write_text(spec.resolved().model_dump_json(indent=1))
     train_ds, eval_ds = load_splits(spec)
-    if spec.precompute_ref_log_probs and world_size() > 1:  # one cache folder all ranks share
+    if spec.precomputes_reference and world_size() > 1:  # one cache folder all ranks share
         train_ds = on_disk(train_ds, out_dir / "datasets" / "train")
         eval_ds = on_disk(eval_ds, out_dir / "datasets" / "eval") if eval_ds is not None else None
     if world_size() > 1:

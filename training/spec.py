@@ -110,6 +110,17 @@ class TrainingSpec(BaseModel):
     precompute_ref_log_probs: bool = Field(
         False, description="One reference pass over the data before training instead of one per step."
     )
+    ref_cache_dir: str | None = Field(
+        None,
+        description="DPO: local folder of cached reference log-probs, keyed by reference model, token ids, "
+        "max_length, truncation and precision (`training.refcache`): a hit skips the reference pass, a miss writes "
+        "it there. Setting it turns precompute_ref_log_probs on; ignored without a reference (sft, reference_free).",
+    )
+    padding_free: bool = Field(
+        True,
+        description="DPO: run each batch's sequences packed into one row without padding (same numbers as padded "
+        "batches, faster on data of mixed lengths).",
+    )
     beta_schedule: Literal["constant", "risk", "batch"] = Field("constant", description="How beta moves.")
     risk: RiskBetaSpec = Field(default_factory=RiskBetaSpec, description="Parameters of beta_schedule 'risk'.")
     batch_beta: BatchBetaSpec = Field(default_factory=BatchBetaSpec, description="Parameters of 'batch'.")
@@ -170,6 +181,12 @@ class TrainingSpec(BaseModel):
     @property
     def loss_types(self) -> list[str]:
         return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def precomputes_reference(self) -> bool:
+        """Whether the reference log-probs are computed once before training: asked for, or a cache is given."""
+        has_reference = self.method == "dpo" and not self.reference_free
+        return has_reference and (self.precompute_ref_log_probs or self.ref_cache_dir is not None)
 
     @property
     def resolved_learning_rate(self) -> float:

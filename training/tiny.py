@@ -14,11 +14,12 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
-# name: (hidden, layers, heads, intermediate, model vocab size; None = the tokenizer's)
+# name: (hidden, layers, heads, key-value heads, intermediate, model vocab size (None: the tokenizer's), tied head)
 SIZES = {
-    "micro": (64, 2, 4, 128, None),  # ~150k parameters: fast tests
-    "tiny": (128, 4, 4, 384, None),  # ~1M parameters: the default
-    "small": (384, 6, 6, 1024, 16384),  # ~25M parameters: benchmarks
+    "micro": (64, 2, 4, 4, 128, None, True),  # ~150k parameters: fast tests
+    "tiny": (128, 4, 4, 4, 384, None, True),  # ~1M parameters: the default
+    "small": (384, 6, 6, 6, 1024, 16384, False),  # ~25M parameters: CPU benchmarks
+    "qwen-0.5b": (896, 24, 14, 2, 4864, 151936, True),  # Qwen2.5-0.5B's shapes in a Llama, 494M: GPU benchmarks
 }
 
 
@@ -57,17 +58,17 @@ def make_tiny_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> i
 
     if size not in SIZES:
         raise ValueError(f"Unknown size: {size}; choose from {', '.join(SIZES)}")
-    hidden, layers, heads, intermediate, vocab = SIZES[size]
+    hidden, layers, heads, kv_heads, intermediate, vocab, tied = SIZES[size]
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=max(vocab or 0, len(tokenizer)),
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads,
         intermediate_size=intermediate,
         max_position_embeddings=2048,
-        tie_word_embeddings=vocab is None,
+        tie_word_embeddings=tied,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -101,6 +101,9 @@ def spec(svc: Services, req: JobCreate) -> None:
         if isinstance(value, int | float) and not isinstance(value, bool) and value > limit:
             raise APIError(422, "over_limit", f"hyperparameters.{name}: {value} is above this server's limit of "
                            f"{limit:g} ({setting})", field=f"hyperparameters.{name}")  # fmt: skip
+    if "ref_cache_dir" in req.hyperparameters:
+        raise APIError(422, "invalid_hyperparameters", "hyperparameters.ref_cache_dir: the worker sets it (reference "
+                       "log-probs are cached for the tenant's jobs)", field="hyperparameters.ref_cache_dir")  # fmt: skip
     clash = sorted(RESERVED & req.hyperparameters.keys())
     if clash:
         raise APIError(422, "invalid_hyperparameters", f"hyperparameters.{clash[0]}: set it at the top level of "

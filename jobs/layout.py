@@ -30,3 +30,8 @@ def complete_checkpoints(tenant: str, job_id: str, keys: list[str], manifest: st
     pattern = re.compile(re.escape(base) + r"step-(\d+)/" + re.escape(manifest) + "$")
     found = (pattern.match(k) for k in keys)
     return {int(m.group(1)): f"{base}step-{int(m.group(1)):08d}/" for m in found if m}
+
+
+def refcache_prefix(tenant: str, group: str) -> str:
+    """Reference log-prob files (`training.refcache`) shared by the tenant's jobs on the same model and data."""
+    return f"{tenant_prefix(tenant)}refcache/{group}/"

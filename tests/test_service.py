@@ -29,7 +29,10 @@ def test_dpo_job_end_to_end(stack, micro_model, toy_dpo, callback_url, tmp_path)
 
     events = stack.http.get(f"/jobs/{job_id}/events").json()["data"]
     kinds = [e["type"] for e in events]
-    assert kinds[:4] == ["queued", "claimed", "launched", "started"] and kinds[-2:] == ["done", "succeeded"]
+    assert kinds[:3] == ["queued", "claimed", "launched"] and kinds[-2:] == ["done", "succeeded"]
+    assert [k for k in kinds[3:6] if k != "ref_logprobs"][0] == "started"
+    first = next(e for e in events if e["type"] == "ref_logprobs")["data"]
+    assert not first["cached"] and first["forward_passes"] > 0, "the first attempt computes the reference pass"
     assert kinds.count("progress") == 30 and kinds.count("checkpoint") == 3
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     later = stack.http.get(f"/jobs/{job_id}/events", params={"after": len(events) - 2}).json()["data"]
@@ -119,6 +122,8 @@ def test_retry_of_a_failed_job_resumes_from_its_newest_checkpoint(stack, micro_m
     assert resuming["data"]["step"] == saved
     started = next(e for e in second if e["type"] == "started")
     assert started["data"]["resumed_from_step"] == saved
+    reference = [e["data"] for e in second if e["type"] == "ref_logprobs"]
+    assert reference and all(r["cached"] and r["forward_passes"] == 0 for r in reference), "0 reference passes"
     assert next(e for e in second if e["type"] == "progress")["data"]["step"] == saved + 1
 
 

@@ -9,6 +9,7 @@ itself through the whole attempt (fetches and uploads included); each checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -86,7 +87,10 @@ class Uploader:
         while (item := self.jobs.get()) is not None:
             local, prefix = item
             try:
-                put_dir(self.storage, local, prefix, last=MANIFEST_NAME, put=self._put)
+                if local.is_file():  # one file (a reference log-prob cache), to `prefix` + its name
+                    self._put(local, prefix + local.name)
+                else:
+                    put_dir(self.storage, local, prefix, last=MANIFEST_NAME, put=self._put)
             except LeaseLost as exc:
                 log.warning("%s", exc)
             except (StorageError, OSError) as exc:
@@ -183,6 +187,20 @@ class JobRun:
         self.held_fds.append(fd)
         return str(folder)
 
+    def _reference_cache(self, job: Job) -> Path:
+        """The reference log-probs earlier attempts and jobs of the tenant computed on this model and data, fetched
+        into a local folder that the run reads and writes (`training.refcache` names each file by its full key; the
+        group here only narrows what to fetch). What the run adds is uploaded back."""
+        group = hashlib.sha256(json.dumps([job.model, job.dataset_id, job.eval_dataset_id]).encode()).hexdigest()[:24]
+        self.refcache_prefix = layout.refcache_prefix(job.tenant, group)
+        folder = self.work / "refcache"
+        folder.mkdir()
+        try:
+            get_dir(self.storage, self.refcache_prefix, folder)
+        except StorageError:
+            pass  # nothing cached yet
+        return folder
+
     def _resume_checkpoint(self, out: Path) -> int | None:
         """Download the newest complete checkpoint of the job, if it has one; returns its step."""
         keys = self.storage.list(layout.checkpoints_prefix(self.job.tenant, self.job_id))
@@ -206,6 +224,9 @@ class JobRun:
             spec = parse_spec(data)
         except SpecError as exc:
             raise JobFailed("invalid_spec", str(exc), user_error=True) from None
+        if job.method == "dpo":  # cached reference log-probs (ignored by the run without a reference)
+            data["ref_cache_dir"] = str(self._reference_cache(job))
+            spec = parse_spec(data)
         spec_path = self.work / "spec.json"
         spec_path.write_text(spec.model_dump_json(indent=1))
         step = self._resume_checkpoint(out)
@@ -253,6 +274,8 @@ class JobRun:
             fields["eval_metrics"] = event["metrics"]
         elif kind == "checkpoint":
             uploader.add(Path(event["path"]), layout.checkpoint_prefix(self.job.tenant, self.job_id, event["step"]))
+        elif kind == "ref_logprobs" and not event.get("cached") and event.get("path"):
+            uploader.add(Path(event["path"]), self.refcache_prefix)  # for the next attempt or job
         elif kind == "done":
             outcome.done = event
         elif kind == "error":

@@ -89,6 +89,17 @@ def test_sigterm_then_resume_ends_like_a_straight_run(tmp_path, micro_model, toy
     assert last["loss"] == pytest.approx(last_straight["loss"], abs=1e-4)
 
 
+def test_resuming_from_the_last_steps_checkpoint_trains_no_more_steps(tmp_path, micro_model, toy_dpo):
+    """A job cancelled (or its worker lost) after its last checkpoint, then retried, ends where it was."""
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=4, save_steps=4, eval_fraction=0)
+    rc, first = run_training(spec, tmp_path / "run")
+    assert rc == EXIT_OK and (tmp_path / "run" / "checkpoint-4" / MANIFEST_NAME).is_file()
+    rc, again = run_training(spec, tmp_path / "run", "--resume")
+    assert rc == EXIT_OK, again
+    assert of_type(again, "progress") == [] and of_type(again, "checkpoint") == []
+    assert again[-1]["event"] == "done" and again[-1]["metrics"]["step"] == 4
+
+
 def test_lora_trains_without_a_reference_model(tmp_path, micro_model, toy_dpo):
     spec = dpo_spec(micro_model, toy_dpo, max_steps=6, eval_fraction=0,
                     lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})  # fmt: skip

@@ -28,7 +28,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from peft import PeftModel
 from trl import DPOTrainer
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import global_then_local_main_first, use_adapter
 
 from training import refcache
 from training.beta import BatchBetaSchedule, RiskBetaSchedule
@@ -89,8 +89,10 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
         keep = self.max_prompt_length
         if keep is None:
             return dataset
-        # Keep the end of a long prompt: the question sits next to the answer.
-        return dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-keep:]}, desc="Capping prompt length")
+        # Keep the end of a long prompt: the question sits next to the answer. Main process first, as TRL's own maps:
+        # on a dataset that the ranks share on disk, ranks mapping at once write the same cache file.
+        with global_then_local_main_first():
+            return dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-keep:]}, desc="Capping prompt length")
 
     @functools.cached_property
     def reference_fingerprint(self) -> str:

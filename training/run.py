@@ -130,6 +130,10 @@ def _load_model(spec: TrainingSpec):
     return model, tokenizer
 
 
+class _NothingLeft(Exception):
+    """Raised before a step when the run has already trained all of its steps."""
+
+
 def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int):
     from transformers import TrainerCallback
 
@@ -160,6 +164,12 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int):
                 self.last_train = {"loss": loss, **logs}
                 emit("progress", step=state.global_step, total_steps=state.max_steps, epoch=state.epoch,
                      loss=loss, learning_rate=lr, metrics=logs)  # fmt: skip
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            # Resumed from a checkpoint at the last step, the Trainer would still run one more (its loop checks
+            # max_steps only after a step): the checkpoint's weights are already the result.
+            if 0 < state.max_steps <= state.global_step:
+                raise _NothingLeft
 
         def on_step_end(self, args, state, control, **kwargs):
             if _stop_agreed(stop):
@@ -323,7 +333,10 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
         schedule.load_state_dict(json.loads((checkpoint / SCHEDULE_STATE).read_text()))
 
     stop.training = True
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except _NothingLeft:
+        log.info("resumed at step %d of %d: nothing left to train", trainer.state.global_step, trainer.state.max_steps)
     if stop.requested:
         saved = callback.last_checkpoint
         emit("stopped", step=trainer.state.global_step, checkpoint=str(saved) if saved else None)

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     # What a job may name (`jobs.perimeter`): shared storage prefixes of vetted models, local model folders
     shared_models: Annotated[list[str], NoDecode] = []  # comma-separated URI prefixes, e.g. s3://models/vetted
     model_roots: Annotated[list[str], NoDecode] = []  # comma-separated local folders; `prefq dev` lists its data
+    allowed_hub_models: Annotated[list[str], NoDecode] = ["*"]  # fnmatch patterns of hub ids jobs may name
+    base_models: Annotated[list[str], NoDecode] = []  # what GET /v1/models lists as base models (besides ft ones)
     callback_secret: SecretStr | None = None  # HMAC-SHA256 key for callback signatures; callbacks need it
     callback_allow_private: bool = False  # allow callbacks to loopback and private addresses (tests, a lab)
     callback_max_retries: int = 8
@@ -118,7 +120,7 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 7 * 24 * 3600  # above the longest job: Redis re-sends unacked tasks after it
     worker_live_s: float = 120.0  # a worker whose last heartbeat is older is not counted as live
 
-    @field_validator("shared_models", "model_roots", mode="before")
+    @field_validator("shared_models", "model_roots", "allowed_hub_models", "base_models", mode="before")
     @classmethod
     def _comma_list(cls, value):
         if isinstance(value, str):

@@ -14,9 +14,11 @@ from api.auth import Principal
 from api.deps import Services
 from api.errors import APIError
 from api.schemas import JobCreate
+from jobs import layout, modelref
+from jobs.models import JobStatus
 from jobs.perimeter import Refused, check_callback_url, confine
 from storage import StorageError, open_uri
-from training.spec import TrainingSpec, describe_errors
+from training.spec import MANIFEST_NAME, TrainingSpec, describe_errors
 
 TOP_LEVEL = {"method", "trainer", "gpus"}  # spec fields set on the job itself
 RESERVED = TOP_LEVEL | {"model", "train_file", "eval_file"}
@@ -25,7 +27,8 @@ RESERVED = TOP_LEVEL | {"model", "train_file", "eval_file"}
 def _confine(svc: Services, who: Principal, ref: str, field: str, models: bool) -> str:
     s = svc.settings
     try:
-        return confine(ref, field, who.tenant, s.storage_url, s.shared_models, s.model_roots, models)
+        return confine(ref, field, who.tenant, s.storage_url, s.shared_models, s.model_roots, models,
+                       s.allowed_hub_models)  # fmt: skip
     except Refused as exc:
         raise APIError(422, "reference_not_allowed", str(exc), field=field) from None
 
@@ -37,6 +40,9 @@ async def dataset(svc: Services, who: Principal, ref: str, method: str, field: s
         found = await svc.dataset(ref)
         if found is None or found.tenant != who.tenant:
             raise APIError(422, "dataset_not_found", f"{field}: no dataset with id {ref!r}", field=field)
+        if found.status != "processed":
+            raise APIError(422, "invalid_dataset", f"{field}: {ref} did not validate ({found.errors[:1]}); upload a "
+                           "corrected file", field=field)  # fmt: skip
         if found.method != method:
             raise APIError(422, "dataset_method_mismatch",
                            f"{field}: {ref} holds {found.method} data ({found.format}); the job's method is {method}",
@@ -58,8 +64,15 @@ def _uri_exists(svc: Services, uri: str, field: str, suffix: str = "") -> bool:
 
 
 async def model(svc: Services, who: Principal, ref: str) -> str:
-    """A model the tenant may read: under its storage prefix, a shared prefix, or a model root."""
+    """A model the tenant may read: under its storage prefix, a shared prefix, or a model root; a hub id (its syntax:
+    the API does not reach the hub, the worker does); or a succeeded job of the tenant's, named by its id or its
+    fine-tuned model name, which becomes that name (`jobs.modelref`)."""
     ref = _confine(svc, who, ref, "model", models=True)
+    parsed = modelref.parse(ref)
+    if parsed.kind == "hub":
+        return ref
+    if parsed.kind == "job":
+        return await run_in_threadpool(_fine_tuned, svc, who, ref, parsed)
     if "://" in ref:
         found = await run_in_threadpool(_uri_exists, svc, ref, "model", "/config.json")
     else:
@@ -67,6 +80,21 @@ async def model(svc: Services, who: Principal, ref: str) -> str:
     if not found:
         raise APIError(422, "model_not_found", f"model: no model folder (config.json) at {ref}", field="model")
     return ref
+
+
+def _fine_tuned(svc: Services, who: Principal, ref: str, parsed: modelref.ModelRef) -> str:
+    source = svc.store.get_job(parsed.value)
+    if source is None or source.tenant != who.tenant:
+        raise APIError(422, "model_not_found", f"model: no fine-tuned model {ref!r}", field="model")
+    if source.status != JobStatus.succeeded:
+        raise APIError(422, "model_not_found", f"model: job {source.id} is {source.status.value}; its model can be "
+                       "named once it has succeeded", field="model")  # fmt: skip
+    if parsed.step is not None:
+        keys = svc.storage.list(layout.checkpoints_prefix(source.tenant, source.id))
+        if parsed.step not in layout.complete_checkpoints(source.tenant, source.id, keys, MANIFEST_NAME):
+            raise APIError(422, "model_not_found", f"model: job {source.id} has no checkpoint at step {parsed.step}",
+                           field="model")  # fmt: skip
+    return modelref.fine_tuned_name(source.model, source.tenant, source.suffix, source.id, parsed.step)
 
 
 async def callback_url(svc: Services, url: str) -> None:

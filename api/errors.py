@@ -49,6 +49,24 @@ def responses(*codes: int) -> dict:
     return {code: {"model": ErrorBody, "description": _WHAT[code]} for code in codes}
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+def openai_responses(*codes: int) -> dict:
+    """`responses=` of a `/v1` route: 400 for any invalid request (OpenAI's, where the native API answers 422),
+    and each other status it can answer, all in OpenAI's error shape."""
+    what = {**_WHAT, 400: "The request is invalid: `param` names what is wrong", "4XX": "Any client error (never 422)"}
+    return {code: {"model": OpenAIErrorBody, "description": what[code]} for code in (400, *codes, "4XX")}
+
+
 class APIError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
                  details: list | None = None, headers: dict | None = None):  # fmt: skip

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Caller, Principal
 from api.deps import Cursor, DatasetId, Services, services
-from api.errors import APIError, not_found, responses
+from api.errors import APIError, not_found, openai_responses
 from api.openai import shapes
 from api.routes.datasets import store_dataset
 from jobs.models import Dataset, Job, new_id
@@ -40,7 +40,7 @@ def _results_csv(svc: Services, job: Job) -> bytes:
     return shapes.metrics_csv(job.method, events)
 
 
-@router.post("/files", responses=responses(400, 401, 413))
+@router.post("/files", responses=openai_responses(401, 413))
 def create_file(who: Caller, file: UploadFile = File(description="JSONL, one example per line"),
                 purpose: str = Form(description='"fine-tune"'), svc: Services = Depends(services)) -> dict:  # fmt: skip
     """Upload a training or validation file (`purpose` "fine-tune"); it is validated at once."""
@@ -61,7 +61,7 @@ def create_file(who: Caller, file: UploadFile = File(description="JSONL, one exa
     return shapes.file_object(dataset)
 
 
-@router.get("/files", responses=responses(400, 401))
+@router.get("/files", responses=openai_responses(401))
 def list_files(who: Caller, purpose: str | None = None, limit: int = Query(10_000, ge=1, le=10_000),
                order: str = Query("desc", pattern="^desc$", description="newest first (only)"),
                after: Cursor | None = None, svc: Services = Depends(services)) -> dict:  # fmt: skip
@@ -74,7 +74,7 @@ def list_files(who: Caller, purpose: str | None = None, limit: int = Query(10_00
             "last_id": data[-1]["id"] if data else None}  # fmt: skip
 
 
-@router.get("/files/{file_id}", responses=responses(401, 404))
+@router.get("/files/{file_id}", responses=openai_responses(401, 404))
 def retrieve_file(file_id: DatasetId, who: Caller, svc: Services = Depends(services)) -> dict:
     job = _results_job(svc, who, file_id)
     if job is not None:
@@ -82,7 +82,7 @@ def retrieve_file(file_id: DatasetId, who: Caller, svc: Services = Depends(servi
     return shapes.file_object(_own_dataset(svc, who, file_id))
 
 
-@router.get("/files/{file_id}/content", responses={**responses(401, 404), 200: {"content": {"text/plain": {}}}})
+@router.get("/files/{file_id}/content", responses={**openai_responses(401, 404), 200: {"content": {"text/plain": {}}}})
 async def file_content(file_id: DatasetId, who: Caller, svc: Services = Depends(services)) -> Response:
     """The file as uploaded (JSONL), or a job's metrics CSV."""
     job = await run_in_threadpool(_results_job, svc, who, file_id)
@@ -99,7 +99,7 @@ async def file_content(file_id: DatasetId, who: Caller, svc: Services = Depends(
     return Response(data, media_type="application/jsonl")
 
 
-@router.delete("/files/{file_id}", responses=responses(401, 404, 409))
+@router.delete("/files/{file_id}", responses=openai_responses(401, 404, 409))
 def delete_file(file_id: DatasetId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Delete a file. A file that an unfinished job trains on is kept until the job has finished (409)."""
     dataset = _own_dataset(svc, who, file_id)

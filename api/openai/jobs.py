@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Caller, Principal
 from api.deps import Cursor, JobId, Services, services
-from api.errors import APIError, not_found, responses
+from api.errors import APIError, not_found, openai_responses
 from api.openai import shapes
 from api.routes.jobs import _enqueue, queue_job
 from api.routes.jobs import cancel_job as native_cancel
@@ -145,7 +145,7 @@ def _job(svc: Services, who: Principal, job_id: str) -> Job:
     return job
 
 
-@router.post("/jobs", responses=responses(400, 401, 429, 503))
+@router.post("/jobs", responses=openai_responses(401, 429, 503))
 async def create_job(req: FineTuningJobCreate, who: Caller,
                      idempotency_key: str | None = Header(None, max_length=200, pattern=r"^[\x21-\x7e]+$"),
                      svc: Services = Depends(services)) -> dict:  # fmt: skip
@@ -168,7 +168,7 @@ async def create_job(req: FineTuningJobCreate, who: Caller,
     return shapes.fine_tuning_job(job)
 
 
-@router.get("/jobs", responses=responses(400, 401))
+@router.get("/jobs", responses=openai_responses(401))
 def list_jobs(request: Request, who: Caller, after: Cursor | None = None,
               limit: int = Query(20, ge=1, le=100), svc: Services = Depends(services)) -> dict:  # fmt: skip
     """The tenant's jobs, newest first; `metadata[key]=value` keeps the jobs whose metadata holds that pair."""
@@ -184,19 +184,19 @@ def list_jobs(request: Request, who: Caller, after: Cursor | None = None,
     return {"object": "list", "data": data, "has_more": more}
 
 
-@router.get("/jobs/{job_id}", responses=responses(401, 404))
+@router.get("/jobs/{job_id}", responses=openai_responses(401, 404))
 def retrieve_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     return shapes.fine_tuning_job(_job(svc, who, job_id))
 
 
-@router.post("/jobs/{job_id}/cancel", responses=responses(401, 404, 409))
+@router.post("/jobs/{job_id}/cancel", responses=openai_responses(401, 404, 409))
 def cancel_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Cancel: a queued job at once, a running one once its run has stopped (answered as `cancelled` meanwhile)."""
     native_cancel(job_id, who, svc)
     return shapes.fine_tuning_job(_job(svc, who, job_id))
 
 
-@router.post("/jobs/{job_id}/pause", responses=responses(401, 404, 409))
+@router.post("/jobs/{job_id}/pause", responses=openai_responses(401, 404, 409))
 def pause_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Pause: the run saves a checkpoint and stops, freeing its devices; `resume` queues it again from there."""
     job = _job(svc, who, job_id)
@@ -209,7 +209,7 @@ def pause_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> 
     return shapes.fine_tuning_job(_job(svc, who, job_id))
 
 
-@router.post("/jobs/{job_id}/resume", responses=responses(401, 404, 409, 503))
+@router.post("/jobs/{job_id}/resume", responses=openai_responses(401, 404, 409, 503))
 def resume_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Resume a paused job: a new attempt, from its newest checkpoint."""
     job = _job(svc, who, job_id)
@@ -224,7 +224,7 @@ def resume_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) ->
     return shapes.fine_tuning_job(_job(svc, who, job_id))
 
 
-@router.get("/jobs/{job_id}/events", responses=responses(400, 401, 404))
+@router.get("/jobs/{job_id}/events", responses=openai_responses(401, 404))
 def list_events(job_id: JobId, who: Caller, after: str | None = Query(None, max_length=200),
                 limit: int = Query(20, ge=1, le=1000), svc: Services = Depends(services)) -> dict:  # fmt: skip
     """The job's events, newest first; pass the last id as `after` for older ones."""
@@ -266,7 +266,7 @@ def _checkpoints(svc: Services, job: Job) -> list[dict]:
     return out
 
 
-@router.get("/jobs/{job_id}/checkpoints", responses=responses(400, 401, 404))
+@router.get("/jobs/{job_id}/checkpoints", responses=openai_responses(401, 404))
 async def list_checkpoints(job_id: JobId, who: Caller, after: str | None = Query(None, max_length=200),
                            limit: int = Query(10, ge=1, le=100), svc: Services = Depends(services)) -> dict:  # fmt: skip
     """The job's complete checkpoints, newest first; each names a model that a new job can start from."""

@@ -121,13 +121,13 @@ def submit(
     callback_url: str = typer.Option(None, help="POSTed the finished job, HMAC-signed"),
     idempotency_key: str = typer.Option(None, help="Repeat-safe submission key"),
     wait: bool = typer.Option(False, "--wait", help="Show a live progress bar until the job finishes"),
-    then: tuple[str, str] = typer.Option((None, None), "--then", metavar="METHOD DATA",
+    then: tuple[str, str] | None = typer.Option(None, "--then", metavar="METHOD DATA",
                                          help="A second job on this one's model once it has succeeded, e.g. "
                                          "`--then dpo pairs.jsonl` after an SFT job (the --set values apply to both)"),
 ) -> None:
     """Queue a training job; prints its id first. With --then, waits for it, then queues the second job."""
     c = client()
-    if then[0] is not None and then[0] not in ("dpo", "sft"):
+    if then and then[0] not in ("dpo", "sft"):
         fail(f"--then: the method is dpo or sft, not {then[0]!r}")
     try:
         job = {"model": str(Path(model).resolve()) if Path(model).is_dir() else model,
@@ -137,7 +137,7 @@ def submit(
             job["eval_dataset"] = _dataset_ref(c, eval_dataset, method)
         if callback_url:
             job["callback_url"] = callback_url
-        second = _dataset_ref(c, then[1], then[0]) if then[0] else None  # a bad file fails before anything runs
+        second = _dataset_ref(c, then[1], then[0]) if then else None  # a bad file fails before anything runs
         created = c.submit(job, idempotency_key)
         console.print(created["id"])
         for warning in created.get("warnings", []):

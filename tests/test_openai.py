@@ -54,7 +54,7 @@ def hub(tmp_path_factory, broker_url, s3, micro_model):
                PREFQ_BASE_MODELS=HUB_ID, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")  # fmt: skip
     env["PATH"] = str(Path(sys.executable).parent) + ":" + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("logs-openai")).up()
-    keys = {t: make_key(url, t) for t in ("alpha", "beta", "gamma")}
+    keys = {t: make_key(url, t) for t in ("alpha", "beta", "gamma", "delta")}
     yield stack, {t: OpenAI(base_url=f"{stack.url}/v1", api_key=k, max_retries=0) for t, k in keys.items()}
     stack.down()
     drop_pg_database(name)
@@ -112,6 +112,7 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(hub, toy_dpo, toy_s
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == f"ft:{HUB_ID}:alpha:pairs:{job.id}"
     assert done.finished_at >= done.created_at and done.estimated_finish is None
+    assert done.trained_tokens > 0
 
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=3))  # auto-paginates, newest first
     assert len(events) > 6 and len({e.id for e in events}) == len(events)
@@ -145,6 +146,12 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(hub, toy_dpo, toy_s
     third = client.fine_tuning.jobs.create(model=checkpoints[1].fine_tuned_model_checkpoint, training_file=pairs.id,
                                            method={"type": "dpo"}, extra_body=PARKED)  # fmt: skip
     assert client.fine_tuning.jobs.cancel(third.id).status == "cancelled"
+    with messages_file(toy_sft, tmp_path / "theirs.jsonl", rows=8).open("rb") as fh:
+        theirs = clients["beta"].files.create(file=fh, purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as err:
+        clients["beta"].fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=theirs.id)
+    assert err.value.param == "model" and err.value.code == "model_not_found", "another tenant's model is no model"
+    assert done.fine_tuned_model not in {m.id for m in clients["beta"].models.list()}
     models = {m.id for m in client.models.list()}
     assert {HUB_ID, done.fine_tuned_model, sft_done.fine_tuned_model} <= models
     assert client.models.retrieve(done.fine_tuned_model).owned_by == "alpha"
@@ -228,7 +235,15 @@ def test_pagination_metadata_filter_pause_and_resume(hub, toy_dpo, tmp_path):
     even = gamma.fine_tuning.jobs.list(metadata={"batch": "even"}, limit=1)
     assert [j.id for j in even] == [ids[4], ids[2], ids[0]]
     assert gamma.fine_tuning.jobs.list(metadata={"batch": "none"}).data == []
-    assert [f.id for f in gamma.files.list()] == [pairs.id]
+    with openai_dpo_file(toy_dpo, tmp_path / "more.jsonl", rows=4).open("rb") as fh:
+        more = gamma.files.create(file=fh, purpose="fine-tune")
+    assert [f.id for f in gamma.files.list(limit=1)] == [more.id, pairs.id], "file lists page too"
+    assert gamma.files.delete(more.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        gamma.files.retrieve(more.id)
+    with pytest.raises(openai.ConflictError) as err:
+        gamma.files.delete(pairs.id)
+    assert err.value.code == "file_in_use"
 
     paused = gamma.fine_tuning.jobs.pause(ids[0])
     assert paused.status == "paused"
@@ -253,3 +268,34 @@ def test_the_cli_runs_a_hub_model_and_an_sft_then_dpo_pipeline(hub, toy_dpo, toy
     assert (dpo["status"], dpo["method"], dpo["metadata"]) == ("succeeded", "dpo", {"pipeline_after": first})
     assert dpo["model"] == f"ft:{HUB_ID}:default::{first}", "the SFT model is the DPO base (and its reference)"
     assert f"{second} succeeded" in out.stdout
+
+
+def test_pause_checkpoints_and_frees_the_worker_and_resume_goes_on_from_there(hub, toy_dpo, tmp_path):
+    stack, clients = hub
+    delta = clients["delta"]
+    with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl").open("rb") as fh:
+        pairs = delta.files.create(file=fh, purpose="fine-tune")
+    long = {**FAST, "max_steps": 5000, "save_steps": 5000}
+    job = delta.fine_tuning.jobs.create(model=HUB_ID, training_file=pairs.id, method={"type": "dpo"},
+                                        extra_body={"prefq": {"hyperparameters": long}})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while delta.fine_tuning.jobs.retrieve(job.id).prefq["step"] < 3:
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.3)
+    assert delta.fine_tuning.jobs.pause(job.id).status == "paused"
+    deadline = time.monotonic() + 120
+    while (paused := delta.fine_tuning.jobs.retrieve(job.id)).prefq["status"] != "cancelled":
+        assert time.monotonic() < deadline, "the run did not stop"
+        time.sleep(0.3)
+    assert paused.status == "paused"
+    (saved,) = delta.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert saved.step_number >= 3, "the paused run saved a checkpoint"
+    deadline = time.monotonic() + 30
+    while stack.wait_for_worker("prefq-test-worker@")["current_job_id"] is not None:
+        assert time.monotonic() < deadline, "the worker is still busy with the paused job"
+        time.sleep(0.3)
+    assert delta.fine_tuning.jobs.resume(job.id).status == "queued"
+    resuming = stack.wait_for_event(job.id, "resuming", timeout_s=120)
+    assert resuming["data"]["step"] == saved.step_number and resuming["attempt"] == 2
+    delta.fine_tuning.jobs.cancel(job.id)
+    assert wait(delta, job.id).status == "cancelled"

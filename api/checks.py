@@ -41,8 +41,9 @@ async def dataset(svc: Services, who: Principal, ref: str, method: str, field: s
         if found is None or found.tenant != who.tenant:
             raise APIError(422, "dataset_not_found", f"{field}: no dataset with id {ref!r}", field=field)
         if found.status != "processed":
-            raise APIError(422, "invalid_dataset", f"{field}: {ref} did not validate ({found.errors[:1]}); upload a "
-                           "corrected file", field=field)  # fmt: skip
+            first = found.errors[0] if found.errors else {"line": "-", "field": "-", "reason": "invalid"}
+            raise APIError(422, "invalid_dataset", f"{field}: {ref} did not validate (line {first['line']}, "
+                           f"{first['field']}: {first['reason']}); upload a corrected file", field=field)  # fmt: skip
         if found.method != method:
             raise APIError(422, "dataset_method_mismatch",
                            f"{field}: {ref} holds {found.method} data ({found.format}); the job's method is {method}",

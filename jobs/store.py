@@ -133,6 +133,13 @@ class JobStore:
                 s.delete(row)
                 s.commit()
 
+    def unfinished_using(self, dataset_id: str) -> str | None:
+        """An unfinished job that trains or evaluates on the dataset, if any."""
+        query = select(Job.id).where(col(Job.status).not_in(FINISHED),
+                                     (Job.dataset_id == dataset_id) | (Job.eval_dataset_id == dataset_id)).limit(1)  # fmt: skip
+        with session(self.engine) as s:
+            return s.exec(query).first()
+
     def count_unfinished(self, tenant: str) -> int:
         query = select(func.count()).select_from(Job).where(Job.tenant == tenant, col(Job.status).not_in(FINISHED))
         with session(self.engine) as s:

@@ -103,10 +103,9 @@ async def file_content(file_id: DatasetId, who: Caller, svc: Services = Depends(
 def delete_file(file_id: DatasetId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Delete a file. A file that an unfinished job trains on is kept until the job has finished (409)."""
     dataset = _own_dataset(svc, who, file_id)
-    busy = [j.id for j in svc.store.list_jobs(tenant=dataset.tenant, limit=100)[0] if not j.status.finished
-            and file_id in (j.dataset_id, j.eval_dataset_id)]  # fmt: skip
+    busy = svc.store.unfinished_using(file_id)
     if busy:
-        raise APIError(409, "file_in_use", f"file {file_id} is used by the unfinished job {busy[0]}")
+        raise APIError(409, "file_in_use", f"file {file_id} is used by the unfinished job {busy}")
     if dataset.uri:
         storage, key = open_uri(dataset.uri, **svc.settings.storage_options())
         storage.delete(key)

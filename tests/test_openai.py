@@ -117,12 +117,14 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(hub, toy_dpo, toy_s
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=3))  # auto-paginates, newest first
     assert len(events) > 6 and len({e.id for e in events}) == len(events)
     assert events[0].message == "The job has successfully completed" and events[-1].message == "Fine-tuning job queued"
+    assert not any({"path", "final_path", "pid"} & set(e.data or {}) for e in events), "no worker-local details"
     metrics = [e for e in events if e.type == "metrics"]
     assert [e.data["step"] for e in metrics if "train_loss" in e.data] == [4, 3, 2, 1]
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [4, 2]
     assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-4"
     assert checkpoints[1].metrics.train_loss is not None and checkpoints[1].fine_tuning_job_id == job.id
+    assert checkpoints[0].metrics.train_mean_token_accuracy >= 0.9, "DPO: the reward accuracy of the toy pairs"
     (results,) = done.result_files
     csv_rows = client.files.content(results).text.splitlines()
     assert csv_rows[0] == "step,train_loss,train_rewards_accuracy,train_rewards_margin,valid_loss,valid_rewards_accuracy"

@@ -248,7 +248,7 @@ def _checkpoints(svc: Services, job: Job) -> list[dict]:
     out = []
     for step in sorted(steps, reverse=True):
         m = metrics.get(step) or metrics.get(max((s for s in metrics if s <= step), default=-1), {})
-        accuracy = m.get("mean_token_accuracy", m.get("rewards/accuracies"))
+        accuracy = m.get("rewards/accuracies", m.get("mean_token_accuracy"))  # DPO: the reward accuracy
         out.append(
             shapes.checkpoint(
                 job,
@@ -259,7 +259,7 @@ def _checkpoints(svc: Services, job: Job) -> list[dict]:
                     "train_loss": m.get("loss"),
                     "train_mean_token_accuracy": accuracy,
                     "valid_loss": m.get("eval_loss"),
-                    "valid_mean_token_accuracy": m.get("eval_mean_token_accuracy", m.get("eval_rewards/accuracies")),
+                    "valid_mean_token_accuracy": m.get("eval_rewards/accuracies", m.get("eval_mean_token_accuracy")),
                 },
             )
         )

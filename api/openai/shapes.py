@@ -24,6 +24,7 @@ from training.spec import DEFAULT_LEARNING_RATE
 METHOD_TYPE = {"sft": "supervised", "dpo": "dpo"}
 RESULTS_PREFIX = "file-results-"  # the id of a job's metrics CSV: this prefix and the job id
 DEFAULTS = {"epochs": 1, "batch_size": 8, "beta": 0.1}
+LOCAL = {"path", "final_path", "pid"}  # event fields about the worker's own disk and processes: not for SDK users
 
 
 def file_object(d: Dataset) -> dict:
@@ -124,7 +125,7 @@ def _message(e: JobEvent) -> tuple[str, str, str]:
 def fine_tuning_event(job_id: str, e: JobEvent) -> dict:
     level, kind, message = _message(e)
     data = {"step": e.data.get("step"), "train_loss": e.data.get("loss"), **e.data.get("metrics", {})} if (
-        e.type == "progress") else {"prefq_type": e.type, **e.data}  # fmt: skip
+        e.type == "progress") else {"prefq_type": e.type, **{k: v for k, v in e.data.items() if k not in LOCAL}}  # fmt: skip
     return {"id": event_id(job_id, e.seq), "object": "fine_tuning.job.event", "created_at": int(e.created_at),
             "level": level, "message": message, "type": kind, "data": data}  # fmt: skip
 

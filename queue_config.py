@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from celery import Celery
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RUN_JOB = "prefq.run_job"
@@ -69,7 +69,7 @@ def gpu_queue(gpus: int) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PREFQ_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PREFQ_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Path(".prefq")  # SQLite file, local storage and work folders live here by default
     database_url: str = ""  # default sqlite:///<data_dir>/prefq.db; PostgreSQL: postgresql+psycopg://...
@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     model_roots: Annotated[list[str], NoDecode] = []  # comma-separated local folders; `prefq dev` lists its data
     allowed_hub_models: Annotated[list[str], NoDecode] = ["*"]  # fnmatch patterns of hub ids jobs may name
     base_models: Annotated[list[str], NoDecode] = []  # what GET /v1/models lists as base models (besides ft ones)
+    # The hub, as huggingface_hub reads it: the API asks it whether a hub id exists (unless offline or unreachable)
+    hf_endpoint: str = Field("https://huggingface.co", validation_alias="HF_ENDPOINT")
+    hf_hub_offline: bool = Field(False, validation_alias="HF_HUB_OFFLINE")
+    hf_token: SecretStr | None = Field(None, validation_alias="HF_TOKEN")
     callback_secret: SecretStr | None = None  # HMAC-SHA256 key for callback signatures; callbacks need it
     callback_allow_private: bool = False  # allow callbacks to loopback and private addresses (tests, a lab)
     callback_max_retries: int = 8

@@ -5,8 +5,11 @@ POST /jobs runs on the event loop (no thread per request): what may block goes t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -65,12 +68,13 @@ def _uri_exists(svc: Services, uri: str, field: str, suffix: str = "") -> bool:
 
 
 async def model(svc: Services, who: Principal, ref: str) -> str:
-    """A model the tenant may read: under its storage prefix, a shared prefix, or a model root; a hub id (its syntax:
-    the API does not reach the hub, the worker does); or a succeeded job of the tenant's, named by its id or its
-    fine-tuned model name, which becomes that name (`jobs.modelref`)."""
+    """A model the tenant may read: under its storage prefix, a shared prefix, or a model root; a hub id (that the
+    hub has, where it can be asked); or a succeeded job of the tenant's, named by its id or its fine-tuned model
+    name, which becomes that name (`jobs.modelref`)."""
     ref = _confine(svc, who, ref, "model", models=True)
     parsed = modelref.parse(ref)
     if parsed.kind == "hub":
+        await _on_the_hub(svc, parsed, ref)
         return ref
     if parsed.kind == "job":
         return await run_in_threadpool(_fine_tuned, svc, who, ref, parsed)
@@ -81,6 +85,31 @@ async def model(svc: Services, who: Principal, ref: str) -> str:
     if not found:
         raise APIError(422, "model_not_found", f"model: no model folder (config.json) at {ref}", field="model")
     return ref
+
+
+HUB_TIMEOUT_S = 3.0
+HUB_RETRY_S = 60.0  # after the hub could not be reached, ids are checked for syntax only for this long
+
+
+async def _on_the_hub(svc: Services, ref: modelref.ModelRef, name: str) -> None:
+    """Refuse a hub id the hub says does not exist; where the hub is offline (HF_HUB_OFFLINE) or not reachable,
+    only the syntax is checked and the worker finds out."""
+    s = svc.settings
+    if s.hf_hub_offline or time.monotonic() < svc.hub_down_until:
+        return
+    url = f"{s.hf_endpoint.rstrip('/')}/api/models/{ref.value}"
+    if ref.revision:
+        url += f"/revision/{quote(ref.revision, safe='')}"
+    headers = {"Authorization": f"Bearer {s.hf_token.get_secret_value()}"} if s.hf_token else {}
+    try:
+        async with httpx.AsyncClient(timeout=HUB_TIMEOUT_S) as client:
+            answer = await client.get(url, headers=headers)
+    except httpx.HTTPError:
+        svc.hub_down_until = time.monotonic() + HUB_RETRY_S
+        return
+    if answer.status_code == 404 or answer.headers.get("x-error-code") in ("RepositoryNotFound", "RevisionNotFound"):
+        raise APIError(422, "model_not_found", f"model: {name} is not on the hub ({s.hf_endpoint}), or not readable "
+                       "with this server's token", field="model")  # fmt: skip
 
 
 def _fine_tuned(svc: Services, who: Principal, ref: str, parsed: modelref.ModelRef) -> str:

@@ -1,9 +1,13 @@
 """What a `model` names (`jobs.modelref`), what a tenant may name (`jobs.perimeter`), and the store queries of the
 OpenAI face (metadata filter, events newest first, files in use), on SQLite and PostgreSQL."""
 
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
 import pytest
 
 from jobs import modelref
+from jobs.db import upgrade
 from jobs.models import JobStatus
 from jobs.perimeter import Refused, confine
 from tests.test_jobs_store import create, pg_store_url, store  # noqa: F401 - fixtures
@@ -70,3 +74,64 @@ def test_metadata_filter_events_newest_first_and_files_in_use(store):  # noqa: F
         store.request_cancel(job.id)
     assert store.unfinished_using("ds_a") is None
     assert store.get_job(a.id).status == JobStatus.cancelled
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The hub's model API as it answers: 200 for a model it has, 401 with X-Error-Code for one it has not (so as not
+    to tell private repos apart), 404 for a revision it has not."""
+
+    asked: list = []
+
+    def do_GET(self):
+        FakeHub.asked.append(self.path)
+        if self.path in ("/api/models/prefq-test/there", "/api/models/prefq-test/there/revision/v1"):
+            self.send_response(200)
+        elif self.path.startswith("/api/models/prefq-test/there/revision/"):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RevisionNotFound")
+        else:
+            self.send_response(401)
+            self.send_header("X-Error-Code", "RepositoryNotFound")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_api_asks_the_hub_where_it_can_and_checks_syntax_only_where_it_cannot(tmp_path, broker_url):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.dev import free_port
+    from queue_config import Settings
+
+    server = HTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = Settings(data_dir=tmp_path, auth="off", broker_url=broker_url.rsplit("/", 1)[0] + "/6",
+                        hf_endpoint=f"http://127.0.0.1:{server.server_port}")  # fmt: skip
+    upgrade(settings.database_url)
+    c = TestClient(create_app(settings))
+    ds = c.post("/datasets", files={"file": ("p.jsonl", b'{"prompt": "Q", "chosen": "A", "rejected": "B"}\n')}).json()
+    body = {"dataset": ds["id"], "method": "dpo", "gpus": 8, "trainer": "fsdp"}
+    for model in ("prefq-test/there", "prefq-test/there@v1"):
+        assert c.post("/jobs", json={**body, "model": model}).status_code == 202, model
+    for model in ("prefq-test/absent", "prefq-test/there@nope"):
+        r = c.post("/jobs", json={**body, "model": model})
+        assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["field"]) == (422, "model_not_found",
+                                                                                          "model"), model
+        assert model in r.json()["error"]["message"]
+    r = c.post("/v1/fine_tuning/jobs", json={"model": "prefq-test/absent", "training_file": ds["id"],
+                                             "method": {"type": "dpo"}})  # fmt: skip
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "model")
+    assert FakeHub.asked[-1] == "/api/models/prefq-test/absent"
+    server.shutdown()
+
+    offline = TestClient(create_app(settings.model_copy(update={"hf_hub_offline": True})))
+    asked = len(FakeHub.asked)
+    assert offline.post("/jobs", json={**body, "model": "prefq-test/absent"}).status_code == 202, "offline: syntax"
+    assert len(FakeHub.asked) == asked
+    unreachable = create_app(settings.model_copy(update={"hf_endpoint": f"http://127.0.0.1:{free_port()}"}))
+    assert TestClient(unreachable).post("/jobs", json={**body, "model": "prefq-test/absent"}).status_code == 202
+    assert unreachable.state.services.hub_down_until > 0, "not asked again for a while"

@@ -284,6 +284,9 @@ def test_pause_checkpoints_and_frees_the_worker_and_resume_goes_on_from_there(hu
     while delta.fine_tuning.jobs.retrieve(job.id).prefq["step"] < 3:
         assert time.monotonic() < deadline, "the run did not start"
         time.sleep(0.3)
+    running = delta.fine_tuning.jobs.retrieve(job.id)
+    assert running.status == "running" and running.estimated_finish > running.created_at
+    assert running.fine_tuned_model is None and running.result_files == []
     assert delta.fine_tuning.jobs.pause(job.id).status == "paused"
     deadline = time.monotonic() + 120
     while (paused := delta.fine_tuning.jobs.retrieve(job.id)).prefq["status"] != "cancelled":

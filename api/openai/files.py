@@ -82,7 +82,9 @@ def retrieve_file(file_id: DatasetId, who: Caller, svc: Services = Depends(servi
     return shapes.file_object(_own_dataset(svc, who, file_id))
 
 
-@router.get("/files/{file_id}/content", responses={**openai_responses(401, 404), 200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/files/{file_id}/content", responses={**openai_responses(401, 404, 503), 200: {"content": {"text/plain": {}}}}
+)
 async def file_content(file_id: DatasetId, who: Caller, svc: Services = Depends(services)) -> Response:
     """The file as uploaded (JSONL), or a job's metrics CSV."""
     job = await run_in_threadpool(_results_job, svc, who, file_id)
@@ -99,7 +101,7 @@ async def file_content(file_id: DatasetId, who: Caller, svc: Services = Depends(
     return Response(data, media_type="application/jsonl")
 
 
-@router.delete("/files/{file_id}", responses=openai_responses(401, 404, 409))
+@router.delete("/files/{file_id}", responses=openai_responses(401, 404, 409, 503))
 def delete_file(file_id: DatasetId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Delete a file. A file that an unfinished job trains on is kept until the job has finished (409)."""
     dataset = _own_dataset(svc, who, file_id)
@@ -107,8 +109,13 @@ def delete_file(file_id: DatasetId, who: Caller, svc: Services = Depends(service
     if busy:
         raise APIError(409, "file_in_use", f"file {file_id} is used by the unfinished job {busy}")
     if dataset.uri:
-        storage, key = open_uri(dataset.uri, **svc.settings.storage_options())
-        storage.delete(key)
+        try:
+            storage, key = open_uri(dataset.uri, **svc.settings.storage_options())
+            storage.delete(key)
+        except StorageError as exc:
+            raise APIError(
+                503, "storage_unavailable", f"file {file_id} could not be deleted ({exc}); retry later"
+            ) from None
     svc.store.delete_dataset(file_id)
     svc._datasets.pop(file_id, None)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from celery import Celery
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RUN_JOB = "prefq.run_job"
@@ -69,7 +69,7 @@ def gpu_queue(gpus: int) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PREFQ_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PREFQ_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Path(".prefq")  # SQLite file, local storage and work folders live here by default
     database_url: str = ""  # default sqlite:///<data_dir>/prefq.db; PostgreSQL: postgresql+psycopg://...
@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     # What a job may name (`jobs.perimeter`): shared storage prefixes of vetted models, local model folders
     shared_models: Annotated[list[str], NoDecode] = []  # comma-separated URI prefixes, e.g. s3://models/vetted
     model_roots: Annotated[list[str], NoDecode] = []  # comma-separated local folders; `prefq dev` lists its data
+    allowed_hub_models: Annotated[list[str], NoDecode] = ["*"]  # fnmatch patterns of hub ids jobs may name
+    base_models: Annotated[list[str], NoDecode] = []  # what GET /v1/models lists as base models (besides ft ones)
+    # The hub, as huggingface_hub reads it: the API asks it whether a hub id exists (unless offline or unreachable)
+    hf_endpoint: str = Field("https://huggingface.co", validation_alias="HF_ENDPOINT")
+    hf_hub_offline: bool = Field(False, validation_alias="HF_HUB_OFFLINE")
+    hf_token: SecretStr | None = Field(None, validation_alias="HF_TOKEN")
     callback_secret: SecretStr | None = None  # HMAC-SHA256 key for callback signatures; callbacks need it
     callback_allow_private: bool = False  # allow callbacks to loopback and private addresses (tests, a lab)
     callback_max_retries: int = 8
@@ -118,7 +124,7 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 7 * 24 * 3600  # above the longest job: Redis re-sends unacked tasks after it
     worker_live_s: float = 120.0  # a worker whose last heartbeat is older is not counted as live
 
-    @field_validator("shared_models", "model_roots", mode="before")
+    @field_validator("shared_models", "model_roots", "allowed_hub_models", "base_models", mode="before")
     @classmethod
     def _comma_list(cls, value):
         if isinstance(value, str):

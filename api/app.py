@@ -12,6 +12,7 @@ from api import errors
 from api.auth import DEFAULT_TENANT
 from api.deps import Services
 from api.limits import BodyLimit
+from api.openai import routers as openai_routers
 from api.routes import datasets, jobs, keys, ops
 from api.routes.ops import RequestCounter
 from jobs.db import make_engine
@@ -46,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestCounter)
-    for router in (ops.router, datasets.router, jobs.router, keys.router):
+    for router in (ops.router, datasets.router, jobs.router, keys.router, *openai_routers):
         app.include_router(router)
     return app
 

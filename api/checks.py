@@ -5,8 +5,11 @@ POST /jobs runs on the event loop (no thread per request): what may block goes t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -14,9 +17,11 @@ from api.auth import Principal
 from api.deps import Services
 from api.errors import APIError
 from api.schemas import JobCreate
+from jobs import layout, modelref
+from jobs.models import JobStatus
 from jobs.perimeter import Refused, check_callback_url, confine
 from storage import StorageError, open_uri
-from training.spec import TrainingSpec, describe_errors
+from training.spec import MANIFEST_NAME, TrainingSpec, describe_errors
 
 TOP_LEVEL = {"method", "trainer", "gpus"}  # spec fields set on the job itself
 RESERVED = TOP_LEVEL | {"model", "train_file", "eval_file"}
@@ -25,7 +30,8 @@ RESERVED = TOP_LEVEL | {"model", "train_file", "eval_file"}
 def _confine(svc: Services, who: Principal, ref: str, field: str, models: bool) -> str:
     s = svc.settings
     try:
-        return confine(ref, field, who.tenant, s.storage_url, s.shared_models, s.model_roots, models)
+        return confine(ref, field, who.tenant, s.storage_url, s.shared_models, s.model_roots, models,
+                       s.allowed_hub_models)  # fmt: skip
     except Refused as exc:
         raise APIError(422, "reference_not_allowed", str(exc), field=field) from None
 
@@ -37,6 +43,10 @@ async def dataset(svc: Services, who: Principal, ref: str, method: str, field: s
         found = await svc.dataset(ref)
         if found is None or found.tenant != who.tenant:
             raise APIError(422, "dataset_not_found", f"{field}: no dataset with id {ref!r}", field=field)
+        if found.status != "processed":
+            first = found.errors[0] if found.errors else {"line": "-", "field": "-", "reason": "invalid"}
+            raise APIError(422, "invalid_dataset", f"{field}: {ref} did not validate (line {first['line']}, "
+                           f"{first['field']}: {first['reason']}); upload a corrected file", field=field)  # fmt: skip
         if found.method != method:
             raise APIError(422, "dataset_method_mismatch",
                            f"{field}: {ref} holds {found.method} data ({found.format}); the job's method is {method}",
@@ -58,8 +68,16 @@ def _uri_exists(svc: Services, uri: str, field: str, suffix: str = "") -> bool:
 
 
 async def model(svc: Services, who: Principal, ref: str) -> str:
-    """A model the tenant may read: under its storage prefix, a shared prefix, or a model root."""
+    """A model the tenant may read: under its storage prefix, a shared prefix, or a model root; a hub id (that the
+    hub has, where it can be asked); or a succeeded job of the tenant's, named by its id or its fine-tuned model
+    name, which becomes that name (`jobs.modelref`)."""
     ref = _confine(svc, who, ref, "model", models=True)
+    parsed = modelref.parse(ref)
+    if parsed.kind == "hub":
+        await _on_the_hub(svc, parsed, ref)
+        return ref
+    if parsed.kind == "job":
+        return await run_in_threadpool(_fine_tuned, svc, who, ref, parsed)
     if "://" in ref:
         found = await run_in_threadpool(_uri_exists, svc, ref, "model", "/config.json")
     else:
@@ -67,6 +85,46 @@ async def model(svc: Services, who: Principal, ref: str) -> str:
     if not found:
         raise APIError(422, "model_not_found", f"model: no model folder (config.json) at {ref}", field="model")
     return ref
+
+
+HUB_TIMEOUT_S = 3.0
+HUB_RETRY_S = 60.0  # after the hub could not be reached, ids are checked for syntax only for this long
+
+
+async def _on_the_hub(svc: Services, ref: modelref.ModelRef, name: str) -> None:
+    """Refuse a hub id the hub says does not exist; where the hub is offline (HF_HUB_OFFLINE) or not reachable,
+    only the syntax is checked and the worker finds out."""
+    s = svc.settings
+    if s.hf_hub_offline or time.monotonic() < svc.hub_down_until:
+        return
+    url = f"{s.hf_endpoint.rstrip('/')}/api/models/{ref.value}"
+    if ref.revision:
+        url += f"/revision/{quote(ref.revision, safe='')}"
+    headers = {"Authorization": f"Bearer {s.hf_token.get_secret_value()}"} if s.hf_token else {}
+    try:
+        async with httpx.AsyncClient(timeout=HUB_TIMEOUT_S) as client:
+            answer = await client.get(url, headers=headers)
+    except httpx.HTTPError:
+        svc.hub_down_until = time.monotonic() + HUB_RETRY_S
+        return
+    if answer.status_code == 404 or answer.headers.get("x-error-code") in ("RepositoryNotFound", "RevisionNotFound"):
+        raise APIError(422, "model_not_found", f"model: {name} is not on the hub ({s.hf_endpoint}), or not readable "
+                       "with this server's token", field="model")  # fmt: skip
+
+
+def _fine_tuned(svc: Services, who: Principal, ref: str, parsed: modelref.ModelRef) -> str:
+    source = svc.store.get_job(parsed.value)
+    if source is None or source.tenant != who.tenant:
+        raise APIError(422, "model_not_found", f"model: no fine-tuned model {ref!r}", field="model")
+    if source.status != JobStatus.succeeded:
+        raise APIError(422, "model_not_found", f"model: job {source.id} is {source.status.value}; its model can be "
+                       "named once it has succeeded", field="model")  # fmt: skip
+    if parsed.step is not None:
+        keys = svc.storage.list(layout.checkpoints_prefix(source.tenant, source.id))
+        if parsed.step not in layout.complete_checkpoints(source.tenant, source.id, keys, MANIFEST_NAME):
+            raise APIError(422, "model_not_found", f"model: job {source.id} has no checkpoint at step {parsed.step}",
+                           field="model")  # fmt: skip
+    return modelref.fine_tuned_name(source.model, source.tenant, source.suffix, source.id, parsed.step)
 
 
 async def callback_url(svc: Services, url: str) -> None:

@@ -111,7 +111,8 @@ def wait_with_progress(c: Client, job_id: str) -> dict:
 @app.command()
 def submit(
     dataset: str = typer.Argument(..., help="A JSONL file (uploaded first), a dataset id or a storage URI"),
-    model: str = typer.Option(..., help="Base model: a folder the workers can read, or a storage URI"),
+    model: str = typer.Option(..., help="Base model: a folder the workers can read, a storage URI, a hub id "
+                              "(org/name@rev), or a succeeded job's id or fine-tuned model name"),
     method: str = typer.Option(..., help="dpo or sft"),
     trainer: str = typer.Option("basic", help="basic, fsdp or deepspeed-tp"),
     gpus: int = typer.Option(1, help="Devices of the job (0: a CPU worker)"),
@@ -120,9 +121,14 @@ def submit(
     callback_url: str = typer.Option(None, help="POSTed the finished job, HMAC-signed"),
     idempotency_key: str = typer.Option(None, help="Repeat-safe submission key"),
     wait: bool = typer.Option(False, "--wait", help="Show a live progress bar until the job finishes"),
+    then: tuple[str, str] | None = typer.Option(None, "--then", metavar="METHOD DATA",
+                                         help="A second job on this one's model once it has succeeded, e.g. "
+                                         "`--then dpo pairs.jsonl` after an SFT job (the --set values apply to both)"),
 ) -> None:
-    """Queue a training job; prints its id first."""
+    """Queue a training job; prints its id first. With --then, waits for it, then queues the second job."""
     c = client()
+    if then and then[0] not in ("dpo", "sft"):
+        fail(f"--then: the method is dpo or sft, not {then[0]!r}")
     try:
         job = {"model": str(Path(model).resolve()) if Path(model).is_dir() else model,
                "dataset": _dataset_ref(c, dataset, method), "method": method, "trainer": trainer, "gpus": gpus,
@@ -131,10 +137,13 @@ def submit(
             job["eval_dataset"] = _dataset_ref(c, eval_dataset, method)
         if callback_url:
             job["callback_url"] = callback_url
+        second = _dataset_ref(c, then[1], then[0]) if then else None  # a bad file fails before anything runs
         created = c.submit(job, idempotency_key)
         console.print(created["id"])
         for warning in created.get("warnings", []):
             console.print(f"[yellow]warning:[/yellow] {warning}")
+        if second:
+            created = _then(c, job, created["id"], then[0], second, idempotency_key)
         if not wait:
             return
         final = wait_with_progress(c, created["id"])
@@ -144,6 +153,20 @@ def submit(
     if final["status"] != "succeeded":
         fail(f"{final['error']['code']}: {final['error']['message']}" if final["error"] else final["status"])
     console.print(f"model: {final['result_uri']}")
+
+
+def _then(c: Client, job: dict, first_id: str, method: str, dataset: str, idempotency_key: str | None) -> dict:
+    """The pipeline's second job: on the first one's model (its reference model too, for DPO), linked to it by the
+    metadata `pipeline_after`, once the first has succeeded."""
+    first = wait_with_progress(c, first_id)
+    console.print(_row(first))
+    if first["status"] != "succeeded":
+        fail(f"{first_id} {first['status']}: the --then job is not queued")
+    second = {**job, "model": first_id, "method": method, "dataset": dataset, "metadata": {"pipeline_after": first_id}}
+    second.pop("eval_dataset", None)
+    created = c.submit(second, f"{idempotency_key}-then" if idempotency_key else None)
+    console.print(created["id"])
+    return created
 
 
 @app.command()

@@ -34,6 +34,7 @@ class Services:
     celery: Celery
     _live: tuple[float, list[Worker]] = (0.0, [])  # (when read, workers): POST /jobs reads it per request
     _datasets: dict = field(default_factory=dict)  # datasets never change once stored
+    hub_down_until: float = 0.0  # monotonic time until which hub ids are checked for syntax only (`checks.model`)
     submitter: Submitter = field(init=False)  # POST /jobs writes and sends through it
     key_cache: KeyCache = field(init=False)
 

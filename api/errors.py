@@ -1,4 +1,5 @@
-"""One error shape for every HTTP error: {"error": {"code", "message", "field", "details"}}.
+"""One error shape for every HTTP error: {"error": {"code", "message", "field", "details"}}; under `/v1` (OpenAI's
+face, `api.openai`) OpenAI's: {"error": {"message", "type", "param", "code"}}, with 400 for an invalid request.
 
 Every route lists the errors it can answer in its `responses=` (see `responses`), so that the OpenAPI
 document shows them. A crash answers 500 with a request id, never the exception's text or SQL: the log has
@@ -48,6 +49,24 @@ def responses(*codes: int) -> dict:
     return {code: {"model": ErrorBody, "description": _WHAT[code]} for code in codes}
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+def openai_responses(*codes: int) -> dict:
+    """`responses=` of a `/v1` route: 400 for any invalid request (OpenAI's, where the native API answers 422),
+    and each other status it can answer, all in OpenAI's error shape."""
+    what = {**_WHAT, 400: "The request is invalid: `param` names what is wrong", "4XX": "Any client error (never 422)"}
+    return {code: {"model": OpenAIErrorBody, "description": what[code]} for code in (400, *codes, "4XX")}
+
+
 class APIError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
                  details: list | None = None, headers: dict | None = None):  # fmt: skip
@@ -69,6 +88,26 @@ def body(code: str, message: str, field: str | None = None, details: list | None
     return {"error": error}
 
 
+OPENAI_PREFIX = "/v1/"  # OpenAI's face answers errors in its own shape (`openai_body`)
+
+
+def openai_body(status: int, code: str, message: str, field: str | None) -> tuple[int, dict]:
+    """OpenAI's error shape, {"error": {"message", "type", "param", "code"}}; an invalid request is a 400 there."""
+    kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")  # fmt: skip
+    return (400 if status == 422 else status), {"error": {"message": message, "type": kind, "param": field,
+                                                          "code": code}}  # fmt: skip
+
+
+def _answer(request: Request, status: int, code: str, message: str, field: str | None = None,
+            details: list | None = None, headers: dict | None = None) -> JSONResponse:  # fmt: skip
+    if request.url.path.startswith(OPENAI_PREFIX):
+        status, content = openai_body(status, code, message, field)
+    else:
+        content = body(code, message, field, details)
+    return JSONResponse(content, status_code=status, headers=headers)
+
+
 def _field(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
     return ".".join(parts) or "body"
@@ -77,25 +116,23 @@ def _field(loc: tuple) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(body(exc.code, exc.message, exc.field, exc.details), status_code=exc.status,
-                            headers=exc.headers)  # fmt: skip
+        return _answer(request, exc.status, exc.code, exc.message, exc.field, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         details = [{"field": _field(e["loc"]), "reason": e["msg"]} for e in exc.errors()]
         first = details[0] if details else {"field": "body", "reason": "invalid request"}
-        return JSONResponse(body("invalid_request", f"{first['field']}: {first['reason']}", first["field"], details),
-                            status_code=422)  # fmt: skip
+        return _answer(request, 422, "invalid_request", f"{first['field']}: {first['reason']}", first["field"], details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                 413: "upload_too_large"}.get(exc.status_code, "http_error")  # fmt: skip
-        return JSONResponse(body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+        return _answer(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
         request_id = secrets.token_hex(6)
         log.exception("%s %s failed (request %s)", request.method, request.url.path, request_id)
-        return JSONResponse(body("internal_error", f"internal error (request {request_id}); the server log has "
-                                 "the details"), status_code=500)  # fmt: skip
+        return _answer(request, 500, "internal_error", f"internal error (request {request_id}); the server log has "
+                       "the details")  # fmt: skip

@@ -26,7 +26,8 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Text = Field(min_length=1, max_length=2048,
-                        description="Base model: a folder the workers can read, or a storage URI.")
+                        description="Base model: a folder the workers can read, a storage URI, a hub id (`org/name` or "
+                        "`org/name@revision`), or a succeeded job's id or fine-tuned model name.")
     dataset: Text = Field(min_length=1, max_length=2048,
                           description="Training data: a dataset id from POST /datasets, or a URI.")
     eval_dataset: Text | None = Field(None, min_length=1, max_length=2048,

@@ -63,13 +63,16 @@ class Job(SQLModel, table=True):
     method: str
     trainer: str
     gpus: int
-    model: str  # a local folder or a storage URI
+    model: str  # a local folder, a storage URI, a hub id or a fine-tuned model name (`jobs.modelref`)
     dataset_id: str
     eval_dataset_id: str | None = None
     hyperparameters: dict = _json({})
     callback_url: str | None = None
     user_metadata: dict = _json({})
     idempotency_key: str | None = Field(default=None, unique=True)
+    suffix: str | None = None  # the user's part of its fine-tuned model name
+    integrations: list = _json([])  # as sent (OpenAI's `integrations`)
+    paused_at: float | None = None  # set by pause (a cancel that keeps the job resumable), cleared by its retry
 
     attempt: int = 1
     max_attempts: int = 3
@@ -176,6 +179,8 @@ class Dataset(SQLModel, table=True):
     method: str
     warnings: list = _json([])
     warning_count: int = 0
+    status: str = "processed"  # processed | error (a file uploaded through /v1 that did not validate)
+    errors: list = _json([])  # status error: the line-level report (line, field, reason)
 
 
 class Worker(SQLModel, table=True):

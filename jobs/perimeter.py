@@ -4,7 +4,9 @@ References (`model`, `dataset`, `eval_dataset`) may only be:
 - ids the tenant owns (`ds_...`; checked against the table by the caller);
 - storage URIs under the storage root's tenant prefix (`<root>/tenants/<tenant>/...`), or under a shared prefix
   the operator lists (`PREFQ_SHARED_MODELS`, for models only);
-- local folders under a root the operator lists (`PREFQ_MODEL_ROOTS`, for models only).
+- local folders under a root the operator lists (`PREFQ_MODEL_ROOTS`, for models only);
+- for models: hub ids the operator allows (`PREFQ_ALLOWED_HUB_MODELS`), fine-tuned model names and job ids
+  (`jobs.modelref`; their owner is checked against the table by the caller).
 Anything else is refused with the field named, before anything is looked up: the answer never tells whether a
 path exists outside what the tenant may read.
 
@@ -20,6 +22,8 @@ import os
 import re
 import socket
 from urllib.parse import urlsplit
+
+from jobs import modelref
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 METADATA = {ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "169.254.170.2")}
@@ -51,10 +55,18 @@ def _normal_uri(uri: str, field: str) -> str:
 
 
 def confine(ref: str, field: str, tenant: str, storage_root: str, shared: list[str], roots: list[str],
-            models: bool) -> str:  # fmt: skip
-    """The reference if `tenant` may read it; else `Refused`. Ids (`ds_...`, `job_...`) pass: their owner is
-    checked against the table by the caller."""
+            models: bool, hub: tuple[str, ...] | list[str] = ()) -> str:  # fmt: skip
+    """The reference if `tenant` may read it; else `Refused`. Ids (`ds_...`, `job_...`) and fine-tuned model names
+    pass: their owner is checked against the table by the caller. Models may be hub ids matching `hub`."""
     if re.fullmatch(r"(ds|job)_[A-Za-z0-9]+", ref):
+        return ref
+    if models and "://" not in ref and not ref.startswith("/"):
+        try:
+            parsed = modelref.parse(ref)
+        except modelref.BadModelRef as exc:
+            raise Refused(field, str(exc)) from None
+        if parsed.kind == "hub" and not modelref.hub_allowed(parsed.value, hub):
+            raise Refused(field, f"the hub model {parsed.value} is not one this server allows (PREFQ_ALLOWED_HUB_MODELS)")
         return ref
     if "://" in ref:
         uri = _normal_uri(ref, field)

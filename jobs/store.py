@@ -23,7 +23,7 @@ from jobs.db import db_now, session
 from jobs.models import ACTIVE, FINISHED, INF_BUCKET, Dataset, DurationBucket, Job, JobEvent, JobStatus, Worker, now
 
 _CLEARED = {"error_code": None, "error_message": None, "error_is_user": None, "finished_at": None,
-            "lease_owner": None, "lease_expires_at": None, "callback_status": None}  # fmt: skip
+            "lease_owner": None, "lease_expires_at": None, "callback_status": None, "paused_at": None}  # fmt: skip
 _TRIES = 10  # transactions retried when a concurrent writer took the same event sequence number
 
 Events = list[tuple[str, dict]]
@@ -96,10 +96,14 @@ class JobStore:
             return s.get(Job, job_id)
 
     def list_jobs(self, status: JobStatus | None = None, since: float | None = None, limit: int = 20,
-                  after: str | None = None, tenant: str | None = None) -> tuple[list[Job], bool]:  # fmt: skip
-        """Newest first (of `tenant`'s; None: every tenant's); `after` is the last id of the previous page.
-        Returns the page and whether more exist."""
+                  after: str | None = None, tenant: str | None = None,
+                  metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:  # fmt: skip
+        """Newest first (of `tenant`'s; None: every tenant's); `after` is the last id of the previous page;
+        `metadata`: jobs whose metadata holds every one of these key/value pairs. Returns the page and whether
+        more exist."""
         query = select(Job).order_by(col(Job.id).desc()).limit(limit + 1)
+        for key, value in (metadata or {}).items():
+            query = query.where(col(Job.user_metadata)[key].as_string() == value)
         if tenant is not None:
             query = query.where(Job.tenant == tenant)
         if status is not None:
@@ -121,6 +125,20 @@ class JobStore:
         with session(self.engine) as s:
             rows = list(s.exec(query))
         return rows[:limit], len(rows) > limit
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        with session(self.engine) as s:
+            row = s.get(Dataset, dataset_id)
+            if row:
+                s.delete(row)
+                s.commit()
+
+    def unfinished_using(self, dataset_id: str) -> str | None:
+        """An unfinished job that trains or evaluates on the dataset, if any."""
+        query = select(Job.id).where(col(Job.status).not_in(FINISHED),
+                                     (Job.dataset_id == dataset_id) | (Job.eval_dataset_id == dataset_id)).limit(1)  # fmt: skip
+        with session(self.engine) as s:
+            return s.exec(query).first()
 
     def count_unfinished(self, tenant: str) -> int:
         query = select(func.count()).select_from(Job).where(Job.tenant == tenant, col(Job.status).not_in(FINISHED))
@@ -226,6 +244,9 @@ class JobStore:
             return JobStatus.cancelling, None
         return None
 
+    def set_paused(self, job_id: str, at: float | None) -> None:
+        self._cas(job_id, [], {"paused_at": at})
+
     def fail_unsent(self, job_id: str, attempt: int, message: str) -> Finished | None:
         """A queued attempt whose task could not be sent -> failed (infrastructure; retry it)."""
         values = {"error_code": "enqueue_failed", "error_message": message, "error_is_user": False}
@@ -296,6 +317,17 @@ class JobStore:
     def events_after(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
         query = (select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after)
                  .order_by(col(JobEvent.seq)).limit(limit))  # fmt: skip
+        with session(self.engine) as s:
+            return list(s.exec(query))
+
+    def events_before(self, job_id: str, before: int | None, limit: int, types: set[str] | None = None,
+                      ) -> list[JobEvent]:  # fmt: skip
+        """Newest first: the events with a sequence number below `before` (None: from the newest), of `types`."""
+        query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(col(JobEvent.seq).desc()).limit(limit)
+        if before is not None:
+            query = query.where(JobEvent.seq < before)
+        if types is not None:
+            query = query.where(col(JobEvent.type).in_(types))
         with session(self.engine) as s:
             return list(s.exec(query))
 

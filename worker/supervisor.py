@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
-from jobs import layout
+from jobs import layout, modelref
 from jobs.models import Job, JobStatus
 from jobs.perimeter import Refused, confine
 from jobs.store import Finished, JobStore
@@ -41,6 +41,8 @@ _EOF = object()
 ENV_PREFIXES = ("CUDA_", "NVIDIA_", "NCCL_", "HF_", "TORCH", "OMP_", "MKL_", "KMP_", "LD_", "PYTHON", "TRANSFORMERS_")
 ENV_NAMES = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "HOSTNAME", "TERM")
 ENV_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # passed only to hub downloads, never to the run
+HUB_SKIPPED = ["*.onnx", "onnx/*", "*.gguf", "*.msgpack", "*.h5", "tf_model*", "flax_model*", "rust_model*",
+               "original/*", "*.ot"]  # weights of other frameworks: a hub model is fetched for transformers only
 
 
 class JobFailed(Exception):
@@ -104,6 +106,34 @@ class Uploader:
         self.thread.join()
 
 
+def hub_snapshot(ref: modelref.ModelRef, name: str) -> str:
+    """A hub model's folder in the hub cache shared by this host's jobs (`HF_HOME`/`HF_HUB_CACHE`), downloaded on a
+    miss with `HF_TOKEN` unless `HF_HUB_OFFLINE` is set. A model that cannot be found is the user's error."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )  # fmt: skip
+
+    try:
+        return snapshot_download(ref.value, revision=ref.revision, ignore_patterns=HUB_SKIPPED)
+    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
+        raise JobFailed("model_not_found", f"model: {name} is not on the hub, or not readable with this server's "
+                        f"token ({type(exc).__name__})", user_error=True) from None  # fmt: skip
+    except LocalEntryNotFoundError:
+        if HF_HUB_OFFLINE:
+            raise JobFailed("model_not_found", f"model: {name} is not in this worker's hub cache, and the worker is "
+                            "offline (HF_HUB_OFFLINE)", user_error=True) from None  # fmt: skip
+        raise JobFailed("hub_unavailable", f"model: {name} could not be downloaded: the hub is not reachable",
+                        user_error=False) from None  # fmt: skip
+    except (HfHubHTTPError, OSError) as exc:
+        raise JobFailed("hub_unavailable", f"model: {name} could not be downloaded: {exc}", user_error=False) from None
+
+
 def die_with_parent() -> None:
     """In the child before exec: SIGTERM it when the process that started it dies (Linux)."""
     if sys.platform.startswith("linux"):
@@ -163,7 +193,8 @@ class JobRun:
         """The API checked the reference; the worker checks again before it reads anything (`jobs.perimeter`)."""
         s = self.settings
         try:
-            return confine(ref, field, self.job.tenant, s.storage_url, s.shared_models, s.model_roots, models)
+            return confine(ref, field, self.job.tenant, s.storage_url, s.shared_models, s.model_roots, models,
+                           s.allowed_hub_models)  # fmt: skip
         except Refused as exc:
             raise JobFailed("reference_not_allowed", str(exc), user_error=True) from None
 
@@ -179,6 +210,11 @@ class JobRun:
 
     def _model(self, model: str) -> str:
         model = self._confine(model, "model", models=True)
+        parsed = modelref.parse(model)
+        if parsed.kind == "hub":
+            return hub_snapshot(parsed, model)
+        if parsed.kind == "job":
+            model = self._job_model(parsed, model)
         if "://" not in model:
             if not (Path(model) / "config.json").is_file():
                 raise JobFailed("invalid_model", f"model: no model folder at {model} on this worker", user_error=True)
@@ -186,6 +222,15 @@ class JobRun:
         folder, fd = self.models.open(model, lambda local: self._fetch(model, local, "model", prefix=True))
         self.held_fds.append(fd)
         return str(folder)
+
+    def _job_model(self, ref: modelref.ModelRef, name: str) -> str:
+        """The storage URI of a succeeded job's model (or checkpoint), if the job is this job's tenant's."""
+        source = self.store.get_job(ref.value)
+        if source is None or source.tenant != self.job.tenant or source.status != JobStatus.succeeded:
+            raise JobFailed("model_not_found", f"model: no succeeded job of this tenant's for {name}", user_error=True)
+        if ref.step is None:
+            return source.result_uri
+        return self.storage.uri(layout.checkpoint_prefix(source.tenant, source.id, ref.step))
 
     def _reference_cache(self, job: Job) -> Path:
         """The reference log-probs earlier attempts and jobs of the tenant computed on this model and data, fetched

@@ -40,6 +40,17 @@ async def create_job(req: JobCreate, who: Caller,
                      idempotency_key: str | None = Header(None, max_length=200, pattern=r"^[\x21-\x7e]+$"),
                      svc: Services = Depends(services)) -> JobPublic:  # fmt: skip
     """Queue a training job. A repeated `Idempotency-Key` returns the job it created the first time."""
+    job, created, warnings = await queue_job(svc, who, req, idempotency_key)
+    public = JobPublic.of(job)
+    if created:
+        public.warnings = warnings
+    return public
+
+
+async def queue_job(svc: Services, who: Principal, req: JobCreate, idempotency_key: str | None,
+                    **row) -> tuple[Job, bool, list[str]]:  # fmt: skip
+    """Check a job, insert it and send its task (both faces of the API): (job, whether it is new, why it may wait).
+    `row`: further columns of the job row (the OpenAI face's `suffix` and `integrations`)."""
     dataset_id = await checks.dataset(svc, who, req.dataset, req.method, "dataset")
     eval_id = await checks.dataset(svc, who, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
     model = await checks.model(svc, who, req.model)
@@ -52,17 +63,14 @@ async def create_job(req: JobCreate, who: Caller,
     job = Job(id=new_id("job"), tenant=who.tenant, method=req.method, trainer=req.trainer, gpus=req.gpus, model=model,
               dataset_id=dataset_id, eval_dataset_id=eval_id, hyperparameters=req.hyperparameters,
               callback_url=str(req.callback_url) if req.callback_url else None, user_metadata=req.metadata,
-              idempotency_key=idempotency_key, max_attempts=svc.settings.max_attempts)  # fmt: skip
+              idempotency_key=idempotency_key, max_attempts=svc.settings.max_attempts, **row)  # fmt: skip
     warnings = _unschedulable(await svc.live_workers(), job.gpus)
     events = [("queued", {"queue": gpu_queue(job.gpus)})] + [("unschedulable", {"message": w}) for w in warnings]
     try:
         job, created = await asyncio.wrap_future(svc.submitter.submit(job, events))
     except EnqueueFailed as exc:
         raise _unqueued(job.id, exc) from exc
-    public = JobPublic.of(job)
-    if created:
-        public.warnings = warnings
-    return public
+    return job, created, warnings
 
 
 def _unschedulable(live: list[Worker], gpus: int) -> list[str]:

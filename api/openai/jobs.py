@@ -1,0 +1,282 @@
+"""/v1/fine_tuning/jobs: OpenAI's face of the job table (see `api.openai.shapes` for the states and fields).
+
+A create request is translated into the native `JobCreate` and queued as `POST /jobs` queues it; errors name
+OpenAI's fields (`training_file`, `method.dpo.hyperparameters.beta`, ...). The rest of prefq's spec is reached
+through one extension field, `prefq` (the SDK sends it with `extra_body={"prefq": {...}}`):
+`{"trainer": "fsdp", "gpus": 4, "hyperparameters": {<training spec fields>}}`; its hyperparameters win over those
+translated from OpenAI's.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import Caller, Principal
+from api.deps import Cursor, JobId, Services, services
+from api.errors import APIError, not_found, openai_responses
+from api.openai import shapes
+from api.routes.jobs import _enqueue, queue_job
+from api.routes.jobs import cancel_job as native_cancel
+from api.schemas import JobCreate, Text
+from jobs import layout
+from jobs.models import Job, JobStatus, now
+from training.spec import DEFAULT_LEARNING_RATE, MANIFEST_NAME
+
+router = APIRouter(prefix="/v1/fine_tuning", tags=["openai"])
+NATIVE = {"n_epochs": "epochs", "batch_size": "batch_size", "beta": "beta"}
+
+
+def _auto_or(kind: type, positive: bool = True):
+    def check(value):
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise ValueError(f"expected {'a number' if kind is float else 'an integer'} or 'auto', got {value!r}")
+        if positive and value <= 0:
+            raise ValueError(f"must be above 0, got {value!r}")
+        return value
+
+    return Annotated[Any, AfterValidator(check)]
+
+
+class SupervisedHyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: _auto_or(int) = None
+    batch_size: _auto_or(int) = None
+    learning_rate_multiplier: _auto_or(float) = None
+
+
+class DpoHyperparameters(SupervisedHyperparameters):
+    beta: _auto_or(float) = None
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: SupervisedHyperparameters | None = None
+
+
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo"]
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+
+class PrefqExtension(BaseModel):
+    """What OpenAI's API has no field for: the trainer, the devices, and any training spec field."""
+
+    model_config = ConfigDict(extra="forbid")
+    trainer: Literal["basic", "fsdp", "deepspeed-tp"] = "basic"
+    gpus: int = Field(1, ge=0, le=64)
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class FineTuningJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Text = Field(min_length=1, max_length=2048, description="A hub id, a fine-tuned model name, a job id, ...")
+    training_file: Text = Field(min_length=1, max_length=200)
+    validation_file: Text | None = Field(None, min_length=1, max_length=200)
+    method: Method | None = None
+    hyperparameters: SupervisedHyperparameters | None = Field(None, description="Deprecated: `method`.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]*$")
+    metadata: dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]] | None = Field(
+        None, max_length=16
+    )
+    integrations: list[dict[str, Any]] | None = None
+    prefq: PrefqExtension | None = Field(None, description="prefq's own fields (the SDK's `extra_body`).")
+
+
+def _native(req: FineTuningJobCreate) -> tuple[JobCreate, str]:
+    """The native job, and the prefix of OpenAI's hyperparameter fields (for error messages)."""
+    kind = req.method.type if req.method else "supervised"
+    method = "dpo" if kind == "dpo" else "sft"
+    given = getattr(req.method, kind, None) if req.method else None
+    hp = given.hyperparameters if given else req.hyperparameters if req.method is None else None
+    where = f"method.{kind}.hyperparameters" if req.method else "hyperparameters"
+    native: dict[str, Any] = {}
+    for name, value in (hp.model_dump(exclude_none=True) if hp else {}).items():
+        if value == "auto":
+            continue
+        if name == "learning_rate_multiplier":
+            native["learning_rate"] = DEFAULT_LEARNING_RATE[method] * value
+        else:
+            native[NATIVE[name]] = value
+    if req.seed is not None:
+        native["seed"] = req.seed
+    ext = req.prefq or PrefqExtension()
+    native.update(ext.hyperparameters)
+    job = JobCreate(model=req.model, dataset=req.training_file, eval_dataset=req.validation_file, method=method,
+                    trainer=ext.trainer, gpus=ext.gpus, hyperparameters=native, metadata=req.metadata or {})  # fmt: skip
+    return job, where
+
+
+def _openai_field(field: str | None, where: str, extension: bool) -> str | None:
+    """A native field name as the OpenAI request names it."""
+    if field is None:
+        return None
+    if field in ("dataset", "eval_dataset"):
+        return {"dataset": "training_file", "eval_dataset": "validation_file"}[field]
+    if field.startswith("hyperparameters."):
+        name = field.split(".", 1)[1]
+        back = {v: k for k, v in NATIVE.items()} | {"learning_rate": "learning_rate_multiplier"}
+        if name in back and not extension:
+            return f"{where}.{back[name]}"
+        return "seed" if name == "seed" else f"prefq.{field}"
+    if field in ("trainer", "gpus"):
+        return f"prefq.{field}"
+    return field
+
+
+def _job(svc: Services, who: Principal, job_id: str) -> Job:
+    job = svc.store.get_job(job_id)
+    if job is None or not who.owns(job.tenant):
+        raise not_found("fine_tuning_job", job_id)
+    return job
+
+
+@router.post("/jobs", responses=openai_responses(401, 429, 503))
+async def create_job(req: FineTuningJobCreate, who: Caller,
+                     idempotency_key: str | None = Header(None, max_length=200, pattern=r"^[\x21-\x7e]+$"),
+                     svc: Services = Depends(services)) -> dict:  # fmt: skip
+    """Create a fine-tuning job. A repeated `Idempotency-Key` (the SDK's `extra_headers`) returns the same job."""
+    if req.integrations:
+        raise APIError(400, "integrations_not_configured", "integrations: this server does not report to Weights & "
+                       "Biases; send no integrations", field="integrations")  # fmt: skip
+    native, where = _native(req)
+    ext_keys = set((req.prefq.hyperparameters if req.prefq else {}).keys())
+    try:
+        job, _, _ = await queue_job(svc, who, native, idempotency_key, suffix=req.suffix or None,
+                                    integrations=req.integrations or [])  # fmt: skip
+    except APIError as exc:
+        name = exc.field.split(".", 1)[1] if exc.field and exc.field.startswith("hyperparameters.") else None
+        field = _openai_field(exc.field, where, extension=name in ext_keys)
+        if exc.field and field != exc.field:
+            exc.message = exc.message.replace(exc.field, field, 1)
+            exc.field = field
+        raise
+    return shapes.fine_tuning_job(job)
+
+
+@router.get("/jobs", responses=openai_responses(401))
+def list_jobs(request: Request, who: Caller, after: Cursor | None = None,
+              limit: int = Query(20, ge=1, le=100), svc: Services = Depends(services)) -> dict:  # fmt: skip
+    """The tenant's jobs, newest first; `metadata[key]=value` keeps the jobs whose metadata holds that pair."""
+    metadata = {}
+    for key, value in request.query_params.multi_items():
+        match = re.fullmatch(r"metadata\[(.{1,64})\]", key)
+        if match:
+            metadata[match.group(1)] = value
+        elif key.startswith("metadata"):
+            raise APIError(400, "invalid_request", f"{key}: filter by metadata as metadata[key]=value", field=key)
+    rows, more = svc.store.list_jobs(limit=limit, after=after, tenant=who.tenant, metadata=metadata)
+    data = [shapes.fine_tuning_job(j) for j in rows]
+    return {"object": "list", "data": data, "has_more": more}
+
+
+@router.get("/jobs/{job_id}", responses=openai_responses(401, 404))
+def retrieve_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
+    return shapes.fine_tuning_job(_job(svc, who, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", responses=openai_responses(401, 404, 409))
+def cancel_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
+    """Cancel: a queued job at once, a running one once its run has stopped (answered as `cancelled` meanwhile)."""
+    native_cancel(job_id, who, svc)
+    return shapes.fine_tuning_job(_job(svc, who, job_id))
+
+
+@router.post("/jobs/{job_id}/pause", responses=openai_responses(401, 404, 409))
+def pause_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
+    """Pause: the run saves a checkpoint and stops, freeing its devices; `resume` queues it again from there."""
+    job = _job(svc, who, job_id)
+    if job.status not in (JobStatus.queued, JobStatus.running):
+        raise APIError(409, "not_pausable", f"job {job_id} is {shapes.status(job)}; only queued or running jobs can "
+                       "be paused")  # fmt: skip
+    svc.store.set_paused(job_id, now())
+    svc.store.add_event(job_id, job.attempt, "pause_requested", {})
+    native_cancel(job_id, who, svc)
+    return shapes.fine_tuning_job(_job(svc, who, job_id))
+
+
+@router.post("/jobs/{job_id}/resume", responses=openai_responses(401, 404, 409, 503))
+def resume_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
+    """Resume a paused job: a new attempt, from its newest checkpoint."""
+    job = _job(svc, who, job_id)
+    if job.paused_at is None or job.status != JobStatus.cancelled:
+        raise APIError(409, "not_paused", f"job {job_id} is {shapes.status(job)}; only a paused job whose run has "
+                       "stopped can be resumed")  # fmt: skip
+    attempt = svc.store.retry(job_id, svc.settings.max_attempts)
+    if attempt is None:
+        raise APIError(409, "not_paused", f"job {job_id} changed meanwhile; retrieve it and try again")
+    svc.store.add_event(job_id, attempt, "resumed", {"from_attempt": job.attempt})
+    _enqueue(svc, job_id, attempt, job.gpus)
+    return shapes.fine_tuning_job(_job(svc, who, job_id))
+
+
+@router.get("/jobs/{job_id}/events", responses=openai_responses(401, 404))
+def list_events(job_id: JobId, who: Caller, after: str | None = Query(None, max_length=200),
+                limit: int = Query(20, ge=1, le=1000), svc: Services = Depends(services)) -> dict:  # fmt: skip
+    """The job's events, newest first; pass the last id as `after` for older ones."""
+    _job(svc, who, job_id)
+    before = None
+    if after is not None:
+        before = shapes.event_seq(after)
+        if before is None:
+            raise APIError(400, "invalid_request", f"after: {after!r} is not an event id of this job", field="after")
+    events = svc.store.events_before(job_id, before, limit + 1)
+    data = [shapes.fine_tuning_event(job_id, e) for e in events[:limit]]
+    return {"object": "list", "data": data, "has_more": len(events) > limit}
+
+
+def _checkpoints(svc: Services, job: Job) -> list[dict]:
+    keys = svc.storage.list(layout.checkpoints_prefix(job.tenant, job.id))
+    steps = layout.complete_checkpoints(job.tenant, job.id, keys, MANIFEST_NAME)
+    events = svc.store.events_after(job.id, 0, 100_000)
+    saved = {e.data.get("step"): e.created_at for e in events if e.type == "checkpoint"}
+    metrics = shapes.metrics_by_step(events)
+    out = []
+    for step in sorted(steps, reverse=True):
+        m = metrics.get(step) or metrics.get(max((s for s in metrics if s <= step), default=-1), {})
+        accuracy = m.get("rewards/accuracies", m.get("mean_token_accuracy"))  # DPO: the reward accuracy
+        out.append(
+            shapes.checkpoint(
+                job,
+                step,
+                saved.get(step, job.updated_at),
+                {
+                    "step": step,
+                    "train_loss": m.get("loss"),
+                    "train_mean_token_accuracy": accuracy,
+                    "valid_loss": m.get("eval_loss"),
+                    "valid_mean_token_accuracy": m.get("eval_rewards/accuracies", m.get("eval_mean_token_accuracy")),
+                },
+            )
+        )
+    return out
+
+
+@router.get("/jobs/{job_id}/checkpoints", responses=openai_responses(401, 404))
+async def list_checkpoints(job_id: JobId, who: Caller, after: str | None = Query(None, max_length=200),
+                           limit: int = Query(10, ge=1, le=100), svc: Services = Depends(services)) -> dict:  # fmt: skip
+    """The job's complete checkpoints, newest first; each names a model that a new job can start from."""
+    job = await run_in_threadpool(_job, svc, who, job_id)
+    data = await run_in_threadpool(_checkpoints, svc, job)
+    if after is not None:
+        ids = [c["id"] for c in data]
+        if after not in ids:
+            raise APIError(400, "invalid_request", f"after: {after!r} is not a checkpoint of this job", field="after")
+        data = data[ids.index(after) + 1 :]
+    page = data[:limit]
+    return {"object": "list", "data": page, "has_more": len(data) > limit,
+            "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}  # fmt: skip

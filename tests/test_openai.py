@@ -1,0 +1,306 @@
+"""The real `openai` SDK against a live prefq (uvicorn, a Celery worker, PostgreSQL, Valkey, SeaweedFS), with only
+`base_url` changed; the base model is a hub id served from an offline hub cache that the test fills. The CLI runs a
+hub-id job and an SFT -> DPO pipeline on the same stack."""
+
+import json
+import secrets
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import httpcore  # noqa: F401 - imports h2 (which the SDK's dependencies install) before any test thread can race it
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.services import Stack, make_key, prefq
+
+HUB_ID = "prefq-test/micro-llama"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+FAST = {"max_steps": 4, "save_steps": 2, "max_length": 64, "eval_fraction": 0, "learning_rate": 3e-3,
+        "lr_scheduler": "constant"}  # fmt: skip
+TERMINAL = {"succeeded", "failed", "cancelled"}
+PARKED = {"prefq": {"trainer": "fsdp", "gpus": 8}}  # no worker here takes 8-device jobs: they stay queued
+
+
+def fill_hub_cache(cache: Path, model: Path) -> None:
+    """`model` as the hub cache holds `HUB_ID` at main (and at the tag v1): what a download would have left."""
+    repo = cache / f"models--{HUB_ID.replace('/', '--')}"
+    shutil.copytree(model, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    for ref in ("main", "v1"):
+        (repo / "refs" / ref).write_text(COMMIT)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, broker_url, s3, micro_model):
+    """A stack of its own (its broker database, PostgreSQL database and hub cache), and a key per tenant."""
+    from api.dev import free_port
+    from jobs.db import upgrade
+    from tests.conftest import python_env
+    from tests.services import create_pg_database, drop_pg_database
+
+    cache = tmp_path_factory.mktemp("hf") / "hub"
+    fill_hub_cache(cache, micro_model)
+    url, name = create_pg_database()
+    upgrade(url)
+    env = dict(python_env(), PREFQ_DATA_DIR=str(tmp_path_factory.mktemp("prefq-openai")), PREFQ_DATABASE_URL=url,
+               PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/7", PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/oai-"
+               f"{secrets.token_hex(3)}", PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"],
+               PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"], PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"],
+               PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="10", PREFQ_RECONCILE_INTERVAL_S="2",
+               PREFQ_CPU_DEVICES="1", PREFQ_METRICS_PORT=str(free_port()), PREFQ_ALLOWED_HUB_MODELS="prefq-test/*",
+               PREFQ_BASE_MODELS=HUB_ID, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")  # fmt: skip
+    env["PATH"] = str(Path(sys.executable).parent) + ":" + env["PATH"]
+    stack = Stack(env, tmp_path_factory.mktemp("logs-openai")).up()
+    keys = {t: make_key(url, t) for t in ("alpha", "beta", "gamma", "delta")}
+    yield stack, {t: OpenAI(base_url=f"{stack.url}/v1", api_key=k, max_retries=0) for t, k in keys.items()}
+    stack.down()
+    drop_pg_database(name)
+
+
+def openai_dpo_file(toy_dpo: Path, path: Path, rows: int = 64) -> Path:
+    lines = [json.loads(line) for line in toy_dpo.read_text().splitlines()[:rows]]
+    path.write_text("".join(json.dumps({
+        "input": {"messages": [{"role": "user", "content": r["prompt"]}]},
+        "preferred_output": [{"role": "assistant", "content": r["chosen"]}],
+        "non_preferred_output": [{"role": "assistant", "content": r["rejected"]}]}) + "\n" for r in lines))  # fmt: skip
+    return path
+
+
+def messages_file(toy_sft: Path, path: Path, rows: int = 64) -> Path:
+    lines = [json.loads(line) for line in toy_sft.read_text().splitlines()[:rows]]
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                     {"role": "assistant", "content": r["completion"]}]}) + "\n"
+                            for r in lines))  # fmt: skip
+    return path
+
+
+def wait(client: OpenAI, job_id: str, timeout_s: float = 240):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in TERMINAL:
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"{job_id} is {job.status}")
+
+
+def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(hub, toy_dpo, toy_sft, tmp_path):
+    stack, clients = hub
+    client = clients["alpha"]
+    with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl").open("rb") as fh:
+        pairs = client.files.create(file=fh, purpose="fine-tune")
+    assert (pairs.object, pairs.status, pairs.purpose, pairs.filename) == ("file", "processed", "fine-tune",
+                                                                         "pairs.jsonl")  # fmt: skip
+    assert client.files.retrieve(pairs.id).bytes == (tmp_path / "pairs.jsonl").stat().st_size
+    assert client.files.content(pairs.id).read() == (tmp_path / "pairs.jsonl").read_bytes()
+
+    create = dict(model=HUB_ID, training_file=pairs.id, suffix="pairs", seed=7, metadata={"team": "search"},
+                  method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 16, "n_epochs": "auto"}}},
+                  extra_body={"prefq": {"gpus": 1, "hyperparameters": FAST}},
+                  extra_headers={"Idempotency-Key": "dpo-1"})  # fmt: skip
+    job = client.fine_tuning.jobs.create(**create)
+    assert client.fine_tuning.jobs.create(**create).id == job.id, "Idempotency-Key: the same job"
+    assert (job.object, job.model, job.status, job.seed, job.suffix) == ("fine_tuning.job", HUB_ID, "queued", 7, "pairs")
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    assert job.method.dpo.hyperparameters.n_epochs == 1, "auto is the documented default"
+    assert job.metadata == {"team": "search"} and job.organization_id == "alpha"
+
+    done = wait(client, job.id)
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:{HUB_ID}:alpha:pairs:{job.id}"
+    assert done.finished_at >= done.created_at and done.estimated_finish is None
+    assert done.trained_tokens > 0
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=3))  # auto-paginates, newest first
+    assert len(events) > 6 and len({e.id for e in events}) == len(events)
+    assert events[0].message == "The job has successfully completed" and events[-1].message == "Fine-tuning job queued"
+    assert not any({"path", "final_path", "pid"} & set(e.data or {}) for e in events), "no worker-local details"
+    metrics = [e for e in events if e.type == "metrics"]
+    assert [e.data["step"] for e in metrics if "train_loss" in e.data] == [4, 3, 2, 1]
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [4, 2]
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-4"
+    assert checkpoints[1].metrics.train_loss is not None and checkpoints[1].fine_tuning_job_id == job.id
+    assert checkpoints[0].metrics.train_mean_token_accuracy >= 0.9, "DPO: the reward accuracy of the toy pairs"
+    (results,) = done.result_files
+    csv_rows = client.files.content(results).text.splitlines()
+    assert csv_rows[0] == "step,train_loss,train_rewards_accuracy,train_rewards_margin,valid_loss,valid_rewards_accuracy"
+    assert [r.split(",")[0] for r in csv_rows[1:]] == ["1", "2", "3", "4"]
+    assert client.files.retrieve(results).purpose == "fine-tune-results"
+
+    with messages_file(toy_sft, tmp_path / "chat.jsonl").open("rb") as fh:
+        chat = client.files.create(file=fh, purpose="fine-tune")
+    sft = client.fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=chat.id, suffix="chat",
+                                         method={"type": "supervised", "supervised": {"hyperparameters": {
+                                             "batch_size": 16, "learning_rate_multiplier": 2}}},
+                                         extra_body={"prefq": {"hyperparameters": {**FAST, "learning_rate": 1e-3}}})  # fmt: skip
+    assert sft.model == done.fine_tuned_model and sft.method.supervised.hyperparameters.learning_rate_multiplier == 50
+    sft_done = wait(client, sft.id)
+    assert sft_done.status == "succeeded", sft_done.error
+    assert sft_done.fine_tuned_model == f"ft:{HUB_ID}:alpha:chat:{sft.id}", "the base stays the hub model"
+    assert client.files.content(sft_done.result_files[0]).text.startswith(
+        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n")
+
+    # a checkpoint is a model too; cancel answers cancelled
+    third = client.fine_tuning.jobs.create(model=checkpoints[1].fine_tuned_model_checkpoint, training_file=pairs.id,
+                                           method={"type": "dpo"}, extra_body=PARKED)  # fmt: skip
+    assert client.fine_tuning.jobs.cancel(third.id).status == "cancelled"
+    with messages_file(toy_sft, tmp_path / "theirs.jsonl", rows=8).open("rb") as fh:
+        theirs = clients["beta"].files.create(file=fh, purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as err:
+        clients["beta"].fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=theirs.id)
+    assert err.value.param == "model" and err.value.code == "model_not_found", "another tenant's model is no model"
+    assert done.fine_tuned_model not in {m.id for m in clients["beta"].models.list()}
+    models = {m.id for m in client.models.list()}
+    assert {HUB_ID, done.fine_tuned_model, sft_done.fine_tuned_model} <= models
+    assert client.models.retrieve(done.fine_tuned_model).owned_by == "alpha"
+
+
+def test_errors_in_openais_shape(hub, toy_dpo, tmp_path):
+    stack, clients = hub
+    alpha, beta = clients["alpha"], clients["beta"]
+    with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl", rows=8).open("rb") as fh:
+        pairs = alpha.files.create(file=fh, purpose="fine-tune")
+    job = alpha.fine_tuning.jobs.create(model=HUB_ID, training_file=pairs.id, method={"type": "dpo"},
+                                        extra_body=PARKED)  # fmt: skip
+    for call in (lambda: beta.fine_tuning.jobs.retrieve(job.id), lambda: beta.fine_tuning.jobs.cancel(job.id),
+                 lambda: list(beta.fine_tuning.jobs.list_events(job.id)), lambda: beta.files.retrieve(pairs.id),
+                 lambda: beta.fine_tuning.jobs.checkpoints.list(job.id), lambda: beta.files.content(pairs.id),
+                 lambda: beta.fine_tuning.jobs.retrieve("job_0000000000000")):  # fmt: skip
+        with pytest.raises(openai.NotFoundError) as err:
+            call()
+        assert err.value.body["type"] == "invalid_request_error" and err.value.code.endswith("_not_found")
+    assert beta.fine_tuning.jobs.list().data == []
+    with pytest.raises(openai.BadRequestError) as err:
+        beta.fine_tuning.jobs.create(model=HUB_ID, training_file=pairs.id, method={"type": "dpo"})
+    assert err.value.param == "training_file", "another tenant's file is no file"
+
+    bad = {
+        "method.dpo.hyperparameters.n_epochs": {"method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 0}}}},
+        "method.dpo.hyperparameters.beta": {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "big"}}}},
+        "method.dpo.hyperparameters.batch_size": {"method": {"type": "dpo", "dpo": {"hyperparameters": {
+            "batch_size": 10**6}}}},
+        "method.type": {"method": {"type": "reinforcement"}},
+        "prefq.hyperparameters.loss_type": {"method": {"type": "dpo"}, "extra_body": {"prefq": {"hyperparameters": {
+            "loss_type": "nope"}}}},
+        "model": {"model": "other-org/model", "method": {"type": "dpo"}},
+        "suffix": {"suffix": "has spaces", "method": {"type": "dpo"}},
+        "integrations": {"integrations": [{"type": "wandb", "wandb": {"project": "p"}}], "method": {"type": "dpo"}},
+    }  # fmt: skip
+    for param, kwargs in bad.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            alpha.fine_tuning.jobs.create(**{"model": HUB_ID, "training_file": pairs.id, **kwargs})
+        assert err.value.param == param, (param, err.value.body)
+        assert err.value.body["message"] and err.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as err:
+        alpha.fine_tuning.jobs.create(model="a/b/c", training_file=pairs.id, method={"type": "dpo"})
+    assert err.value.param == "model" and "hub id" in err.value.message
+
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "Q", "chosen": "A", "rejected": "B"}\n{"prompt": 3}\n')
+    broken = alpha.files.create(file=(tmp_path / "broken.jsonl").open("rb"), purpose="fine-tune")
+    assert broken.status == "error" and "line 2" in broken.status_details
+    with pytest.raises(openai.BadRequestError) as err:
+        alpha.fine_tuning.jobs.create(model=HUB_ID, training_file=broken.id)
+    assert err.value.param == "training_file"
+    with pytest.raises(openai.BadRequestError) as err:
+        alpha.files.create(file=(tmp_path / "broken.jsonl").open("rb"), purpose="batch")
+    assert err.value.param == "purpose"
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=f"{stack.url}/v1", api_key="pq_nobody_nothing", max_retries=0).models.list()
+    assert stack.http.get("/jobs/job_0000000000000").json()["error"]["code"] == "job_not_found", "native shape stays"
+
+    # a hub model that is not in the offline cache fails the job as the user's error, naming the model
+    missing = alpha.fine_tuning.jobs.create(model="prefq-test/absent@v2", training_file=pairs.id, method={"type": "dpo"},
+                                            extra_body={"prefq": {"hyperparameters": FAST}})  # fmt: skip
+    failed = wait(alpha, missing.id)
+    assert failed.status == "failed" and failed.error.code == "model_not_found" and failed.error.param == "model"
+    assert "prefq-test/absent@v2" in failed.error.message and stack.get(f"/jobs/{missing.id}")["error"]["user_error"]
+    alpha.fine_tuning.jobs.cancel(job.id)
+
+
+def test_pagination_metadata_filter_pause_and_resume(hub, toy_dpo, tmp_path):
+    stack, clients = hub
+    gamma = clients["gamma"]
+    with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl", rows=8).open("rb") as fh:
+        pairs = gamma.files.create(file=fh, purpose="fine-tune")
+    ids = [gamma.fine_tuning.jobs.create(model=HUB_ID, training_file=pairs.id, method={"type": "dpo"},
+                                         metadata={"batch": "odd" if i % 2 else "even"},
+                                         extra_body=PARKED).id for i in range(5)]  # fmt: skip
+    first = gamma.fine_tuning.jobs.list(limit=2)
+    assert [j.id for j in first.data] == ids[::-1][:2] and first.has_more
+    assert [j.id for j in gamma.fine_tuning.jobs.list(limit=2)] == ids[::-1], "the SDK follows `after` across pages"
+    pages = [p.data for p in gamma.fine_tuning.jobs.list(limit=2).iter_pages()]
+    assert [len(p) for p in pages] == [2, 2, 1]
+    even = gamma.fine_tuning.jobs.list(metadata={"batch": "even"}, limit=1)
+    assert [j.id for j in even] == [ids[4], ids[2], ids[0]]
+    assert gamma.fine_tuning.jobs.list(metadata={"batch": "none"}).data == []
+    with openai_dpo_file(toy_dpo, tmp_path / "more.jsonl", rows=4).open("rb") as fh:
+        more = gamma.files.create(file=fh, purpose="fine-tune")
+    assert [f.id for f in gamma.files.list(limit=1)] == [more.id, pairs.id], "file lists page too"
+    assert gamma.files.delete(more.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        gamma.files.retrieve(more.id)
+    with pytest.raises(openai.ConflictError) as err:
+        gamma.files.delete(pairs.id)
+    assert err.value.code == "file_in_use"
+
+    paused = gamma.fine_tuning.jobs.pause(ids[0])
+    assert paused.status == "paused"
+    with pytest.raises(openai.ConflictError):
+        gamma.fine_tuning.jobs.pause(ids[0])
+    resumed = gamma.fine_tuning.jobs.resume(ids[0])
+    assert resumed.status == "queued" and resumed.prefq["attempt"] == 2
+    for job_id in ids:
+        gamma.fine_tuning.jobs.cancel(job_id)
+    assert {j.status for j in gamma.fine_tuning.jobs.list()} == {"cancelled"}
+
+
+def test_the_cli_runs_a_hub_model_and_an_sft_then_dpo_pipeline(hub, toy_dpo, toy_sft):
+    stack, _ = hub
+    sets = [arg for k, v in FAST.items() for arg in ("--set", f"{k}={v}")] + ["--set", "batch_size=16"]
+    out = prefq(stack, "submit", str(toy_sft), "--model", f"{HUB_ID}@v1", "--method", "sft", *sets,
+                "--then", "dpo", str(toy_dpo), "--wait", "--gpus", "1")  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    first, second = dict.fromkeys(w for w in out.stdout.split() if w.startswith("job_"))
+    sft, dpo = stack.get(f"/jobs/{first}"), stack.get(f"/jobs/{second}")
+    assert (sft["status"], sft["model"], sft["method"]) == ("succeeded", f"{HUB_ID}@v1", "sft")
+    assert (dpo["status"], dpo["method"], dpo["metadata"]) == ("succeeded", "dpo", {"pipeline_after": first})
+    assert dpo["model"] == f"ft:{HUB_ID}:default::{first}", "the SFT model is the DPO base (and its reference)"
+    assert f"{second} succeeded" in out.stdout
+
+
+def test_pause_checkpoints_and_frees_the_worker_and_resume_goes_on_from_there(hub, toy_dpo, tmp_path):
+    stack, clients = hub
+    delta = clients["delta"]
+    with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl").open("rb") as fh:
+        pairs = delta.files.create(file=fh, purpose="fine-tune")
+    long = {**FAST, "max_steps": 5000, "save_steps": 5000}
+    job = delta.fine_tuning.jobs.create(model=HUB_ID, training_file=pairs.id, method={"type": "dpo"},
+                                        extra_body={"prefq": {"hyperparameters": long}})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while delta.fine_tuning.jobs.retrieve(job.id).prefq["step"] < 3:
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.3)
+    running = delta.fine_tuning.jobs.retrieve(job.id)
+    assert running.status == "running" and running.estimated_finish > running.created_at
+    assert running.fine_tuned_model is None and running.result_files == []
+    assert delta.fine_tuning.jobs.pause(job.id).status == "paused"
+    deadline = time.monotonic() + 120
+    while (paused := delta.fine_tuning.jobs.retrieve(job.id)).prefq["status"] != "cancelled":
+        assert time.monotonic() < deadline, "the run did not stop"
+        time.sleep(0.3)
+    assert paused.status == "paused"
+    (saved,) = delta.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert saved.step_number >= 3, "the paused run saved a checkpoint"
+    deadline = time.monotonic() + 30
+    while stack.wait_for_worker("prefq-test-worker@")["current_job_id"] is not None:
+        assert time.monotonic() < deadline, "the worker is still busy with the paused job"
+        time.sleep(0.3)
+    assert delta.fine_tuning.jobs.resume(job.id).status == "queued"
+    resuming = stack.wait_for_event(job.id, "resuming", timeout_s=120)
+    assert resuming["data"]["step"] == saved.step_number and resuming["attempt"] == 2
+    delta.fine_tuning.jobs.cancel(job.id)
+    assert wait(delta, job.id).status == "cancelled"

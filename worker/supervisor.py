@@ -430,7 +430,7 @@ class JobRun:
         if outcome.error:
             err = outcome.error
             if not err.get("user_error"):  # for the operator: the run's own traceback, in the worker's log
-                log.warning("Job %s: the run's last lines:\n%s", self.job_id, "".join(self._stderr_tail(60)))
+                log.warning("Job %s: the run's last lines:\n%s", self.job_id, "".join(self._stderr_tail(150)))
             raise JobFailed(err.get("code", "training_failed"), err.get("message", ""), bool(err.get("user_error")))
         # the worker is shutting down (or the run was told to stop some other way): another attempt resumes it.
         # A run stopped before it could install its SIGTERM handler dies of the signal: the same hand-back.

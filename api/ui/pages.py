@@ -82,7 +82,7 @@ def _job_list(svc: Services, viewer, status: str | None, q: str | None, after: s
         raise PageError(422, "Bad page", "after: not a job id")
     q = (q or "").strip()[:200] or None
     tenant = None if viewer.who.admin else viewer.who.tenant
-    rows, more = svc.store.list_jobs(wanted, None, PAGE, after, tenant, search=q)
+    rows, more = svc.store.list_jobs(wanted, None, PAGE, after or None, tenant, search=q)
     return [JobPublic.of(j) for j in rows], (rows[-1].id if more else None)
 
 

@@ -172,7 +172,11 @@ function startJobPage(root) {
       plotPoint(charts, "", COLOURS[1], true, e.data.step, evalValues(e.data));
     }
     if (PANEL_EVENTS.has(e.type)) panel();
-    if (FINAL.has(e.type)) { source.close(); document.getElementById("eta").textContent = ""; }
+    const current = Number(document.getElementById("panel")?.dataset.attempt || 0);
+    if (FINAL.has(e.type) && e.attempt >= current) {  // not an earlier attempt's end, replayed
+      source.close();
+      document.getElementById("eta").textContent = "";
+    }
   };
   source.onerror = () => {
     const status = document.getElementById("panel")?.dataset.status;

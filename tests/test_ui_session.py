@@ -1,0 +1,153 @@
+"""The dashboard's perimeter, tried as an attacker would, over HTTP: sessions, CSRF, tenants, bad input. The
+pages run on a real app and database (SQLite); the browser test (`test_ui.py`) drives the whole stack."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.ui import session as ui_session
+from jobs.db import upgrade
+from jobs.keys import KeyStore
+from jobs.models import Job, new_id
+from queue_config import Settings
+from tests.services import ROOT, make_key
+
+GOOD = b'{"prompt": "Q1", "chosen": "A", "rejected": "B"}\n{"prompt": "Q2", "chosen": "A", "rejected": "B"}\n'
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    (models / "m").mkdir()
+    (models / "m" / "config.json").write_text("{}")
+    settings = Settings(data_dir=tmp_path_factory.mktemp("ui"), broker_url="redis://127.0.0.1:9/0",
+                        model_roots=[str(models)])  # fmt: skip
+    upgrade(settings.database_url)
+    keys = {t: make_key(settings.database_url, t) for t in ("alpha", "beta")}
+    app = create_app(settings)
+    store = app.state.services.store
+    job = Job(id=new_id("job"), tenant="alpha", method="dpo", trainer="basic", gpus=1, model="m", dataset_id="ds_1",
+              user_metadata={"team": "search"})  # fmt: skip
+    store.create_jobs([(job, [("queued", {"queue": "gpu1"})])])
+    return settings, app, keys, job.id, str(models / "m")
+
+
+def signed_in(app, key: str) -> tuple[TestClient, str]:
+    client = TestClient(app)
+    r = client.post("/ui/login", data={"key": key, "next": "/ui/new"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/new"
+    page = client.get("/ui/new")
+    return client, re.search(r'name="csrf" value="([0-9a-f]+)"', page.text).group(1)
+
+
+def test_sign_in_gives_an_httponly_cookie_that_holds_no_key(world):
+    _, app, keys, *_ = world
+    client = TestClient(app)
+    r = client.get("/ui/jobs?status=running", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=%2Fui%2Fjobs%3Fstatus%3Drunning"
+    r = client.post("/ui/login", data={"key": keys["alpha"]}, follow_redirects=False)
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Path=/ui" in cookie
+    assert keys["alpha"] not in cookie and keys["alpha"].split("_")[2] not in cookie
+    assert r.headers["location"] == "/ui/jobs"
+    assert client.get("/ui/jobs").status_code == 200
+    headers = client.get("/ui/jobs").headers
+    assert headers["x-frame-options"] == "DENY" and headers["cache-control"] == "no-store"
+
+
+def test_bad_keys_foreign_origins_and_forged_cookies_get_no_session(world):
+    _, app, keys, *_ = world
+    client = TestClient(app)
+    r = client.post("/ui/login", data={"key": keys["alpha"][:-1] + "x"})
+    assert r.status_code == 401 and "not valid" in r.text and "set-cookie" not in r.headers
+    r = client.post("/ui/login", data={"key": keys["alpha"]}, headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403 and "set-cookie" not in r.headers, "no login CSRF"
+    r = client.post("/ui/login", data={"key": keys["alpha"], "next": "https://evil.example/"}, follow_redirects=False)
+    assert r.headers["location"] == "/ui/jobs", "no open redirect"
+    value = r.cookies["prefq_session"]
+    key_id, expires, mac = value.split(".")
+    for forged in (f"{key_id}.{int(expires) + 99}.{mac}", f"{key_id}.{expires}.{'0' * 64}", "garbage",
+                   f"{key_id}.1.{mac}"):  # fmt: skip
+        other = TestClient(app, cookies={"prefq_session": forged})
+        assert other.get("/ui/jobs", follow_redirects=False).status_code == 303, forged
+    fragment = TestClient(app).get("/ui/jobs/rows", headers={"HX-Request": "true"})
+    assert fragment.status_code == 204 and fragment.headers["HX-Redirect"] == "/ui/login"
+
+
+def test_a_revoked_key_ends_its_sessions(world):
+    settings, app, *_ = world
+    key = make_key(settings.database_url, "alpha")
+    client, _ = signed_in(app, key)
+    KeyStore(app.state.services.store.engine).revoke(key.split("_")[1])
+    ui_session.forget(key.split("_")[1])  # what the 5 s row cache would do by itself
+    assert client.get("/ui/jobs", follow_redirects=False).status_code == 303
+
+
+def test_state_changes_need_this_sessions_csrf_token(world):
+    _, app, keys, job_id, _ = world
+    alpha, token = signed_in(app, keys["alpha"])
+    _, beta_token = signed_in(app, keys["beta"])
+    assert token != beta_token
+    for sent in ({}, {"csrf": beta_token}, {"csrf": ""}):
+        r = alpha.post(f"/ui/jobs/{job_id}/cancel", data=sent)
+        assert r.status_code == 403 and "CSRF" in r.text, sent
+    r = alpha.post("/ui/datasets", files={"file": ("p.jsonl", GOOD)})
+    assert r.status_code == 403
+    assert alpha.post("/ui/logout").status_code == 403
+    r = alpha.post(f"/ui/jobs/{job_id}/cancel", data={"csrf": token}, follow_redirects=False)
+    assert r.status_code == 303 and app.state.services.store.get_job(job_id).status == "cancelled"
+    r = alpha.post(f"/ui/jobs/{job_id}/cancel", headers={"X-CSRF-Token": token})
+    assert r.status_code == 409 and "already cancelled" in r.text
+
+
+def test_another_tenants_job_answers_404_everywhere(world):
+    _, app, keys, job_id, _ = world
+    beta, token = signed_in(app, keys["beta"])
+    missing = "job_0000000000000"
+    for path in (f"/ui/jobs/{job_id}", f"/ui/jobs/{job_id}/panel", f"/ui/jobs/{job_id}/stream",
+                 f"/ui/jobs/{job_id}/files/model/config.json", f"/ui/compare?ids={job_id}"):  # fmt: skip
+        theirs, nothing = beta.get(path), beta.get(path.replace(job_id, missing))
+        assert theirs.status_code == 404 == nothing.status_code, path
+        assert theirs.text.replace(job_id, missing) == nothing.text, "the same answer as for no job"
+    for action in ("cancel", "retry"):
+        assert beta.post(f"/ui/jobs/{job_id}/{action}", data={"csrf": token}).status_code == 404
+    assert job_id not in beta.get("/ui/jobs").text and job_id not in beta.get("/ui/jobs?q=search").text
+    assert beta.get("/ui/workers").status_code == 403
+    alpha, _ = signed_in(app, keys["alpha"])
+    assert job_id in alpha.get("/ui/jobs?q=search").text, "search finds metadata values"
+    assert job_id in alpha.get(f"/ui/jobs?q={job_id[-8:]}").text and job_id not in alpha.get("/ui/jobs?q=zz_%").text
+
+
+def test_bad_input_gets_a_page_naming_the_field_never_a_500(world):
+    _, app, keys, job_id, model = world
+    alpha, token = signed_in(app, keys["alpha"])
+    cases = {"/ui/jobs?status=bogus": (422, "status"), "/ui/jobs?after=a/b": (422, "after"),
+             "/ui/compare?ids=..%2Fx": (422, "ids"), f"/ui/jobs/{job_id}/files/checkpoints/%2e%2e/%2e%2e/x": (404, "No file"),
+             f"/ui/jobs/{job_id}/files/other/x": (404, "No file"), "/ui/datasets?after=%00": (422, "after")}  # fmt: skip
+    for path, (status, text) in cases.items():
+        r = alpha.get(path)
+        assert (r.status_code, text in r.text) == (status, True), path
+    r = alpha.post("/ui/datasets", files={"file": ("bad.jsonl", b'{"prompt": "Q", "chosen": 1}\n')},
+                   data={"csrf": token})  # fmt: skip
+    assert r.status_code == 200 and "nothing was stored" in r.text and "<td>chosen</td>" in r.text
+    ds = alpha.post("/ui/datasets", files={"file": ("p.jsonl", GOOD)}, data={"csrf": token})
+    dataset_id = re.search(r'id="new-dataset">(ds_\w+)', ds.text).group(1)
+    form = {"csrf": token, "dataset": dataset_id, "model": model, "method": "dpo", "gpus": "1"}
+    for extra, field in (({"gpus": "two"}, "gpus"), ({"hp.batch_size": "x"}, "hyperparameters.batch_size"),
+                         ({"hp.beta": "-1"}, "beta"), ({"method": "ppo"}, "method"), ({"metadata": "novalue"}, "metadata"),
+                         ({"model": "/nowhere"}, "model"), ({"hp.max_steps": "0"}, "max_steps")):  # fmt: skip
+        r = alpha.post("/ui/jobs", data={**form, **extra})
+        assert r.status_code == 422 and field in re.search(r'id="form-error"[^>]*>([^<]*)', r.text).group(1), extra
+
+
+def test_the_dashboards_files_are_package_data():
+    """An installed wheel serves every template and asset: pyproject's globs cover the folder."""
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["api.ui"]
+    folder = ROOT / "api" / "ui"
+    covered = {p for g in globs for p in folder.glob(g)}
+    files = {p for p in folder.rglob("*") if p.is_file() and p.suffix != ".py" and "__pycache__" not in p.parts}
+    assert files - covered == set() and Path(folder / "static" / "vendor" / "htmx.min.js") in covered

@@ -138,35 +138,38 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     shot(page, "05-job-cancelled")
     page.click("#retry")
     page.wait_for_selector("#panel[data-status='queued'], #panel[data-status='running']", timeout=30_000)
-    try:
-        page.wait_for_selector("#events tr.ev-retried", state="attached", timeout=30_000)
-    except Exception:
-        shot(page, "debug")
-        print("EVENTS", page.inner_text("#events")[:3000], [e["type"] for e in stack.get(f"/jobs/{job_id}/events")["data"]][-10:], alpha.errors)
-        raise
+    page.wait_for_selector("#events tr.ev-retried", state="attached", timeout=30_000)
     assert stack.get(f"/jobs/{job_id}")["attempt"] == 2
 
-    # a checkpoint's file downloads (through a presigned S3 URL)
+    # a checkpoint's file downloads (through a presigned S3 URL); the retried attempt resumes and succeeds
     href = page.get_attribute(".ckpt-file", "href")
     answer = page.request.get(href)
     assert answer.status == 200 and answer.body(), href
+    page.wait_for_selector("#panel[data-status='succeeded']", timeout=180_000)
+    events = stack.get(f"/jobs/{job_id}/events")["data"]
+    resumed = next(e for e in events if e["type"] == "started" and e["attempt"] == 2)["data"]
+    assert resumed["resumed_from_step"] >= 10, "the retry resumes from a checkpoint"
+    assert page.locator("#events tr.ev-succeeded").count() == 1
+    model_file = page.get_attribute("#model-files a[href$='/config.json']", "href")
+    assert page.request.get(model_file).status == 200
+    assert float(page.get_attribute("#progress", "value")) == 200
+    shot(page, "06-job-succeeded")
 
     # the list, the compare page, narrow windows
     page.goto("/ui/jobs")
-    shot(page, "06-jobs")
+    shot(page, "07-jobs")
     page.goto(f"/ui/compare?ids={job_id}")
     page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points > 0")
-    shot(page, "07-compare")
+    shot(page, "08-compare")
     page.goto("/ui/datasets")
     assert dataset_id in page.inner_text("table.datasets")
-    shot(page, "08-datasets")
+    shot(page, "09-datasets")
     page.set_viewport_size({"width": 380, "height": 800})
     page.goto(f"/ui/jobs/{job_id}")
     page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points > 0")
     wide = page.evaluate("""() => [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > window.innerWidth + 1 && !e.closest('.scroll')).map(e => e.tagName + '#' + e.id + '.' + e.className).slice(0, 12)""")
     assert wide == [], f"no sideways scrolling: {wide}"
-    shot(page, "09-job-narrow")
-    stack.http.post(f"/jobs/{job_id}/cancel")
+    shot(page, "10-job-narrow")
 
     # another tenant: the same URL answers as a job that does not exist
     beta = Watched(browser, stack.url)
@@ -176,14 +179,14 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     assert other.goto(f"/ui/jobs/{job_id}").status == 404
     assert other.request.get(f"/ui/jobs/{job_id}/stream").status == 404
     assert other.request.get(href).status == 404
-    shot(other, "10-other-tenant-404")
+    shot(other, "11-other-tenant-404")
 
     # the admin's workers page
     admin = Watched(browser, stack.url)
     ops = admin.page()
     sign_in(ops, keys["admin"], "/ui/workers")
     assert "prefq-test-worker@" in ops.inner_text("table.workers")
-    shot(ops, "11-workers")
+    shot(ops, "12-workers")
 
     # sign-out ends the session
     page.click("text=Sign out")
@@ -195,4 +198,3 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     assert all("404" in e for e in beta.errors), beta.errors
     for ctx in (alpha, beta, admin):
         ctx.context.close()
-    stack.wait_for(job_id, {"cancelled", "succeeded"}, timeout_s=60)

@@ -76,6 +76,11 @@ def _value(name: str, raw: str):
         return raw == "true"
     if name == "loss_type" and "," in raw:
         return [p.strip() for p in raw.split(",") if p.strip()]
+    if name == "loss_weights":
+        try:
+            return [float(p) for p in raw.split(",")]
+        except ValueError:
+            raise FormError("hyperparameters.loss_weights", "hyperparameters.loss_weights: numbers separated by commas") from None
     return raw
 
 

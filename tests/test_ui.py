@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.services import ROOT, make_key
@@ -155,11 +156,20 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     assert float(page.get_attribute("#progress", "value")) == 200
     shot(page, "06-job-succeeded")
 
-    # the list, the compare page, narrow windows
+    # a second, shorter job of alpha's (through the API), then both ticked in the list and compared
+    second = httpx.post(f"{stack.url}/jobs", headers={"Authorization": f"Bearer {keys['alpha']}"}, json={
+        "model": str(micro_model), "dataset": dataset_id, "method": "dpo", "metadata": {"run": "ui-second"},
+        "hyperparameters": {**{k: float(v) if "e-" in v else int(v) for k, v in hyper.items()}, "max_steps": 20,
+                            "beta": 0.3}}).json()["id"]  # fmt: skip
+    stack.wait_for(second, {"succeeded"}, timeout_s=180)
     page.goto("/ui/jobs")
     shot(page, "07-jobs")
-    page.goto(f"/ui/compare?ids={job_id}")
-    page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points > 0")
+    page.check(f"#sel-{job_id}")
+    page.check(f"#sel-{second}")
+    page.click("text=Compare selected")
+    page.wait_for_url(re.compile(r"/ui/compare\?"))
+    page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points >= 220")
+    assert job_id in page.inner_text("ul.legend") and second in page.inner_text("ul.legend")
     shot(page, "08-compare")
     page.goto("/ui/datasets")
     assert dataset_id in page.inner_text("table.datasets")

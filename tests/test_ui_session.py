@@ -12,7 +12,7 @@ from api.app import create_app
 from api.ui import session as ui_session
 from jobs.db import upgrade
 from jobs.keys import KeyStore
-from jobs.models import Job, new_id
+from jobs.models import Job, JobStatus, new_id
 from queue_config import Settings
 from tests.services import ROOT, make_key
 
@@ -142,6 +142,26 @@ def test_bad_input_gets_a_page_naming_the_field_never_a_500(world):
                          ({"model": "/nowhere"}, "model"), ({"hp.max_steps": "0"}, "max_steps")):  # fmt: skip
         r = alpha.post("/ui/jobs", data={**form, **extra})
         assert r.status_code == 422 and field in re.search(r'id="form-error"[^>]*>([^<]*)', r.text).group(1), extra
+
+
+def test_a_failed_job_shows_its_error_whose_fault_and_a_retry_button(world):
+    _, app, keys, *_ = world
+    store = app.state.services.store
+    failed = {}
+    for user_error in (True, False):
+        job = Job(id=new_id("job"), tenant="alpha", method="dpo", trainer="basic", gpus=1, model="m",
+                  dataset_id="ds_1", status=JobStatus.failed, error_code="invalid_data" if user_error else "oom_killed",
+                  error_message="line 3: <chosen> is empty", error_is_user=user_error)  # fmt: skip
+        store.create_jobs([(job, [])])
+        failed[user_error] = job.id
+    alpha, _ = signed_in(app, keys["alpha"])
+    page = alpha.get(f"/ui/jobs/{failed[True]}").text
+    assert "invalid_data" in page and "line 3: &lt;chosen&gt; is empty" in page, "escaped, not markup"
+    assert "Fault: <strong>yours</strong>" in page and 'id="retry"' in page and 'id="cancel"' not in page
+    page = alpha.get(f"/ui/jobs/{failed[False]}/panel").text
+    assert "the infrastructure" in page and page.startswith('<div id="panel" data-status="failed"')
+    assert "failed" in alpha.get("/ui/jobs?status=failed").text and failed[True] in alpha.get("/ui/jobs?status=failed").text
+    assert failed[True] not in alpha.get("/ui/jobs?status=running").text
 
 
 def test_the_dashboards_files_are_package_data():

@@ -121,13 +121,16 @@ def _checkpoints(svc: Services, job: Job) -> list[dict]:
 
 
 def _panel(request: Request, svc: Services, viewer, job: Job, name: str):
-    checkpoints = _checkpoints(svc, job)
-    model_files = []
-    if job.status == JobStatus.succeeded:
-        prefix = layout.model_prefix(job.tenant, job.id)
-        model_files = [k[len(prefix):] for k in svc.storage.list(prefix)]
+    checkpoints, model_files, storage_error = [], [], None
+    try:
+        checkpoints = _checkpoints(svc, job)
+        if job.status == JobStatus.succeeded:
+            prefix = layout.model_prefix(job.tenant, job.id)
+            model_files = [k[len(prefix):] for k in svc.storage.list(prefix)]
+    except StorageError as exc:  # the page still shows the job; its files when storage answers again
+        storage_error = str(exc)
     return render(request, name, viewer=viewer, job=JobPublic.of(job), checkpoints=checkpoints,
-                  model_files=model_files, finished=job.status.finished)  # fmt: skip
+                  model_files=model_files, storage_error=storage_error)  # fmt: skip
 
 
 @router.get("/jobs/{job_id}")

@@ -198,6 +198,20 @@ function startComparePage(data) {
   });
 }
 
+// A refused htmx request (an upload over the server's size limit, a lost session) says why where it was aimed.
+document.addEventListener("htmx:responseError", (ev) => {
+  const target = ev.detail.target;
+  let message = `the server answered ${ev.detail.xhr.status}`;
+  try { message = JSON.parse(ev.detail.xhr.responseText).error.message; } catch (_) { /* not the API's error shape */ }
+  if (target) {
+    const p = document.createElement("p");
+    p.className = "error";
+    p.setAttribute("role", "alert");
+    p.textContent = message;
+    target.replaceChildren(p);
+  }
+});
+
 document.addEventListener("DOMContentLoaded", () => {
   const job = document.getElementById("job");
   if (job) startJobPage(job);

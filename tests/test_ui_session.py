@@ -1,5 +1,5 @@
 """The dashboard's perimeter, tried as an attacker would, over HTTP: sessions, CSRF, tenants, bad input. The
-pages run on a real app and database (SQLite); the browser test (`test_ui.py`) drives the whole stack."""
+pages run on a real app and PostgreSQL; the browser test (`test_ui.py`) drives the whole stack."""
 
 import re
 import tomllib
@@ -14,7 +14,7 @@ from jobs.db import upgrade
 from jobs.keys import KeyStore
 from jobs.models import Job, JobStatus, new_id
 from queue_config import Settings
-from tests.services import ROOT, make_key
+from tests.services import ROOT, create_pg_database, drop_pg_database, make_key
 
 GOOD = b'{"prompt": "Q1", "chosen": "A", "rejected": "B"}\n{"prompt": "Q2", "chosen": "A", "rejected": "B"}\n'
 
@@ -24,16 +24,18 @@ def world(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     (models / "m").mkdir()
     (models / "m" / "config.json").write_text("{}")
-    settings = Settings(data_dir=tmp_path_factory.mktemp("ui"), broker_url="redis://127.0.0.1:9/0",
+    url, name = create_pg_database()
+    upgrade(url)
+    settings = Settings(data_dir=tmp_path_factory.mktemp("ui"), database_url=url, broker_url="redis://127.0.0.1:9/0",
                         model_roots=[str(models)])  # fmt: skip
-    upgrade(settings.database_url)
     keys = {t: make_key(settings.database_url, t) for t in ("alpha", "beta")}
     app = create_app(settings)
     store = app.state.services.store
     job = Job(id=new_id("job"), tenant="alpha", method="dpo", trainer="basic", gpus=1, model="m", dataset_id="ds_1",
               user_metadata={"team": "search"})  # fmt: skip
     store.create_jobs([(job, [("queued", {"queue": "gpu1"})])])
-    return settings, app, keys, job.id, str(models / "m")
+    yield settings, app, keys, job.id, str(models / "m")
+    drop_pg_database(name)
 
 
 def signed_in(app, key: str) -> tuple[TestClient, str]:
@@ -120,6 +122,7 @@ def test_another_tenants_job_answers_404_everywhere(world):
     alpha, _ = signed_in(app, keys["alpha"])
     assert job_id in alpha.get("/ui/jobs?q=search").text, "search finds metadata values"
     assert job_id in alpha.get(f"/ui/jobs?q={job_id[-8:]}").text and job_id not in alpha.get("/ui/jobs?q=zz_%").text
+    assert alpha.get("/ui/jobs?q=%00").status_code == 200, "a NUL never reaches PostgreSQL"
 
 
 def test_bad_input_gets_a_page_naming_the_field_never_a_500(world):
@@ -139,7 +142,8 @@ def test_bad_input_gets_a_page_naming_the_field_never_a_500(world):
     form = {"csrf": token, "dataset": dataset_id, "model": model, "method": "dpo", "gpus": "1"}
     for extra, field in (({"gpus": "two"}, "gpus"), ({"hp.batch_size": "x"}, "hyperparameters.batch_size"),
                          ({"hp.beta": "-1"}, "beta"), ({"method": "ppo"}, "method"), ({"metadata": "novalue"}, "metadata"),
-                         ({"model": "/nowhere"}, "model"), ({"hp.max_steps": "0"}, "max_steps")):  # fmt: skip
+                         ({"model": "/nowhere"}, "model"), ({"hp.max_steps": "0"}, "max_steps"),
+                         ({"hp.learning_rate": "inf"}, "hyperparameters.learning_rate")):  # fmt: skip
         r = alpha.post("/ui/jobs", data={**form, **extra})
         assert r.status_code == 422 and field in re.search(r'id="form-error"[^>]*>([^<]*)', r.text).group(1), extra
 

@@ -3,6 +3,7 @@ spec's hyperparameters (from `training.spec.TrainingSpec`, defaults shown) and s
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from typing import Literal, get_args, get_origin
@@ -68,8 +69,10 @@ def _value(name: str, raw: str):
     try:
         if kind == "int":
             return int(raw)
-        if kind == "float":
+        if kind == "float" and math.isfinite(float(raw)):
             return float(raw)
+        if kind == "float":
+            raise ValueError(raw)
     except ValueError:
         raise FormError(f"hyperparameters.{name}", f"hyperparameters.{name}: {raw!r} is not a{'n integer' if kind == 'int' else ' number'}") from None  # fmt: skip
     if kind == "bool":
@@ -110,7 +113,7 @@ async def new_job(request: Request, viewer: Signed, svc: Services = Depends(serv
 def upload(request: Request, viewer: Checked, file: UploadFile = File(...),
            method: str = Form("", pattern="^(|dpo|sft)$"), svc: Services = Depends(services)):  # fmt: skip
     """Validate and store an upload; the fragment shows its report (a bad file: every line's error, nothing kept)."""
-    filename = (file.filename or "data.jsonl")[:255]
+    filename = (file.filename or "").replace("\x00", "")[:255] or "data.jsonl"
     try:
         dataset = store_dataset(svc, viewer.who, file.file, filename, method or None)
     except APIError as exc:

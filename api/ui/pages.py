@@ -189,7 +189,8 @@ def download(job_id: JobId, path: str, viewer: Signed, svc: Services = Depends(s
     parts = path.split("/")
     if parts[0] not in ("checkpoints", "model") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
         raise PageError(404, "Not found", f"No file {path!r} in job {job_id}.")
-    key = layout.checkpoints_prefix(job.tenant, job.id).removesuffix("checkpoints/") + path
+    prefix = {"checkpoints": layout.checkpoints_prefix, "model": layout.model_prefix}[parts[0]](job.tenant, job.id)
+    key = prefix + "/".join(parts[1:])
     if not svc.storage.exists(key):
         raise PageError(404, "Not found", f"No file {path!r} in job {job_id}.")
     try:

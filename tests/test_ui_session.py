@@ -168,6 +168,25 @@ def test_a_failed_job_shows_its_error_whose_fault_and_a_retry_button(world):
     assert failed[True] not in alpha.get("/ui/jobs?status=running").text
 
 
+def test_the_jobs_list_pages_newest_first(world):
+    settings, app, *_ = world
+    store = app.state.services.store
+    ids = []
+    for n in range(27):
+        job = Job(id=new_id("job"), tenant="gamma", method="sft", trainer="basic", gpus=1, model="m", dataset_id="d",
+                  user_metadata={"n": str(n)})  # fmt: skip
+        store.create_jobs([(job, [])])
+        ids.append(job.id)
+    gamma, _ = signed_in(app, make_key(settings.database_url, "gamma"))
+    first = gamma.get("/ui/jobs").text
+    shown = re.findall(r'<tr id="row-(job_\w+)"', first)
+    newest = sorted(ids, reverse=True)  # ids are time-ordered (by millisecond, then at random)
+    assert shown == newest[:25]
+    older = re.search(r'href="(/ui/jobs\?[^"]*after=job_\w+)"', first).group(1).replace("&amp;", "&")
+    assert re.findall(r'<tr id="row-(job_\w+)"', gamma.get(older).text) == newest[25:]
+    assert re.findall(r'<tr id="row-(job_\w+)"', gamma.get("/ui/jobs/rows", params={"q": '"n": "3"'}).text) == [ids[3]]
+
+
 def test_the_dashboards_files_are_package_data():
     """An installed wheel serves every template and asset: pyproject's globs cover the folder."""
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["api.ui"]

@@ -130,7 +130,8 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     shot(page, "04-job-running")
 
     # cancel it while it runs; the page and the list follow; then retry it
-    page.click("#cancel")
+    page.focus("#cancel")  # from the keyboard
+    page.keyboard.press("Enter")
     page.wait_for_selector("#panel[data-status='cancelled']", timeout=90_000)
     listing.bring_to_front()
     listing.wait_for_selector(f"#row-{job_id} .s-cancelled", timeout=15_000)
@@ -171,6 +172,8 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points >= 220")
     assert job_id in page.inner_text("ul.legend") and second in page.inner_text("ul.legend")
     shot(page, "08-compare")
+    page.goto("/ui/new")
+    assert page.locator(f"#models option[value='{micro_model}']").count() == 1, "recent models suggested"
     page.goto("/ui/datasets")
     assert dataset_id in page.inner_text("table.datasets")
     shot(page, "09-datasets")

@@ -104,9 +104,16 @@ async def _datasets(svc: Services, viewer) -> list:
     return rows
 
 
+async def _models(svc: Services, viewer) -> list[str]:
+    """The models of the tenant's recent jobs: suggestions for the model field."""
+    rows, _ = await run_in_threadpool(svc.store.list_jobs, None, None, 100, None, viewer.who.tenant)
+    return list(dict.fromkeys(j.model for j in rows))
+
+
 @router.get("/new")
 async def new_job(request: Request, viewer: Signed, svc: Services = Depends(services)):
-    return render(request, "new.html", viewer=viewer, fields=FIELDS, datasets=await _datasets(svc, viewer), form={})
+    return render(request, "new.html", viewer=viewer, fields=FIELDS, datasets=await _datasets(svc, viewer), form={},
+                  models=await _models(svc, viewer))  # fmt: skip
 
 
 @router.post("/datasets")
@@ -154,4 +161,4 @@ async def submit(request: Request, viewer: Checked, svc: Services = Depends(serv
 
 async def _refused(request: Request, svc: Services, viewer, values: dict, field: str, message: str):
     return render(request, "new.html", 422, viewer=viewer, fields=FIELDS, datasets=await _datasets(svc, viewer),
-                  form=values, error=message, error_field=field)  # fmt: skip
+                  form=values, error=message, error_field=field, models=await _models(svc, viewer))  # fmt: skip

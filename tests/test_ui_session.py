@@ -100,6 +100,8 @@ def test_state_changes_need_this_sessions_csrf_token(world):
     r = alpha.post("/ui/datasets", files={"file": ("p.jsonl", GOOD)})
     assert r.status_code == 403
     assert alpha.post("/ui/logout").status_code == 403
+    r = alpha.post(f"/ui/jobs/{job_id}/cancel", data={"csrf": token}, headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403, "another site's POST, even with a token"
     r = alpha.post(f"/ui/jobs/{job_id}/cancel", data={"csrf": token}, follow_redirects=False)
     assert r.status_code == 303 and app.state.services.store.get_job(job_id).status == "cancelled"
     r = alpha.post(f"/ui/jobs/{job_id}/cancel", headers={"X-CSRF-Token": token})
@@ -185,6 +187,20 @@ def test_the_jobs_list_pages_newest_first(world):
     older = re.search(r'href="(/ui/jobs\?[^"]*after=job_\w+)"', first).group(1).replace("&amp;", "&")
     assert re.findall(r'<tr id="row-(job_\w+)"', gamma.get(older).text) == newest[25:]
     assert re.findall(r'<tr id="row-(job_\w+)"', gamma.get("/ui/jobs/rows", params={"q": '"n": "3"'}).text) == [ids[3]]
+
+
+def test_without_auth_there_is_no_sign_in_and_other_sites_still_cannot_post(world):
+    settings, *_ = world
+    app = create_app(settings.model_copy(update={"auth": "off"}))
+    job = Job(id=new_id("job"), method="dpo", trainer="basic", gpus=1, model="m", dataset_id="ds_1")
+    app.state.services.store.create_jobs([(job, [])])
+    client = TestClient(app)
+    page = client.get("/ui/jobs")
+    assert page.status_code == 200 and job.id in page.text and "Sign out" not in page.text
+    r = client.post(f"/ui/jobs/{job.id}/cancel", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403 and app.state.services.store.get_job(job.id).status == "queued"
+    r = client.post(f"/ui/jobs/{job.id}/cancel", headers={"Origin": "http://testserver"}, follow_redirects=False)
+    assert r.status_code == 303 and app.state.services.store.get_job(job.id).status == "cancelled"
 
 
 def test_the_dashboards_files_are_package_data():

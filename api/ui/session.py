@@ -4,14 +4,14 @@ The cookie is `<key id>.<expiry>.<mac>`, the MAC an HMAC keyed with the stored S
 server has): any replica can check it, it ends when the key is revoked, and the key itself never travels again.
 It is httponly, SameSite=Lax, `Secure` over HTTPS and scoped to `/ui`. Every form and htmx request that changes
 something carries a CSRF token derived from the same secret and the session; a sign-in from another origin is
-refused (login CSRF). With `PREFQ_AUTH=off` everyone is the admin of tenant `default`, as on the API.
+refused (login CSRF), and so is any POST whose `Origin` is another site. With `PREFQ_AUTH=off` everyone is the
+admin of tenant `default`, as on the API.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Annotated
@@ -27,7 +27,6 @@ from jobs.models import ApiKey
 COOKIE = "prefq_session"
 SESSION_S = 12 * 3600
 CACHE_S = 5.0  # key rows are re-read at most this often per process: a revocation ends sessions within it
-_OFF_SECRET = secrets.token_hex(32)  # PREFQ_AUTH=off: CSRF tokens of this process only
 _rows: dict[str, tuple[float, ApiKey | None]] = {}
 
 
@@ -89,7 +88,7 @@ def check_session(keys: KeyStore, value: str) -> Viewer | None:
 async def viewer(request: Request) -> Viewer:
     svc = request.app.state.services
     if svc.settings.auth == "off":
-        return Viewer(Principal(DEFAULT_TENANT, True, None), _mac(_OFF_SECRET, "csrf"), auth_off=True)
+        return Viewer(Principal(DEFAULT_TENANT, True, None), "", auth_off=True)
     value = request.cookies.get(COOKIE, "")
     found = await run_in_threadpool(check_session, KeyStore(svc.store.engine), value) if value else None
     if found is None:
@@ -98,7 +97,13 @@ async def viewer(request: Request) -> Viewer:
 
 
 async def csrf_checked(request: Request, who: Annotated[Viewer, Depends(viewer)]) -> Viewer:
-    """The viewer, if the request carries its CSRF token (form field `csrf` or header `X-CSRF-Token`)."""
+    """The viewer, if the request comes from this server's pages and carries its CSRF token (form field `csrf` or
+    header `X-CSRF-Token`). With `PREFQ_AUTH=off` (no key, so no shared secret across API processes) the origin
+    alone is checked."""
+    if not same_origin(request):
+        raise BadCsrf()
+    if who.auth_off:
+        return who
     sent = request.headers.get("x-csrf-token")
     if sent is None and request.headers.get("content-type", "").startswith(
             ("application/x-www-form-urlencoded", "multipart/form-data")):  # fmt: skip
@@ -109,7 +114,7 @@ async def csrf_checked(request: Request, who: Annotated[Viewer, Depends(viewer)]
 
 
 def same_origin(request: Request) -> bool:
-    """Whether a sign-in comes from a page of this server (browsers send `Origin` with every POST)."""
+    """Whether a POST comes from a page of this server (browsers send `Origin` with every POST)."""
     origin = request.headers.get("origin") or request.headers.get("referer")
     if not origin:
         return True  # not a browser's cross-site form: those always name their origin

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, ui
 from api.auth import DEFAULT_TENANT
 from api.deps import Services
 from api.limits import BodyLimit
@@ -49,5 +49,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestCounter)
     for router in (ops.router, datasets.router, jobs.router, keys.router, *openai_routers):
         app.include_router(router)
+    ui.install(app)  # the dashboard at /ui
     return app
 

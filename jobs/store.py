@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, update
+from sqlalchemy import String, cast, func, insert, or_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
@@ -97,10 +97,10 @@ class JobStore:
 
     def list_jobs(self, status: JobStatus | None = None, since: float | None = None, limit: int = 20,
                   after: str | None = None, tenant: str | None = None,
-                  metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:  # fmt: skip
+                  metadata: dict[str, str] | None = None, search: str | None = None) -> tuple[list[Job], bool]:  # fmt: skip
         """Newest first (of `tenant`'s; None: every tenant's); `after` is the last id of the previous page;
-        `metadata`: jobs whose metadata holds every one of these key/value pairs. Returns the page and whether
-        more exist."""
+        `metadata`: jobs whose metadata holds every one of these key/value pairs; `search`: a part of the id or of
+        the metadata's keys and values. Returns the page and whether more exist."""
         query = select(Job).order_by(col(Job.id).desc()).limit(limit + 1)
         for key, value in (metadata or {}).items():
             query = query.where(col(Job.user_metadata)[key].as_string() == value)
@@ -112,6 +112,10 @@ class JobStore:
             query = query.where(Job.created_at >= since)
         if after is not None:
             query = query.where(Job.id < after)
+        if search:
+            like = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            query = query.where(or_(col(Job.id).ilike(like, escape="\\"),
+                                    cast(Job.user_metadata, String).ilike(like, escape="\\")))  # fmt: skip
         with session(self.engine) as s:
             rows = list(s.exec(query))
         return rows[:limit], len(rows) > limit

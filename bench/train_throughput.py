@@ -20,7 +20,9 @@ Variants, each training in a subprocess of its own (its peak memory is its own);
 - trl_best: TRL's fastest flags measured here: precompute_ref_log_probs (its pass counted end to end) and no
   gradient checkpointing
 - prefq_padded: `training.run.build_trainer` for a `basic` DPO spec with padding_free off
-- prefq: the same as a worker runs it (bf16, padding-free, no checkpointing, reference forward per step)
+- prefq: a worker's `basic` run (bf16, padding-free, no checkpointing), here with a reference forward per step;
+  through the queue the worker caches the reference pass instead (a first job runs the same reference forwards up
+  front, a retried or re-run one none)
 - ceiling: not a trainer: bf16 GEMMs at the model's own shapes (every decoder linear layer's forward and two
   backward GEMMs at the dataset's mean tokens per step, and the LM head's three at its completion positions),
   timed in the same round; its FLOP/s is the ceiling MFU is taken against.

@@ -115,18 +115,6 @@ class DistributedTrainerMixin:
         if self.autotp_size() > 1:
             self._tp_size = self.autotp_size()  # TRL's token count would count each token once per TP rank
 
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        """Under AutoTP every rank computes the same batch: gathering it over the processes would put the
-        reference log-probs on the wrong rows. With TP over all processes there is nothing to gather."""
-        if self.autotp_size() <= 1:
-            return super()._precompute_ref_logps(dataset, name, batch_size)
-        acc = self.accelerator
-        acc.gather_for_metrics = lambda data, *a, **k: data  # this instance only
-        try:
-            return super()._precompute_ref_logps(dataset, name, batch_size)
-        finally:
-            del acc.gather_for_metrics
-
 
 def install_reference_sharding() -> None:
     """TRL's DPOTrainer shards the reference model with `prepare_fsdp`; shard it per layer instead."""
@@ -187,18 +175,6 @@ def save_final(trainer, tokenizer, final_dir: Path) -> None:
             fresh.save_pretrained(final_dir, safe_serialization=True)
         tokenizer.save_pretrained(final_dir)
     acc.wait_for_everyone()
-
-
-def on_disk(dataset, folder: Path):
-    """The dataset saved once by rank 0 and memory-mapped from `folder` by every rank."""
-    from accelerate import PartialState
-    from datasets import load_from_disk
-
-    state = PartialState()
-    if state.is_main_process:
-        dataset.save_to_disk(str(folder))
-    state.wait_for_everyone()
-    return load_from_disk(str(folder))
 
 
 def die_with_launcher() -> None:

@@ -27,7 +27,9 @@ import time
 import torch
 from accelerate.utils import broadcast_object_list
 from peft import PeftModel
+from torch.utils.data import DataLoader
 from trl import DPOTrainer
+from trl.models import prepare_deepspeed
 from trl.trainer.utils import global_then_local_main_first, use_adapter
 
 from training import refcache
@@ -51,6 +53,12 @@ def make_beta_schedule(spec: TrainingSpec) -> RiskBetaSchedule | BatchBetaSchedu
         return BatchBetaSchedule(spec.beta, **spec.batch_beta.model_dump())
     raise ValueError(f"Unknown beta schedule: {spec.beta_schedule}")
 
+
+
+def _with_reference_columns(dataset, chosen: torch.Tensor, rejected: torch.Tensor):
+    """The split with its reference log-probs as float32 columns, in memory."""
+    dataset = dataset.add_column("ref_chosen_logps", chosen.float().numpy())
+    return dataset.add_column("ref_rejected_logps", rejected.float().numpy())
 
 class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
     def __init__(self, *args, model, spec: TrainingSpec, **kwargs):
@@ -105,10 +113,33 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
                 "precision": self.spec.precision, "device": self.accelerator.device.type,
                 "logprobs": "prefq-completion-head" if self.fast else "trl-fused-head", "packed": self.packed}  # fmt: skip
 
+    def _reference_pass(self, dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference log-probs of a split, (chosen, rejected), as TRL's precompute pass scores them, but kept in
+        memory: TRL writes them to a cache file beside the split's Arrow files, which ranks of one job only share
+        when the split is saved on disk, and ranks reading Arrow files that another rank writes is a race."""
+        loader = self.accelerator.prepare(DataLoader(
+            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))  # fmt: skip
+        if self.ref_model is None and self.is_deepspeed_enabled:  # one inference engine for every pass, as TRL's
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        chosen, rejected = [], []
+        # Under AutoTP every rank scores the same batch (TP over all processes): nothing to gather.
+        gather = self.accelerator.gather_for_metrics if self.autotp_size() <= 1 else (lambda ref: ref)
+        for batch in loader:
+            ref = gather(self.compute_ref_log_probs(model, batch))
+            chosen.append(ref[0].float().cpu())
+            rejected.append(ref[1].float().cpu())
+        return torch.cat(chosen), torch.cat(rejected)
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        """TRL's pass over a split, behind the spec's reference cache; one `ref_logprobs` event per split."""
+        """The reference pass over a split, behind the spec's reference cache; one `ref_logprobs` event per split."""
         if self.spec.ref_cache_dir is None:
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+            chosen, rejected = self._reference_pass(dataset, batch_size)
+            return _with_reference_columns(dataset, chosen, rejected)
         started = time.perf_counter()
         decision = [None, None]
         if self.accelerator.is_main_process:  # one hash of the model folder and the data, shared by every rank
@@ -122,13 +153,11 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
         passes_before = self.reference_forward_passes
         if cached is not None:
             chosen, rejected = cached
-            dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
-            dataset = dataset.add_column("ref_rejected_logps", rejected.tolist())
         else:
-            dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+            chosen, rejected = self._reference_pass(dataset, batch_size)
             if self.accelerator.is_main_process:
-                refcache.store(path, key, torch.tensor(dataset["ref_chosen_logps"]),
-                               torch.tensor(dataset["ref_rejected_logps"]))  # fmt: skip
+                refcache.store(path, key, chosen, rejected)
+        dataset = _with_reference_columns(dataset, chosen, rejected)
         emit("ref_logprobs", split=name, key=key, cached=cached is not None, rows=len(dataset), path=str(path),
              forward_passes=self.reference_forward_passes - passes_before,
              seconds=round(time.perf_counter() - started, 3))  # fmt: skip

@@ -305,7 +305,7 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
     from datasets import disable_progress_bars
 
     from training.data import load_splits
-    from training.distributed import install_reference_sharding, on_disk, world_size
+    from training.distributed import install_reference_sharding, world_size
 
     disable_progress_bars()
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -313,9 +313,6 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
     if main_rank:
         (out_dir / "spec.json").write_text(spec.resolved().model_dump_json(indent=1))
     train_ds, eval_ds = load_splits(spec)
-    if spec.precomputes_reference and world_size() > 1:  # one cache folder all ranks share
-        train_ds = on_disk(train_ds, out_dir / "datasets" / "train")
-        eval_ds = on_disk(eval_ds, out_dir / "datasets" / "eval") if eval_ds is not None else None
     if world_size() > 1:
         install_reference_sharding()
     else:

@@ -131,11 +131,7 @@ class JobStore:
         return rows[:limit], len(rows) > limit
 
     def delete_dataset(self, dataset_id: str) -> None:
-        with session(self.engine) as s:
-            row = s.get(Dataset, dataset_id)
-            if row:
-                s.delete(row)
-                s.commit()
+        self._delete(Dataset, dataset_id)
 
     def unfinished_using(self, dataset_id: str) -> str | None:
         """An unfinished job that trains or evaluates on the dataset, if any."""
@@ -351,8 +347,11 @@ class JobStore:
         return changed
 
     def remove_worker(self, name: str) -> None:
+        self._delete(Worker, name)
+
+    def _delete(self, table, key: str) -> None:
+        """Delete the row of `table` with this primary key, if there is one."""
         with session(self.engine) as s:
-            row = s.get(Worker, name)
-            if row:
+            if (row := s.get(table, key)) is not None:
                 s.delete(row)
                 s.commit()

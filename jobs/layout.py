@@ -24,6 +24,12 @@ def model_prefix(tenant: str, job_id: str) -> str:
     return f"{tenant_prefix(tenant)}jobs/{job_id}/model/"
 
 
+def artifacts_prefix(tenant: str, job_id: str) -> str:
+    """What a job keeps besides checkpoints and its model: its sample generations (`samples.json`), an offline
+    W&B run (`wandb/`); `GET /jobs/{id}/artifacts` lists them."""
+    return f"{tenant_prefix(tenant)}jobs/{job_id}/artifacts/"
+
+
 def complete_checkpoints(tenant: str, job_id: str, keys: list[str], manifest: str) -> dict[int, str]:
     """{step: prefix} of the checkpoints whose manifest (uploaded last) is present."""
     base = checkpoints_prefix(tenant, job_id)

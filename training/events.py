@@ -8,6 +8,7 @@ Every event has `event` (its type) and `time` (Unix seconds). The types and thei
 | `progress` | `step`, `total_steps`, `epoch`, `loss`, `learning_rate`, `metrics` (TRL's names: DPO `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, `beta`; SFT `mean_token_accuracy`) |
 | `ref_logprobs` | `split` (`train`, `eval`), `key` (the cache key, see `training.refcache`), `cached` (true: read from `ref_cache_dir`), `forward_passes` (reference forward passes, batches, this process ran for the split: 0 when cached), `rows`, `path` (the cache file), `seconds`; once per split when `ref_cache_dir` is set, before `started` |
 | `eval` | `step`, `metrics` (TRL's names with the `eval_` prefix, e.g. `eval_rewards/accuracies`, `eval_loss`) |
+| `samples` | `step`, `model` (`policy`, or `reference`: once, at the first evaluation), `samples` (a list of `index`, `prompt`, `completion`, `tokens` (completion length), `reward` (DPO: the policy's implicit reward of the completion, beta times its log-prob under the policy minus under the reference; null for SFT and the reference)), `seconds`; at each evaluation when `sample_prompts` > 0 |
 | `checkpoint` | `step`, `path` (a complete checkpoint folder: its manifest is written) |
 | `stopped` | `step`, `checkpoint` (path or null): SIGTERM was handled; the exit code is 75 |
 | `done` | `final_path`, `metrics` (`train` and `eval`, as in metrics.json) |

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 RUN_JOB = "prefq.run_job"
 DELIVER_CALLBACK = "prefq.deliver_callback"
 RECONCILE = "prefq.reconcile"
+MIRROR_MODEL_VERSION = "prefq.mirror_model_version"  # the service worker copies a registry version to MLflow
 CPU_QUEUE = "cpu"
 SERVICE_QUEUE = "service"  # callbacks and the reconciler: never behind a training run
 
@@ -93,6 +94,7 @@ class Settings(BaseSettings):
     hf_endpoint: str = Field("https://huggingface.co", validation_alias="HF_ENDPOINT")
     hf_hub_offline: bool = Field(False, validation_alias="HF_HUB_OFFLINE")
     hf_token: SecretStr | None = Field(None, validation_alias="HF_TOKEN")
+    mlflow_tracking_uri: str | None = None  # MLflow: runs of every job, and a mirror of the model registry
     callback_secret: SecretStr | None = None  # HMAC-SHA256 key for callback signatures; callbacks need it
     callback_allow_private: bool = False  # allow callbacks to loopback and private addresses (tests, a lab)
     callback_max_retries: int = 8
@@ -197,6 +199,7 @@ def celery_config(settings: Settings) -> dict:
         "task_routes": {
             DELIVER_CALLBACK: {"queue": SERVICE_QUEUE},
             RECONCILE: {"queue": SERVICE_QUEUE},
+            MIRROR_MODEL_VERSION: {"queue": SERVICE_QUEUE},
         },
         "task_default_queue": SERVICE_QUEUE,
         "task_create_missing_queues": True,
@@ -229,6 +232,12 @@ def enqueue_job(app: Celery, job_id: str, attempt: int, gpus: int, producer=None
     The task id names the attempt (`job_….2`), so Flower and the broker show which job a message is."""
     app.send_task(RUN_JOB, args=[job_id, attempt], queue=gpu_queue(gpus), producer=producer,
                   task_id=f"{job_id}.{attempt}")  # fmt: skip
+
+
+def mirror_model_version(app: Celery, tenant: str, name: str, version: int) -> None:
+    """Ask the service worker to mirror a registry version (and its aliases) into MLflow's model registry."""
+    app.send_task(MIRROR_MODEL_VERSION, kwargs={"tenant": tenant, "name": name, "version": version},
+                  queue=SERVICE_QUEUE)  # fmt: skip
 
 
 def send_callback(app: Celery, callback_id: str) -> None:

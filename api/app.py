@@ -13,7 +13,7 @@ from api.auth import DEFAULT_TENANT
 from api.deps import Services
 from api.limits import BodyLimit
 from api.openai import routers as openai_routers
-from api.routes import datasets, jobs, keys, ops
+from api.routes import datasets, jobs, keys, models, ops
 from api.routes.ops import RequestCounter
 from jobs.db import make_engine
 from jobs.keys import KeyStore
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestCounter)
-    for router in (ops.router, datasets.router, jobs.router, keys.router, *openai_routers):
+    for router in (ops.router, datasets.router, jobs.router, models.router, keys.router, *openai_routers):
         app.include_router(router)
     ui.install(app)  # the dashboard at /ui
     return app

@@ -18,7 +18,7 @@ from api.deps import Services
 from api.errors import APIError
 from api.schemas import JobCreate
 from jobs import layout, modelref
-from jobs.models import JobStatus
+from jobs.models import JobStatus, ModelVersion
 from jobs.perimeter import Refused, check_callback_url, confine
 from storage import StorageError, open_uri
 from training.spec import MANIFEST_NAME, TrainingSpec, describe_errors
@@ -85,6 +85,29 @@ async def model(svc: Services, who: Principal, ref: str) -> str:
     if not found:
         raise APIError(422, "model_not_found", f"model: no model folder (config.json) at {ref}", field="model")
     return ref
+
+
+def registered(svc: Services, who: Principal, ref: str) -> ModelVersion | None:
+    """The registered model version `ref` names in the tenant's registry (`models:/...`, or a bare name the tenant
+    has registered); None when `ref` is something else (a bare name the tenant has not registered is a hub id)."""
+    try:
+        parsed = modelref.parse(ref)
+    except modelref.BadModelRef:
+        return None  # `model` says why
+    wanted = parsed if parsed.kind == "registered" else modelref.as_registered(parsed)
+    if wanted is None:
+        return None
+    version = svc.registry.resolve(who.tenant, wanted.value, wanted.step, wanted.revision)
+    if version is not None:
+        return version
+    if svc.registry.get(who.tenant, wanted.value) is None:
+        if parsed.kind == "hub":
+            return None
+        raise APIError(422, "model_not_found", f"model: {wanted.value} is not a registered model of this tenant's",
+                       field="model")  # fmt: skip
+    missing = (f"no version {wanted.step}" if wanted.step is not None else
+               f"no alias {wanted.revision!r}" if wanted.revision else "no versions")  # fmt: skip
+    raise APIError(422, "model_not_found", f"model: the registered model {wanted.value} has {missing}", field="model")
 
 
 HUB_TIMEOUT_S = 3.0

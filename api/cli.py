@@ -18,12 +18,15 @@ from rich.table import Table
 from api import clientconfig
 from api.client import Client, ClientError
 from api.keys_cli import keys_app
+from api.models_cli import models_app, samples
 from queue_config import Settings
 
 app = typer.Typer(help="prefq: preference training (DPO, SFT) on your own GPU pool.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
+app.command()(samples)
 console = Console(width=None if sys.stdout.isatty() else 250)  # piped output: no truncated tables
 state: dict = {}
 FINISHED = {"succeeded", "failed", "cancelled"}

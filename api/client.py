@@ -38,7 +38,7 @@ class Client:
             except (ValueError, KeyError, TypeError):
                 message = f"HTTP {response.status_code}: {response.text[:500]}"
             raise ClientError(message)
-        return response.json()
+        return response.json() if response.content else {}
 
     def upload_dataset(self, path: Path, method: str | None) -> dict:
         with open(path, "rb") as fh:

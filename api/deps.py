@@ -15,6 +15,7 @@ from api.auth import KeyCache
 from api.submit import Submitter
 from jobs.keys import KeyStore
 from jobs.models import Dataset, Worker
+from jobs.registry import Registry
 from jobs.store import JobStore
 from queue_config import Settings, send_callback
 from storage import Storage
@@ -37,8 +38,10 @@ class Services:
     hub_down_until: float = 0.0  # monotonic time until which hub ids are checked for syntax only (`checks.model`)
     submitter: Submitter = field(init=False)  # POST /jobs writes and sends through it
     key_cache: KeyCache = field(init=False)
+    registry: Registry = field(init=False)
 
     def __post_init__(self) -> None:
+        self.registry = Registry(self.store.engine)
         self.submitter = Submitter(self.store, self.celery)
         self.key_cache = KeyCache(KeyStore(self.store.engine))
 

@@ -93,6 +93,32 @@ class FilePublic(BaseModel):
     url: str
 
 
+class ArtifactsPublic(BaseModel):
+    object: str = "list"
+    data: list[FilePublic]
+
+
+class SamplePublic(BaseModel):
+    index: int
+    prompt: str
+    completion: str
+    tokens: int
+    reward: float | None = None
+
+
+class SamplesAtStep(BaseModel):
+    step: int
+    attempt: int
+    model: str  # policy | reference
+    seconds: float | None = None
+    samples: list[SamplePublic]
+
+
+class SamplesPublic(BaseModel):
+    object: str = "list"
+    data: list[SamplesAtStep]
+
+
 class CheckpointPublic(BaseModel):
     step: int
     uri: str

@@ -7,6 +7,8 @@ import re
 
 from jobs.perimeter import tenant_prefix
 
+SAMPLES_ARTIFACT = "samples.json"
+
 
 def dataset_key(tenant: str, dataset_id: str) -> str:
     return f"{tenant_prefix(tenant)}datasets/{dataset_id}.jsonl"

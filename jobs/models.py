@@ -237,3 +237,45 @@ class JobPublic(BaseModel):
             progress = round(min(1.0, job.step / job.total_steps), 4)
         fields = job.model_dump(exclude={"user_metadata", "error_code", "error_message", "error_is_user"})
         return cls(**fields, metadata=job.user_metadata, progress=progress, error=error)
+
+
+class RegisteredModel(SQLModel, table=True):
+    """A tenant's named model (`prefq models promote`): its versions are succeeded jobs' models."""
+
+    __tablename__ = "registered_models"
+
+    tenant: str = Field(primary_key=True)
+    name: str = Field(primary_key=True)
+    description: str | None = None
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+
+
+class ModelVersion(SQLModel, table=True):
+    """Version N of a registered model: a succeeded job's final model, with the job's metrics when it was promoted."""
+
+    __tablename__ = "model_versions"
+
+    tenant: str = Field(primary_key=True)
+    name: str = Field(primary_key=True)
+    version: int = Field(primary_key=True)
+    job_id: str = Field(index=True)
+    fine_tuned_model: str  # the job's `ft:` name: what a job or a chat request trained on this version reads
+    source_uri: str  # the model's folder in storage
+    base_model: str
+    method: str
+    metrics: dict = _json({})  # {"train": the job's last training metrics, "eval": its last evaluation}
+    description: str | None = None
+    created_at: float = Field(default_factory=now)
+
+
+class ModelAlias(SQLModel, table=True):
+    """`production`, `staging`, ...: a name for one version of a registered model, moved by setting it again."""
+
+    __tablename__ = "model_aliases"
+
+    tenant: str = Field(primary_key=True)
+    name: str = Field(primary_key=True)
+    alias: str = Field(primary_key=True)
+    version: int
+    updated_at: float = Field(default_factory=now)

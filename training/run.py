@@ -134,7 +134,7 @@ class _NothingLeft(Exception):
     """Raised before a step when the run has already trained all of its steps."""
 
 
-def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int):
+def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, prompts: list):
     from transformers import TrainerCallback
 
     class EventsCallback(TrainerCallback):
@@ -145,6 +145,14 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int):
             self.last_train: dict = {}
             self.last_eval: dict = {}
             self.last_checkpoint: Path | None = None
+            self.sampler = None
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if self.sampler is None:
+                from training.samples import Sampler
+
+                self.sampler = Sampler(spec, prompts, self.trainer.processing_class)
+            self.sampler.run(self.trainer, state.global_step)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             from training.distributed import describe_parallelism
@@ -323,7 +331,10 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
     checkpoint = newest_checkpoint(out_dir) if resume else None
     if resume and checkpoint is None:
         log.warning("--resume: no complete checkpoint in %s, starting from step 0", out_dir)
-    callback = _make_callback(spec, stop, len(train_ds), len(eval_ds) if eval_ds is not None else 0)
+    from training.samples import held_out_prompts
+
+    prompts = held_out_prompts(eval_ds, spec.sample_prompts) if eval_ds is not None else []
+    callback = _make_callback(spec, stop, len(train_ds), len(eval_ds) if eval_ds is not None else 0, prompts)
     trainer, tokenizer = build_trainer(spec, out_dir, train_ds, eval_ds, callback)
     schedule = getattr(trainer, "beta_schedule", None)
     if checkpoint is not None and schedule is not None and (checkpoint / SCHEDULE_STATE).is_file():

@@ -100,6 +100,17 @@ class TrainingSpec(BaseModel):
     save_steps: int = Field(100, ge=1, description="Steps between resumable checkpoints.")
     eval_steps: int | None = Field(None, ge=1, description="Steps between evaluations; always at start and end.")
     logging_steps: int = Field(1, ge=1, description="Steps between progress events.")
+    sample_prompts: int = Field(
+        4, ge=0, le=64, description="Held-out prompts completed by the policy at each evaluation (and once by the "
+        "reference), kept as the job's samples; 0 turns samples off. Single-process runs only (`basic`).",
+    )
+    sample_max_tokens: int = Field(48, ge=1, le=1024, description="New tokens per sample completion.")
+    sample_temperature: float = Field(
+        0.0, ge=0, le=2, description="0: greedy samples; above 0: sampled at this temperature with the run's seed."
+    )
+    sample_max_seconds: float = Field(
+        60.0, gt=0, le=3600, description="Time budget of one evaluation's samples; prompts left over are skipped."
+    )
 
     # DPO
     beta: float = Field(0.1, gt=0, description="DPO beta: strength of the pull towards the reference model.")

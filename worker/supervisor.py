@@ -27,6 +27,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_r
 from jobs import layout, modelref
 from jobs.models import Job, JobStatus
 from jobs.perimeter import Refused, confine
+from jobs.registry import Registry
 from jobs.store import Finished, JobStore
 from queue_config import Settings
 from storage import Storage, StorageError, get_dir, open_uri, put_dir
@@ -170,6 +171,7 @@ class JobRun:
         self.proc: subprocess.Popen | None = None
         self.held_fds: list[int] = []  # locks the run inherits: its folder, the cached model it reads
         self.work: Path | None = None
+        self.samples: list[dict] = []  # the job's `samples` events, kept as an artifact
         # When renewals fail, the run is SIGTERMed (it checkpoints) `stop_grace_s` before the SIGKILL that comes
         # `kill_margin_s` before the lease may expire: half the lease is tolerance, half the time to stop. A run
         # whose supervisor died stops itself within `stop_grace_s` too (`python -m training run --stop-grace-s`).
@@ -213,6 +215,12 @@ class JobRun:
         parsed = modelref.parse(model)
         if parsed.kind == "hub":
             return hub_snapshot(parsed, model)
+        if parsed.kind == "registered":  # the API pins these to a version's job; a row written otherwise still works
+            version = Registry(self.store.engine).resolve(self.job.tenant, parsed.value, parsed.step, parsed.revision)
+            if version is None:
+                raise JobFailed("model_not_found", f"model: no registered model {model} of this tenant's",
+                                user_error=True)  # fmt: skip
+            model, parsed = version.fine_tuned_model, modelref.parse(version.fine_tuned_model)
         if parsed.kind == "job":
             model = self._job_model(parsed, model)
         if "://" not in model:
@@ -275,6 +283,7 @@ class JobRun:
         spec_path = self.work / "spec.json"
         spec_path.write_text(spec.model_dump_json(indent=1))
         step = self._resume_checkpoint(out)
+        self.samples = self._earlier_samples()
         if step is not None:
             self.lease.post(("resuming", {"step": step}))
         return spec_path, step is not None
@@ -321,11 +330,36 @@ class JobRun:
             uploader.add(Path(event["path"]), layout.checkpoint_prefix(self.job.tenant, self.job_id, event["step"]))
         elif kind == "ref_logprobs" and not event.get("cached") and event.get("path"):
             uploader.add(Path(event["path"]), self.refcache_prefix)  # for the next attempt or job
+        elif kind == "samples":
+            self._keep_samples(data, uploader)
         elif kind == "done":
             outcome.done = event
         elif kind == "error":
             outcome.error = event
         self.lease.post((kind, data), **fields)
+
+    def _keep_samples(self, samples: dict, uploader: Uploader) -> None:
+        """Every `samples` event of the job so far, earlier attempts' included, as one artifact (`samples.json`)."""
+        self.samples.append(samples)
+        path = self.work / "artifacts" / layout.SAMPLES_ARTIFACT
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.samples))
+        os.replace(tmp, path)  # the uploader reads one whole version
+        uploader.add(path, layout.artifacts_prefix(self.job.tenant, self.job_id))
+
+    def _earlier_samples(self) -> list[dict]:
+        key = layout.artifacts_prefix(self.job.tenant, self.job_id) + layout.SAMPLES_ARTIFACT
+        local = self.work / "artifacts" / layout.SAMPLES_ARTIFACT
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if not self.storage.exists(key):
+                return []
+            self.storage.get_file(key, local)
+            earlier = json.loads(local.read_text())
+        except (StorageError, OSError, ValueError) as exc:
+            log.warning("Job %s: earlier samples unreadable (%s); this attempt's samples start afresh", self.job_id, exc)
+            return []
+        return earlier if isinstance(earlier, list) else []
 
     def _steer(self, outcome: Outcome) -> float | None:
         """Stop the run when the job is cancelled or the lease runs short; returns when to SIGKILL, if due."""

@@ -7,12 +7,14 @@ import json
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from api import checks
 from api.auth import Caller, Principal
 from api.deps import Cursor, JobId, Services, dispatch_callback, services
 from api.errors import APIError, not_found, responses
 from api.schemas import (
+    ArtifactsPublic,
     CheckpointPublic,
     CheckpointsPublic,
     EventPublic,
@@ -21,6 +23,8 @@ from api.schemas import (
     JobCreate,
     JobsPublic,
     ModelFilesPublic,
+    SamplesAtStep,
+    SamplesPublic,
     Timestamp,
 )  # fmt: skip
 from api.submit import EnqueueFailed
@@ -53,7 +57,8 @@ async def queue_job(svc: Services, who: Principal, req: JobCreate, idempotency_k
     `row`: further columns of the job row (the OpenAI face's `suffix` and `integrations`)."""
     dataset_id = await checks.dataset(svc, who, req.dataset, req.method, "dataset")
     eval_id = await checks.dataset(svc, who, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
-    model = await checks.model(svc, who, req.model)
+    version = await run_in_threadpool(checks.registered, svc, who, req.model)
+    model = await checks.model(svc, who, version.fine_tuned_model if version else req.model)
     checks.spec(svc, req)
     if req.callback_url:
         await checks.callback_url(svc, str(req.callback_url))
@@ -66,6 +71,9 @@ async def queue_job(svc: Services, who: Principal, req: JobCreate, idempotency_k
               idempotency_key=idempotency_key, max_attempts=svc.settings.max_attempts, **row)  # fmt: skip
     warnings = _unschedulable(await svc.live_workers(), job.gpus)
     events = [("queued", {"queue": gpu_queue(job.gpus)})] + [("unschedulable", {"message": w}) for w in warnings]
+    if version is not None:  # pinned: moving the alias later does not change what this job trains on
+        events.append(("registered_model", {"requested": req.model, "name": version.name, "version": version.version,
+                                            "model": version.fine_tuned_model}))
     try:
         job, created = await asyncio.wrap_future(svc.submitter.submit(job, events))
     except EnqueueFailed as exc:
@@ -190,6 +198,33 @@ def job_model(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> 
         raise APIError(409, "model_not_ready", f"job {job_id} is {job.status.value}; the model comes when it succeeds")
     prefix = layout.model_prefix(job.tenant, job_id)
     return ModelFilesPublic(uri=svc.storage.uri(prefix), files=_files(svc.storage, prefix, svc.storage.list(prefix)))
+
+
+@router.get("/jobs/{job_id}/artifacts", response_model=ArtifactsPublic, responses=responses(401, 404, 422))
+def job_artifacts(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> ArtifactsPublic:
+    """What the job keeps besides checkpoints and its model (`samples.json`, an offline W&B run), with download
+    URLs."""
+    job = _job(svc, who, job_id)
+    prefix = layout.artifacts_prefix(job.tenant, job_id)
+    return ArtifactsPublic(data=_files(svc.storage, prefix, svc.storage.list(prefix)))
+
+
+MAX_SAMPLE_EVENTS = 1000
+
+
+@router.get("/jobs/{job_id}/samples", response_model=SamplesPublic, responses=responses(401, 404, 422))
+def job_samples(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> SamplesPublic:
+    """The sample generations of each evaluation, oldest first: the policy's at every evaluation, the reference's
+    once (`sample_prompts` in the spec)."""
+    _job(svc, who, job_id)
+    return SamplesPublic(data=samples_of(svc, job_id))
+
+
+def samples_of(svc: Services, job_id: str) -> list[SamplesAtStep]:
+    events = svc.store.events_before(job_id, None, MAX_SAMPLE_EVENTS, types={"samples"})
+    return [SamplesAtStep(step=e.data.get("step", 0), attempt=e.attempt, model=e.data.get("model", "policy"),
+                          seconds=e.data.get("seconds"), samples=e.data.get("samples") or [])
+            for e in reversed(events)]  # fmt: skip
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic, responses=responses(401, 404, 409, 422))

@@ -1,0 +1,178 @@
+"""Sample generations at each evaluation: what the policy writes for a few held-out prompts, and once what the
+reference writes, so that a person can read what training changed (a falling loss does not say it).
+
+`sample_prompts` prompts are taken from the start of the eval split (the same ones every time), rendered as the
+trainer renders them (the tokenizer's chat template for message lists), and completed greedily, or sampled with
+the run's seed when `sample_temperature` > 0, up to `sample_max_tokens` new tokens. For DPO each completion of
+the policy gets its implicit reward, beta * (log p_policy(completion | prompt) - log p_ref(completion | prompt)),
+the quantity DPO raises for chosen answers. A budget of `sample_max_seconds` per evaluation bounds the time:
+prompts left when it runs out are skipped (the event says how many were done).
+
+The reference is `trainer.ref_model` when the trainer keeps one, the policy with its adapter switched off under
+LoRA, and otherwise (the reference log-probs were precomputed, so no reference model stays in memory) the base
+model loaded for the evaluation and freed after it.
+
+Only single-process runs (`basic`) sample: under FSDP or tensor parallelism every rank would have to run
+`generate` in lockstep on a sharded model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+
+import torch
+
+from training.events import emit
+from training.spec import TrainingSpec
+
+log = logging.getLogger("training")
+PROMPT_CHARS = 2000  # a sample keeps the end of a longer prompt: the question sits next to the answer
+
+
+def held_out_prompts(rows, n: int) -> list:
+    """The prompts of the first `n` usable rows of a split (strings or message lists)."""
+    prompts = []
+    for row in rows:
+        if len(prompts) >= n:
+            break
+        if "prompt" in row and row["prompt"]:
+            prompts.append(row["prompt"])
+        elif row.get("messages"):
+            messages = row["messages"]
+            cut = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+            if cut > 0:
+                prompts.append(messages[:cut])
+        elif row.get("text"):  # plain text: its first words are the prompt
+            words = row["text"].split()
+            prompts.append(" ".join(words[: max(1, min(16, len(words) // 3))]))
+    return prompts
+
+
+def prompt_text(prompt, tokenizer) -> str:
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+def _completion_logp(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, autocast) -> float:
+    """Sum of log p(completion token | everything before it)."""
+    if completion_ids.numel() == 0:
+        return 0.0
+    ids = torch.cat([prompt_ids, completion_ids])[None]
+    with torch.no_grad(), autocast():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
+    start = prompt_ids.numel()
+    logps = torch.log_softmax(logits[start - 1 : -1].float(), dim=-1)
+    return logps.gather(1, completion_ids[:, None]).sum().item()
+
+
+class Sampler:
+    """Generates and emits the samples of one evaluation; the reference's only the first time."""
+
+    def __init__(self, spec: TrainingSpec, prompts: list, tokenizer):
+        self.spec, self.prompts, self.tokenizer = spec, prompts, tokenizer
+        self.reference_done = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts) and self.spec.sample_prompts > 0
+
+    def _generate(self, model, ids: torch.Tensor, autocast) -> torch.Tensor:
+        spec, tok = self.spec, self.tokenizer
+        kwargs = dict(max_new_tokens=spec.sample_max_tokens, pad_token_id=tok.pad_token_id, use_cache=True)
+        if tok.eos_token_id is not None:
+            kwargs["eos_token_id"] = tok.eos_token_id
+        if spec.sample_temperature > 0:
+            kwargs.update(do_sample=True, temperature=spec.sample_temperature, top_p=1.0, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.no_grad(), autocast():
+            out = model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], **kwargs)
+        return out[0, ids.numel() :]
+
+    def _complete(self, model, autocast, device, deadline: float) -> list[tuple]:
+        """(index, prompt text, prompt ids, completion ids) of the prompts done before `deadline`."""
+        done = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.spec.seed)
+            for index, prompt in enumerate(self.prompts):
+                if time.monotonic() > deadline:
+                    break
+                text = prompt_text(prompt, self.tokenizer)
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
+                ids = torch.tensor(ids, device=device)[-max(1, self.spec.max_length - self.spec.sample_max_tokens) :]
+                done.append((index, text, ids, self._generate(model, ids, autocast)))
+        return done
+
+    def _rows(self, done: list[tuple], rewards: list[float | None]) -> list[dict]:
+        return [{"index": index, "prompt": text if len(text) <= PROMPT_CHARS else "…" + text[-PROMPT_CHARS:],
+                 "completion": self.tokenizer.decode(completion, skip_special_tokens=True),
+                 "tokens": int(completion.numel()), "reward": None if r is None else round(r, 6)}
+                for (index, text, _, completion), r in zip(done, rewards, strict=True)]  # fmt: skip
+
+    def _emit(self, step: int, which: str, samples: list[dict], started: float) -> None:
+        emit("samples", step=step, model=which, samples=samples, prompts=len(self.prompts),
+             seconds=round(time.monotonic() - started, 3))  # fmt: skip
+
+    def run(self, trainer, step: int) -> None:
+        if not self.enabled:
+            return
+        if trainer.accelerator.num_processes > 1:
+            if not self.reference_done:
+                log.info("samples: skipped, a run of several processes does not generate")
+                self.reference_done = True
+            return
+        started = time.monotonic()
+        budget = self.spec.sample_max_seconds
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        device = next(model.parameters()).device
+        autocast = trainer.accelerator.autocast  # a factory: each context is single-use
+        was_training = model.training
+        model.eval()
+        try:
+            dpo = self.spec.method == "dpo"
+            policy = self._complete(model, autocast, device, started + budget)
+            rewards: list[float | None] = [None] * len(policy)
+            if dpo:
+                beta = float(trainer.beta)
+                mine = [_completion_logp(model, ids, c, autocast) for _, _, ids, c in policy]
+                rewards = [beta * lp for lp in mine]
+            with self._reference(trainer, model, device) as reference:
+                if dpo and reference is not None:
+                    rewards = [beta * (lp - _completion_logp(reference, ids, c, autocast))
+                               for lp, (_, _, ids, c) in zip(mine, policy, strict=True)]  # fmt: skip
+                self._emit(step, "policy", self._rows(policy, rewards), started)
+                if not self.reference_done and reference is not None:  # SFT: the policy's step-0 samples are it
+                    ref_started = time.monotonic()
+                    done = self._complete(reference, autocast, device, ref_started + budget)
+                    self._emit(step, "reference", self._rows(done, [None] * len(done)), ref_started)
+            self.reference_done = True
+        finally:
+            model.train(was_training)
+
+    @contextlib.contextmanager
+    def _reference(self, trainer, model, device):
+        """The reference model for this evaluation (None for SFT and reference-free DPO)."""
+        if self.spec.method != "dpo" or self.spec.reference_free:
+            yield None
+            return
+        if getattr(trainer, "ref_model", None) is not None:
+            yield trainer.ref_model
+            return
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            with model.disable_adapter():
+                yield model
+            return
+        from transformers import AutoModelForCausalLM
+
+        reference = AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=torch.float32).to(device).eval()
+        try:
+            yield reference
+        finally:
+            del reference
+            gc.collect()

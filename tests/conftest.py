@@ -169,6 +169,23 @@ def stack(tmp_path_factory, broker_url, pg_url, s3):
 
 
 @pytest.fixture
+def settings(tmp_path, tmp_path_factory, broker_url):
+    """Settings of an in-process API (FastAPI TestClient) on SQLite and local storage, whose broker keyspace no
+    worker reads."""
+    import redis
+
+    from jobs.db import upgrade
+    from queue_config import Settings
+
+    url = broker_url.rsplit("/", 1)[0] + "/1"  # a keyspace of its own: no worker consumes these messages
+    redis.Redis.from_url(url).flushdb()
+    s = Settings(data_dir=tmp_path, broker_url=url, callback_secret="s3cret", callback_allow_private=True,
+                 model_roots=[str(tmp_path_factory.getbasetemp())])  # fmt: skip
+    upgrade(s.database_url)
+    return s
+
+
+@pytest.fixture
 def callback_url():
     from tests.services import serve_callbacks
 

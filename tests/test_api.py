@@ -14,22 +14,10 @@ from kombu.transport.redis import PublishBatch
 from prometheus_client import CollectorRegistry, generate_latest
 
 from api.app import create_app
-from jobs.db import upgrade
-from queue_config import Settings
 from tests.conftest import ROOT, python_env
 from worker.metrics import DatabaseCollector
 
 GOOD = b'{"prompt": "Q1", "chosen": "A", "rejected": "B"}\n{"prompt": "Q2", "chosen": "A", "rejected": "B"}\n'
-
-
-@pytest.fixture
-def settings(tmp_path, tmp_path_factory, broker_url):
-    url = broker_url.rsplit("/", 1)[0] + "/1"  # a keyspace of its own: no worker consumes these messages
-    redis.Redis.from_url(url).flushdb()
-    s = Settings(data_dir=tmp_path, broker_url=url, callback_secret="s3cret", callback_allow_private=True,
-                 model_roots=[str(tmp_path_factory.getbasetemp())])  # fmt: skip
-    upgrade(s.database_url)
-    return s
 
 
 def keyed(settings, tenant: str = "acme", admin: bool = False) -> TestClient:

@@ -16,7 +16,6 @@ from jobs.models import Job, JobStatus, new_id
 from jobs.registry import Registry, RegistryError
 from jobs.store import JobStore
 from tests.test_api import job_body, keyed
-from tests.test_api import settings as _settings  # noqa: F401 - the fixture `settings`
 
 
 def succeeded_job(engine, tenant: str, model: str = "/models/base", suffix: str | None = None) -> Job:

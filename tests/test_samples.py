@@ -1,0 +1,54 @@
+"""What the model learned, on real processes (API, broker, worker, PostgreSQL, S3): a DPO job's sample generations
+change as it trains; they are kept as events and as an artifact; its model, promoted to the registry, trains a
+second job by its registered name."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from jobs import modelref
+from tests.services import prefq, submit
+
+
+def test_samples_change_as_training_goes_and_a_promoted_model_trains_by_its_name(stack, micro_model, toy_dpo):
+    job_id = submit(stack, micro_model, toy_dpo, "--set", "max_steps=16", "--set", "eval_steps=8",
+                    "--set", "sample_prompts=3", "--set", "sample_max_tokens=24")  # fmt: skip
+    job = stack.wait_for(job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job["error"]
+
+    data = stack.get(f"/jobs/{job_id}/samples")["data"]
+    assert [(d["step"], d["model"]) for d in data] == [(0, "policy"), (0, "reference"), (8, "policy"), (16, "policy")]
+    start, reference, end = data[0]["samples"], data[1]["samples"], data[3]["samples"]
+    assert [s["index"] for s in start] == [0, 1, 2] and all(0 < s["tokens"] <= 24 for s in start + end)
+    assert [s["prompt"] for s in start] == [s["prompt"] for s in end]  # the same held-out prompts each time
+    assert [s["completion"] for s in start] != [s["completion"] for s in end], "training changed nothing"
+    # before training the policy is the reference: same completions, no reward; after, DPO has moved it
+    assert [s["completion"] for s in reference] == [s["completion"] for s in start]
+    assert all(s["reward"] is None for s in reference)
+    assert all(abs(s["reward"]) < 0.05 for s in start), start
+    assert any(abs(s["reward"]) > 0.1 for s in end), end
+
+    artifacts = {f["name"]: f["url"] for f in stack.get(f"/jobs/{job_id}/artifacts")["data"]}
+    assert set(artifacts) == {"samples.json"}
+    kept = httpx.get(artifacts["samples.json"], timeout=30).json()
+    assert [(k["step"], k["model"], k["samples"]) for k in kept] == [(d["step"], d["model"], d["samples"]) for d in data]
+    shown = prefq(stack, "samples", job_id)
+    assert shown.returncode == 0 and "reference" in shown.stdout, shown.stdout + shown.stderr
+
+    promoted = prefq(stack, "models", "promote", job_id, "--name", "toy-dpo", "--alias", "production")
+    assert promoted.returncode == 0 and "toy-dpo version 1 (production)" in promoted.stdout, promoted.stderr
+    version = stack.get("/models/toy-dpo")["versions"][0]
+    assert version["metrics"]["eval"]["eval_rewards/accuracies"] == job["eval_metrics"]["eval_rewards/accuracies"]
+    shown = prefq(stack, "models", "show", "toy-dpo", "--json")
+    assert json.loads(shown.stdout)["aliases"] == {"production": 1}
+
+    second_id = submit(stack, "toy-dpo@production", toy_dpo, "--set", "max_steps=4", "--set", "sample_prompts=0")
+    second = stack.wait_for(second_id, {"succeeded", "failed"})
+    assert second["status"] == "succeeded", second["error"]
+    assert second["model"] == modelref.fine_tuned_name(job["model"], job["tenant"], None, job_id)
+    events = {e["type"]: e["data"] for e in stack.get(f"/jobs/{second_id}/events")["data"]}
+    assert events["registered_model"] == {"requested": "toy-dpo@production", "name": "toy-dpo", "version": 1,
+                                          "model": second["model"]}  # fmt: skip
+    assert "samples" not in events  # sample_prompts=0 turns them off

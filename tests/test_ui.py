@@ -211,3 +211,51 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     assert all("404" in e for e in beta.errors), beta.errors
     for ctx in (alpha, beta, admin):
         ctx.context.close()
+
+
+def test_samples_step_by_step_and_the_registry_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
+    """A job's page shows its samples as evaluations bring them; its model is promoted from the page and the
+    registry's pages list it; another tenant's model page answers 404."""
+    headers = {"Authorization": f"Bearer {keys['alpha']}"}
+    with open(toy_dpo, "rb") as fh:
+        dataset_id = httpx.post(f"{stack.url}/datasets", headers=headers, files={"file": fh}, timeout=60).json()["id"]
+    job_id = httpx.post(f"{stack.url}/jobs", headers=headers, json={
+        "model": str(micro_model), "dataset": dataset_id, "method": "dpo",
+        "hyperparameters": {"max_steps": 16, "eval_steps": 8, "batch_size": 16, "learning_rate": 3e-3,
+                            "lr_scheduler": "constant", "max_length": 64, "sample_prompts": 2,
+                            "sample_max_tokens": 16}}).json()["id"]  # fmt: skip
+    alpha = Watched(browser, stack.url, viewport={"width": 1280, "height": 900})
+    page = alpha.page()
+    sign_in(page, keys["alpha"], f"/ui/jobs/{job_id}")
+    # rows arrive live: step 0 (policy and reference), 8, 16 for each of the two prompts
+    page.wait_for_function("() => document.querySelectorAll('#samples details.sample').length === 2 && "
+                           "document.querySelectorAll('#samples details.sample')[0].querySelectorAll('tbody tr').length"
+                           " === 4", timeout=240_000)  # fmt: skip
+    page.wait_for_selector("#panel[data-status='succeeded']", timeout=120_000)
+    rows = page.locator("#samples details.sample").first.locator("tbody tr")
+    cells = [rows.nth(i).locator("td").all_inner_texts() for i in range(4)]
+    assert [(c[0], c[1]) for c in cells] == [("0", "policy"), ("0", "reference"), ("8", "policy"), ("16", "policy")]
+    assert cells[1][3] == "–" and cells[3][3] != "–", "the reference has no reward, the policy has"
+    shot(page, "13-job-samples")
+
+    page.fill("#promote-name", "ui-model")
+    page.fill("#promote-alias", "staging")
+    page.click("#promote")
+    page.wait_for_url(re.compile(r"/ui/models/ui-model$"))
+    assert job_id in page.inner_text("#versions") and "staging" in page.inner_text("#versions")
+    assert "models:/ui-model/1" in page.inner_text("#versions")
+    shot(page, "14-model")
+    page.click("nav >> text=Models")
+    page.wait_for_url(re.compile(r"/ui/models$"))
+    assert "ui-model" in page.inner_text("#models")
+
+    beta = Watched(browser, stack.url)
+    other = beta.page()
+    sign_in(other, keys["beta"])
+    assert other.goto("/ui/models/ui-model").status == 404
+    other.goto("/ui/models")
+    assert "ui-model" not in other.inner_text("main")
+    assert alpha.errors == [], alpha.errors
+    assert all("404" in e for e in beta.errors), beta.errors
+    for ctx in (alpha, beta):
+        ctx.context.close()

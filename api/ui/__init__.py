@@ -53,11 +53,12 @@ def render(request: Request, name: str, code: int = 200, **context) -> HTMLRespo
 
 
 def install(app: FastAPI) -> None:
-    from api.ui import forms, pages
+    from api.ui import forms, pages, registry
 
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
     app.include_router(pages.router)
     app.include_router(forms.router)
+    app.include_router(registry.router)
 
     @app.exception_handler(SignInNeeded)
     async def _sign_in(request: Request, exc: SignInNeeded) -> Response:

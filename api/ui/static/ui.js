@@ -132,6 +132,13 @@ function startJobPage(root) {
     refresh = setTimeout(() => htmx.ajax("GET", root.dataset.panel, { target: "#panel", swap: "outerHTML" }), 300);
   };
 
+  let samplesTimer = null;
+  const samples = () => {  // re-read the samples section when an evaluation brought new ones
+    clearTimeout(samplesTimer);
+    const box = document.getElementById("samples-box");
+    samplesTimer = setTimeout(() => htmx.ajax("GET", box.dataset.samples, { target: "#samples-box", swap: "innerHTML" }), 500);
+  };
+
   const progress = (data, at) => {
     const bar = document.getElementById("progress");
     if (!bar || !data.total_steps) return;
@@ -172,6 +179,7 @@ function startJobPage(root) {
       plotPoint(charts, "", COLOURS[1], true, e.data.step, evalValues(e.data));
     }
     if (PANEL_EVENTS.has(e.type)) panel();
+    if (e.type === "samples") samples();
     const current = Number(document.getElementById("panel")?.dataset.attempt || 0);
     if (FINAL.has(e.type) && e.attempt >= current) {  // not an earlier attempt's end, replayed
       source.close();

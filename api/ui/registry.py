@@ -1,0 +1,69 @@
+"""Dashboard pages of what a job produced beyond curves: its samples (step by step), the model registry, and
+promoting a job's model from its page."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import RedirectResponse
+from pydantic import ValidationError
+
+from api.deps import JobId, Services, services
+from api.errors import APIError
+from api.routes import jobs as job_routes
+from api.routes import models as model_routes
+from api.ui import PageError, render
+from api.ui.pages import _job
+from api.ui.session import Checked, Signed
+from jobs.registry import NAME
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+def by_prompt(steps: list) -> list[dict]:
+    """Samples regrouped per held-out prompt: [{index, prompt, rows: [{step, model, completion, tokens, reward}]}]."""
+    prompts: dict[int, dict] = {}
+    for at in steps:
+        for s in at.samples:
+            entry = prompts.setdefault(s.index, {"index": s.index, "prompt": s.prompt, "rows": []})
+            entry["rows"].append({"step": at.step, "model": at.model, "completion": s.completion,
+                                  "tokens": s.tokens, "reward": s.reward})  # fmt: skip
+    return [prompts[i] for i in sorted(prompts)]
+
+
+@router.get("/jobs/{job_id}/samples")
+def job_samples(request: Request, job_id: JobId, viewer: Signed, svc: Services = Depends(services)):
+    """The samples section of a job's page: re-read when a `samples` event arrives."""
+    _job(svc, viewer, job_id)
+    return render(request, "_samples.html", prompts=by_prompt(job_routes.samples_of(svc, job_id)))
+
+
+@router.post("/jobs/{job_id}/promote")
+def promote(job_id: JobId, viewer: Checked, name: str = Form("", max_length=64), alias: str = Form("", max_length=32),
+            svc: Services = Depends(services)):  # fmt: skip
+    _job(svc, viewer, job_id)
+    try:
+        req = model_routes.PromoteRequest(job_id=job_id, aliases=[alias.strip()] if alias.strip() else [])
+    except ValidationError:
+        raise PageError(422, "Not promoted", f"alias: {alias!r} is not an alias (lowercase letters, digits, '_', "
+                        "'-', starting with a letter)") from None  # fmt: skip
+    if not NAME.fullmatch(name.strip()):
+        raise PageError(422, "Not promoted", f"name: {name!r} is not a model name (letters, digits, '.', '_', '-')")
+    try:
+        version, _ = model_routes._promote(svc, viewer.who, name.strip(), req)
+    except APIError as exc:
+        raise PageError(exc.status, "Not promoted", exc.message) from None
+    return RedirectResponse(f"/ui/models/{version.name}", status_code=303)
+
+
+@router.get("/models")
+def models_page(request: Request, viewer: Signed, svc: Services = Depends(services)):
+    models = [model_routes._public(svc, m, False) for m in svc.registry.models(viewer.who.tenant)]
+    return render(request, "models.html", viewer=viewer, models=models)
+
+
+@router.get("/models/{name}")
+def model_page(request: Request, name: str, viewer: Signed, svc: Services = Depends(services)):
+    found = svc.registry.get(viewer.who.tenant, name) if NAME.fullmatch(name) else None
+    if found is None:
+        raise PageError(404, "Not found", f"No registered model {name[:80]!r}.")
+    return render(request, "model.html", viewer=viewer, model=model_routes._public(svc, found, True))

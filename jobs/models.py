@@ -11,7 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, ForeignKeyConstraint, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -255,6 +255,7 @@ class ModelVersion(SQLModel, table=True):
     """Version N of a registered model: a succeeded job's final model, with the job's metrics when it was promoted."""
 
     __tablename__ = "model_versions"
+    __table_args__ = (ForeignKeyConstraint(["tenant", "name"], ["registered_models.tenant", "registered_models.name"]),)
 
     tenant: str = Field(primary_key=True)
     name: str = Field(primary_key=True)
@@ -273,6 +274,7 @@ class ModelAlias(SQLModel, table=True):
     """`production`, `staging`, ...: a name for one version of a registered model, moved by setting it again."""
 
     __tablename__ = "model_aliases"
+    __table_args__ = (ForeignKeyConstraint(["tenant", "name"], ["registered_models.tenant", "registered_models.name"]),)
 
     tenant: str = Field(primary_key=True)
     name: str = Field(primary_key=True)

@@ -35,7 +35,7 @@ def upgrade() -> None:
         sa.Column('source_uri', text(), nullable=False),
         sa.Column('base_model', text(), nullable=False),
         sa.Column('method', text(), nullable=False),
-        sa.Column('metrics', sa.JSON(), nullable=True),
+        sa.Column('metrics', sa.JSON(), nullable=False),
         sa.Column('description', text(), nullable=True),
         sa.Column('created_at', sa.Float(), nullable=False),
         sa.ForeignKeyConstraint(['tenant', 'name'], ['registered_models.tenant', 'registered_models.name']),

@@ -52,3 +52,22 @@ def test_samples_change_as_training_goes_and_a_promoted_model_trains_by_its_name
     assert events["registered_model"] == {"requested": "toy-dpo@production", "name": "toy-dpo", "version": 1,
                                           "model": second["model"]}  # fmt: skip
     assert "samples" not in events  # sample_prompts=0 turns them off
+
+
+def test_sft_samples_and_the_time_budget(micro_model, toy_sft, toy_dpo, tmp_path):
+    """SFT samples have no reward and no reference; a budget that runs out skips the prompts left."""
+    from tests.conftest import dpo_spec, of_type, run_training
+
+    spec = dpo_spec(micro_model, toy_sft, method="sft", max_steps=4, eval_steps=4, sample_prompts=2,
+                    sample_max_tokens=8, learning_rate=1e-3)  # fmt: skip
+    code, events = run_training(spec, tmp_path / "sft")
+    assert code == 0
+    samples = of_type(events, "samples")
+    assert [(e["step"], e["model"]) for e in samples] == [(0, "policy"), (4, "policy")]
+    assert all(s["reward"] is None and 0 < s["tokens"] <= 8 for e in samples for s in e["samples"])
+
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=2, sample_prompts=3, sample_max_seconds=1e-6)
+    code, events = run_training(spec, tmp_path / "budget")
+    assert code == 0
+    samples = of_type(events, "samples")
+    assert samples and all(e["prompts"] == 3 and len(e["samples"]) < 3 for e in samples), samples

@@ -109,7 +109,7 @@ def get_model(name: ModelName, who: Caller, svc: Services = Depends(services)) -
 
 
 @router.post("/models/{name}/versions", status_code=201, response_model=ModelVersionPublic,
-             responses=responses(401, 404, 409, 422))  # fmt: skip
+             responses=responses(400, 401, 404, 409, 422))  # fmt: skip
 async def promote(name: ModelName, req: PromoteRequest, who: Caller,
                   svc: Services = Depends(services)) -> ModelVersionPublic:  # fmt: skip
     """Register a succeeded job's model as the next version of `name` (created on first use)."""
@@ -149,7 +149,7 @@ def get_version(name: ModelName, version: VersionNumber, who: Caller,
 
 
 @router.put("/models/{name}/aliases/{alias}", response_model=RegisteredModelPublic,
-            responses=responses(401, 404, 422))  # fmt: skip
+            responses=responses(400, 401, 404, 422))  # fmt: skip
 def set_alias(name: ModelName, alias: AliasName, req: AliasRequest, who: Caller,
               svc: Services = Depends(services)) -> RegisteredModelPublic:  # fmt: skip
     """Point `alias` at a version (moving it from the version it named)."""

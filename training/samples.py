@@ -9,8 +9,9 @@ the quantity DPO raises for chosen answers. A budget of `sample_max_seconds` per
 prompts left when it runs out are skipped (the event says how many were done).
 
 The reference is `trainer.ref_model` when the trainer keeps one, the policy with its adapter switched off under
-LoRA, and otherwise (the reference log-probs were precomputed, so no reference model stays in memory) the base
-model loaded for the evaluation and freed after it.
+LoRA, and otherwise (the reference log-probs were precomputed, so the trainer keeps no reference model) the base
+model, loaded at the first evaluation and kept in host memory between evaluations (on the accelerator only while
+one runs).
 
 Only single-process runs (`basic`) sample: under FSDP or tensor parallelism every rank would have to run
 `generate` in lockstep on a sharded model.
@@ -75,6 +76,7 @@ class Sampler:
     def __init__(self, spec: TrainingSpec, prompts: list, tokenizer):
         self.spec, self.prompts, self.tokenizer = spec, prompts, tokenizer
         self.reference_done = False
+        self.loaded_reference = None  # the base model, loaded once where the trainer keeps no reference model
 
     @property
     def enabled(self) -> bool:
@@ -168,11 +170,15 @@ class Sampler:
             with model.disable_adapter():
                 yield model
             return
-        from transformers import AutoModelForCausalLM
+        if self.loaded_reference is None:
+            from transformers import AutoModelForCausalLM
 
-        reference = AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=torch.float32).to(device).eval()
+            self.loaded_reference = AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=torch.float32).eval()
+        reference = self.loaded_reference.to(device)
         try:
             yield reference
         finally:
-            del reference
-            gc.collect()
+            if device.type != "cpu":  # kept in host memory between evaluations, not on the accelerator
+                self.loaded_reference = reference.to("cpu")
+                gc.collect()
+                torch.cuda.empty_cache()

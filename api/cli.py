@@ -155,6 +155,10 @@ def submit(
     console.print(_row(final))
     if final["status"] != "succeeded":
         fail(f"{final['error']['code']}: {final['error']['message']}" if final["error"] else final["status"])
+    if policy and policy[0]["samples"] and policy[-1]["samples"]:
+        first, last = policy[0]["samples"][0], policy[-1]["samples"][0]
+        console.print(f"held-out prompt {first['prompt']!r}: step {policy[0]['step']} wrote {first['completion']!r}, "
+                      f"step {policy[-1]['step']} wrote {last['completion']!r} (prefq samples {final['id']})")
     console.print(f"model: {final['result_uri']}")
 
 
@@ -432,6 +436,7 @@ def demo(data_dir: Path = Path(".prefq-demo")) -> None:
         console.print(f"job {job['id']}")
         final = wait_with_progress(c, job["id"])
         evals = [e["data"] for e in c.events(job["id"])["data"] if e["type"] == "eval"]
+        policy = [at for at in c.request("GET", f"/jobs/{job['id']}/samples")["data"] if at["model"] == "policy"]
     except ClientError as exc:
         fail(str(exc))
     finally:
@@ -440,6 +445,10 @@ def demo(data_dir: Path = Path(".prefq-demo")) -> None:
         fail(f"job {final['id']} {final['status']}: {final['error']}")
     curve = ", ".join(f"step {e['step']}: {e['metrics']['eval_rewards/accuracies']:.3f}" for e in evals)
     console.print(f"held-out reward accuracy: {final['eval_metrics']['eval_rewards/accuracies']:.3f} ({curve})")
+    if policy and policy[0]["samples"] and policy[-1]["samples"]:
+        first, last = policy[0]["samples"][0], policy[-1]["samples"][0]
+        console.print(f"held-out prompt {first['prompt']!r}: step {policy[0]['step']} wrote {first['completion']!r}, "
+                      f"step {policy[-1]['step']} wrote {last['completion']!r} (prefq samples {final['id']})")
     console.print(f"model: {final['result_uri']}")
 
 

@@ -155,10 +155,6 @@ def submit(
     console.print(_row(final))
     if final["status"] != "succeeded":
         fail(f"{final['error']['code']}: {final['error']['message']}" if final["error"] else final["status"])
-    if policy and policy[0]["samples"] and policy[-1]["samples"]:
-        first, last = policy[0]["samples"][0], policy[-1]["samples"][0]
-        console.print(f"held-out prompt {first['prompt']!r}: step {policy[0]['step']} wrote {first['completion']!r}, "
-                      f"step {policy[-1]['step']} wrote {last['completion']!r} (prefq samples {final['id']})")
     console.print(f"model: {final['result_uri']}")
 
 

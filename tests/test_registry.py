@@ -174,3 +174,12 @@ def test_a_registered_name_is_a_jobs_model_pinned_to_its_version(settings, acme,
     ds2 = other.post("/datasets", files={"file": ("p.jsonl", b'{"prompt": "Q", "chosen": "A", "rejected": "B"}\n')})
     answer = other.post("/jobs", json=job_body("models:/tiny", ds2.json()["id"]))
     assert answer.status_code == 422 and "not a registered model" in answer.json()["error"]["message"]
+
+
+def test_v1_models_lists_registered_versions_and_aliases(settings, acme):
+    job = succeeded_job(make_engine(settings.database_url), "acme")
+    acme.post("/models/tiny/versions", json={"job_id": job.id, "aliases": ["production"]})
+    ids = [m["id"] for m in acme.get("/v1/models").json()["data"]]
+    assert "models:/tiny/1" in ids and "models:/tiny@production" in ids
+    assert acme.get("/v1/models/models:/tiny@production").json()["owned_by"] == "acme"
+    assert "models:/tiny/1" not in [m["id"] for m in keyed(settings, "globex").get("/v1/models").json()["data"]]

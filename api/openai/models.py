@@ -1,4 +1,5 @@
-"""/v1/models: the base models that the operator lists (`PREFQ_BASE_MODELS`) and the tenant's fine-tuned models."""
+"""/v1/models: the base models that the operator lists (`PREFQ_BASE_MODELS`), the tenant's fine-tuned models, and
+its registered models (`models:/NAME/VERSION` for each version, `models:/NAME@ALIAS` for each alias)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from api.auth import Caller, Principal
 from api.deps import Services, services
 from api.errors import not_found, openai_responses
 from api.openai import shapes
+from jobs import modelref
 from jobs.models import JobStatus
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -19,7 +21,15 @@ def _models(svc: Services, who: Principal) -> list[dict]:
     jobs, _ = svc.store.list_jobs(JobStatus.succeeded, limit=MAX_LISTED, tenant=who.tenant)
     tuned = [{"id": shapes.fine_tuned_model(j), "object": "model", "created": int(j.finished_at or j.created_at),
               "owned_by": j.tenant} for j in jobs]  # fmt: skip
-    return base + tuned
+    registered = []
+    for m in svc.registry.models(who.tenant)[:MAX_LISTED]:
+        versions = svc.registry.versions(m.tenant, m.name)
+        created = {v.version: int(v.created_at) for v in versions}
+        registered += [{"id": modelref.registered_name(m.name, v.version), "object": "model", "created": int(v.created_at),
+                        "owned_by": m.tenant} for v in versions]  # fmt: skip
+        registered += [{"id": f"models:/{m.name}@{alias}", "object": "model", "created": created.get(n, 0),
+                        "owned_by": m.tenant} for alias, n in sorted(svc.registry.aliases(m.tenant, m.name).items())]  # fmt: skip
+    return base + tuned + registered
 
 
 @router.get("/models", responses=openai_responses(401))

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from api import clientconfig
+from api import chat_cli, clientconfig
 from api.client import Client, ClientError
 from api.keys_cli import keys_app
 from queue_config import Settings
@@ -24,6 +24,7 @@ app = typer.Typer(help="prefq: preference training (DPO, SFT) on your own GPU po
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.command()(chat_cli.chat)
 console = Console(width=None if sys.stdout.isatty() else 250)  # piped output: no truncated tables
 state: dict = {}
 FINISHED = {"succeeded", "failed", "cancelled"}
@@ -291,6 +292,13 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     """Serve the HTTP API (uvicorn)."""
     _serve([sys.executable, "-P", "-m", "uvicorn", "--factory", "api.app:create_app", "--host", host, "--port",
             str(port), "--workers", str(workers), "--no-access-log"])  # fmt: skip
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8001) -> None:
+    """The playground's generation service: one process per loaded model; the API forwards to it (PREFQ_SERVE_URL)."""
+    _serve([sys.executable, "-P", "-m", "uvicorn", "--factory", "worker.serve:create_app", "--host", host, "--port",
+            str(port), "--no-access-log"])  # fmt: skip
 
 
 @app.command()

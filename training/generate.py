@@ -150,7 +150,7 @@ class Generator:
                 stopped.set()
                 break
             if len(text) - hold > sent:
-                write({"id": rid, "delta": text[sent: len(text) - hold]})
+                write({"id": rid, "delta": text[sent : len(text) - hold]})
                 sent = len(text) - hold
         thread.join()
         if "error" in result:

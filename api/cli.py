@@ -389,8 +389,8 @@ def dev(port: int = 8000, flower_port: int = 5555, data_dir: Path = Path(".prefq
     key, created = admin_key(data_dir)
     saved = clientconfig.write(env["PREFQ_API_URL"], key)
     console.print(f"prefq dev: API {env['PREFQ_API_URL']} (docs /docs), dashboard {env['PREFQ_API_URL']}/ui (sign in "
-                  f"with the admin key), Flower http://127.0.0.1:{flower_port}, data in {data_dir.resolve()}; Ctrl-C "
-                  "stops everything")  # fmt: skip
+                  f"with the admin key), playground {env['PREFQ_API_URL']}/v1/chat/completions (`prefq chat MODEL`), Flower "
+                  f"http://127.0.0.1:{flower_port}, data in {data_dir.resolve()}; Ctrl-C stops everything")  # fmt: skip
     if created:
         console.print(f"admin key (tenant default; shown once, also in {data_dir.resolve() / 'admin-key'}): {key}")
     console.print(f"the CLI uses it from {saved}; models may be folders under {data_dir.resolve()}")

@@ -67,7 +67,7 @@ def served(tmp_path_factory, broker_url, s3, micro_model, toy_dpo):
 
 def test_the_sdk_gets_chat_completions_streamed_or_not(served):
     stack, client, _, job, _ = served
-    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 3?"}]
+    messages = [{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 3?"}]
     done = client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=12, seed=1)
     assert done.object == "chat.completion" and done.model == job.fine_tuned_model and done.id.startswith("chatcmpl-")
     assert done.choices[0].message.role == "assistant" and done.choices[0].finish_reason in ("stop", "length")
@@ -76,7 +76,8 @@ def test_the_sdk_gets_chat_completions_streamed_or_not(served):
 
     again = client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=12, seed=1)
     assert again.choices[0].message.content == done.choices[0].message.content, "a seed makes sampling repeatable"
-    greedy = client.chat.completions.create(model=job.id, messages=messages, max_completion_tokens=8, temperature=0)
+    greedy = client.chat.completions.create(model=job.id, messages=messages, max_completion_tokens=8, temperature=0,
+                                            stop="\n\n\n")  # fmt: skip
     assert greedy.usage.completion_tokens <= 8, "a job id names its model too"
 
     chunks = list(client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=24,
@@ -116,6 +117,7 @@ def test_invalid_requests_are_400s_naming_the_param(served):
                           "max_completion_tokens"), ({"n": 2}, "n"), ({"temperature": 3}, "temperature"),
                           ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
                           ({"messages": []}, "messages"), ({"logit_bias": {"x": 1}}, "logit_bias.x.[key]"),
+                          ({"stop": ["a"] * 5}, "stop"), ({"tools": [{"type": "function"}]}, "tools"),
                           ({"logit_bias": {"99999": 1}}, "logit_bias")]:  # fmt: skip
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(**{"model": model, "messages": hi, **kwargs})
@@ -166,6 +168,24 @@ def test_a_generation_past_the_time_limit_is_an_error_and_the_next_one_is_answer
     answer = client.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}],
                                             max_tokens=4)  # fmt: skip
     assert answer.usage.completion_tokens > 0
+
+
+def test_a_reader_that_leaves_mid_stream_costs_no_reload(served, micro_model):
+    _, client, _, job, port = served
+
+    def pid() -> int:
+        models = httpx.get(f"http://127.0.0.1:{port}/healthz").json()["models"]
+        return next(m["pid"] for m in models if m["uri"].endswith("/model/"))
+
+    hi = [{"role": "user", "content": "Hi"}]
+    client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=2)
+    before = pid()
+    stream = client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=60,
+                                            logit_bias=_no_eos(micro_model), stream=True)  # fmt: skip
+    next(iter(stream))
+    stream.close()
+    assert client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=4).choices
+    assert pid() == before, "the rest of the abandoned answer was read, not killed"
 
 
 def test_prefq_chat_prints_a_reply(served):

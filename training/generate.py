@@ -47,7 +47,11 @@ def write(line: dict) -> None:
 def render_messages(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation, ending where the assistant's reply begins."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - a template raises (jinja's raise_exception) on what it refuses
+            raise RequestError(400, "invalid_messages", f"the model's chat template refuses these messages: {exc}",
+                               "messages") from None  # fmt: skip
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return tokenizer(text)["input_ids"]
@@ -108,6 +112,8 @@ class Generator:
 
         rid, max_tokens = req.get("id"), int(req.get("max_tokens") or 16)
         prompt, param = self._inputs(req)
+        if not prompt:
+            raise RequestError(400, "invalid_request", f"{param}: empty (no tokens to continue)", param)
         if self.max_positions and len(prompt) + max_tokens > self.max_positions:
             raise RequestError(400, "context_length_exceeded", f"this model's context is {self.max_positions} tokens; "
                                f"{param} is {len(prompt)} tokens and max_tokens asks for {max_tokens} more", param)  # fmt: skip

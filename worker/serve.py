@@ -153,6 +153,7 @@ class Pool:
         self.settings = settings
         self.children: OrderedDict[str, Child] = OrderedDict()
         self.loading: dict[str, asyncio.Lock] = {}
+        self.draining: set[asyncio.Task] = set()  # held here: the loop keeps only weak references to tasks
         self.cache = ModelCache(settings.work_dir / "models", int(settings.model_cache_gb * 1e9))
         # every tenant's models live under `<storage root>/tenants/` (`jobs.layout`): nothing else is served
         self.root = open_storage(settings.storage_url, **settings.storage_options()).uri(TENANTS)
@@ -235,7 +236,9 @@ async def _lines(pool: Pool, req: GenerateRequest) -> AsyncIterator[bytes]:
         yield json.dumps(exc.line).encode() + b"\n"
     finally:
         if locked and not finished and child.alive:  # the caller went away mid-answer
-            asyncio.get_running_loop().create_task(child.drain(req.id, time.monotonic() + limit_s))
+            task = asyncio.get_running_loop().create_task(child.drain(req.id, time.monotonic() + limit_s))
+            pool.draining.add(task)
+            task.add_done_callback(pool.draining.discard)
         elif locked:
             child.lock.release()
 

@@ -40,6 +40,16 @@ def _encodable(text: str) -> str:
 Prompt = Annotated[str, AfterValidator(_encodable)]
 
 
+def _stops(value: str | list[str] | None) -> list[str]:
+    stops = [value] if isinstance(value, str) else value or []
+    if len(stops) > 4 or any(len(s) > 200 for s in stops):
+        raise ValueError("at most 4 strings of at most 200 characters")
+    return [_encodable(s) for s in stops]
+
+
+TokenBias = dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]]
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
@@ -66,10 +76,9 @@ class Sampling(BaseModel):
     n: int | None = Field(None, ge=1, le=1, description="One choice per request")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: Prompt | list[Annotated[Prompt, Field(max_length=200)]] | None = Field(None, max_length=4)
+    stop: Annotated[str | list[str] | None, AfterValidator(_stops)] = Field(None, description="Up to 4 strings")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
-        Field(None, max_length=1024))  # fmt: skip
+    logit_bias: TokenBias | None = Field(None, max_length=1024, description="{token id: -100 to 100}")
     user: str | None = Field(None, max_length=256)
 
 
@@ -186,8 +195,7 @@ async def _collect(first: dict, lines: AsyncIterator[dict], close) -> tuple[str,
 async def _generate(svc: Services, tenant: str, req: Sampling, kind: str, inputs: dict, max_tokens: int):
     uri = await run_in_threadpool(resolve_served_model, svc.store, svc.storage, tenant, req.model)
     rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}", int(time.time())
-    stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-    body = {"id": rid, "model_uri": uri, **inputs, "max_tokens": max_tokens, "stop": stop,
+    body = {"id": rid, "model_uri": uri, **inputs, "max_tokens": max_tokens, "stop": req.stop or [],
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p, "seed": req.seed, "logit_bias": req.logit_bias or {}}  # fmt: skip
     first, lines, close = await _forward(svc, body)
@@ -208,8 +216,9 @@ async def _generate(svc: Services, tenant: str, req: Sampling, kind: str, inputs
 
         async def events() -> AsyncIterator[bytes]:
             if kind == "chat":  # the first chunk names the role
-                yield _sse({**chunk("", None), "choices": [{**choice("", None), "delta": {"role": "assistant",
-                                                                                          "content": ""}}]})  # fmt: skip
+                opening = chunk("", None)
+                opening["choices"][0]["delta"]["role"] = "assistant"
+                yield _sse(opening)
             async for event in _events(first, lines, close, chunk, usage):
                 yield event
 
@@ -233,8 +242,9 @@ async def create_chat_completion(req: ChatCompletionCreate, who: Caller, svc: Se
     """A reply of a tenant's fine-tuned model to a conversation (the tokenizer's chat template renders it)."""
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _max_tokens(svc, req.max_completion_tokens or req.max_tokens, param, svc.settings.serve_max_tokens)
-    messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-                 "".join(p.text for p in m.content)} for m in req.messages]  # fmt: skip
+    messages = [{"role": "system" if m.role == "developer" else m.role,  # OpenAI's new name; templates know system
+                 "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                for m in req.messages]  # fmt: skip
     return await _generate(svc, who.tenant, req, "chat", {"messages": messages}, max_tokens)
 
 

@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     # it) gets its task sent again
     model_cache_gb: float = 100.0  # models fetched by URI stay on the worker's disk up to this size (LRU)
     metrics_port: int = 9464  # the service worker's Prometheus exporter of database-wide metrics; 0: off
+    # The playground (`/v1/chat/completions`): the API forwards to `prefq serve`, which runs the models
+    serve_url: str = "http://127.0.0.1:8001"  # where the API finds `prefq serve`
+    serve_token: SecretStr | None = None  # a secret the API sends and `prefq serve` requires; unset: none
+    serve_max_models: int = Field(2, ge=1)  # models `prefq serve` keeps loaded, one process each (LRU)
+    serve_max_tokens: int = Field(512, ge=1)  # max_tokens of one request at most
+    serve_timeout_s: float = Field(60.0, gt=0)  # one generation's time limit; its model's process is restarted
     # Limits: a request beyond one is refused with 413 or 422 naming it
     max_upload_bytes: int = 1 << 30  # a dataset upload
     max_rows: int = 10_000_000  # rows of a dataset

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from api import clientconfig
+from api import chat_cli, clientconfig
 from api.client import Client, ClientError
 from api.keys_cli import keys_app
 from api.models_cli import models_app, samples
@@ -27,6 +27,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.command()(samples)
+app.command()(chat_cli.chat)
 console = Console(width=None if sys.stdout.isatty() else 250)  # piped output: no truncated tables
 state: dict = {}
 FINISHED = {"succeeded", "failed", "cancelled"}
@@ -297,6 +298,13 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 
 
 @app.command()
+def serve(host: str = "127.0.0.1", port: int = 8001) -> None:
+    """The playground's generation service: one process per loaded model; the API forwards to it (PREFQ_SERVE_URL)."""
+    _serve([sys.executable, "-P", "-m", "uvicorn", "--factory", "worker.serve:create_app", "--host", host, "--port",
+            str(port), "--no-access-log"])  # fmt: skip
+
+
+@app.command()
 def worker(gpus: str = typer.Option(None, help="GPU indices this worker owns, e.g. 0,1"),
            cpu_devices: int = typer.Option(None, help="Without GPUs: serve jobs of up to N devices on the CPU"),
            service: bool = typer.Option(False, "--service", help="Callbacks and the reconciler, not training"),
@@ -384,8 +392,8 @@ def dev(port: int = 8000, flower_port: int = 5555, data_dir: Path = Path(".prefq
     key, created = admin_key(data_dir)
     saved = clientconfig.write(env["PREFQ_API_URL"], key)
     console.print(f"prefq dev: API {env['PREFQ_API_URL']} (docs /docs), dashboard {env['PREFQ_API_URL']}/ui (sign in "
-                  f"with the admin key), Flower http://127.0.0.1:{flower_port}, data in {data_dir.resolve()}; Ctrl-C "
-                  "stops everything")  # fmt: skip
+                  f"with the admin key), playground {env['PREFQ_API_URL']}/v1/chat/completions (`prefq chat MODEL`), Flower "
+                  f"http://127.0.0.1:{flower_port}, data in {data_dir.resolve()}; Ctrl-C stops everything")  # fmt: skip
     if created:
         console.print(f"admin key (tenant default; shown once, also in {data_dir.resolve() / 'admin-key'}): {key}")
     console.print(f"the CLI uses it from {saved}; models may be folders under {data_dir.resolve()}")

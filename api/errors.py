@@ -40,7 +40,9 @@ _WHAT = {
     413: "The upload is larger than the server's limit",
     422: "The request is invalid: `field` names what is wrong",
     429: "Too many unfinished jobs for this tenant: retry after `Retry-After` seconds",
-    503: "A service the request needs (the broker) is unavailable: retry later",
+    502: "The generation service (prefq serve) answered something unexpected",
+    503: "A service the request needs (the broker, the generation service) is unavailable: retry later",
+    504: "The generation ran past its time limit",
 }
 
 

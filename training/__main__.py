@@ -1,4 +1,4 @@
-"""`python -m training COMMAND`: schema, validate, run, make-tiny-model, make-toy-data.
+"""`python -m training COMMAND`: schema, validate, run, generate, make-tiny-model, make-toy-data.
 
 `schema` and `validate` without `--model` import no torch.
 """
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--stop-grace-s", type=float, help="if the process that started this run dies, the run gets "
                    "this long to checkpoint, then is killed (the lease it trained under expires soon after)")
+    p = sub.add_parser("generate", help="answer generation requests (JSON lines on stdin) with one loaded model")
+    p.add_argument("model", help="a model folder")
     p = sub.add_parser("make-tiny-model", help="build a small random Llama and a local tokenizer")
     p.add_argument("dir")
     p.add_argument("--size", default="tiny", choices=list(SIZES))
@@ -114,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
         code = run_main(args.spec, args.out, args.resume)
         return finish_rank(args.out, code) if in_launched_rank() else code
+    if args.command == "generate":
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+        from training.generate import main as generate_main
+
+        return generate_main(args.model)
     if args.command == "make-tiny-model":
         from training.tiny import make_tiny_model
 

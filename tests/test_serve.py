@@ -1,0 +1,244 @@
+"""The playground on real processes: the `openai` SDK asks a live API (PostgreSQL, Valkey, SeaweedFS, a Celery
+worker) for chat and text completions by a DPO job's model, which `prefq serve` runs in a child process of its own;
+limits, tenants, the time limit, a serve that is down, and `prefq chat`."""
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpcore  # noqa: F401 - imports h2 before any test thread can race it (as in test_openai)
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.services import Stack, make_key, prefq, submit
+
+CAP = 2000  # PREFQ_SERVE_MAX_TOKENS here: room for a generation that outlasts the time limit
+LIMIT_S = 2.0  # PREFQ_SERVE_TIMEOUT_S: 2000 tokens of the micro model take about 4 s on this machine, 16 take 50 ms
+TOKEN = secrets.token_hex(8)
+
+
+def start_serve(stack: Stack, port: int) -> None:
+    stack.start("serve", "serve", "--port", str(port))
+    from api.dev import wait_for_port
+
+    wait_for_port(port, 60)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, broker_url, s3, micro_model, toy_dpo):
+    """A stack with `prefq serve`, a DPO job's fine-tuned model (default tenant), and SDK clients for the default
+    tenant and another one."""
+    from api.dev import free_port
+    from jobs.db import upgrade
+    from tests.conftest import python_env
+    from tests.services import create_pg_database, drop_pg_database
+
+    url, name = create_pg_database()
+    upgrade(url)
+    serve_port = free_port()
+    env = dict(python_env(), PREFQ_DATA_DIR=str(tmp_path_factory.mktemp("prefq-serve")), PREFQ_DATABASE_URL=url,
+               PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/8", PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/serve-"
+               f"{secrets.token_hex(3)}", PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"],
+               PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"], PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"],
+               PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="10", PREFQ_RECONCILE_INTERVAL_S="2", PREFQ_CPU_DEVICES="1",
+               PREFQ_METRICS_PORT=str(free_port()), PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()),
+               PREFQ_SERVE_URL=f"http://127.0.0.1:{serve_port}", PREFQ_SERVE_TOKEN=TOKEN,
+               PREFQ_SERVE_MAX_TOKENS=str(CAP), PREFQ_SERVE_TIMEOUT_S=str(LIMIT_S))  # fmt: skip
+    env["PATH"] = str(Path(sys.executable).parent) + ":" + env["PATH"]
+    stack = Stack(env, tmp_path_factory.mktemp("logs-serve"))
+    start_serve(stack, serve_port)
+    stack.up()
+    job_id = submit(stack, micro_model, toy_dpo, "--set", "max_steps=4", "--set", "save_steps=2", "--set",
+                    "eval_fraction=0", "--wait")  # fmt: skip
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key=env["PREFQ_API_KEY"], max_retries=0)
+    other = OpenAI(base_url=f"{stack.url}/v1", api_key=make_key(url, "alpha"), max_retries=0)
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "succeeded", job.error
+    yield stack, client, other, job, serve_port
+    stack.down()
+    drop_pg_database(name)
+
+
+def test_the_sdk_gets_chat_completions_streamed_or_not(served):
+    stack, client, _, job, _ = served
+    messages = [{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 3?"}]
+    done = client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=12, seed=1)
+    assert done.object == "chat.completion" and done.model == job.fine_tuned_model and done.id.startswith("chatcmpl-")
+    assert done.choices[0].message.role == "assistant" and done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage.prompt_tokens > 5 and 0 < done.usage.completion_tokens <= 12
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+
+    again = client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=12, seed=1)
+    assert again.choices[0].message.content == done.choices[0].message.content, "a seed makes sampling repeatable"
+    greedy = client.chat.completions.create(model=job.id, messages=messages, max_completion_tokens=8, temperature=0,
+                                            stop="\n\n\n")  # fmt: skip
+    assert greedy.usage.completion_tokens <= 8, "a job id names its model too"
+
+    chunks = list(client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=24,
+                                                 temperature=1, seed=2, stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip(), chunks
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1, "the text came in pieces"
+
+
+def test_text_completions_and_a_checkpoint(served):
+    _, client, _, job, _ = served
+    done = client.completions.create(model=job.fine_tuned_model, prompt="What is 4 + 1?", max_tokens=10, seed=3)
+    assert done.object == "text_completion" and done.choices[0].text and done.usage.completion_tokens <= 10
+    text = done.choices[0].text
+    assert len(text) >= 2, text
+    stop = text[len(text) // 2]
+    stopped = client.completions.create(model=job.fine_tuned_model, prompt="What is 4 + 1?", max_tokens=10, seed=3,
+                                        stop=[stop])  # fmt: skip
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == text[: text.find(stop)]
+    pieces = list(client.completions.create(model=job.fine_tuned_model, prompt="Hello", max_tokens=8, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) and pieces[-1].choices[0].finish_reason
+
+    checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[-1].fine_tuned_model_checkpoint
+    assert checkpoint.endswith(":ckpt-step-2")
+    assert client.completions.create(model=checkpoint, prompt="Hello", max_tokens=4).usage.completion_tokens > 0
+
+
+def test_invalid_requests_are_400s_naming_the_param(served):
+    _, client, _, job, _ = served
+    model, hi = job.fine_tuned_model, [{"role": "user", "content": "hi"}]
+    for kwargs, param in [({"max_tokens": CAP + 1}, "max_tokens"), ({"max_completion_tokens": CAP + 1},
+                          "max_completion_tokens"), ({"n": 2}, "n"), ({"temperature": 3}, "temperature"),
+                          ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+                          ({"messages": []}, "messages"), ({"logit_bias": {"x": 1}}, "logit_bias.x.[key]"),
+                          ({"stop": ["a"] * 5}, "stop"), ({"tools": [{"type": "function"}]}, "tools"),
+                          ({"logit_bias": {"99999": 1}}, "logit_bias")]:  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(**{"model": model, "messages": hi, **kwargs})
+        assert err.value.status_code == 400 and err.value.param == param, (kwargs, err.value.body)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="x " * 100, max_tokens=CAP)
+    assert err.value.code == "context_length_exceeded" and err.value.param == "prompt"
+
+
+def test_other_tenants_and_unknown_models_are_not_found(served):
+    _, client, other, job, _ = served
+    hi = [{"role": "user", "content": "hi"}]
+    for who, model in [(other, job.fine_tuned_model), (other, job.id), (client, "job_doesnotexist"),
+                       (client, job.fine_tuned_model.replace(":default:", ":alpha:")), (client, "gpt-4o-mini"),
+                       (client, f"{job.fine_tuned_model}:ckpt-step-3"), (client, "s3://prefq/anything")]:  # fmt: skip
+        with pytest.raises(openai.NotFoundError) as err:
+            who.chat.completions.create(model=model, messages=hi, max_tokens=4)
+        assert err.value.code == "model_not_found" and model in err.value.message, err.value.body
+
+
+def _no_eos(micro_model: Path) -> dict:
+    """A logit bias that keeps every special token (eos, end of turn) out: the generation runs to max_tokens."""
+    from transformers import AutoTokenizer
+
+    from training.tiny import SPECIAL_TOKENS
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_model)
+    return {str(tokenizer.convert_tokens_to_ids(t)): -100 for t in SPECIAL_TOKENS}
+
+
+def test_a_generation_past_the_time_limit_is_an_error_and_the_next_one_is_answered(served, micro_model):
+    _, client, _, job, _ = served
+    long = {"model": job.fine_tuned_model, "prompt": "Hi", "max_tokens": CAP - 10, "logit_bias": _no_eos(micro_model)}
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(**long)
+    assert err.value.status_code == 504 and err.value.code == "timeout" and "PREFQ_SERVE_TIMEOUT_S" in err.value.message
+    assert time.monotonic() - started < LIMIT_S + 3
+    assert client.completions.create(model=job.fine_tuned_model, prompt="Hi", max_tokens=4).usage.completion_tokens
+
+    stream = client.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=CAP - 40, logit_bias=_no_eos(micro_model), stream=True)  # fmt: skip
+    text = []
+    with pytest.raises(openai.APIError, match="time limit"):
+        for chunk in stream:
+            text.append(chunk.choices[0].delta.content or "")
+    assert "".join(text), "the text before the limit was streamed"
+    answer = client.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=4)  # fmt: skip
+    assert answer.usage.completion_tokens > 0
+
+
+def test_a_reader_that_leaves_mid_stream_costs_no_reload(served, micro_model):
+    _, client, _, job, port = served
+
+    def pid() -> int:
+        models = httpx.get(f"http://127.0.0.1:{port}/healthz").json()["models"]
+        return next(m["pid"] for m in models if m["uri"].endswith("/model/"))
+
+    hi = [{"role": "user", "content": "Hi"}]
+    client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=2)
+    before = pid()
+    stream = client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=60,
+                                            logit_bias=_no_eos(micro_model), stream=True)  # fmt: skip
+    next(iter(stream))
+    stream.close()
+    assert client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=4).choices
+    assert pid() == before, "the rest of the abandoned answer was read, not killed"
+
+
+def test_prefq_chat_prints_a_reply(served):
+    stack, _, _, job, _ = served
+    out = prefq(stack, "chat", job.fine_tuned_model, "--message", "What is 2 + 3?", "--max-tokens", "16",
+                "--temperature", "1", "--seed", "4", timeout=120)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip(), out.stdout + out.stderr
+    out = prefq(stack, "chat", "job_doesnotexist", "--message", "hi", timeout=120)
+    assert out.returncode == 1 and "model_not_found" in out.stdout, out.stdout + out.stderr
+    repl = subprocess.run(["prefq", "chat", job.fine_tuned_model, "--max-tokens", "8"], input="hi\n/reset\nhello\n",
+                          env=stack.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert repl.returncode == 0 and repl.stdout.count("> ") == 4, repl.stdout + repl.stderr
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_neither_the_api_nor_the_serve_process_imports_torch(served):
+    stack, _, _, _, port = served
+    from tests.conftest import python_env
+
+    subprocess.run([sys.executable, "-c", "import api.app, sys; assert 'torch' not in sys.modules"], check=True,
+                   env=python_env())  # fmt: skip
+    assert httpx.post(f"http://127.0.0.1:{port}/generate", json={}).status_code == 401, "the token is required"
+    health = httpx.get(f"http://127.0.0.1:{port}/healthz").json()
+    assert health["torch_imported"] is False and health["models"], health
+    assert len(health["models"]) <= 2, "PREFQ_SERVE_MAX_MODELS"
+    serve = stack.procs["serve"].pid  # `prefq serve` execs uvicorn in the same process
+    assert "libtorch" not in _maps(serve) and "libtorch" not in _maps(stack.procs["api"].pid)
+    assert all("libtorch" in _maps(m["pid"]) for m in health["models"]), "the children run the models"
+
+
+def test_a_serve_that_is_down_is_a_503_until_it_is_back(served):
+    stack, client, _, job, port = served
+    proc = stack.procs["serve"]
+    children = [m["pid"] for m in httpx.get(f"http://127.0.0.1:{port}/healthz").json()["models"]]
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=4)
+    assert err.value.status_code == 503 and err.value.code == "serve_unavailable"
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(pid) for pid in children), "the model processes died with the serve"
+    start_serve(stack, port)
+    assert client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=4).choices

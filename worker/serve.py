@@ -1,0 +1,277 @@
+"""`prefq serve`: the generation service behind the playground (`POST /v1/chat/completions`, `/v1/completions`).
+
+Internal: the API resolves a tenant's model to its storage URI and asks here; with `PREFQ_SERVE_TOKEN` set, every
+request must carry it (`Authorization: Bearer <token>`). Torch-free like the worker: each model is served by a
+child process of its own, `python -P -m training generate FOLDER` (`training.generate`), started on the first
+request for the model with the training runs' sanitized environment, and kept while it is among the
+`PREFQ_SERVE_MAX_MODELS` models used last. A child answers one request at a time; a request that runs past
+`PREFQ_SERVE_TIMEOUT_S` gets an error and its child is killed (the next request starts a fresh one). Model folders
+come from storage into the worker's model cache (`worker.workdir.ModelCache`), shared with this host's jobs.
+
+`POST /generate` answers 200 with JSON lines, the child's (see `training.generate`): deltas, then `done`; or one
+`{"error": {"status", "code", "message", "param"}}` line, whatever went wrong (the API turns it into an HTTP error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from queue_config import Settings
+from storage import StorageError, get_dir, open_storage, open_uri
+from worker.supervisor import die_with_parent, run_env
+from worker.workdir import ModelCache
+
+log = logging.getLogger("prefq.serve")
+LOAD_TIMEOUT_S = 900.0  # fetching is not counted: loading a big model onto a GPU takes minutes, not hours
+LINE_LIMIT = 1 << 24  # bytes of one line from a child
+TENANTS = "tenants/"  # `jobs.perimeter.tenant_prefix`'s parent
+
+
+class ServeError(Exception):
+    def __init__(self, status: int, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.line = {"error": {"status": status, "code": code, "message": message, "param": param}}
+
+
+class GenerateRequest(BaseModel):
+    """One generation, for `training.generate`; the API has validated it against OpenAI's fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(max_length=100)
+    model_uri: str = Field(max_length=4096, description="The model folder's storage URI")
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_tokens: int = Field(ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    logit_bias: dict[str, float] = Field(default_factory=dict)
+
+
+class Child:
+    """One model's `python -m training generate` process; `lock` is held for the request it is answering."""
+
+    def __init__(self, uri: str, fd: int, proc: asyncio.subprocess.Process):
+        self.uri, self.fd, self.proc, self.lock = uri, fd, proc, asyncio.Lock()
+        self.killed = False
+
+    @classmethod
+    async def start(cls, settings: Settings, uri: str, folder: str, fd: int) -> Child:
+        env = run_env(dict(os.environ), settings.gpu_ids, len(settings.gpu_ids))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-P", "-m", "training", "generate", folder, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=env, cwd=settings.work_dir, start_new_session=True,
+            preexec_fn=die_with_parent, limit=LINE_LIMIT)  # fmt: skip
+        child = cls(uri, fd, proc)
+        try:
+            first = await child.read(time.monotonic() + LOAD_TIMEOUT_S)
+        except ServeError as exc:
+            child.kill(exc.line["error"]["message"])
+            raise
+        if not first.get("ready"):
+            child.kill("it did not load the model")
+            raise ServeError(**first["error"]) if "error" in first else ServeError(
+                500, "model_unavailable", f"the model's process answered {first!r}")  # fmt: skip
+        log.info("Serving %s (pid %s, %s)", uri, proc.pid, first.get("device"))
+        return child
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None and not self.killed
+
+    def kill(self, why: str) -> None:
+        if self.alive:
+            log.warning("Model %s: its process %s is killed (%s)", self.uri, self.proc.pid, why)
+            self.killed = True
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.fd >= 0:
+            os.close(self.fd)  # the cached folder may be evicted from now on
+            self.fd = -1
+
+    async def read(self, deadline: float) -> dict:
+        """The child's next line; a `ServeError` when it is late (the caller kills it) or has exited."""
+        try:
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise ServeError(504, "timeout", "generation ran past the time limit") from None
+        if not raw:
+            code = await self.proc.wait()
+            raise ServeError(500, "generation_failed", f"the model's process exited (code {code}); see the serve log")
+        return json.loads(raw)
+
+    async def answer(self, req: dict, deadline: float) -> AsyncIterator[dict]:
+        """The lines of one request's answer, the last one `done` or `error`."""
+        try:
+            self.proc.stdin.write(json.dumps(req).encode() + b"\n")
+            await self.proc.stdin.drain()
+        except OSError:
+            raise ServeError(500, "generation_failed", "the model's process is gone; see the serve log") from None
+        while True:
+            line = await self.read(deadline)
+            if line.get("id") != req["id"]:
+                continue  # the end of an earlier, abandoned answer
+            yield line
+            if line.get("done") or "error" in line:
+                return
+
+    async def drain(self, rid: str, deadline: float) -> None:
+        """Read an abandoned answer to its end, so that the next request starts on a free child; then unlock."""
+        try:
+            while True:
+                line = await self.read(deadline)
+                if line.get("id") == rid and (line.get("done") or "error" in line):
+                    return
+        except ServeError as exc:
+            self.kill(f"an abandoned answer: {exc.line['error']['message']}")
+        finally:
+            self.lock.release()
+
+
+class Pool:
+    """The children, least recently used first; at most `serve_max_models` of them."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.children: OrderedDict[str, Child] = OrderedDict()
+        self.loading: dict[str, asyncio.Lock] = {}
+        self.draining: set[asyncio.Task] = set()  # held here: the loop keeps only weak references to tasks
+        self.cache = ModelCache(settings.work_dir / "models", int(settings.model_cache_gb * 1e9))
+        # every tenant's models live under `<storage root>/tenants/` (`jobs.layout`): nothing else is served
+        self.root = open_storage(settings.storage_url, **settings.storage_options()).uri(TENANTS)
+
+    def _fetch(self, uri: str):
+        def fetch(local) -> None:
+            storage, key = open_uri(uri, **self.settings.storage_options())
+            get_dir(storage, key, local)
+
+        return self.cache.open(uri, fetch)
+
+    def _make_room(self) -> None:
+        for uri, child in list(self.children.items()):
+            if len(self.children) < self.settings.serve_max_models:
+                return
+            if not child.lock.locked():
+                child.kill("the least recently used model makes room")
+                del self.children[uri]
+        if len(self.children) >= self.settings.serve_max_models:
+            raise ServeError(503, "serve_busy", f"all {len(self.children)} served models are answering requests "
+                             "(PREFQ_SERVE_MAX_MODELS); retry shortly")  # fmt: skip
+
+    async def child(self, uri: str) -> Child:
+        if not uri.startswith(self.root) or ".." in uri.split("/"):
+            raise ServeError(403, "reference_not_allowed", "model: not a tenant's model in this server's storage")
+        async with self.loading.setdefault(uri, asyncio.Lock()):
+            child = self.children.get(uri)
+            if child is not None and child.alive:
+                self.children.move_to_end(uri)
+                return child
+            if child is not None:
+                child.kill("gone")
+                del self.children[uri]
+            self._make_room()
+            try:
+                folder, fd = await asyncio.to_thread(self._fetch, uri)
+            except (StorageError, OSError) as exc:
+                raise ServeError(503, "model_unavailable", f"the model's files cannot be fetched: {exc}") from None
+            try:
+                child = await Child.start(self.settings, uri, str(folder), fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.children[uri] = child
+            return child
+
+    def close(self) -> None:
+        for child in self.children.values():
+            child.kill("the service stops")
+        self.children.clear()
+
+
+async def _lines(pool: Pool, req: GenerateRequest) -> AsyncIterator[bytes]:
+    limit_s = pool.settings.serve_timeout_s
+    child, locked, finished = None, False, False
+    try:
+        if req.max_tokens > pool.settings.serve_max_tokens:
+            raise ServeError(400, "max_tokens_too_large", f"max_tokens is at most {pool.settings.serve_max_tokens}",
+                             "max_tokens")  # fmt: skip
+        child = await pool.child(req.model_uri)
+        try:
+            await asyncio.wait_for(child.lock.acquire(), limit_s)
+        except TimeoutError:
+            raise ServeError(503, "serve_busy", f"the model answered other requests for {limit_s:g}s; retry later") \
+                from None  # fmt: skip
+        locked, deadline = True, time.monotonic() + limit_s
+        try:
+            async for line in child.answer(req.model_dump(exclude={"model_uri"}), deadline):
+                finished = bool(line.get("done") or "error" in line)  # before the yield, where the caller may leave
+                yield json.dumps(line).encode() + b"\n"
+        except ServeError as exc:
+            child.kill(exc.line["error"]["code"])  # late or dead: the next request starts the model again
+            if exc.line["error"]["code"] == "timeout":
+                exc.line["error"]["message"] = (f"generation stopped at the time limit of {limit_s:g}s "
+                                                "(PREFQ_SERVE_TIMEOUT_S); ask for fewer max_tokens")  # fmt: skip
+            raise
+        finished = True
+    except ServeError as exc:
+        finished = True
+        yield json.dumps(exc.line).encode() + b"\n"
+    finally:
+        if locked and not finished and child.alive:  # the caller went away mid-answer
+            task = asyncio.get_running_loop().create_task(child.drain(req.id, time.monotonic() + limit_s))
+            pool.draining.add(task)
+            task.add_done_callback(pool.draining.discard)
+        elif locked:
+            child.lock.release()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    pool = Pool(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        pool.close()
+
+    app = FastAPI(title="prefq serve", lifespan=lifespan, description="Generation with tenants' fine-tuned models.")
+
+    def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+        token = settings.serve_token
+        if token is not None and not hmac.compare_digest(authorization or "", f"Bearer {token.get_secret_value()}"):
+            raise ServeError(401, "unauthorized", "this service wants `Authorization: Bearer <PREFQ_SERVE_TOKEN>`")
+
+    @app.exception_handler(ServeError)
+    async def _error(request, exc: ServeError):
+        return JSONResponse(exc.line, status_code=exc.line["error"]["status"])
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        """Liveness, the models served now, and whether this process imported torch (it must not)."""
+        return {"status": "ok", "torch_imported": "torch" in sys.modules,
+                "models": [{"uri": c.uri, "pid": c.proc.pid, "busy": c.lock.locked()} for c in pool.children.values()]}  # fmt: skip
+
+    @app.post("/generate", dependencies=[Depends(authorized)])
+    async def generate(req: GenerateRequest) -> StreamingResponse:
+        """JSON lines: `{"id", "delta"}`..., then `{"id", "done": true, ...}`; or one `{"error": ...}`."""
+        return StreamingResponse(_lines(pool, req), media_type="application/x-ndjson")
+
+    return app

@@ -185,6 +185,24 @@ def settings(tmp_path, tmp_path_factory, broker_url):
     return s
 
 
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's (scripts/setup.sh installs it); Playwright's download cannot work here
+SHOTS = ROOT / "runs" / "screenshots"  # git ignores runs/
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless chromium driven by Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
 @pytest.fixture
 def callback_url():
     from tests.services import serve_callbacks

@@ -242,3 +242,41 @@ def test_a_serve_that_is_down_is_a_503_until_it_is_back(served):
     assert not any(_running(pid) for pid in children), "the model processes died with the serve"
     start_serve(stack, port)
     assert client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=4).choices
+
+
+def test_a_registered_model_answers_by_its_name_and_in_the_dashboards_chat_box(served, browser):
+    """Promoted to the registry, the job's model answers the SDK as models:/NAME@ALIAS and as the bare NAME, and in
+    the chat box of its page on the dashboard; another tenant's SDK finds no such model."""
+    from tests.test_ui import Watched, shot, sign_in
+
+    stack, client, other, job, _ = served
+    promoted = stack.http.post("/models/served-dpo/versions", json={"job_id": job.id, "aliases": ["production"]})
+    assert promoted.status_code == 201, promoted.text
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    by_alias = client.chat.completions.create(model="models:/served-dpo@production", messages=messages, max_tokens=8,
+                                              temperature=0)  # fmt: skip
+    direct = client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=8, temperature=0)
+    assert by_alias.model == "models:/served-dpo@production"
+    assert by_alias.choices[0].message.content == direct.choices[0].message.content, "the same model answers"
+    assert client.chat.completions.create(model="served-dpo", messages=messages, max_tokens=4).usage.completion_tokens
+    for name in ("models:/served-dpo@production", "served-dpo"):
+        with pytest.raises(openai.NotFoundError):
+            other.chat.completions.create(model=name, messages=messages, max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="models:/served-dpo@staging", messages=messages, max_tokens=4)
+
+    ui = Watched(browser, stack.url, viewport={"width": 1280, "height": 900})
+    page = ui.page()
+    sign_in(page, stack.env["PREFQ_API_KEY"], "/ui/models/served-dpo")
+    page.select_option("#chat-version", "production")
+    page.fill("#chat-message", "What is 2 + 3?")
+    page.click("#chat-send")
+    page.wait_for_selector("#chat-log .chat-reply, #chat-log .chat-error", timeout=60_000)
+    assert page.locator("#chat-log .chat-error").count() == 0, page.inner_text("#chat-log")
+    assert "models:/served-dpo@production" in page.inner_text("#chat-log .chat-reply")
+    reply = page.inner_text("#chat-log .chat-reply .reply-text")
+    assert reply == client.chat.completions.create(model="models:/served-dpo@production", messages=messages,
+                                                   max_tokens=64, temperature=0).choices[0].message.content  # fmt: skip
+    shot(page, "15-model-chat")
+    assert ui.errors == [], ui.errors
+    ui.context.close()

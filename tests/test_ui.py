@@ -6,31 +6,16 @@ to runs/screenshots/ (git ignores runs/)."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.services import ROOT, make_key
+from tests.conftest import CHROMIUM, SHOTS
+from tests.services import make_key
 
-CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = ROOT / "runs" / "screenshots"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]  # fmt: skip
 BAD = b'{"prompt": "Q", "chosen": "A", "rejected": "B"}\n{"prompt": "Q", "chosen": 3}\nnot json\n'
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (scripts/setup.sh)")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from api.deps import JobId, Services, services
 from api.errors import APIError
+from api.openai import chat as chat_routes
 from api.routes import jobs as job_routes
 from api.routes import models as model_routes
 from api.ui import PageError, render
@@ -53,6 +54,30 @@ def promote(job_id: JobId, viewer: Checked, name: str = Form("", max_length=64),
     except APIError as exc:
         raise PageError(exc.status, "Not promoted", exc.message) from None
     return RedirectResponse(f"/ui/models/{version.name}", status_code=303)
+
+
+CHAT_TOKENS = 64  # new tokens of a reply in the dashboard's chat box
+
+
+@router.post("/models/{name}/chat")
+async def chat(request: Request, name: str, viewer: Checked, message: str = Form("", max_length=4000),
+               version: str = Form("", max_length=40), svc: Services = Depends(services)):  # fmt: skip
+    """One reply of a version of the model (the newest by default) to the message, through the playground."""
+    if not NAME.fullmatch(name) or svc.registry.get(viewer.who.tenant, name) is None:
+        raise PageError(404, "Not found", f"No registered model {name[:80]!r}.")
+    ref = f"models:/{name}/{version}" if version.isdigit() else f"models:/{name}@{version}" if version else f"models:/{name}"
+    text = message.strip()
+    if not text:
+        return render(request, "_chat_reply.html", message="", error="Write a message first.")
+    req = chat_routes.ChatCompletionCreate(model=ref, messages=[{"role": "user", "content": text}], temperature=0,
+                                             max_tokens=min(CHAT_TOKENS, svc.settings.serve_max_tokens))
+    try:
+        answer = await chat_routes.create_chat_completion(req, viewer.who, svc)
+    except APIError as exc:
+        return render(request, "_chat_reply.html", message=text, error=f"{exc.code}: {exc.message}")
+    reply = answer["choices"][0]
+    return render(request, "_chat_reply.html", message=text, reply=reply["message"]["content"], model=ref,
+                  finish=reply["finish_reason"], usage=answer["usage"])  # fmt: skip
 
 
 @router.get("/models")

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 RUN_JOB = "prefq.run_job"
 DELIVER_CALLBACK = "prefq.deliver_callback"
 RECONCILE = "prefq.reconcile"
+MIRROR_MODEL_VERSION = "prefq.mirror_model_version"
 CPU_QUEUE = "cpu"
 SERVICE_QUEUE = "service"  # callbacks and the reconciler: never behind a training run
 
@@ -123,6 +124,11 @@ class Settings(BaseSettings):
     tenant_max_active_jobs: int = 100  # unfinished jobs per tenant; beyond: 429 with Retry-After
     visibility_timeout_s: int = 7 * 24 * 3600  # above the longest job: Redis re-sends unacked tasks after it
     worker_live_s: float = 120.0  # a worker whose last heartbeat is older is not counted as live
+    # Experiment tracking by the workers (`worker.tracking`); each is off when unset. Credentials of MLflow's own
+    # (MLFLOW_TRACKING_TOKEN, ...) stay in the worker's environment: the training process never sees them.
+    mlflow_tracking_uri: SecretStr | None = None  # an MLflow tracking server: a run per job, the registry mirror
+    mlflow_experiment: str = "prefq/{tenant}"  # the experiment of a tenant's runs
+    wandb_mode: Literal["off", "offline"] = "off"  # offline: a W&B offline run per attempt, kept with the job
 
     @field_validator("shared_models", "model_roots", "allowed_hub_models", "base_models", mode="before")
     @classmethod
@@ -197,6 +203,7 @@ def celery_config(settings: Settings) -> dict:
         "task_routes": {
             DELIVER_CALLBACK: {"queue": SERVICE_QUEUE},
             RECONCILE: {"queue": SERVICE_QUEUE},
+            MIRROR_MODEL_VERSION: {"queue": SERVICE_QUEUE},
         },
         "task_default_queue": SERVICE_QUEUE,
         "task_create_missing_queues": True,
@@ -235,3 +242,12 @@ def send_callback(app: Celery, callback_id: str) -> None:
     """Ask the service worker to deliver a callback of the outbox now; if this message is lost, the reconciler
     sends it again."""
     app.send_task(DELIVER_CALLBACK, args=[callback_id])
+
+
+def send_model_mirror(app: Celery, tenant: str, name: str, version: int, source_uri: str, aliases: list[str],
+                      metrics: dict[str, float], job_id: str | None) -> None:  # fmt: skip
+    """Ask the service worker to mirror a registered model version (and its aliases) into MLflow's registry
+    (`worker.tracking.mirror_model_version`); send it after the promotion commits. Without MLflow it does nothing."""
+    app.send_task(MIRROR_MODEL_VERSION, kwargs={"tenant": tenant, "name": name, "version": version,
+                                                "source_uri": source_uri, "aliases": aliases, "metrics": metrics,
+                                                "job_id": job_id})  # fmt: skip

@@ -260,6 +260,26 @@ def test_mirror_model_version(tracked, trained, mlflow_server):
     assert len(client.search_model_versions(f"name = 'default.{name}'")) == 2
 
 
+def test_cancelled_then_retried_job_continues_its_run(tracked, mlflow_server, micro_model, toy_dpo):
+    """Cancel marks the run KILLED; the retried attempt finds the same run by its tag and finishes it."""
+    job_id = submit(tracked, micro_model, toy_dpo, "--set", "max_steps=40", "--set", "eval_fraction=0.05")
+    tracked.wait_for_event(job_id, "progress", timeout_s=120)
+    assert tracked.http.post(f"/jobs/{job_id}/cancel").status_code == 200
+    assert tracked.wait_for(job_id, {"cancelled", "succeeded", "failed"}, timeout_s=120)["status"] == "cancelled"
+    client = mlflow_client(mlflow_server)
+    killed = the_run(client, job_id)
+    assert killed.info.status == "KILLED"
+    steps_before = len(client.get_metric_history(killed.info.run_id, "loss"))
+    assert tracked.http.post(f"/jobs/{job_id}/retry").status_code == 202
+    job = tracked.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout_s=180)
+    assert job["status"] == "succeeded", job
+    run = the_run(client, job_id)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["prefq.attempt"] == "2" and run.data.params["result_uri"] == job["result_uri"]
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert len(history) > steps_before and max(m.step for m in history) == 40
+
+
 def test_job_succeeds_while_mlflow_is_down(tracked, mlflow_server, micro_model, toy_dpo):
     """With the tracking server gone, a job trains and succeeds; the worker's log says tracking is off."""
     from api.dev import stop

@@ -94,7 +94,6 @@ class Settings(BaseSettings):
     hf_endpoint: str = Field("https://huggingface.co", validation_alias="HF_ENDPOINT")
     hf_hub_offline: bool = Field(False, validation_alias="HF_HUB_OFFLINE")
     hf_token: SecretStr | None = Field(None, validation_alias="HF_TOKEN")
-    mlflow_tracking_uri: str | None = None  # MLflow: runs of every job, and a mirror of the model registry
     callback_secret: SecretStr | None = None  # HMAC-SHA256 key for callback signatures; callbacks need it
     callback_allow_private: bool = False  # allow callbacks to loopback and private addresses (tests, a lab)
     callback_max_retries: int = 8
@@ -131,6 +130,11 @@ class Settings(BaseSettings):
     tenant_max_active_jobs: int = 100  # unfinished jobs per tenant; beyond: 429 with Retry-After
     visibility_timeout_s: int = 7 * 24 * 3600  # above the longest job: Redis re-sends unacked tasks after it
     worker_live_s: float = 120.0  # a worker whose last heartbeat is older is not counted as live
+    # Experiment tracking by the workers (`worker.tracking`); each is off when unset. Credentials of MLflow's own
+    # (MLFLOW_TRACKING_TOKEN, ...) stay in the worker's environment: the training process never sees them.
+    mlflow_tracking_uri: SecretStr | None = None  # an MLflow tracking server: a run per job, the registry mirror
+    mlflow_experiment: str = "prefq/{tenant}"  # the experiment of a tenant's runs
+    wandb_mode: Literal["off", "offline"] = "off"  # offline: a W&B offline run per attempt, kept with the job
 
     @field_validator("shared_models", "model_roots", "allowed_hub_models", "base_models", mode="before")
     @classmethod
@@ -240,13 +244,16 @@ def enqueue_job(app: Celery, job_id: str, attempt: int, gpus: int, producer=None
                   task_id=f"{job_id}.{attempt}")  # fmt: skip
 
 
-def mirror_model_version(app: Celery, tenant: str, name: str, version: int) -> None:
-    """Ask the service worker to mirror a registry version (and its aliases) into MLflow's model registry."""
-    app.send_task(MIRROR_MODEL_VERSION, kwargs={"tenant": tenant, "name": name, "version": version},
-                  queue=SERVICE_QUEUE)  # fmt: skip
-
-
 def send_callback(app: Celery, callback_id: str) -> None:
     """Ask the service worker to deliver a callback of the outbox now; if this message is lost, the reconciler
     sends it again."""
     app.send_task(DELIVER_CALLBACK, args=[callback_id])
+
+
+def send_model_mirror(app: Celery, tenant: str, name: str, version: int, source_uri: str, aliases: list[str],
+                      metrics: dict[str, float], job_id: str | None) -> None:  # fmt: skip
+    """Ask the service worker to mirror a registered model version (and its aliases) into MLflow's registry
+    (`worker.tracking.mirror_model_version`); send it after the promotion commits. Without MLflow it does nothing."""
+    app.send_task(MIRROR_MODEL_VERSION, kwargs={"tenant": tenant, "name": name, "version": version,
+                                                "source_uri": source_uri, "aliases": aliases, "metrics": metrics,
+                                                "job_id": job_id})  # fmt: skip

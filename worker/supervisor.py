@@ -33,6 +33,7 @@ from queue_config import Settings
 from storage import Storage, StorageError, get_dir, open_uri, put_dir
 from training.spec import EXIT_OK, EXIT_STOPPED, MANIFEST_NAME, SpecError, parse_spec
 from worker.lease import Lease, LeaseLost
+from worker.tracking import Tracker
 from worker.workdir import AttemptDir, ModelCache, sweep
 
 log = logging.getLogger("prefq.worker")
@@ -282,6 +283,7 @@ class JobRun:
             spec = parse_spec(data)
         spec_path = self.work / "spec.json"
         spec_path.write_text(spec.model_dump_json(indent=1))
+        self.tracker.start(spec.model_dump(mode="json"))
         step = self._resume_checkpoint(out)
         self.samples = self._earlier_samples()
         if step is not None:
@@ -337,6 +339,7 @@ class JobRun:
         elif kind == "error":
             outcome.error = event
         self.lease.post((kind, data), **fields)
+        self.tracker.on_event(kind, data)
 
     def _keep_samples(self, samples: dict, uploader: Uploader) -> None:
         """Every `samples` event of the job so far, earlier attempts' included, as one artifact (`samples.json`)."""
@@ -431,6 +434,7 @@ class JobRun:
             return None
 
     def _finish(self, status: JobStatus, **fields) -> Finished | None:
+        self.tracker.finish(status, fields.get("result_uri"))  # before the job shows its end: tracking shows it too
         self.lease.flush(self.settings.lease_ttl_s)
         self.lease.close()
         done = self._store_call(self.store.finish, self.job_id, self.attempt, self.owner, status, **fields)
@@ -439,6 +443,7 @@ class JobRun:
 
     def hand_back(self, reason: str) -> int | None:
         """Queue the job again as the next attempt (it resumes from the newest checkpoint), if still ours."""
+        self.tracker.finish(None)
         self.lease.flush(self.settings.lease_ttl_s)
         self.lease.close()
         if not self._store_call(self.store.requeue, self.job_id, self.attempt, self.owner):
@@ -485,6 +490,7 @@ class JobRun:
         sweep(self.settings.work_dir)
         attempt_dir = AttemptDir(self.settings.work_dir, self.job_id, self.attempt)
         self.work, self.held_fds = attempt_dir.path, [attempt_dir.fd]
+        self.tracker = Tracker(self.settings, self.job, self.work, self.storage)
         self.lease.post(("claimed", {"worker": self.owner.split("/")[0], "attempt": self.attempt}))
         try:
             spec_path, resume = self.prepare()
@@ -503,6 +509,7 @@ class JobRun:
             log.warning("%s; it writes nothing more", exc)
             return Result()
         finally:
+            self.tracker.finish(None, keep=False)  # the lease was lost: nothing more to the job's storage
             self.lease.close()
             for fd in self.held_fds[1:]:
                 os.close(fd)

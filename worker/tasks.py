@@ -1,4 +1,5 @@
-"""Celery tasks: thin, by id. The logic lives in `worker.supervisor`, `worker.reconciler` and `jobs/`."""
+"""Celery tasks: thin, by id. The logic lives in `worker.supervisor`, `worker.reconciler`, `worker.tracking` and
+`jobs/`."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from celery.utils.time import get_exponential_backoff_interval
 
 from jobs.outbox import Outbox
 from jobs.perimeter import Refused, check_callback_url
-from queue_config import DELIVER_CALLBACK, RECONCILE, RUN_JOB, enqueue_job, send_callback
+from queue_config import DELIVER_CALLBACK, MIRROR_MODEL_VERSION, RECONCILE, RUN_JOB, enqueue_job, send_callback
 from worker import pool
 from worker.app import app, settings, storage, store
 from worker.callbacks import CallbackError, post_signed
 from worker.reconciler import reconcile_pass
 from worker.supervisor import JobRun
+from worker.tracking import mirror_model_version as mirror
 
 log = logging.getLogger("prefq.worker")
 CALLBACK_BACKOFF_MAX_S = 600
@@ -94,3 +96,16 @@ def reconcile(self) -> None:
     counts = reconcile_pass(settings, store(), app, holder=f"{socket.gethostname()}/{os.getpid()}/{self.request.id}")
     if counts and any(v for k, v in counts.items() if k != "duration_s"):
         log.info("Reconciler: %s", counts)
+
+
+@app.task(name=MIRROR_MODEL_VERSION, autoretry_for=(Exception,), retry_backoff=5, retry_backoff_max=600,
+          retry_jitter=True, max_retries=12)  # fmt: skip
+def mirror_model_version(tenant: str, name: str, version: int, source_uri: str, aliases: list[str],
+                         metrics: dict[str, float], job_id: str | None = None) -> None:  # fmt: skip
+    """Mirror a version of a tenant's registered model, and its aliases, into MLflow's registry (see
+    `worker.tracking.mirror_model_version`); retried with jittered backoff while MLflow is away. Without
+    `PREFQ_MLFLOW_TRACKING_URI` it does nothing."""
+    if settings.mlflow_tracking_uri is None:
+        log.info("Model %s version %s: no MLflow tracking URI, not mirrored", name, version)
+        return
+    mirror(settings, tenant, name, version, source_uri, aliases, metrics, job_id)

@@ -81,6 +81,22 @@ class PrefqExtension(BaseModel):
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class WandbOptions(BaseModel):
+    """The W&B run of the job (OpenAI's `integrations[].wandb`): the worker's offline run takes these."""
+
+    model_config = ConfigDict(extra="forbid")
+    project: Text = Field(min_length=1, max_length=128)
+    name: Text | None = Field(None, max_length=128)
+    entity: Text | None = Field(None, max_length=128)
+    tags: list[Annotated[Text, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=50)
+
+
+class Integration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["wandb"]
+    wandb: WandbOptions
+
+
 class FineTuningJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Text = Field(min_length=1, max_length=2048, description="A hub id, a fine-tuned model name, a job id, ...")
@@ -93,7 +109,8 @@ class FineTuningJobCreate(BaseModel):
     metadata: dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]] | None = Field(
         None, max_length=16
     )
-    integrations: list[dict[str, Any]] | None = None
+    integrations: list[Integration] | None = Field(None, max_length=5, description="W&B runs, where the server "
+                                                   "reports to W&B (`PREFQ_WANDB_MODE`).")  # fmt: skip
     prefq: PrefqExtension | None = Field(None, description="prefq's own fields (the SDK's `extra_body`).")
 
 
@@ -150,14 +167,15 @@ async def create_job(req: FineTuningJobCreate, who: Caller,
                      idempotency_key: str | None = Header(None, max_length=200, pattern=r"^[\x21-\x7e]+$"),
                      svc: Services = Depends(services)) -> dict:  # fmt: skip
     """Create a fine-tuning job. A repeated `Idempotency-Key` (the SDK's `extra_headers`) returns the same job."""
-    if req.integrations:
+    if req.integrations and svc.settings.wandb_mode == "off":
         raise APIError(400, "integrations_not_configured", "integrations: this server does not report to Weights & "
                        "Biases; send no integrations", field="integrations")  # fmt: skip
+    integrations = [i.model_dump(exclude_none=True) for i in req.integrations or []]
     native, where = _native(req)
     ext_keys = set((req.prefq.hyperparameters if req.prefq else {}).keys())
     try:
         job, _, _ = await queue_job(svc, who, native, idempotency_key, suffix=req.suffix or None,
-                                    integrations=req.integrations or [])  # fmt: skip
+                                    integrations=integrations)  # fmt: skip
     except APIError as exc:
         name = exc.field.split(".", 1)[1] if exc.field and exc.field.startswith("hyperparameters.") else None
         field = _openai_field(exc.field, where, extension=name in ext_keys)

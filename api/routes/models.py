@@ -4,6 +4,7 @@ tenant's name answers 404, as one that does not exist."""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Response
@@ -16,8 +17,9 @@ from api.errors import APIError, not_found, responses
 from jobs import modelref
 from jobs.models import JobStatus, ModelVersion, RegisteredModel
 from jobs.registry import ALIAS, NAME, RegistryError
-from queue_config import mirror_model_version
+from queue_config import send_model_mirror
 
+log = logging.getLogger("prefq.api")
 router = APIRouter(tags=["models"])
 ModelName = Annotated[str, Path(pattern=f"^{NAME.pattern}$", description="A registered model's name")]
 AliasName = Annotated[str, Path(pattern=f"^{ALIAS.pattern}$", description="An alias, e.g. `production`")]
@@ -114,12 +116,21 @@ async def promote(name: ModelName, req: PromoteRequest, who: Caller,
                   svc: Services = Depends(services)) -> ModelVersionPublic:  # fmt: skip
     """Register a succeeded job's model as the next version of `name` (created on first use)."""
     version, aliases = await run_in_threadpool(_promote, svc, who, name, req)
-    if svc.settings.mlflow_tracking_uri:  # mirrored into MLflow's registry by the service worker
-        try:
-            mirror_model_version(svc.celery, version.tenant, version.name, version.version)
-        except Exception:  # noqa: BLE001 - the registry row is what counts; the mirror is best effort
-            pass
+    _mirror(svc, version, aliases)
     return ModelVersionPublic.of(version, aliases)
+
+
+def _mirror(svc: Services, version: ModelVersion, aliases: dict[str, int]) -> None:
+    """With MLflow configured, the service worker mirrors the version and its aliases into MLflow's registry (as
+    `<tenant>.<name>`, see `worker.tracking.mirror_model_version`); retried there while MLflow is away."""
+    if not svc.settings.mlflow_tracking_uri:
+        return
+    metrics = {k: v for k, v in ((version.metrics or {}).get("eval") or {}).items() if isinstance(v, int | float)}
+    try:
+        send_model_mirror(svc.celery, version.tenant, version.name, version.version, version.source_uri,
+                          sorted(a for a, n in aliases.items() if n == version.version), metrics, version.job_id)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the registry row is what counts; the broker may be away
+        log.warning("Model %s version %s: not mirrored to MLflow (%s)", version.name, version.version, exc)
 
 
 def _promote(svc: Services, who: Principal, name: str, req: PromoteRequest) -> tuple[ModelVersion, dict]:
@@ -159,11 +170,7 @@ def set_alias(name: ModelName, alias: AliasName, req: AliasRequest, who: Caller,
     except RegistryError as exc:
         raise APIError(404 if exc.field == "version" else 422, "not_found" if exc.field == "version" else
                        "invalid_request", str(exc), field=exc.field) from None  # fmt: skip
-    if svc.settings.mlflow_tracking_uri:
-        try:
-            mirror_model_version(svc.celery, who.tenant, name, req.version)
-        except Exception:  # noqa: BLE001 - best effort, as for promote
-            pass
+    _mirror(svc, svc.registry.resolve(who.tenant, name, req.version), svc.registry.aliases(who.tenant, name))
     return _public(svc, svc.registry.get(who.tenant, model.name), True)
 
 

@@ -260,6 +260,29 @@ def test_mirror_model_version(tracked, trained, mlflow_server):
     assert len(client.search_model_versions(f"name = 'default.{name}'")) == 2
 
 
+def test_a_promote_through_the_api_is_mirrored_into_mlflows_registry(tracked, trained, mlflow_server):
+    """`POST /models/{name}/versions` and `PUT .../aliases/...` on a stack with MLflow: the service worker mirrors the
+    version and its aliases as `<tenant>.<name>`."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(mlflow_server)
+    name = f"api-{secrets.token_hex(3)}"
+
+    def version_with(alias):
+        try:
+            return client.get_model_version_by_alias(f"default.{name}", alias)
+        except MlflowException:
+            return None
+
+    answer = tracked.http.post(f"/models/{name}/versions", json={"job_id": trained["id"], "aliases": ["staging"]})
+    assert answer.status_code == 201, answer.text
+    mirrored = wait_until(lambda: version_with("staging"), 60, "the promote was not mirrored")
+    assert mirrored.source == trained["result_uri"] and mirrored.tags["prefq.version"] == "1"
+    assert mirrored.run_id == the_run(client, trained["id"]).info.run_id
+    assert tracked.http.put(f"/models/{name}/aliases/production", json={"version": 1}).status_code == 200
+    wait_until(lambda: version_with("production"), 60, "the alias was not mirrored")
+
+
 def test_cancelled_then_retried_job_continues_its_run(tracked, mlflow_server, micro_model, toy_dpo):
     """Cancel marks the run KILLED; the retried attempt finds the same run by its tag and finishes it."""
     job_id = submit(tracked, micro_model, toy_dpo, "--set", "max_steps=40", "--set", "eval_fraction=0.05")
@@ -290,3 +313,4 @@ def test_job_succeeds_while_mlflow_is_down(tracked, mlflow_server, micro_model, 
     assert job["status"] == "succeeded", job
     log = (Path(tracked.log_dir) / "worker.log").read_text()
     assert f"Job {job_id}: MLflow tracking is off for this attempt" in log, log[-3000:]
+

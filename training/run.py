@@ -134,7 +134,7 @@ class _NothingLeft(Exception):
     """Raised before a step when the run has already trained all of its steps."""
 
 
-def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, prompts: list):
+def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, prompts: list | None = None):
     from transformers import TrainerCallback
 
     class EventsCallback(TrainerCallback):
@@ -151,7 +151,7 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, p
             if self.sampler is None:
                 from training.samples import Sampler
 
-                self.sampler = Sampler(spec, prompts, self.trainer.processing_class)
+                self.sampler = Sampler(spec, prompts or [], self.trainer.processing_class)
             self.sampler.run(self.trainer, state.global_step)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -223,7 +223,9 @@ class Chaos:
 
         with ThreadPoolExecutor(n) as pool:
             answers = [pool.submit(post, i) for i in range(n)]
-            time.sleep(0.15)
+            deadline = time.monotonic() + 30  # kill while POSTs are in flight, once the first has been accepted:
+            while time.monotonic() < deadline and not any(a.done() and a.result() == 202 for a in answers):
+                time.sleep(0.005)  # a fixed delay killed a slow API before it had committed any job
             self.stack.procs["api"].kill()
             self.stack.procs["api"].wait()
             codes = [a.result() for a in answers]

@@ -14,12 +14,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+
+from training.parent import die_with_parent
 
 log = logging.getLogger("training")
 
@@ -182,7 +183,7 @@ def die_with_launcher() -> None:
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != parent:  # the launcher died before prctl
         os._exit(137)
 

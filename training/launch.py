@@ -26,9 +26,11 @@ import signal
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 from training.events import emit, event_stream
+from training.parent import die_with_parent
 from training.spec import EXIT_USER_ERROR, TrainingSpec
 
 # DeepSpeed AutoTP partition that keeps lm_head and the embedding whole. TRL's fused LM head reads
@@ -119,13 +121,6 @@ def check_divisible(spec: TrainingSpec) -> str | None:
     return None
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def command(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool) -> tuple[list[str], dict]:
     """Write the configs into OUT/launch and return the launch command and its environment."""
     launch_dir = (out_dir / "launch").resolve()
@@ -160,7 +155,7 @@ def launch(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool) -> i
     code_file = out_dir / "launch" / "exit-code"
     code_file.unlink(missing_ok=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_die_with_parent)  # fmt: skip
+                            preexec_fn=partial(die_with_parent, signal.SIGKILL))  # fmt: skip
     received: list[int] = []
 
     def forward(signum, frame):

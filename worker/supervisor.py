@@ -31,6 +31,7 @@ from jobs.registry import Registry
 from jobs.store import Finished, JobStore
 from queue_config import Settings
 from storage import Storage, StorageError, get_dir, open_uri, put_dir
+from training.parent import die_with_parent
 from training.spec import EXIT_OK, EXIT_STOPPED, MANIFEST_NAME, SpecError, parse_spec
 from worker.lease import Lease, LeaseLost
 from worker.tracking import Tracker
@@ -134,14 +135,6 @@ def hub_snapshot(ref: modelref.ModelRef, name: str) -> str:
                         user_error=False) from None  # fmt: skip
     except (HfHubHTTPError, OSError) as exc:
         raise JobFailed("hub_unavailable", f"model: {name} could not be downloaded: {exc}", user_error=False) from None
-
-
-def die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the process that started it dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def stop_run(pid_file: Path) -> None:

@@ -14,7 +14,9 @@ Every event has `event` (its type) and `time` (Unix seconds). The types and thei
 | `done` | `final_path`, `metrics` (`train` and `eval`, as in metrics.json) |
 | `error` | `code`, `message`, `user_error` (true for bad data, a bad spec, a model that cannot load or does not fit) |
 
-In a run of several processes only the first (rank 0) prints events.
+In a run of several processes only the first (rank 0) prints events. The typed dicts below are the same
+protocol in code; `read_event` reads a line back and `metrics_of` / `metrics_by_step` are the one reading of
+metrics out of events (the worker, tracking, the API and the dashboard use them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,75 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable
+from typing import Literal, NotRequired, TypedDict
+
+EventType = Literal["started", "progress", "ref_logprobs", "eval", "samples", "checkpoint", "stopped", "done", "error"]
+
+
+class Started(TypedDict):
+    total_steps: int
+    examples: int
+    eval_examples: int
+    epochs: float | None
+    resumed_from_step: int
+    trainer: str
+    parallelism: str
+
+
+class Progress(TypedDict):
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float | None
+    learning_rate: float | None
+    metrics: dict[str, float | None]
+
+
+class RefLogprobs(TypedDict):
+    split: str
+    key: str
+    cached: bool
+    forward_passes: int
+    rows: int
+    path: str
+    seconds: float
+
+
+class Eval(TypedDict):
+    step: int
+    metrics: dict[str, float | None]
+
+
+class Samples(TypedDict):
+    step: int
+    model: str
+    samples: list[dict]
+    prompts: int
+    seconds: float
+
+
+class Checkpoint(TypedDict):
+    step: int
+    path: str
+
+
+class Stopped(TypedDict):
+    step: int
+    checkpoint: str | None
+
+
+class Done(TypedDict):
+    final_path: str
+    metrics: dict  # step, train, eval (as in metrics.json)
+
+
+class Error(TypedDict):
+    code: str
+    message: str
+    user_error: bool
+    errors: NotRequired[list[dict]]  # invalid_data: the data report's line-level errors
+
 
 _IS_MAIN = os.environ.get("RANK", "0") == "0"
 _stream = sys.stdout
@@ -50,10 +121,44 @@ def event_stream():
     return _stream
 
 
-def emit(event: str, **fields) -> None:
+def emit(event: EventType, **fields) -> None:
     """Print one event line (rank 0 only)."""
     if not _IS_MAIN:
         return
     line = json.dumps({"event": event, "time": round(time.time(), 3), **_clean(fields)})
     _stream.write(line + "\n")
     _stream.flush()
+
+
+def read_event(line: str) -> tuple[str, dict]:
+    """(type, fields) of one event line (`time` is among the fields); ValueError for a line that is no event."""
+    event = json.loads(line)
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        raise ValueError("not an event: a JSON object with an `event` string")
+    return event["event"], {k: v for k, v in event.items() if k != "event"}
+
+
+def metrics_of(kind: str, data: dict) -> tuple[int, dict[str, float]] | None:
+    """(step, metrics) of a `progress` event (`loss`, `learning_rate`, `epoch` and TRL's metrics) or an `eval` event
+    (TRL's `eval_` metrics); None for other events. Values that are not numbers (null: a NaN) are left out."""
+    if kind == "progress":
+        values = {"loss": data.get("loss"), "learning_rate": data.get("learning_rate"), "epoch": data.get("epoch"),
+                  **(data.get("metrics") or {})}  # fmt: skip
+    elif kind == "eval":
+        values = data.get("metrics") or {}
+    else:
+        return None
+    if data.get("step") is None:
+        return None
+    return int(data["step"]), {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+
+
+def metrics_by_step(events: Iterable[tuple[str, dict]]) -> dict[int, dict[str, float]]:
+    """{step: metrics} from `(type, fields)` pairs of events (a run's lines, or the job table's rows): each step's
+    `progress` and `eval` metrics (`metrics_of`) merged."""
+    rows: dict[int, dict[str, float]] = {}
+    for kind, data in events:
+        if found := metrics_of(kind, data):
+            step, values = found
+            rows.setdefault(step, {}).update(values)
+    return rows

@@ -30,6 +30,7 @@ from jobs import layout
 from jobs.models import Job, JobStatus
 from queue_config import Settings
 from storage import Storage, put_dir
+from training.events import metrics_of
 
 log = logging.getLogger("prefq.worker")
 QUEUE_SIZE = 1000  # events waiting for one sink; beyond, they are dropped
@@ -54,19 +55,6 @@ def job_params(job: Job, spec: dict) -> dict[str, str]:
 
     walk("", {k: v for k, v in spec.items() if k not in LOCAL_FIELDS})
     return flat
-
-
-def step_metrics(kind: str, data: dict) -> tuple[int, dict[str, float]] | None:
-    """(step, metrics) of a `progress` or `eval` event; None for other events. Metrics that are null (a NaN) are left
-    out."""
-    if kind == "progress":
-        values = {"loss": data.get("loss"), "learning_rate": data.get("learning_rate"), "epoch": data.get("epoch"),
-                  **data.get("metrics", {})}  # fmt: skip
-    elif kind == "eval":
-        values = data.get("metrics", {})
-    else:
-        return None
-    return int(data["step"]), {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
 
 
 def experiment_name(settings: Settings, tenant: str) -> str:
@@ -119,7 +107,7 @@ class MlflowSink:
 
         if kind == "samples":
             self.client.log_dict(self.run_id, data, f"samples/step-{data['step']}-{data['model']}.json")
-        elif found := step_metrics(kind, data):
+        elif found := metrics_of(kind, data):
             step, values = found
             at_ms = int(data.get("time", time.time()) * 1000)
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, at_ms, step) for k, v in values.items()])
@@ -165,7 +153,7 @@ class WandbSink:
             rows = [[data["step"], data["model"], *(s.get(c) for c in SAMPLE_COLUMNS[2:])] for s in data["samples"]]
             self.run.log({f"samples/{data['model']}": wandb.Table(columns=SAMPLE_COLUMNS, data=rows)},
                          step=data["step"])  # fmt: skip
-        elif found := step_metrics(kind, data):
+        elif found := metrics_of(kind, data):
             step, values = found
             self.run.log(values, step=step)
 

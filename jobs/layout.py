@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Protocol
 
 from jobs.perimeter import tenant_prefix
 
@@ -38,6 +40,29 @@ def complete_checkpoints(tenant: str, job_id: str, keys: list[str], manifest: st
     pattern = re.compile(re.escape(base) + r"step-(\d+)/" + re.escape(manifest) + "$")
     found = (pattern.match(k) for k in keys)
     return {int(m.group(1)): f"{base}step-{int(m.group(1)):08d}/" for m in found if m}
+
+
+class Listing(Protocol):
+    """What `list_checkpoints` needs of a storage (`storage.Storage` is one)."""
+
+    def list(self, prefix: str = "") -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    step: int
+    prefix: str  # its folder's key, ending in `/`
+    keys: list[str]  # every key in it, the manifest included
+
+
+def list_checkpoints(
+    storage: Listing, tenant: str, job_id: str, manifest: str, step: int | None = None
+) -> dict[int, StoredCheckpoint]:
+    """The job's complete checkpoints in storage (those whose manifest, uploaded last, is there), by step, oldest
+    first; with `step`, that step's alone (one listing of its folder). `manifest`: `training.spec.MANIFEST_NAME`."""
+    keys = storage.list(checkpoints_prefix(tenant, job_id) if step is None else checkpoint_prefix(tenant, job_id, step))
+    found = sorted(complete_checkpoints(tenant, job_id, keys, manifest).items())
+    return {n: StoredCheckpoint(n, prefix, [k for k in keys if k.startswith(prefix)]) for n, prefix in found}
 
 
 def refcache_prefix(tenant: str, group: str) -> str:

@@ -11,6 +11,9 @@
 
 `PREFQ_ALLOWED_HUB_MODELS` (fnmatch patterns, e.g. `Qwen/*,meta-llama/Llama-3.2-*`) restricts hub ids; the
 default `*` allows every one.
+
+`resolve` is the one reading of what a name gives a tenant (the API when it checks a job or serves a model, the
+worker when it fetches one); `jobs.perimeter` confines a name before it is resolved.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from jobs.models import Job, ModelVersion, RegisteredModel
 
 # The hub's own rule for repo ids: name parts of letters, digits, '-', '_', '.', no '--' or '..', at most 96 chars
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -39,6 +46,15 @@ class ModelRef:
 
 class BadModelRef(ValueError):
     """A `model` that names nothing prefq can read: the message says why."""
+
+
+class ModelNotFound(LookupError):
+    """A name that gives the tenant no model: another tenant's, a job that has not succeeded, a checkpoint or a
+    registered version that does not exist. `field` names the request's field, `message` says why."""
+
+    def __init__(self, message: str, field: str = "model"):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 def parse(ref: str) -> ModelRef:
@@ -99,3 +115,99 @@ def base_name(ref: str) -> str:
 def fine_tuned_name(base: str, tenant: str, suffix: str | None, job_id: str, step: int | None = None) -> str:
     name = f"ft:{base_name(base).replace(':', '-')}:{tenant}:{suffix or ''}:{job_id}"
     return name if step is None else f"{name}:ckpt-step-{step}"
+
+
+class JobLookup(Protocol):
+    """What `resolve` reads of the job table (`jobs.store.JobStore` is one)."""
+
+    def get_job(self, job_id: str) -> Job | None: ...
+
+
+class VersionLookup(Protocol):
+    """What `resolve` reads of the registry (`jobs.registry.Registry` is one)."""
+
+    def get(self, tenant: str, name: str) -> RegisteredModel | None: ...
+
+    def resolve(
+        self, tenant: str, name: str, version: int | None = None, alias: str | None = None
+    ) -> ModelVersion | None: ...
+
+
+class CheckpointStore(Protocol):
+    """What `resolve` reads of storage (`storage.Storage` is one)."""
+
+    def list(self, prefix: str = "") -> list[str]: ...
+
+    def uri(self, key: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a name gives a tenant. `name` is the name as given, or the fine-tuned model a registered one stands for."""
+
+    name: str
+    ref: ModelRef  # `name` parsed: hub, job or path (never registered)
+    uri: str | None = None  # the model folder: a storage URI or local folder (job, path); None for a hub id
+    job: Job | None = None  # the succeeded job whose model (or checkpoint) it is
+    version: ModelVersion | None = None  # the registered version it was named by
+
+    @property
+    def fine_tuned_model(self) -> str | None:
+        """The job's canonical name for it (`ft:<base>:<tenant>:<suffix>:<job id>[:ckpt-step-N]`)."""
+        if self.job is None:
+            return None
+        return fine_tuned_name(self.job.model, self.job.tenant, self.job.suffix, self.job.id, self.ref.step)
+
+
+def resolve(
+    name: str,
+    tenant: str,
+    jobs: JobLookup,
+    registry: VersionLookup,
+    storage: CheckpointStore,
+    manifest: str,
+    bare_names: bool = True,
+) -> Resolved:
+    """What `name` gives `tenant`; `ModelNotFound` when it gives it nothing. A registered model becomes the version's
+    fine-tuned model; a fine-tuned model, a checkpoint of one or a job id become the storage URI of a succeeded job's
+    model or complete checkpoint (`manifest`: `training.spec.MANIFEST_NAME`); a hub id and a path stay what they are
+    (whether the hub or the folder has the model is for the caller to find out). `bare_names`: a bare `NAME` may be a
+    registered model of the tenant's (a request); a job's row has none, the API pinned it when the job was queued.
+    Blocking (database, storage)."""
+    from jobs import layout  # jobs.layout imports jobs.perimeter, which imports this module
+
+    try:
+        ref = parse(name)
+    except BadModelRef as exc:
+        raise ModelNotFound(str(exc)) from None
+    version = None
+    wanted = ref if ref.kind == "registered" else as_registered(ref) if bare_names else None
+    if wanted is not None:
+        version = registry.resolve(tenant, wanted.value, wanted.step, wanted.revision)
+        if version is not None:
+            name, ref = version.fine_tuned_model, parse(version.fine_tuned_model)
+        elif ref.kind == "registered" or registry.get(tenant, wanted.value) is not None:
+            raise ModelNotFound(_no_version(registry, tenant, wanted))
+        # else a bare name the tenant has not registered: a hub id
+    if ref.kind in ("hub", "path"):
+        return Resolved(name, ref, uri=ref.value if ref.kind == "path" else None, version=version)
+    job = jobs.get_job(ref.value)
+    if job is None or job.tenant != tenant:
+        raise ModelNotFound(f"no fine-tuned model {name!r}")
+    if job.status != "succeeded" or not job.result_uri:
+        raise ModelNotFound(f"job {job.id} is {job.status}; its model can be named once it has succeeded")
+    if ref.step is None:
+        return Resolved(name, ref, uri=job.result_uri, job=job, version=version)
+    found = layout.list_checkpoints(storage, tenant, job.id, manifest, step=ref.step)
+    if ref.step not in found:
+        raise ModelNotFound(f"job {job.id} has no checkpoint at step {ref.step}")
+    return Resolved(name, ref, uri=storage.uri(found[ref.step].prefix), job=job, version=version)
+
+
+def _no_version(registry: VersionLookup, tenant: str, wanted: ModelRef) -> str:
+    if registry.get(tenant, wanted.value) is None:
+        return f"{wanted.value} is not a registered model of this tenant's"
+    if wanted.step is not None:
+        return f"the registered model {wanted.value} has no version {wanted.step}"
+    missing = f"no alias {wanted.revision!r}" if wanted.revision else "no versions"
+    return f"the registered model {wanted.value} has {missing}"

@@ -18,7 +18,8 @@ from api.routes.ops import RequestCounter
 from jobs.db import make_engine
 from jobs.keys import KeyStore
 from jobs.store import JobStore
-from queue_config import Settings, make_celery
+from queue_config import make_celery
+from settings import Settings
 from storage import open_storage
 
 

@@ -17,7 +17,8 @@ from jobs.keys import KeyStore
 from jobs.models import Dataset, Worker
 from jobs.registry import Registry
 from jobs.store import JobStore
-from queue_config import Settings, send_callback
+from queue_config import send_callback
+from settings import Settings
 from storage import Storage
 
 log = logging.getLogger("prefq.api")

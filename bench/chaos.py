@@ -42,7 +42,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from api.dev import free_port, start_valkey, stop, wait_for_port  # noqa: E402
+from cli.stack import free_port, start_valkey, stop, wait_for_port  # noqa: E402
 from jobs.db import upgrade  # noqa: E402
 from tests.proxy import Proxy  # noqa: E402
 from tests.services import Stack, create_pg_database, drop_pg_database, start_seaweedfs  # noqa: E402

@@ -27,8 +27,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from api.dev import admin_key, free_port, start_stack, stop  # noqa: E402
-from queue_config import Settings, make_celery  # noqa: E402
+from cli.stack import admin_key, free_port, start_stack, stop  # noqa: E402
+from queue_config import make_celery  # noqa: E402
+from settings import Settings  # noqa: E402
 from training.tiny import make_tiny_model  # noqa: E402
 from training.toy_data import write_toy_data  # noqa: E402
 

@@ -26,10 +26,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from api.dev import die_with_parent, free_port, stop, wait_for_port  # noqa: E402
+from cli.stack import free_port, stop, wait_for_port  # noqa: E402
 from jobs.db import upgrade  # noqa: E402
-from queue_config import Settings  # noqa: E402
+from settings import Settings  # noqa: E402
 from tests.services import make_key  # noqa: E402
+from training.parent import die_with_parent  # noqa: E402
 
 
 def write_pairs(path: Path, target_bytes: int) -> int:

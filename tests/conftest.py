@@ -116,7 +116,7 @@ def of_type(events: list[dict], kind: str) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def broker_url(tmp_path_factory):
-    from api.dev import free_port, start_valkey, stop
+    from cli.stack import free_port, start_valkey, stop
 
     port = free_port()
     proc = start_valkey(port, tmp_path_factory.mktemp("valkey"))
@@ -136,7 +136,7 @@ def pg_url():
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A SeaweedFS S3 endpoint with credentials; yields the settings that reach it."""
-    from api.dev import stop
+    from cli.stack import stop
     from tests.services import S3_BUCKET, S3_KEY, S3_SECRET, start_seaweedfs
 
     proc, endpoint = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
@@ -149,7 +149,7 @@ def stack(tmp_path_factory, broker_url, pg_url, s3):
     """The whole service on PostgreSQL, the broker and S3, with short heartbeats and leases."""
     import secrets
 
-    from api.dev import free_port
+    from cli.stack import free_port
     from jobs.db import upgrade
     from tests.services import Stack
 
@@ -175,7 +175,7 @@ def settings(tmp_path, tmp_path_factory, broker_url):
     import redis
 
     from jobs.db import upgrade
-    from queue_config import Settings
+    from settings import Settings
 
     url = broker_url.rsplit("/", 1)[0] + "/1"  # a keyspace of its own: no worker consumes these messages
     redis.Redis.from_url(url).flushdb()

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from api.dev import free_port
+from cli.stack import free_port
 
 
 class Proxy:

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from api.dev import die_with_parent, free_port, stop, wait_for_port
+from cli.stack import free_port, stop, wait_for_port
+from training.parent import die_with_parent
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parents[1]

@@ -199,7 +199,7 @@ def test_readyz_names_what_is_down_and_a_dead_broker_fails_the_job_cleanly(setti
     assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"
 
 
-@pytest.mark.parametrize("module", ["api.app", "worker.app", "api.cli"])
+@pytest.mark.parametrize("module", ["api.app", "worker.app", "cli.app", "serve.app"])
 def test_api_and_worker_processes_import_no_torch(module):
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], env=python_env(), cwd=ROOT, check=True)

@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from jobs.db import upgrade
 from jobs.models import Job
-from queue_config import Settings
+from settings import Settings
 
 DEEP = "[" * 10_000 + "]" * 10_000
 EXISTING = "job_00000000000000000000001"

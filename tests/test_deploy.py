@@ -7,7 +7,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from api.cli import app
+from cli.app import app
 from tests.conftest import ROOT
 
 MANIFESTS = sorted((ROOT / "deploy" / "k8s").rglob("*.yaml")) + [ROOT / "compose.yaml"]
@@ -63,8 +63,8 @@ def test_dockerfiles_copy_every_package():
     for dockerfile in (ROOT / "deploy").glob("Dockerfile.*"):
         text = dockerfile.read_text()
         assert all(f"COPY {p} {p}" in text for p in packages), dockerfile.name
-        assert "queue_config.py" in text
-    assert packages == {"api", "jobs", "storage", "training", "worker"}
+        assert "queue_config.py" in text and "settings.py" in text
+    assert packages == {"api", "cli", "jobs", "serve", "storage", "training", "worker"}
 
 
 def test_deploy_check_passes_on_the_repository():

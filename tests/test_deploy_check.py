@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT
 
 FILES = ["deploy", "compose.yaml", "README.md", "pyproject.toml", ".dockerignore", "queue_config.py",
-         "api", "jobs", "storage", "training", "worker"]  # fmt: skip
+         "settings.py", "api", "cli", "jobs", "serve", "storage", "training", "worker"]  # fmt: skip
 
 
 def edit(path: str, old: str, new: str):
@@ -68,7 +68,7 @@ CASES = {
     "unknown setting": (
         "files",
         edit("compose.yaml", "  PREFQ_DATA_DIR: /data\n", "  PREFQ_DATADIR: /data\n"),
-        "PREFQ_DATADIR is not a setting: queue_config.Settings has no field 'datadir'",
+        "PREFQ_DATADIR is not a setting: settings.Settings has no field 'datadir'",
     ),
     "setting with a bad value": (
         "references",

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.dev import free_port, stop
+from cli.stack import free_port, stop
 from storage import StorageError, open_storage
 from tests.conftest import ROOT
 

@@ -39,7 +39,7 @@ def wait(predicate, timeout_s: float, what: str, every_s: float = 0.1):
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory, s3):
-    from api.dev import free_port, start_valkey, stop
+    from cli.stack import free_port, start_valkey, stop
 
     pg_url, pg_name = create_pg_database()
     upgrade(pg_url)
@@ -67,7 +67,7 @@ def faulty(tmp_path_factory, s3):
     stack.start("api", "api", "--port", str(stack.port))
     stack.start("service", "worker", "--service", "--name", "faults-service@%h")
     stack.start("a", "worker", "--name", "faults-a@%h", env=a_env)
-    from api.dev import wait_for_port
+    from cli.stack import wait_for_port
 
     wait_for_port(stack.port, 60)
     stack.wait_for_worker("faults-a@")

@@ -104,8 +104,8 @@ def test_the_api_asks_the_hub_where_it_can_and_checks_syntax_only_where_it_canno
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from api.dev import free_port
-    from queue_config import Settings
+    from cli.stack import free_port
+    from settings import Settings
 
     server = HTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()

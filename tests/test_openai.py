@@ -36,7 +36,7 @@ def fill_hub_cache(cache: Path, model: Path) -> None:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory, broker_url, s3, micro_model):
     """A stack of its own (its broker database, PostgreSQL database and hub cache), and a key per tenant."""
-    from api.dev import free_port
+    from cli.stack import free_port
     from jobs.db import upgrade
     from tests.conftest import python_env
     from tests.services import create_pg_database, drop_pg_database

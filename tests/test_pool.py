@@ -2,14 +2,15 @@
 
 import os
 
-from queue_config import Settings, gpu_queue
+from queue_config import gpu_queue, worker_queues
+from settings import Settings
 from worker.pool import gpu_inventory, inventory
 
 
 def test_a_worker_takes_jobs_up_to_its_device_count():
-    assert Settings(gpus="0,1,2,3").worker_queues() == ["gpu1", "gpu2", "gpu3", "gpu4"]
-    assert Settings(gpus="").worker_queues() == ["cpu"]
-    assert Settings(cpu_devices=2).worker_queues() == ["cpu", "gpu1", "gpu2"]
+    assert worker_queues(Settings(gpus="0,1,2,3")) == ["gpu1", "gpu2", "gpu3", "gpu4"]
+    assert worker_queues(Settings(gpus="")) == ["cpu"]
+    assert worker_queues(Settings(cpu_devices=2)) == ["cpu", "gpu1", "gpu2"]
     assert gpu_queue(0) == "cpu" and gpu_queue(8) == "gpu8"
 
 

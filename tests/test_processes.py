@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from jobs.db import make_engine, upgrade
 from jobs.models import Job, JobStatus, new_id
 from jobs.store import JobStore
-from queue_config import Settings
+from settings import Settings
 from tests.conftest import ROOT
 from worker.metrics import DatabaseCollector
 
@@ -22,11 +22,11 @@ PREFQ = os.path.join(os.path.dirname(sys.executable), "prefq")
 
 def test_the_dev_stack_dies_with_its_parent_even_by_sigkill(tmp_path):
     """An OOM kill or a closed terminal's hard kill of `prefq dev` leaves no broker, API or worker holding ports."""
-    from api.dev import free_port
+    from cli.stack import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFQ_")}
-    dev = subprocess.Popen([sys.executable, "-m", "api.cli", "dev", "--port", str(port), "--flower-port", "0",
+    dev = subprocess.Popen([sys.executable, "-m", "cli.app", "dev", "--port", str(port), "--flower-port", "0",
                             "--data-dir", str(tmp_path / "dev"), "--cpu-devices", "0"], cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 90
@@ -48,7 +48,8 @@ def test_the_dev_stack_dies_with_its_parent_even_by_sigkill(tmp_path):
 def test_no_prefq_process_imports_from_its_working_folder(tmp_path, broker_url):
     """Workers and the API started from a folder that holds `storage/`, `jobs/`, ... folders (common names) and a
     `queue_config.py` run prefq's own packages, not those."""
-    from api.dev import die_with_parent, free_port, wait_for_port
+    from cli.stack import free_port, wait_for_port
+    from training.parent import die_with_parent
 
     for name in ("storage", "jobs", "worker", "api", "training"):
         (tmp_path / name).mkdir()

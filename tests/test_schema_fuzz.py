@@ -19,8 +19,9 @@ SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 
 @pytest.fixture(scope="module")
 def live_api(tmp_path_factory, broker_url):
-    from api.dev import die_with_parent, free_port, stop, wait_for_port
+    from cli.stack import free_port, stop, wait_for_port
     from jobs.db import upgrade
+    from training.parent import die_with_parent
 
     url, name = create_pg_database()
     upgrade(url)

@@ -25,7 +25,7 @@ TOKEN = secrets.token_hex(8)
 
 def start_serve(stack: Stack, port: int) -> None:
     stack.start("serve", "serve", "--port", str(port))
-    from api.dev import wait_for_port
+    from cli.stack import wait_for_port
 
     wait_for_port(port, 60)
 
@@ -34,7 +34,7 @@ def start_serve(stack: Stack, port: int) -> None:
 def served(tmp_path_factory, broker_url, s3, micro_model, toy_dpo):
     """A stack with `prefq serve`, a DPO job's fine-tuned model (default tenant), and SDK clients for the default
     tenant and another one."""
-    from api.dev import free_port
+    from cli.stack import free_port
     from jobs.db import upgrade
     from tests.conftest import python_env
     from tests.services import create_pg_database, drop_pg_database

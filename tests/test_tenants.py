@@ -8,11 +8,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.client import Client, ClientError
+from cli.client import Client, ClientError
 from jobs.db import make_engine, upgrade
 from jobs.models import Job, new_id
 from jobs.store import JobStore
-from queue_config import Settings, enqueue_job, make_celery
+from queue_config import enqueue_job, make_celery
+from settings import Settings
 from storage import StorageError, get_dir, open_storage
 from tests.services import make_key
 

@@ -37,7 +37,8 @@ def wait_until(check, timeout_s: float, what: str):
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on a free port with a SQLite store and served artifacts; yields (tracking URI, process)."""
-    from api.dev import die_with_parent, free_port, stop
+    from cli.stack import free_port, stop
+    from training.parent import die_with_parent
 
     root, port = tmp_path_factory.mktemp("mlflow"), free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
@@ -63,7 +64,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory, broker_url, s3, mlflow_server):
     """A stack (its own broker database and PostgreSQL database) whose workers log to MLflow and to W&B offline."""
-    from api.dev import free_port
+    from cli.stack import free_port
     from jobs.db import upgrade
     from tests.services import create_pg_database, drop_pg_database
 
@@ -127,7 +128,7 @@ def test_worker_stays_torch_free_and_keeps_tracking_secrets(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
-    from worker.supervisor import run_env
+    from training.launch import run_env
 
     secret = {"MLFLOW_TRACKING_TOKEN": "t", "MLFLOW_TRACKING_PASSWORD": "p", "WANDB_API_KEY": "k",
               "PREFQ_MLFLOW_TRACKING_URI": "https://user:pass@mlflow.example", "PATH": "/bin"}  # fmt: skip
@@ -177,7 +178,7 @@ def test_wandb_offline_run_kept_with_the_job(tracked, trained):
 
 def test_openai_integrations(tracked, micro_model, toy_file):
     """Shapes are checked; a server without W&B refuses any integration, naming the field."""
-    from api.dev import free_port, wait_for_port
+    from cli.stack import free_port, wait_for_port
 
     base = {"model": str(micro_model), "training_file": toy_file, "method": {"type": "dpo"},
             "prefq": {"trainer": "fsdp", "gpus": 8}}  # fmt: skip - no worker here takes 8-device jobs
@@ -203,7 +204,7 @@ def test_openai_integrations(tracked, micro_model, toy_file):
 def test_samples_become_artifacts(mlflow_server, tmp_path):
     """A `samples` event (training.events) becomes a JSON artifact of the run and a W&B table."""
     from jobs.models import Job, JobStatus
-    from queue_config import Settings
+    from settings import Settings
     from storage import open_storage
     from worker.tracking import Tracker
 
@@ -229,7 +230,8 @@ def test_samples_become_artifacts(mlflow_server, tmp_path):
 def test_mirror_model_version(tracked, trained, mlflow_server):
     """The task, sent by name to the service queue, registers the version in MLflow with its source, run and
     aliases; a second version takes `production` over; a repeated message changes nothing."""
-    from queue_config import Settings, make_celery, send_model_mirror
+    from queue_config import make_celery, send_model_mirror
+    from settings import Settings
 
     app = make_celery(Settings(broker_url=tracked.env["PREFQ_BROKER_URL"]), "tests")
     client = mlflow_client(mlflow_server)
@@ -305,7 +307,7 @@ def test_cancelled_then_retried_job_continues_its_run(tracked, mlflow_server, mi
 
 def test_job_succeeds_while_mlflow_is_down(tracked, mlflow_server, micro_model, toy_dpo):
     """With the tracking server gone, a job trains and succeeds; the worker's log says tracking is off."""
-    from api.dev import stop
+    from cli.stack import stop
 
     stop([mlflow_server[1]])
     job_id = submit(tracked, micro_model, toy_dpo, "--set", "max_steps=2", "--set", "eval_fraction=0.05")

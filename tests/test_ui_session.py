@@ -13,7 +13,7 @@ from api.ui import session as ui_session
 from jobs.db import upgrade
 from jobs.keys import KeyStore
 from jobs.models import Job, JobStatus, new_id
-from queue_config import Settings
+from settings import Settings
 from tests.services import ROOT, create_pg_database, drop_pg_database, make_key
 
 GOOD = b'{"prompt": "Q1", "chosen": "A", "rejected": "B"}\n{"prompt": "Q2", "chosen": "A", "rejected": "B"}\n'

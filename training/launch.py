@@ -1,4 +1,6 @@
-"""Launching the `fsdp` and `deepspeed-tp` trainers: generated configs, `accelerate launch`, and its supervision.
+"""Launching a training process: the environment it inherits (`run_env`, for the worker's runs and `prefq serve`'s
+model processes), and for the `fsdp` and `deepspeed-tp` trainers generated configs, `accelerate launch`, and its
+supervision.
 
 `python -m training run SPEC --out DIR` with a distributed trainer runs here first (no torch imported): it
 writes DIR/launch/accelerate.yaml (and deepspeed.json), starts
@@ -33,6 +35,12 @@ from training.events import emit, event_stream
 from training.parent import die_with_parent
 from training.spec import EXIT_USER_ERROR, TrainingSpec
 
+# What a training process inherits of its parent's environment: nothing secret (no storage or callback
+# credentials, API keys or database URLs), only what Python, CUDA, the libraries and the hub need.
+ENV_PREFIXES = ("CUDA_", "NVIDIA_", "NCCL_", "HF_", "TORCH", "OMP_", "MKL_", "KMP_", "LD_", "PYTHON", "TRANSFORMERS_")
+ENV_NAMES = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "HOSTNAME", "TERM")
+ENV_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # passed only to hub downloads, never to the run
+
 # DeepSpeed AutoTP partition that keeps lm_head and the embedding whole. TRL's fused LM head reads
 # lm_head.weight itself: DeepSpeed's default policy shards the head over the vocabulary, and then the
 # log-softmax runs over part of the vocabulary, giving wrong log-probs without any error.
@@ -44,6 +52,15 @@ LLAMA_LIKE_PARTITION = {
     ],
 }
 ZERO_STAGE = 1  # AutoTP is not implemented with ZeRO-3; with TP over all processes ZeRO shards nothing anyway
+
+
+def run_env(environ: dict, gpu_ids: list[str], gpus: int) -> dict:
+    """A training process's environment: its parent's, without secrets (see ENV_PREFIXES), on the first `gpus`
+    of `gpu_ids`."""
+    env = {k: v for k, v in environ.items()
+           if (k in ENV_NAMES or k.startswith(ENV_PREFIXES)) and k not in ENV_SECRETS}  # fmt: skip
+    env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(gpu_ids[:gpus]))
+    return env
 
 
 def _free_port() -> int:

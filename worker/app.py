@@ -12,7 +12,8 @@ from celery import signals
 
 from jobs.db import make_engine
 from jobs.store import JobStore
-from queue_config import Settings, make_celery
+from queue_config import make_celery
+from settings import Settings
 from storage import Storage, open_storage
 
 settings = Settings()

@@ -10,7 +10,7 @@ import socket
 import time
 from pathlib import Path
 
-from queue_config import Settings
+from settings import Settings
 
 KINDS = ("worker", "service")
 

@@ -18,7 +18,8 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from jobs.models import INF_BUCKET, JobStatus
 from jobs.service import ServiceLeases, count_by_status, duration_buckets
 from jobs.store import JobStore
-from queue_config import CPU_QUEUE, SERVICE_QUEUE, Settings, gpu_queue, queue_keys
+from queue_config import CPU_QUEUE, SERVICE_QUEUE, gpu_queue, queue_keys
+from settings import Settings
 
 log = logging.getLogger("prefq.worker")
 QUEUES = [CPU_QUEUE, SERVICE_QUEUE] + [gpu_queue(n) for n in range(1, 9)]

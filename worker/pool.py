@@ -24,7 +24,8 @@ from jobs.db import make_engine
 from jobs.models import Worker, now
 from jobs.service import ServiceLeases
 from jobs.store import JobStore
-from queue_config import SERVICE_QUEUE, Settings
+from queue_config import SERVICE_QUEUE
+from settings import Settings
 from worker import health
 from worker.reconciler import LEASE as RECONCILER_LEASE
 from worker.supervisor import stop_run

@@ -25,7 +25,8 @@ from jobs.models import JobStatus
 from jobs.outbox import Outbox
 from jobs.service import ServiceLeases
 from jobs.store import JobStore
-from queue_config import UNACKED, UNACKED_INDEX, Settings, enqueue_job, gpu_queue, send_callback, task_ids_in_broker
+from queue_config import UNACKED, UNACKED_INDEX, enqueue_job, gpu_queue, send_callback, task_ids_in_broker
+from settings import Settings
 
 log = logging.getLogger("prefq.worker")
 LEASE = "reconciler"

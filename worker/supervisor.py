@@ -29,21 +29,18 @@ from jobs.models import Job, JobStatus
 from jobs.perimeter import Refused, confine
 from jobs.registry import Registry
 from jobs.store import Finished, JobStore
-from queue_config import Settings
+from settings import Settings
 from storage import Storage, StorageError, get_dir, open_uri, put_dir
+from storage.cache import ModelCache
+from training.launch import run_env
 from training.parent import die_with_parent
 from training.spec import EXIT_OK, EXIT_STOPPED, MANIFEST_NAME, SpecError, parse_spec
 from worker.lease import Lease, LeaseLost
 from worker.tracking import Tracker
-from worker.workdir import AttemptDir, ModelCache, sweep
+from worker.workdir import AttemptDir, sweep
 
 log = logging.getLogger("prefq.worker")
 _EOF = object()
-# What the training process inherits of the worker's environment: nothing secret (no storage or callback
-# credentials, API keys or database URLs), only what Python, CUDA, the libraries and the hub need.
-ENV_PREFIXES = ("CUDA_", "NVIDIA_", "NCCL_", "HF_", "TORCH", "OMP_", "MKL_", "KMP_", "LD_", "PYTHON", "TRANSFORMERS_")
-ENV_NAMES = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "HOSTNAME", "TERM")
-ENV_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # passed only to hub downloads, never to the run
 HUB_SKIPPED = ["*.onnx", "onnx/*", "*.gguf", "*.msgpack", "*.h5", "tf_model*", "flax_model*", "rust_model*",
                "original/*", "*.ot"]  # weights of other frameworks: a hub model is fetched for transformers only
 
@@ -143,14 +140,6 @@ def stop_run(pid_file: Path) -> None:
         os.killpg(int(pid_file.read_text()), signal.SIGTERM)
     except (OSError, ValueError):
         pass
-
-
-def run_env(environ: dict, gpu_ids: list[str], gpus: int) -> dict:
-    """The training process's environment: the worker's, without its secrets (see ENV_PREFIXES)."""
-    env = {k: v for k, v in environ.items()
-           if (k in ENV_NAMES or k.startswith(ENV_PREFIXES)) and k not in ENV_SECRETS}  # fmt: skip
-    env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(gpu_ids[:gpus]))
-    return env
 
 
 class JobRun:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from jobs import layout
 from jobs.models import Job, JobStatus
-from queue_config import Settings
+from settings import Settings
 from storage import Storage, put_dir
 from training.events import metrics_of
 

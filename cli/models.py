@@ -8,24 +8,19 @@ import time
 import typer
 from rich.table import Table
 
-from api.client import ClientError
+from cli.client import ClientError
+from cli.config import client
+from cli.console import console, fail
 
 models_app = typer.Typer(help="The model registry: promote a job's model, list versions, set aliases.",
                          no_args_is_help=True)  # fmt: skip
 
 
-def _cli():
-    from api import cli  # the client and console of `prefq`; imported late, `api.cli` registers this app
-
-    return cli
-
-
 def _call(method: str, path: str, **kwargs) -> dict:
-    cli = _cli()
     try:
-        return cli.client().request(method, path, **kwargs)
+        return client().request(method, path, **kwargs)
     except ClientError as exc:
-        cli.fail(str(exc))
+        fail(str(exc))
 
 
 def _metric(metrics: dict, name: str) -> str:
@@ -41,7 +36,7 @@ def promote(job_id: str, name: str = typer.Option(..., "--name", help="The regis
     body = {"job_id": job_id, "aliases": alias, "description": description}
     v = _call("POST", f"/models/{name}/versions", json=body)
     aliases = f" ({', '.join(v['aliases'])})" if v["aliases"] else ""
-    _cli().console.print(f"{v['name']} version {v['version']}{aliases}: {v['model']} from {v['job_id']}")
+    console.print(f"{v['name']} version {v['version']}{aliases}: {v['model']} from {v['job_id']}")
 
 
 @models_app.command("list")
@@ -52,7 +47,7 @@ def list_models() -> None:
         aliases = ", ".join(f"{a}→{n}" for a, n in sorted(m["aliases"].items()))
         table.add_row(m["name"], str(m["latest_version"] or "-"), aliases,
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(m["updated_at"])))  # fmt: skip
-    _cli().console.print(table)
+    console.print(table)
 
 
 @models_app.command("show")
@@ -67,21 +62,21 @@ def show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         table.add_row(str(v["version"]), ", ".join(v["aliases"]), v["job_id"], v["method"], v["base_model"],
                       _metric(v["metrics"], "eval_loss"), _metric(v["metrics"], "eval_rewards/accuracies"),
                       v["model"])  # fmt: skip
-    _cli().console.print(table)
+    console.print(table)
 
 
 @models_app.command("alias")
 def set_alias(name: str, alias: str, version: int) -> None:
     """Point ALIAS (e.g. production) of NAME at VERSION."""
     m = _call("PUT", f"/models/{name}/aliases/{alias}", json={"version": version})
-    _cli().console.print(f"{m['name']}@{alias} → version {m['aliases'][alias]}")
+    console.print(f"{m['name']}@{alias} → version {m['aliases'][alias]}")
 
 
 @models_app.command("unalias")
 def delete_alias(name: str, alias: str) -> None:
     """Remove ALIAS from NAME."""
     _call("DELETE", f"/models/{name}/aliases/{alias}", expected=(204,))
-    _cli().console.print(f"{name}@{alias} removed")
+    console.print(f"{name}@{alias} removed")
 
 
 def samples(job_id: str, step: int = typer.Option(None, help="Only this evaluation step"),
@@ -99,4 +94,4 @@ def samples(job_id: str, step: int = typer.Option(None, help="Only this evaluati
             reward = f"{s['reward']:.3f}" if s["reward"] is not None else "-"
             table.add_row(str(at["step"]), at["model"], str(s["index"]), str(s["tokens"]), reward,
                           s["completion"].replace("\n", "⏎")[:120])  # fmt: skip
-    _cli().console.print(table)
+    console.print(table)

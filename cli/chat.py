@@ -12,7 +12,9 @@ import sys
 import httpx
 import typer
 
-from api.client import Client, ClientError
+from cli.client import Client, ClientError
+from cli.config import client
+from cli.console import fail
 
 HELP = "Type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply."
 
@@ -51,8 +53,6 @@ def chat(model: str = typer.Argument(..., help="A fine-tuned model (ft:...), a c
          temperature: float = typer.Option(None, help="0 is greedy; default 1"),
          seed: int = typer.Option(None, help="Makes sampled replies repeatable")) -> None:  # fmt: skip
     """Chat with a fine-tuned model: a REPL that streams the replies, or one --message."""
-    from api.cli import client, fail
-
     c = client()
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)

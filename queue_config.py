@@ -45,6 +45,24 @@ def task_ids_in_broker(client, queues: list[str]) -> tuple[set[str], dict[str, t
     return waiting - {None}, {k: v for k, v in held.items() if k is not None}
 
 
+def waiting_counts(client, queues: list[str]) -> dict[str, int]:
+    """Messages waiting in each of `queues` (all its priority steps), in one round trip."""
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            for key in queue_keys(queue):
+                pipe.llen(key)
+        lengths = pipe.execute()
+    n = len(PRIORITY_STEPS)
+    return {queue: sum(lengths[i * n : (i + 1) * n]) for i, queue in enumerate(queues)}
+
+
+def forget_unacked(client, tag: str) -> None:
+    """Drop a delivered, unacknowledged message (by delivery tag) from kombu's unacked hash and its index, so that
+    kombu never restores it to its queue."""
+    with client.pipeline() as pipe:
+        pipe.zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).execute()
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 

@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from jobs.models import INF_BUCKET, JobStatus
 from jobs.service import ServiceLeases, count_by_status, duration_buckets
 from jobs.store import JobStore
-from queue_config import CPU_QUEUE, SERVICE_QUEUE, gpu_queue, queue_keys
+from queue_config import CPU_QUEUE, SERVICE_QUEUE, gpu_queue, waiting_counts
 from settings import Settings
 
 log = logging.getLogger("prefq.worker")
@@ -27,14 +27,7 @@ LEASE = "exporter"
 
 
 def queue_depths(broker_url: str) -> dict[str, int]:
-    client = redis.Redis.from_url(broker_url, socket_timeout=2)
-    with client.pipeline() as pipe:
-        for queue in QUEUES:
-            for key in queue_keys(queue):
-                pipe.llen(key)
-        lengths = pipe.execute()
-    n = len(queue_keys(CPU_QUEUE))
-    return {q: sum(lengths[i * n:(i + 1) * n]) for i, q in enumerate(QUEUES)}
+    return waiting_counts(redis.Redis.from_url(broker_url, socket_timeout=2), QUEUES)
 
 
 class DatabaseCollector:

@@ -25,7 +25,7 @@ from jobs.models import JobStatus
 from jobs.outbox import Outbox
 from jobs.service import ServiceLeases
 from jobs.store import JobStore
-from queue_config import UNACKED, UNACKED_INDEX, enqueue_job, gpu_queue, send_callback, task_ids_in_broker
+from queue_config import enqueue_job, forget_unacked, gpu_queue, send_callback, task_ids_in_broker
 from settings import Settings
 
 log = logging.getLogger("prefq.worker")
@@ -81,8 +81,7 @@ def _unclaimed(settings: Settings, store: JobStore, app: Celery, counts: dict) -
             tag, delivered_at = held[task_id]
             if time.time() - delivered_at < settings.resend_after_s:
                 continue  # just delivered: its worker is claiming it
-            with client.pipeline() as pipe:  # the worker that took it died; its copy must not come back later
-                pipe.zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).execute()
+            forget_unacked(client, tag)  # the worker that took it died; its copy must not come back later
             reason = "held by a worker that did not claim it"
         if store.mark_enqueued(job.id, job.attempt) and _send(app, f"job {job.id}", enqueue_job, job.id,
                                                                job.attempt, job.gpus):  # fmt: skip

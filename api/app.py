@@ -30,6 +30,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.collect()
     gc.freeze()
     yield
+    await app.state.services.http.aclose()
+    app.state.services.broker.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import httpx
+import redis
 from celery import Celery
 from fastapi import Path, Query, Request
 from starlette.concurrency import run_in_threadpool
@@ -40,11 +42,15 @@ class Services:
     submitter: Submitter = field(init=False)  # POST /jobs writes and sends through it
     key_cache: KeyCache = field(init=False)
     registry: Registry = field(init=False)
+    http: httpx.AsyncClient = field(init=False)  # the process's one HTTP client (the hub, prefq serve)
+    broker: redis.Redis = field(init=False)  # the process's one Redis client for probes (Celery has its own pool)
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.store.engine)
         self.submitter = Submitter(self.store, self.celery)
         self.key_cache = KeyCache(KeyStore(self.store.engine))
+        self.http = httpx.AsyncClient(timeout=30.0)
+        self.broker = redis.Redis.from_url(self.settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
 
     async def live_workers(self, max_age_s: float = 2.0) -> list[Worker]:
         """Workers with a recent heartbeat, read from the database at most every `max_age_s`."""

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.service.errors import Conflict, Invalid, NotFound, ServiceError, TooMany, Unavailable, Upstream
 
 log = logging.getLogger("prefq.api")
 
@@ -110,6 +113,22 @@ def _answer(request: Request, status: int, code: str, message: str, field: str |
     return JSONResponse(content, status_code=status, headers=headers)
 
 
+STATUS = {Invalid: 422, NotFound: 404, Conflict: 409, TooMany: 429, Unavailable: 503}  # the service layer's kinds
+Translate = Callable[[ServiceError], tuple[str, str, str | None]]  # a face's table: (code, message, field)
+_faces: dict[str, Translate] = {}
+
+
+def face(prefix: str, translate: Translate) -> None:
+    """A face under `prefix` names the service layer's codes and fields its own way (`api.openai` does)."""
+    _faces[prefix] = translate
+
+
+def status_of(exc: ServiceError) -> int:
+    if isinstance(exc, Upstream):
+        return exc.status
+    return next(code for kind, code in STATUS.items() if isinstance(exc, kind))
+
+
 def _field(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
     return ".".join(parts) or "body"
@@ -119,6 +138,15 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return _answer(request, exc.status, exc.code, exc.message, exc.field, exc.details, exc.headers)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError):
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooMany) else None
+        code, message, field = exc.code, exc.message, exc.field
+        for prefix, translate in _faces.items():
+            if request.url.path.startswith(prefix):
+                code, message, field = translate(exc)
+        return _answer(request, status_of(exc), code, message, field, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

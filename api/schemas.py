@@ -7,7 +7,9 @@ from typing import Annotated, Any, Literal
 from fastapi import Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
 
-from jobs.models import JobPublic
+from jobs import modelref
+from jobs.models import JobPublic, ModelVersion
+from jobs.registry import ALIAS
 
 
 def _no_nul(text: str) -> str:
@@ -151,3 +153,62 @@ class WorkersPublic(BaseModel):
     object: str = "list"
     data: list[WorkerPublic]
 
+
+
+# -- the model registry (`jobs.registry`) ---------------------------------------------------------------------
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="A succeeded job of this tenant's: its final model")
+    aliases: list[Annotated[str, Field(pattern=f"^{ALIAS.pattern}$")]] = Field(
+        [], max_length=16, description="Aliases to point at the new version, e.g. ['staging']"
+    )
+    description: Text | None = Field(None, max_length=2000)
+
+
+class AliasRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, le=999_999_999)
+
+
+class ModelVersionPublic(BaseModel):
+    object: str = "model.version"
+    name: str
+    version: int
+    model: str  # what a job's `model` or a chat request names this version by: models:/NAME/VERSION
+    fine_tuned_model: str
+    job_id: str
+    source_uri: str
+    base_model: str
+    method: str
+    metrics: dict
+    description: str | None
+    aliases: list[str]
+    created_at: float
+
+    @classmethod
+    def of(cls, v: ModelVersion, aliases: dict[str, int]) -> ModelVersionPublic:
+        return cls(name=v.name, version=v.version, model=modelref.registered_name(v.name, v.version),
+                   fine_tuned_model=v.fine_tuned_model, job_id=v.job_id, source_uri=v.source_uri,
+                   base_model=v.base_model, method=v.method, metrics=v.metrics or {}, description=v.description,
+                   aliases=sorted(a for a, n in aliases.items() if n == v.version), created_at=v.created_at)
+
+
+class RegisteredModelPublic(BaseModel):
+    object: str = "registered_model"
+    name: str
+    tenant: str
+    description: str | None
+    created_at: float
+    updated_at: float
+    latest_version: int | None
+    aliases: dict[str, int]
+    versions: list[ModelVersionPublic] | None = None  # GET /models/{name} only
+
+
+class RegisteredModelsPublic(BaseModel):
+    object: str = "list"
+    data: list[RegisteredModelPublic]

@@ -1,8 +1,8 @@
 """/v1/chat/completions and /v1/completions: the playground, a tenant's fine-tuned models answering in OpenAI's shape.
 
-The API validates the request, resolves `model` to the model folder's storage URI (`api.openai.served`), and
-forwards it to `prefq serve` (`PREFQ_SERVE_URL`, with `PREFQ_SERVE_TOKEN`), which runs the model in a process of
-its own and answers JSON lines (`worker.serve`). Those become a `chat.completion` / `text_completion`, or with
+The API validates the request and the playground service (`api.service.playground`) resolves `model` and forwards
+it to `prefq serve` (`PREFQ_SERVE_URL`, with `PREFQ_SERVE_TOKEN`), which runs the model in a process of its own and
+answers JSON lines (`serve`). Those become a `chat.completion` / `text_completion`, or with
 `stream: true` Server-Sent Events (`data: {chunk}` ... `data: [DONE]`). An error before the first token is an HTTP
 error in OpenAI's shape; one after it (the time limit) is a last `data: {"error": ...}` event, which the SDK raises.
 """
@@ -10,24 +10,21 @@ error in OpenAI's shape; one after it (the time limit) is a last `data: {"error"
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 import httpx
 from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from api.auth import Caller
 from api.deps import Services, services
 from api.errors import APIError, openai_body, openai_responses
-from api.openai.served import resolve_served_model
+from api.service import playground
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-FETCH_AND_LOAD_S = 1800.0  # beyond the generation's time limit, what the serve may take to fetch and load a model
 
 
 def _encodable(text: str) -> str:
@@ -99,54 +96,13 @@ def _max_tokens(svc: Services, value: int | None, param: str, default: int) -> i
     return min(value or default, cap)
 
 
-def _error(error: dict) -> APIError:
-    return APIError(error.get("status", 502), error.get("code") or "serve_error", error.get("message", ""),
-                    field=error.get("param"))  # fmt: skip
-
-
-async def _forward(svc: Services, body: dict) -> tuple[dict, AsyncIterator[dict], callable]:
-    """The serve's first line, the rest, and what closes the exchange; an `APIError` when it answers an error."""
-    s = svc.settings
-    client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=s.serve_timeout_s + FETCH_AND_LOAD_S))
-    headers = {"Authorization": f"Bearer {s.serve_token.get_secret_value()}"} if s.serve_token else {}
-    try:
-        response = await client.send(client.build_request("POST", f"{s.serve_url.rstrip('/')}/generate", json=body,
-                                                          headers=headers), stream=True)  # fmt: skip
-    except httpx.TransportError as exc:
-        await client.aclose()
-        raise APIError(503, "serve_unavailable", f"the generation service (prefq serve) is not reachable: "
-                       f"{type(exc).__name__}; retry later") from None  # fmt: skip
-
-    async def close() -> None:
-        await response.aclose()
-        await client.aclose()
-
-    try:
-        if response.status_code == 401:
-            raise APIError(503, "serve_unavailable", "the generation service refused this API's PREFQ_SERVE_TOKEN")
-        if response.status_code != 200:
-            raise APIError(502, "serve_error", f"the generation service answered HTTP {response.status_code}")
-        lines = (json.loads(line) async for line in response.aiter_lines() if line)
-        first = await anext(lines, None)
-        if first is None:
-            raise APIError(502, "serve_error", "the generation service answered nothing")
-        if "error" in first:
-            raise _error(first["error"])
-    except (APIError, httpx.HTTPError, ValueError) as exc:
-        await close()
-        if isinstance(exc, APIError):
-            raise
-        raise APIError(502, "serve_error", f"the generation service's answer broke off: {type(exc).__name__}") from None
-    return first, lines, close
-
-
 def _usage(done: dict) -> dict:
     p, c = done["prompt_tokens"], done["completion_tokens"]
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 def _sse(data: dict | str) -> bytes:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+    return format_sse_event(data_str=data if isinstance(data, str) else json.dumps(data))
 
 
 async def _events(first: dict, lines: AsyncIterator[dict], close, chunk, usage_chunk: bool) -> AsyncIterator[bytes]:
@@ -174,32 +130,13 @@ async def _events(first: dict, lines: AsyncIterator[dict], close, chunk, usage_c
         await close()
 
 
-async def _collect(first: dict, lines: AsyncIterator[dict], close) -> tuple[str, dict]:
-    """The whole text and the `done` line."""
-    parts, line = [], first
-    try:
-        while line is not None and not line.get("done"):
-            if "error" in line:
-                raise _error(line["error"])
-            parts.append(line.get("delta", ""))
-            line = await anext(lines, None)
-    except (httpx.HTTPError, ValueError):
-        line = None
-    finally:
-        await close()
-    if line is None:
-        raise APIError(502, "serve_error", "the generation service's answer broke off")
-    return "".join(parts), line
-
-
 async def _generate(svc: Services, tenant: str, req: Sampling, kind: str, inputs: dict, max_tokens: int):
-    uri = await run_in_threadpool(resolve_served_model, svc.store, svc.storage, tenant, req.model)
-    rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}", int(time.time())
-    body = {"id": rid, "model_uri": uri, **inputs, "max_tokens": max_tokens, "stop": req.stop or [],
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "top_p": 1.0 if req.top_p is None else req.top_p, "seed": req.seed, "logit_bias": req.logit_bias or {}}  # fmt: skip
-    first, lines, close = await _forward(svc, body)
-    head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": None}
+    created = int(time.time())
+    gen = await playground.start(svc, tenant, req.model, kind, {
+        **inputs, "max_tokens": max_tokens, "stop": req.stop or [],
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p, "seed": req.seed, "logit_bias": req.logit_bias or {}})
+    head = {"id": gen.id, "created": created, "model": req.model, "system_fingerprint": None}
 
     def choice(text: str | None, finish: str | None) -> dict:
         if kind == "chat":
@@ -219,11 +156,11 @@ async def _generate(svc: Services, tenant: str, req: Sampling, kind: str, inputs
                 opening = chunk("", None)
                 opening["choices"][0]["delta"]["role"] = "assistant"
                 yield _sse(opening)
-            async for event in _events(first, lines, close, chunk, usage):
+            async for event in _events(gen.first, gen.lines, gen.close, chunk, usage):
                 yield event
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-    text, done = await _collect(first, lines, close)
+        return EventSourceResponse(events(), headers={"Cache-Control": "no-store"})
+    text, done = await playground.collect(gen)
     if kind == "chat":
         answer = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                   "logprobs": None, "finish_reason": done["finish_reason"]}  # fmt: skip

@@ -11,7 +11,8 @@ from api.auth import Caller, Principal
 from api.deps import Cursor, DatasetId, Services, services
 from api.errors import APIError, not_found, openai_responses
 from api.openai import shapes
-from api.routes.datasets import store_dataset
+from api.service import datasets
+from api.service.errors import Invalid
 from jobs.models import Dataset, Job, new_id
 from storage import StorageError, open_uri
 
@@ -49,10 +50,8 @@ def create_file(who: Caller, file: UploadFile = File(description="JSONL, one exa
                        "'fine-tune' files", field="purpose")  # fmt: skip
     filename = (file.filename or "data.jsonl")[:255]
     try:
-        dataset = store_dataset(svc, who, file.file, filename, None)
-    except APIError as exc:
-        if exc.code != "invalid_dataset":
-            raise
+        dataset = datasets.store(svc, who, file.file, filename, None)
+    except Invalid as exc:
         file.file.seek(0, 2)
         dataset = Dataset(id=new_id("ds"), tenant=who.tenant, filename=filename, uri="", bytes=file.file.tell(),
                           sha256="", rows=0, format="unknown", method="unknown", status="error",

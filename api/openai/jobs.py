@@ -16,16 +16,16 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import Caller, Principal
+from api.auth import Caller
 from api.deps import Cursor, JobId, Services, services
-from api.errors import APIError, not_found, openai_responses
+from api.errors import APIError, face, openai_responses, status_of
 from api.openai import shapes
-from api.routes.jobs import _enqueue, queue_job
-from api.routes.jobs import cancel_job as native_cancel
 from api.schemas import JobCreate, Text
-from jobs import layout
-from jobs.models import Job, JobStatus, now
-from training.spec import DEFAULT_LEARNING_RATE, MANIFEST_NAME
+from api.service import artifacts, events
+from api.service import jobs as service
+from api.service.errors import NotFound, ServiceError
+from jobs.models import Job
+from training.spec import DEFAULT_LEARNING_RATE
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["openai"])
 NATIVE = {"n_epochs": "epochs", "batch_size": "batch_size", "beta": "beta"}
@@ -139,7 +139,7 @@ def _native(req: FineTuningJobCreate) -> tuple[JobCreate, str]:
 
 
 def _openai_field(field: str | None, where: str, extension: bool) -> str | None:
-    """A native field name as the OpenAI request names it."""
+    """A native field name as the OpenAI request names it (this face's table)."""
     if field is None:
         return None
     if field in ("dataset", "eval_dataset"):
@@ -155,11 +155,14 @@ def _openai_field(field: str | None, where: str, extension: bool) -> str | None:
     return field
 
 
-def _job(svc: Services, who: Principal, job_id: str) -> Job:
-    job = svc.store.get_job(job_id)
-    if job is None or not who.owns(job.tenant):
-        raise not_found("fine_tuning_job", job_id)
-    return job
+def _named(exc: ServiceError) -> tuple[str, str, str | None]:
+    """The service layer's errors under `/v1`: a job is a `fine_tuning_job`."""
+    if isinstance(exc, NotFound) and exc.what == "job":
+        return "fine_tuning_job_not_found", f"no fine_tuning_job with id {exc.ident!r}", exc.field
+    return exc.code, exc.message, exc.field
+
+
+face("/v1/", _named)
 
 
 @router.post("/jobs", responses=openai_responses(401, 429, 503))
@@ -174,16 +177,16 @@ async def create_job(req: FineTuningJobCreate, who: Caller,
     native, where = _native(req)
     ext_keys = set((req.prefq.hyperparameters if req.prefq else {}).keys())
     try:
-        job, _, _ = await queue_job(svc, who, native, idempotency_key, suffix=req.suffix or None,
-                                    integrations=integrations)  # fmt: skip
-    except APIError as exc:
-        name = exc.field.split(".", 1)[1] if exc.field and exc.field.startswith("hyperparameters.") else None
+        done = await service.submit(svc, who, native, idempotency_key, suffix=req.suffix or None,
+                                    integrations=integrations)
+    except ServiceError as exc:
+        if exc.field is None:
+            raise
+        name = exc.field.split(".", 1)[1] if exc.field.startswith("hyperparameters.") else None
         field = _openai_field(exc.field, where, extension=name in ext_keys)
-        if exc.field and field != exc.field:
-            exc.message = exc.message.replace(exc.field, field, 1)
-            exc.field = field
-        raise
-    return shapes.fine_tuning_job(job)
+        message = exc.message if isinstance(exc, NotFound) else f"{field}: {exc.reason}"
+        raise APIError(status_of(exc), exc.code, message, field, exc.details) from None
+    return shapes.fine_tuning_job(done.job)
 
 
 @router.get("/jobs", responses=openai_responses(401))
@@ -197,56 +200,39 @@ def list_jobs(request: Request, who: Caller, after: Cursor | None = None,
             metadata[match.group(1)] = value
         elif key.startswith("metadata"):
             raise APIError(400, "invalid_request", f"{key}: filter by metadata as metadata[key]=value", field=key)
-    rows, more = svc.store.list_jobs(limit=limit, after=after, tenant=who.tenant, metadata=metadata)
+    rows, more = service.list_jobs(svc, who, limit=limit, after=after, tenant=who.tenant, metadata=metadata)
     data = [shapes.fine_tuning_job(j) for j in rows]
     return {"object": "list", "data": data, "has_more": more}
 
 
 @router.get("/jobs/{job_id}", responses=openai_responses(401, 404))
 def retrieve_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
-    return shapes.fine_tuning_job(_job(svc, who, job_id))
+    return shapes.fine_tuning_job(service.owned(svc, who, job_id))
 
 
 @router.post("/jobs/{job_id}/cancel", responses=openai_responses(401, 404, 409))
 def cancel_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Cancel: a queued job at once, a running one once its run has stopped (answered as `cancelled` meanwhile)."""
-    native_cancel(job_id, who, svc)
-    return shapes.fine_tuning_job(_job(svc, who, job_id))
+    return shapes.fine_tuning_job(service.cancel(svc, who, job_id))
 
 
 @router.post("/jobs/{job_id}/pause", responses=openai_responses(401, 404, 409))
 def pause_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Pause: the run saves a checkpoint and stops, freeing its devices; `resume` queues it again from there."""
-    job = _job(svc, who, job_id)
-    if job.status not in (JobStatus.queued, JobStatus.running):
-        raise APIError(409, "not_pausable", f"job {job_id} is {shapes.status(job)}; only queued or running jobs can "
-                       "be paused")  # fmt: skip
-    svc.store.set_paused(job_id, now())
-    svc.store.add_event(job_id, job.attempt, "pause_requested", {})
-    native_cancel(job_id, who, svc)
-    return shapes.fine_tuning_job(_job(svc, who, job_id))
+    return shapes.fine_tuning_job(service.pause(svc, who, job_id))
 
 
 @router.post("/jobs/{job_id}/resume", responses=openai_responses(401, 404, 409, 503))
 def resume_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Resume a paused job: a new attempt, from its newest checkpoint."""
-    job = _job(svc, who, job_id)
-    if job.paused_at is None or job.status != JobStatus.cancelled:
-        raise APIError(409, "not_paused", f"job {job_id} is {shapes.status(job)}; only a paused job whose run has "
-                       "stopped can be resumed")  # fmt: skip
-    attempt = svc.store.retry(job_id, svc.settings.max_attempts)
-    if attempt is None:
-        raise APIError(409, "not_paused", f"job {job_id} changed meanwhile; retrieve it and try again")
-    svc.store.add_event(job_id, attempt, "resumed", {"from_attempt": job.attempt})
-    _enqueue(svc, job_id, attempt, job.gpus)
-    return shapes.fine_tuning_job(_job(svc, who, job_id))
+    return shapes.fine_tuning_job(service.resume(svc, who, job_id))
 
 
 @router.get("/jobs/{job_id}/events", responses=openai_responses(401, 404))
 def list_events(job_id: JobId, who: Caller, after: str | None = Query(None, max_length=200),
                 limit: int = Query(20, ge=1, le=1000), svc: Services = Depends(services)) -> dict:  # fmt: skip
     """The job's events, newest first; pass the last id as `after` for older ones."""
-    _job(svc, who, job_id)
+    service.owned(svc, who, job_id)
     before = None
     if after is not None:
         before = shapes.event_seq(after)
@@ -258,29 +244,19 @@ def list_events(job_id: JobId, who: Caller, after: str | None = Query(None, max_
 
 
 def _checkpoints(svc: Services, job: Job) -> list[dict]:
-    keys = svc.storage.list(layout.checkpoints_prefix(job.tenant, job.id))
-    steps = layout.complete_checkpoints(job.tenant, job.id, keys, MANIFEST_NAME)
-    events = svc.store.events_after(job.id, 0, 100_000)
-    saved = {e.data.get("step"): e.created_at for e in events if e.type == "checkpoint"}
-    metrics = shapes.metrics_by_step(events)
+    saved = {e.data.get("step"): e.created_at for e in events.all_events(svc, job.id, {"checkpoint"})}
+    metrics = artifacts.metrics(svc, job.id)
     out = []
-    for step in sorted(steps, reverse=True):
-        m = metrics.get(step) or metrics.get(max((s for s in metrics if s <= step), default=-1), {})
+    for c in artifacts.checkpoints(svc, job):
+        m = metrics.get(c.step) or metrics.get(max((s for s in metrics if s <= c.step), default=-1), {})
         accuracy = m.get("rewards/accuracies", m.get("mean_token_accuracy"))  # DPO: the reward accuracy
-        out.append(
-            shapes.checkpoint(
-                job,
-                step,
-                saved.get(step, job.updated_at),
-                {
-                    "step": step,
-                    "train_loss": m.get("loss"),
-                    "train_mean_token_accuracy": accuracy,
-                    "valid_loss": m.get("eval_loss"),
-                    "valid_mean_token_accuracy": m.get("eval_rewards/accuracies", m.get("eval_mean_token_accuracy")),
-                },
-            )
-        )
+        out.append(shapes.checkpoint(job, c.step, saved.get(c.step, job.updated_at), {
+            "step": c.step,
+            "train_loss": m.get("loss"),
+            "train_mean_token_accuracy": accuracy,
+            "valid_loss": m.get("eval_loss"),
+            "valid_mean_token_accuracy": m.get("eval_rewards/accuracies", m.get("eval_mean_token_accuracy")),
+        }))
     return out
 
 
@@ -288,7 +264,7 @@ def _checkpoints(svc: Services, job: Job) -> list[dict]:
 async def list_checkpoints(job_id: JobId, who: Caller, after: str | None = Query(None, max_length=200),
                            limit: int = Query(10, ge=1, le=100), svc: Services = Depends(services)) -> dict:  # fmt: skip
     """The job's complete checkpoints, newest first; each names a model that a new job can start from."""
-    job = await run_in_threadpool(_job, svc, who, job_id)
+    job = await run_in_threadpool(service.owned, svc, who, job_id)
     data = await run_in_threadpool(_checkpoints, svc, job)
     if after is not None:
         ids = [c["id"] for c in data]

@@ -17,8 +17,10 @@ import csv
 import io
 import time
 
+from api.service.jobs import paused
 from jobs import modelref
 from jobs.models import Dataset, Job, JobEvent, JobStatus
+from training.events import metrics_by_step
 from training.spec import DEFAULT_LEARNING_RATE
 
 METHOD_TYPE = {"sft": "supervised", "dpo": "dpo"}
@@ -42,7 +44,7 @@ def results_file(job: Job, size: int) -> dict:
 
 
 def status(job: Job) -> str:
-    if job.paused_at is not None and job.status in (JobStatus.cancelling, JobStatus.cancelled):
+    if paused(job):
         return "paused"
     return "cancelled" if job.status == JobStatus.cancelling else job.status.value
 
@@ -145,22 +147,11 @@ COLUMNS = {
 }  # fmt: skip
 
 
-def metrics_by_step(events: list[JobEvent]) -> dict[int, dict]:
-    """{step: the TRL metrics logged at that step}: progress and evaluation events merged."""
-    rows: dict[int, dict] = {}
-    for e in events:
-        if e.type == "progress":
-            rows.setdefault(e.data["step"], {}).update(e.data.get("metrics", {}), loss=e.data.get("loss"))
-        elif e.type == "eval":
-            rows.setdefault(e.data["step"], {}).update(e.data.get("metrics", {}))
-    return rows
-
-
 def metrics_csv(method: str, events: list[JobEvent]) -> bytes:
     """The job's metrics, one row per logged step: step, then OpenAI's column names for the method."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["step", *(name for name, _ in COLUMNS[method])])
-    for step, m in sorted(metrics_by_step(events).items()):
+    for step, m in sorted(metrics_by_step((e.type, e.data) for e in events).items()):
         writer.writerow([step, *("" if m.get(key) is None else m[key] for _, key in COLUMNS[method])])
     return out.getvalue().encode()

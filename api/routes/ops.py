@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-import redis
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel
@@ -78,7 +77,7 @@ def readyz(response: Response, svc: Services = Depends(services)) -> ReadyPublic
             conn.execute(text("SELECT 1"))
 
     checks = {"database": _check(database), "storage": _check(lambda: svc.storage.exists("readyz-probe"))}
-    broker = _check(lambda: redis.Redis.from_url(svc.settings.broker_url, socket_timeout=2).ping())
+    broker = _check(svc.broker.ping)
     last = None
     if checks["database"] == "ok":
         lease = ServiceLeases(svc.store.engine).get("reconciler")

@@ -14,10 +14,10 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Services, services
-from api.errors import APIError
-from api.routes import jobs as job_routes
-from api.routes.datasets import store_dataset
 from api.schemas import JobCreate
+from api.service import datasets
+from api.service import jobs as service
+from api.service.errors import ServiceError
 from api.ui import render
 from api.ui.session import Checked, Signed
 from training.spec import TrainingSpec
@@ -106,7 +106,7 @@ async def _datasets(svc: Services, viewer) -> list:
 
 async def _models(svc: Services, viewer) -> list[str]:
     """The models of the tenant's recent jobs: suggestions for the model field."""
-    rows, _ = await run_in_threadpool(svc.store.list_jobs, None, None, 100, None, viewer.who.tenant)
+    rows, _ = await run_in_threadpool(service.list_jobs, svc, viewer.who, None, None, 100, None, viewer.who.tenant)
     return list(dict.fromkeys(j.model for j in rows))
 
 
@@ -122,8 +122,8 @@ def upload(request: Request, viewer: Checked, file: UploadFile = File(...),
     """Validate and store an upload; the fragment shows its report (a bad file: every line's error, nothing kept)."""
     filename = (file.filename or "").replace("\x00", "")[:255] or "data.jsonl"
     try:
-        dataset = store_dataset(svc, viewer.who, file.file, filename, method or None)
-    except APIError as exc:
+        dataset = datasets.store(svc, viewer.who, file.file, filename, method or None)
+    except ServiceError as exc:
         return render(request, "_upload_report.html", viewer=viewer, filename=filename, error=exc.message,
                       problems=exc.details or [])  # fmt: skip
     rows, _ = svc.store.list_datasets(viewer.who.tenant, 100)
@@ -147,14 +147,14 @@ async def submit(request: Request, viewer: Checked, svc: Services = Depends(serv
             raise FormError("gpus", f"gpus: {gpus!r} is not a whole number")
         body["gpus"] = int(gpus)
         req = JobCreate(**body)
-        job = await job_routes.create_job(req, viewer.who, None, svc)
+        job = (await service.submit(svc, viewer.who, req)).job
     except FormError as exc:
         return await _refused(request, svc, viewer, values, exc.field, str(exc))
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "body"
         return await _refused(request, svc, viewer, values, field, f"{field}: {first['msg']}")
-    except APIError as exc:
+    except ServiceError as exc:
         return await _refused(request, svc, viewer, values, exc.field or "", exc.message)
     return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
 

@@ -4,25 +4,30 @@ the viewer's tenant, as the native routes do; another tenant's job answers 404."
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import unquote, urlsplit
 
 from fastapi import APIRouter, Depends, Form, Query, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ID_PATTERN, JobId, Services, services
-from api.errors import APIError
-from api.routes import jobs as job_routes
+from api.errors import status_of
+from api.service import artifacts, events
+from api.service import jobs as service
+from api.service.errors import NotFound, ServiceError
 from api.ui import PageError, render
 from api.ui.session import Checked, Signed, clear_cookie, forget, same_origin, session_value, set_cookie
 from jobs import layout
 from jobs.keys import KeyStore
 from jobs.models import Job, JobPublic, JobStatus
 from storage import StorageError
-from training.spec import MANIFEST_NAME
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 PAGE = 25
@@ -81,8 +86,7 @@ def _job_list(svc: Services, viewer, status: str | None, q: str | None, after: s
     if after and not _ID.fullmatch(after):
         raise PageError(422, "Bad page", "after: not a job id")
     q = (q or "").replace("\x00", "").strip()[:200] or None  # PostgreSQL text holds no NUL
-    tenant = None if viewer.who.admin else viewer.who.tenant
-    rows, more = svc.store.list_jobs(wanted, None, PAGE, after or None, tenant, search=q)
+    rows, more = service.list_jobs(svc, viewer.who, wanted, None, PAGE, after or None, search=q)
     return [JobPublic.of(j) for j in rows], (rows[-1].id if more else None)
 
 
@@ -102,22 +106,25 @@ def jobs_rows(request: Request, viewer: Signed, status: str | None = None, q: st
     return render(request, "_job_rows.html", viewer=viewer, jobs=rows)
 
 
-def _job(svc: Services, viewer, job_id: str) -> Job:
-    job = svc.store.get_job(job_id)
-    if job is None or not viewer.who.owns(job.tenant):
-        raise PageError(404, "Not found", f"No job with id {job_id!r}.")
-    return job
+def page_error(exc: ServiceError) -> PageError:
+    """The service layer's errors as this face shows them (its one table)."""
+    if isinstance(exc, NotFound):
+        return PageError(404, "Not found", f"No {exc.what} with id {exc.ident!r}.")
+    return PageError(status_of(exc), "Not done", exc.message)
+
+
+def owned_job(svc: Services, viewer, job_id: str) -> Job:
+    """The viewer's job; another tenant's is the same 404 page as one that does not exist."""
+    try:
+        return service.owned(svc, viewer.who, job_id)
+    except ServiceError as exc:
+        raise page_error(exc) from None
 
 
 def _checkpoints(svc: Services, job: Job) -> list[dict]:
-    keys = svc.storage.list(layout.checkpoints_prefix(job.tenant, job.id))
-    steps = layout.complete_checkpoints(job.tenant, job.id, keys, MANIFEST_NAME)
     base = layout.checkpoints_prefix(job.tenant, job.id)
-    out = []
-    for step, prefix in sorted(steps.items(), reverse=True):
-        files = [k[len(base):] for k in keys if k.startswith(prefix)]
-        out.append({"step": step, "uri": svc.storage.uri(prefix), "files": files})
-    return out
+    return [{"step": c.step, "uri": svc.storage.uri(c.prefix), "files": [k[len(base) :] for k in c.keys]}
+            for c in artifacts.checkpoints(svc, job)]
 
 
 def _panel(request: Request, svc: Services, viewer, job: Job, name: str):
@@ -125,8 +132,8 @@ def _panel(request: Request, svc: Services, viewer, job: Job, name: str):
     try:
         checkpoints = _checkpoints(svc, job)
         if job.status == JobStatus.succeeded:
-            prefix = layout.model_prefix(job.tenant, job.id)
-            model_files = [k[len(prefix):] for k in svc.storage.list(prefix)]
+            prefix, keys = artifacts.model_files(svc, job)
+            model_files = [k[len(prefix) :] for k in keys]
     except StorageError as exc:  # the page still shows the job; its files when storage answers again
         storage_error = str(exc)
     return render(request, name, viewer=viewer, job=JobPublic.of(job), checkpoints=checkpoints,
@@ -135,57 +142,53 @@ def _panel(request: Request, svc: Services, viewer, job: Job, name: str):
 
 @router.get("/jobs/{job_id}")
 def job_page(request: Request, job_id: JobId, viewer: Signed, svc: Services = Depends(services)):
-    return _panel(request, svc, viewer, _job(svc, viewer, job_id), "job.html")
+    return _panel(request, svc, viewer, owned_job(svc, viewer, job_id), "job.html")
 
 
 @router.get("/jobs/{job_id}/panel")
 def job_panel(request: Request, job_id: JobId, viewer: Signed, svc: Services = Depends(services)):
     """Status, progress, buttons, error, eval metrics and checkpoints: re-read when an event changes them."""
-    return _panel(request, svc, viewer, _job(svc, viewer, job_id), "_job_panel.html")
+    return _panel(request, svc, viewer, owned_job(svc, viewer, job_id), "_job_panel.html")
 
 
-_EVENT_LINE = re.compile(r"^event: .*\n", re.M)
+async def _viewed_job(job_id: JobId, viewer: Signed, svc: Services = Depends(services)) -> Job:
+    return await run_in_threadpool(owned_job, svc, viewer, job_id)
 
 
-@router.get("/jobs/{job_id}/stream")
-async def job_stream(request: Request, job_id: JobId, viewer: Signed, svc: Services = Depends(services)):
-    """The job's events as Server-Sent Events (the API's stream, as plain messages), from the first or after
+@router.get("/jobs/{job_id}/stream", response_class=EventSourceResponse)
+async def job_stream(request: Request, job: Annotated[Job, Depends(_viewed_job)],
+                     svc: Services = Depends(services)) -> AsyncIterator[ServerSentEvent]:
+    """The job's events as Server-Sent Events (plain messages, the event's JSON as data), from the first or after
     `Last-Event-ID`."""
-    await run_in_threadpool(_job, svc, viewer, job_id)
-    last = request.headers.get("last-event-id", "")
-    start = int(last) if last.isdigit() and int(last) <= job_routes.MAX_SEQ else 0
-
-    async def plain():
-        async for chunk in job_routes._stream(svc, job_id, start, request):
-            yield _EVENT_LINE.sub("", chunk)
-
-    return StreamingResponse(plain(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+    start = events.start_after(request.headers.get("last-event-id"), 0)
+    async for e in events.follow(svc, job.id, start, request.is_disconnected):
+        if e is not None:  # FastAPI sends the keep-alive comments of a quiet stream itself
+            data = {"seq": e.seq, "attempt": e.attempt, "created_at": e.created_at, "type": e.type, "data": e.data}
+            yield ServerSentEvent(raw_data=json.dumps(data), id=str(e.seq))
 
 
 def _action(svc: Services, viewer, job_id: str, act) -> RedirectResponse:
     try:
-        act(job_id, viewer.who, svc)
-    except APIError as exc:
-        if exc.status == 404:
-            raise PageError(404, "Not found", f"No job with id {job_id!r}.") from None
-        raise PageError(exc.status, "Not done", exc.message) from None
+        act(svc, viewer.who, job_id)
+    except ServiceError as exc:
+        raise page_error(exc) from None
     return RedirectResponse(f"/ui/jobs/{job_id}", status_code=303)
 
 
 @router.post("/jobs/{job_id}/cancel")
 def cancel(job_id: JobId, viewer: Checked, svc: Services = Depends(services)):
-    return _action(svc, viewer, job_id, job_routes.cancel_job)
+    return _action(svc, viewer, job_id, service.cancel)
 
 
 @router.post("/jobs/{job_id}/retry")
 def retry(job_id: JobId, viewer: Checked, svc: Services = Depends(services)):
-    return _action(svc, viewer, job_id, job_routes.retry_job)
+    return _action(svc, viewer, job_id, service.retry)
 
 
 @router.get("/jobs/{job_id}/files/{path:path}")
 def download(job_id: JobId, path: str, viewer: Signed, svc: Services = Depends(services)) -> Response:
     """A checkpoint's or the model's file: a redirect to a presigned URL, or the file from a local folder."""
-    job = _job(svc, viewer, job_id)
+    job = owned_job(svc, viewer, job_id)
     parts = path.split("/")
     if parts[0] not in ("checkpoints", "model") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
         raise PageError(404, "Not found", f"No file {path!r} in job {job_id}.")
@@ -202,37 +205,14 @@ def download(job_id: JobId, path: str, viewer: Signed, svc: Services = Depends(s
     return RedirectResponse(url, status_code=302)
 
 
-def _curves(svc: Services, job_id: str) -> dict:
-    """Train and eval points of a job, per metric: {"train": {name: [[step, value]]}, "eval": {...}}."""
-    train: dict[str, list] = {}
-    evals: dict[str, list] = {}
-    after = 0
-    while True:
-        events = svc.store.events_after(job_id, after, 1000)
-        for e in events:
-            if e.type == "progress":
-                values = {"loss": e.data.get("loss"), "learning_rate": e.data.get("learning_rate"),
-                          **(e.data.get("metrics") or {})}  # fmt: skip
-                for name, v in values.items():
-                    if isinstance(v, int | float):
-                        train.setdefault(name, []).append([e.data.get("step"), v])
-            elif e.type == "eval":
-                for name, v in (e.data.get("metrics") or {}).items():
-                    if isinstance(v, int | float):
-                        evals.setdefault(name.removeprefix("eval_"), []).append([e.data.get("step"), v])
-        if len(events) < 1000:
-            return {"train": train, "eval": evals}
-        after = events[-1].seq
-
-
 @router.get("/compare")
 def compare(request: Request, viewer: Signed, ids: list[str] = Query([]), svc: Services = Depends(services)):
     wanted = [i for part in ids for i in part.replace(",", " ").split() if i][:MAX_COMPARE]
     for job_id in wanted:
         if not _ID.fullmatch(job_id):
             raise PageError(422, "Bad job id", f"ids: {job_id[:80]!r} is not a job id")
-    jobs = [_job(svc, viewer, j) for j in dict.fromkeys(wanted)]
-    curves = {j.id: _curves(svc, j.id) for j in jobs}
+    jobs = [owned_job(svc, viewer, j) for j in dict.fromkeys(wanted)]
+    curves = {j.id: artifacts.curves(svc, j.id) for j in jobs}
     return render(request, "compare.html", viewer=viewer, jobs=[JobPublic.of(j) for j in jobs], curves=curves,
                   ids=" ".join(j.id for j in jobs))  # fmt: skip
 

@@ -8,12 +8,12 @@ from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
 from api.deps import JobId, Services, services
-from api.errors import APIError
-from api.openai import chat as chat_routes
-from api.routes import jobs as job_routes
-from api.routes import models as model_routes
+from api.schemas import PromoteRequest
+from api.service import artifacts, playground
+from api.service import registry as models
+from api.service.errors import ServiceError
 from api.ui import PageError, render
-from api.ui.pages import _job
+from api.ui.pages import owned_job, page_error
 from api.ui.session import Checked, Signed
 from jobs.registry import NAME
 
@@ -34,25 +34,26 @@ def by_prompt(steps: list) -> list[dict]:
 @router.get("/jobs/{job_id}/samples")
 def job_samples(request: Request, job_id: JobId, viewer: Signed, svc: Services = Depends(services)):
     """The samples section of a job's page: re-read when a `samples` event arrives."""
-    _job(svc, viewer, job_id)
-    return render(request, "_samples.html", prompts=by_prompt(job_routes.samples_of(svc, job_id)))
+    owned_job(svc, viewer, job_id)
+    return render(request, "_samples.html", prompts=by_prompt(artifacts.samples(svc, job_id)))
 
 
 @router.post("/jobs/{job_id}/promote")
 def promote(job_id: JobId, viewer: Checked, name: str = Form("", max_length=64), alias: str = Form("", max_length=32),
             svc: Services = Depends(services)):  # fmt: skip
-    _job(svc, viewer, job_id)
+    owned_job(svc, viewer, job_id)
     try:
-        req = model_routes.PromoteRequest(job_id=job_id, aliases=[alias.strip()] if alias.strip() else [])
+        req = PromoteRequest(job_id=job_id, aliases=[alias.strip()] if alias.strip() else [])
     except ValidationError:
         raise PageError(422, "Not promoted", f"alias: {alias!r} is not an alias (lowercase letters, digits, '_', "
                         "'-', starting with a letter)") from None  # fmt: skip
     if not NAME.fullmatch(name.strip()):
         raise PageError(422, "Not promoted", f"name: {name!r} is not a model name (letters, digits, '.', '_', '-')")
     try:
-        version, _ = model_routes._promote(svc, viewer.who, name.strip(), req)
-    except APIError as exc:
-        raise PageError(exc.status, "Not promoted", exc.message) from None
+        version = models.promote(svc, viewer.who, name.strip(), req.job_id, req.aliases)
+    except ServiceError as exc:
+        error = page_error(exc)
+        raise PageError(error.status, "Not promoted", error.message) from None
     return RedirectResponse(f"/ui/models/{version.name}", status_code=303)
 
 
@@ -69,21 +70,20 @@ async def chat(request: Request, name: str, viewer: Checked, message: str = Form
     text = message.strip()
     if not text:
         return render(request, "_chat_reply.html", message="", error="Write a message first.")
-    req = chat_routes.ChatCompletionCreate(model=ref, messages=[{"role": "user", "content": text}], temperature=0,
-                                             max_tokens=min(CHAT_TOKENS, svc.settings.serve_max_tokens))
     try:
-        answer = await chat_routes.create_chat_completion(req, viewer.who, svc)
-    except APIError as exc:
+        reply, done = await playground.reply(svc, viewer.who.tenant, ref, text,
+                                             min(CHAT_TOKENS, svc.settings.serve_max_tokens))
+    except ServiceError as exc:
         return render(request, "_chat_reply.html", message=text, error=f"{exc.code}: {exc.message}")
-    reply = answer["choices"][0]
-    return render(request, "_chat_reply.html", message=text, reply=reply["message"]["content"], model=ref,
-                  finish=reply["finish_reason"], usage=answer["usage"])  # fmt: skip
+    usage = {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
+             "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
+    return render(request, "_chat_reply.html", message=text, reply=reply, model=ref, finish=done["finish_reason"],
+                  usage=usage)
 
 
 @router.get("/models")
 def models_page(request: Request, viewer: Signed, svc: Services = Depends(services)):
-    models = [model_routes._public(svc, m, False) for m in svc.registry.models(viewer.who.tenant)]
-    return render(request, "models.html", viewer=viewer, models=models)
+    return render(request, "models.html", viewer=viewer, models=models.listed(svc, viewer.who))
 
 
 @router.get("/models/{name}")
@@ -91,4 +91,4 @@ def model_page(request: Request, name: str, viewer: Signed, svc: Services = Depe
     found = svc.registry.get(viewer.who.tenant, name) if NAME.fullmatch(name) else None
     if found is None:
         raise PageError(404, "Not found", f"No registered model {name[:80]!r}.")
-    return render(request, "model.html", viewer=viewer, model=model_routes._public(svc, found, True))
+    return render(request, "model.html", viewer=viewer, model=models.public(svc, found, True))

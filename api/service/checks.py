@@ -1,4 +1,4 @@
-"""What `POST /jobs` checks before a job is queued: its references (datasets, model) and its spec.
+"""What a submission is checked for before a job is queued: its references (datasets, model) and its spec.
 
 POST /jobs runs on the event loop (no thread per request): what may block goes to the thread pool.
 """
@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal
 from api.deps import Services
-from api.errors import APIError
 from api.schemas import JobCreate
+from api.service.errors import Invalid, TooMany
 from jobs import layout, modelref
 from jobs.models import JobStatus, ModelVersion
 from jobs.perimeter import Refused, check_callback_url, confine
@@ -33,7 +33,7 @@ def _confine(svc: Services, who: Principal, ref: str, field: str, models: bool) 
         return confine(ref, field, who.tenant, s.storage_url, s.shared_models, s.model_roots, models,
                        s.allowed_hub_models)  # fmt: skip
     except Refused as exc:
-        raise APIError(422, "reference_not_allowed", str(exc), field=field) from None
+        raise Invalid("reference_not_allowed", exc.message, field) from None
 
 
 async def dataset(svc: Services, who: Principal, ref: str, method: str, field: str) -> str:
@@ -42,20 +42,19 @@ async def dataset(svc: Services, who: Principal, ref: str, method: str, field: s
     if ref.startswith("ds_"):
         found = await svc.dataset(ref)
         if found is None or found.tenant != who.tenant:
-            raise APIError(422, "dataset_not_found", f"{field}: no dataset with id {ref!r}", field=field)
+            raise Invalid("dataset_not_found", f"no dataset with id {ref!r}", field)
         if found.status != "processed":
             first = found.errors[0] if found.errors else {"line": "-", "field": "-", "reason": "invalid"}
-            raise APIError(422, "invalid_dataset", f"{field}: {ref} did not validate (line {first['line']}, "
-                           f"{first['field']}: {first['reason']}); upload a corrected file", field=field)  # fmt: skip
+            raise Invalid("invalid_dataset", f"{ref} did not validate (line {first['line']}, {first['field']}: "
+                          f"{first['reason']}); upload a corrected file", field)
         if found.method != method:
-            raise APIError(422, "dataset_method_mismatch",
-                           f"{field}: {ref} holds {found.method} data ({found.format}); the job's method is {method}",
-                           field=field)  # fmt: skip
+            raise Invalid("dataset_method_mismatch",
+                          f"{ref} holds {found.method} data ({found.format}); the job's method is {method}", field)
         return ref
     if ref.startswith("job_"):
-        raise APIError(422, "dataset_not_found", f"{field}: {ref} is a job, not a dataset", field=field)
+        raise Invalid("dataset_not_found", f"{ref} is a job, not a dataset", field)
     if not await run_in_threadpool(_uri_exists, svc, ref, field):
-        raise APIError(422, "dataset_not_found", f"{field}: nothing stored at {ref}", field=field)
+        raise Invalid("dataset_not_found", f"nothing stored at {ref}", field)
     return ref
 
 
@@ -64,7 +63,7 @@ def _uri_exists(svc: Services, uri: str, field: str, suffix: str = "") -> bool:
         storage, key = open_uri(uri, **svc.settings.storage_options())
         return storage.exists(key.rstrip("/") + suffix)
     except StorageError as exc:
-        raise APIError(422, "invalid_uri", f"{field}: {exc}", field=field) from None
+        raise Invalid("invalid_uri", str(exc), field) from None
 
 
 async def model(svc: Services, who: Principal, ref: str) -> str:
@@ -83,7 +82,7 @@ async def model(svc: Services, who: Principal, ref: str) -> str:
     else:
         found = (Path(ref) / "config.json").is_file()  # one local stat: cheaper than a thread hop
     if not found:
-        raise APIError(422, "model_not_found", f"model: no model folder (config.json) at {ref}", field="model")
+        raise Invalid("model_not_found", f"no model folder (config.json) at {ref}", "model")
     return ref
 
 
@@ -103,11 +102,10 @@ def registered(svc: Services, who: Principal, ref: str) -> ModelVersion | None:
     if svc.registry.get(who.tenant, wanted.value) is None:
         if parsed.kind == "hub":
             return None
-        raise APIError(422, "model_not_found", f"model: {wanted.value} is not a registered model of this tenant's",
-                       field="model")  # fmt: skip
+        raise Invalid("model_not_found", f"{wanted.value} is not a registered model of this tenant's", "model")
     missing = (f"no version {wanted.step}" if wanted.step is not None else
                f"no alias {wanted.revision!r}" if wanted.revision else "no versions")  # fmt: skip
-    raise APIError(422, "model_not_found", f"model: the registered model {wanted.value} has {missing}", field="model")
+    raise Invalid("model_not_found", f"the registered model {wanted.value} has {missing}", "model")
 
 
 HUB_TIMEOUT_S = 3.0
@@ -125,47 +123,45 @@ async def _on_the_hub(svc: Services, ref: modelref.ModelRef, name: str) -> None:
         url += f"/revision/{quote(ref.revision, safe='')}"
     headers = {"Authorization": f"Bearer {s.hf_token.get_secret_value()}"} if s.hf_token else {}
     try:
-        async with httpx.AsyncClient(timeout=HUB_TIMEOUT_S) as client:
-            answer = await client.get(url, headers=headers)
+        answer = await svc.http.get(url, headers=headers, timeout=HUB_TIMEOUT_S)
     except httpx.HTTPError:
         svc.hub_down_until = time.monotonic() + HUB_RETRY_S
         return
     if answer.status_code == 404 or answer.headers.get("x-error-code") in ("RepositoryNotFound", "RevisionNotFound"):
-        raise APIError(422, "model_not_found", f"model: {name} is not on the hub ({s.hf_endpoint}), or not readable "
-                       "with this server's token", field="model")  # fmt: skip
+        raise Invalid("model_not_found", f"{name} is not on the hub ({s.hf_endpoint}), or not readable with this "
+                      "server's token", "model")
 
 
 def _fine_tuned(svc: Services, who: Principal, ref: str, parsed: modelref.ModelRef) -> str:
     source = svc.store.get_job(parsed.value)
     if source is None or source.tenant != who.tenant:
-        raise APIError(422, "model_not_found", f"model: no fine-tuned model {ref!r}", field="model")
+        raise Invalid("model_not_found", f"no fine-tuned model {ref!r}", "model")
     if source.status != JobStatus.succeeded:
-        raise APIError(422, "model_not_found", f"model: job {source.id} is {source.status.value}; its model can be "
-                       "named once it has succeeded", field="model")  # fmt: skip
+        raise Invalid("model_not_found", f"job {source.id} is {source.status.value}; its model can be named once it "
+                      "has succeeded", "model")
     if parsed.step is not None:
         keys = svc.storage.list(layout.checkpoints_prefix(source.tenant, source.id))
         if parsed.step not in layout.complete_checkpoints(source.tenant, source.id, keys, MANIFEST_NAME):
-            raise APIError(422, "model_not_found", f"model: job {source.id} has no checkpoint at step {parsed.step}",
-                           field="model")  # fmt: skip
+            raise Invalid("model_not_found", f"job {source.id} has no checkpoint at step {parsed.step}", "model")
     return modelref.fine_tuned_name(source.model, source.tenant, source.suffix, source.id, parsed.step)
 
 
 async def callback_url(svc: Services, url: str) -> None:
     if svc.settings.callback_secret is None:
-        raise APIError(422, "callbacks_disabled", "callback_url: this server has no PREFQ_CALLBACK_SECRET to sign "
-                       "callbacks with", field="callback_url")  # fmt: skip
+        raise Invalid("callbacks_disabled", "this server has no PREFQ_CALLBACK_SECRET to sign callbacks with",
+                      "callback_url")
     try:
         await run_in_threadpool(check_callback_url, url, svc.settings.callback_allow_private)
     except Refused as exc:
-        raise APIError(422, "callback_url_not_allowed", str(exc), field="callback_url") from None
+        raise Invalid("callback_url_not_allowed", exc.message, "callback_url") from None
 
 
 async def room_for(svc: Services, who: Principal) -> None:
     """A tenant with `PREFQ_TENANT_MAX_ACTIVE_JOBS` unfinished jobs gets 429 until some finish."""
     limit = svc.settings.tenant_max_active_jobs
     if await run_in_threadpool(svc.store.count_unfinished, who.tenant) >= limit:
-        raise APIError(429, "too_many_active_jobs", f"tenant {who.tenant} has {limit} unfinished jobs, the limit "
-                       "(PREFQ_TENANT_MAX_ACTIVE_JOBS); retry when some have finished", headers={"Retry-After": "60"})
+        raise TooMany("too_many_active_jobs", f"tenant {who.tenant} has {limit} unfinished jobs, the limit "
+                      "(PREFQ_TENANT_MAX_ACTIVE_JOBS); retry when some have finished", retry_after_s=60)
 
 
 def _bounds(svc: Services) -> dict[str, tuple[float, str]]:
@@ -180,15 +176,14 @@ def spec(svc: Services, req: JobCreate) -> None:
     for name, (limit, setting) in _bounds(svc).items():
         value = req.hyperparameters.get(name)
         if isinstance(value, int | float) and not isinstance(value, bool) and value > limit:
-            raise APIError(422, "over_limit", f"hyperparameters.{name}: {value} is above this server's limit of "
-                           f"{limit:g} ({setting})", field=f"hyperparameters.{name}")  # fmt: skip
+            raise Invalid("over_limit", f"{value} is above this server's limit of {limit:g} ({setting})",
+                          f"hyperparameters.{name}")
     if "ref_cache_dir" in req.hyperparameters:
-        raise APIError(422, "invalid_hyperparameters", "hyperparameters.ref_cache_dir: the worker sets it (reference "
-                       "log-probs are cached for the tenant's jobs)", field="hyperparameters.ref_cache_dir")  # fmt: skip
+        raise Invalid("invalid_hyperparameters", "the worker sets it (reference log-probs are cached for the tenant's "
+                      "jobs)", "hyperparameters.ref_cache_dir")
     clash = sorted(RESERVED & req.hyperparameters.keys())
     if clash:
-        raise APIError(422, "invalid_hyperparameters", f"hyperparameters.{clash[0]}: set it at the top level of "
-                       "the job", field=f"hyperparameters.{clash[0]}")  # fmt: skip
+        raise Invalid("invalid_hyperparameters", "set it at the top level of the job", f"hyperparameters.{clash[0]}")
     data = {**req.hyperparameters, "method": req.method, "trainer": req.trainer, "gpus": max(1, req.gpus),
             "model": req.model, "train_file": "-"}  # fmt: skip
     try:
@@ -199,5 +194,4 @@ def spec(svc: Services, req: JobCreate) -> None:
             for e in describe_errors(exc)
         ]
         first = details[0]
-        raise APIError(422, "invalid_hyperparameters", f"{first['field']}: {first['reason']}", field=first["field"],
-                       details=details) from None  # fmt: skip
+        raise Invalid("invalid_hyperparameters", first["reason"], first["field"], details) from None

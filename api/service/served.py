@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from api.errors import APIError
+from api.service.errors import NotFound
 from jobs import layout, modelref
 from jobs.models import JobStatus
 from jobs.registry import Registry
@@ -12,9 +12,10 @@ from storage import Storage
 from training.spec import MANIFEST_NAME
 
 
-def _not_found(name: str) -> APIError:
-    return APIError(404, "model_not_found", f"The model {name!r} does not exist or you do not have access to it: "
-                    "name a fine-tuned model, a checkpoint of one, a succeeded job's id, or a registered model", field="model")  # fmt: skip
+def _not_found(name: str) -> NotFound:
+    return NotFound("model_not_found", f"The model {name!r} does not exist or you do not have access to it: "
+                          "name a fine-tuned model, a checkpoint of one, a succeeded job's id, or a registered model",
+                          "model")
 
 
 def resolve_served_model(store: JobStore, storage: Storage, tenant: str, name: str) -> str:

@@ -1,0 +1,101 @@
+"""The model registry (`jobs.registry`) for one caller: promote a succeeded job's model to the next version of a
+name, read a registered model with its versions and aliases, move aliases. Names are per tenant: another tenant's
+name is a `NotFound`, as one that does not exist. With MLflow configured, every change is mirrored into MLflow's
+registry by the service worker (`worker.tracking.mirror_model_version`)."""
+
+from __future__ import annotations
+
+import logging
+
+from api.auth import Principal
+from api.deps import Services
+from api.schemas import ModelVersionPublic, RegisteredModelPublic
+from api.service.errors import Conflict, Invalid, no_such
+from jobs import modelref
+from jobs.models import JobStatus, ModelVersion, RegisteredModel
+from jobs.registry import RegistryError
+from queue_config import send_model_mirror
+
+log = logging.getLogger("prefq.api")
+
+
+def owned(svc: Services, who: Principal, name: str) -> RegisteredModel:
+    found = svc.registry.get(who.tenant, name)
+    if found is None:
+        raise no_such("model", name)
+    return found
+
+
+def public(svc: Services, m: RegisteredModel, with_versions: bool) -> RegisteredModelPublic:
+    """A registered model with its newest version and aliases (and every version, newest first)."""
+    versions = svc.registry.versions(m.tenant, m.name)
+    aliases = svc.registry.aliases(m.tenant, m.name)
+    return RegisteredModelPublic(
+        name=m.name, tenant=m.tenant, description=m.description, created_at=m.created_at, updated_at=m.updated_at,
+        latest_version=versions[0].version if versions else None, aliases=aliases,
+        versions=[ModelVersionPublic.of(v, aliases) for v in versions] if with_versions else None,
+    )
+
+
+def listed(svc: Services, who: Principal) -> list[RegisteredModelPublic]:
+    """The tenant's registered models, most recently changed first."""
+    return [public(svc, m, False) for m in svc.registry.models(who.tenant)]
+
+
+def promote(svc: Services, who: Principal, name: str, job_id: str, aliases: list[str],
+            description: str | None = None) -> ModelVersionPublic:
+    """Register a succeeded job's model as the next version of `name` (created on first use). Blocking."""
+    job = svc.store.get_job(job_id)
+    if job is None or job.tenant != who.tenant:
+        raise no_such("job", job_id, field="job_id")
+    if job.status != JobStatus.succeeded or not job.result_uri:
+        raise Conflict("job_not_succeeded", f"job {job.id} is {job.status.value}; only a succeeded job's model can "
+                       "be promoted", "job_id")
+    ft_name = modelref.fine_tuned_name(job.model, job.tenant, job.suffix, job.id)
+    try:
+        version = svc.registry.promote(job, name, ft_name, aliases, description)
+    except RegistryError as exc:
+        raise Invalid("invalid_request", str(exc), exc.field) from None
+    now_aliases = svc.registry.aliases(who.tenant, name)
+    _mirror(svc, version, now_aliases)
+    return ModelVersionPublic.of(version, now_aliases)
+
+
+def version(svc: Services, who: Principal, name: str, number: int) -> ModelVersionPublic:
+    owned(svc, who, name)
+    found = svc.registry.resolve(who.tenant, name, number)
+    if found is None:
+        raise no_such("model version", f"{name}/{number}")
+    return ModelVersionPublic.of(found, svc.registry.aliases(who.tenant, name))
+
+
+def set_alias(svc: Services, who: Principal, name: str, alias: str, number: int) -> RegisteredModelPublic:
+    """Point `alias` at a version (moving it from the version it named)."""
+    model = owned(svc, who, name)
+    try:
+        svc.registry.set_alias(who.tenant, name, alias, number)
+    except RegistryError as exc:
+        if exc.field == "version":
+            raise no_such("model version", f"{name}/{number}", field="version") from None
+        raise Invalid("invalid_request", str(exc), exc.field) from None
+    _mirror(svc, svc.registry.resolve(who.tenant, name, number), svc.registry.aliases(who.tenant, name))
+    return public(svc, svc.registry.get(who.tenant, model.name), True)
+
+
+def delete_alias(svc: Services, who: Principal, name: str, alias: str) -> None:
+    owned(svc, who, name)
+    if not svc.registry.delete_alias(who.tenant, name, alias):
+        raise no_such("alias", alias)
+
+
+def _mirror(svc: Services, version: ModelVersion, aliases: dict[str, int]) -> None:
+    """With MLflow configured, ask the service worker to mirror the version and its aliases (retried there while
+    MLflow is away)."""
+    if not svc.settings.mlflow_tracking_uri:
+        return
+    metrics = {k: v for k, v in ((version.metrics or {}).get("eval") or {}).items() if isinstance(v, int | float)}
+    try:
+        send_model_mirror(svc.celery, version.tenant, version.name, version.version, version.source_uri,
+                          sorted(a for a, n in aliases.items() if n == version.version), metrics, version.job_id)
+    except Exception as exc:  # noqa: BLE001 - the registry row is what counts; the broker may be away
+        log.warning("Model %s version %s: not mirrored to MLflow (%s)", version.name, version.version, exc)

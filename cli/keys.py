@@ -7,14 +7,12 @@ import re
 import time
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from cli.console import JSON_OPTION, console, errors, fail, print_json, print_table
 from jobs.perimeter import TENANT_PATTERN
 from settings import Settings
 
 keys_app = typer.Typer(help="API keys (on the database directly).", no_args_is_help=True)
-console = Console()
 
 
 def _store():
@@ -30,7 +28,7 @@ def create(tenant: str = typer.Option(..., help="The tenant whose data the key r
            label: str = typer.Option("", help="What the key is for")) -> None:  # fmt: skip
     """Make a key and print it, once: only its hash is kept."""
     if not re.fullmatch(TENANT_PATTERN, tenant):
-        console.print(f"[red]error:[/red] --tenant: {tenant!r} is not a tenant name (lowercase letters, digits, - and _)")
+        errors.print(f"[red]error:[/red] --tenant: {tenant!r} is not a tenant name (lowercase letters, digits, - and _)")
         raise typer.Exit(2)
     row, key = _store().create(tenant, admin, label)
     console.print(f"key {row.id} for tenant {row.tenant}{' (admin)' if row.admin else ''}:")
@@ -46,17 +44,20 @@ def generate() -> None:
 
 
 @keys_app.command("list")
-def list_keys(tenant: str = typer.Option(None)) -> None:
-    """Every key: id, tenant, admin, label, created, last used, revoked (never the key)."""
-    table = Table("id", "tenant", "admin", "label", "created", "last used", "revoked")
+def list_keys(tenant: str = typer.Option(None), as_json: bool = JSON_OPTION) -> None:
+    """Every key: id, tenant, admin, label, created, last used, revoked (never the key). --json: an array of
+    objects with these fields (times in seconds since the epoch), as `GET /keys` answers."""
+    found = _store().list(tenant)
+    if as_json:
+        print_json([{"id": k.id, "object": "api_key", **k.model_dump(exclude={"id", "sha256"})} for k in found])
+        return
 
     def when(t: float | None) -> str:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
 
-    for k in _store().list(tenant):
-        table.add_row(k.id, k.tenant, "yes" if k.admin else "", k.label, when(k.created_at), when(k.last_used_at),
-                      when(k.revoked_at))  # fmt: skip
-    console.print(table)
+    print_table(("id", "tenant", "admin", "label", "created", "last used", "revoked"),
+                [(k.id, k.tenant, "yes" if k.admin else "", k.label, when(k.created_at), when(k.last_used_at),
+                  when(k.revoked_at)) for k in found])  # fmt: skip
 
 
 @keys_app.command("revoke")
@@ -64,6 +65,5 @@ def revoke(key_id: str) -> None:
     """Revoke a key by its id: it gets 401 from then on."""
     row = _store().revoke(key_id)
     if row is None:
-        console.print(f"[red]error:[/red] no key {key_id}")
-        raise typer.Exit(1)
+        fail(f"no key {key_id}")
     console.print(f"key {row.id} of tenant {row.tenant} revoked")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import typer
-from rich.table import Table
 
 from cli.client import ClientError
 from cli.config import client
-from cli.console import console, fail
+from cli.console import JSON_OPTION, console, fail, print_json, print_table
 
 models_app = typer.Typer(help="The model registry: promote a job's model, list versions, set aliases.",
                          no_args_is_help=True)  # fmt: skip
@@ -31,38 +29,45 @@ def _metric(metrics: dict, name: str) -> str:
 @models_app.command("promote")
 def promote(job_id: str, name: str = typer.Option(..., "--name", help="The registered model's name"),
             alias: list[str] = typer.Option([], "--alias", help="Point this alias at the new version (repeatable)"),
-            description: str = typer.Option(None, help="What this version is")) -> None:  # fmt: skip
+            description: str = typer.Option(None, help="What this version is"),
+            as_json: bool = JSON_OPTION) -> None:  # fmt: skip
     """Register a succeeded job's model as the next version of NAME."""
     body = {"job_id": job_id, "aliases": alias, "description": description}
-    v = _call("POST", f"/models/{name}/versions", json=body)
+    try:
+        v = client().create(f"/models/{name}/versions", body=lambda: {"json": body})
+    except ClientError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(v)
+        return
     aliases = f" ({', '.join(v['aliases'])})" if v["aliases"] else ""
     console.print(f"{v['name']} version {v['version']}{aliases}: {v['model']} from {v['job_id']}")
 
 
 @models_app.command("list")
-def list_models() -> None:
-    """The tenant's registered models."""
-    table = Table("name", "latest", "aliases", "updated")
-    for m in _call("GET", "/models")["data"]:
-        aliases = ", ".join(f"{a}→{n}" for a, n in sorted(m["aliases"].items()))
-        table.add_row(m["name"], str(m["latest_version"] or "-"), aliases,
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(m["updated_at"])))  # fmt: skip
-    console.print(table)
+def list_models(as_json: bool = JSON_OPTION) -> None:
+    """The tenant's registered models (--json: the API's array)."""
+    data = _call("GET", "/models")["data"]
+    if as_json:
+        print_json(data)
+        return
+    rows = [(m["name"], str(m["latest_version"] or "-"), ", ".join(f"{a}→{n}" for a, n in sorted(m["aliases"].items())),
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(m["updated_at"]))) for m in data]  # fmt: skip
+    print_table(("name", "latest", "aliases", "updated"), rows, ids=("name",))
 
 
 @models_app.command("show")
-def show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """A registered model's versions with their metrics and aliases."""
+def show(name: str, as_json: bool = JSON_OPTION) -> None:
+    """A registered model's versions with their metrics and aliases (--json: the API's object)."""
     m = _call("GET", f"/models/{name}")
     if as_json:
-        print(json.dumps(m, indent=1))
+        print_json(m)
         return
-    table = Table("version", "aliases", "job", "method", "base", "eval loss", "eval reward acc.", "model")
-    for v in m["versions"]:
-        table.add_row(str(v["version"]), ", ".join(v["aliases"]), v["job_id"], v["method"], v["base_model"],
-                      _metric(v["metrics"], "eval_loss"), _metric(v["metrics"], "eval_rewards/accuracies"),
-                      v["model"])  # fmt: skip
-    console.print(table)
+    rows = [(str(v["version"]), ", ".join(v["aliases"]), v["job_id"], v["method"], v["base_model"],
+             _metric(v["metrics"], "eval_loss"), _metric(v["metrics"], "eval_rewards/accuracies"), v["model"])
+            for v in m["versions"]]  # fmt: skip
+    print_table(("version", "aliases", "job", "method", "base", "eval loss", "eval reward acc.", "model"), rows,
+                ids=("job",))  # fmt: skip
 
 
 @models_app.command("alias")
@@ -80,18 +85,16 @@ def delete_alias(name: str, alias: str) -> None:
 
 
 def samples(job_id: str, step: int = typer.Option(None, help="Only this evaluation step"),
-            as_json: bool = typer.Option(False, "--json")) -> None:
-    """A job's sample generations at each evaluation: the policy's, and the reference's once."""
+            as_json: bool = JSON_OPTION) -> None:  # fmt: skip
+    """A job's sample generations at each evaluation: the policy's, and the reference's once (--json: the API's
+    array, one object per evaluation)."""
     data = _call("GET", f"/jobs/{job_id}/samples")["data"]
     if step is not None:
         data = [d for d in data if d["step"] == step]
     if as_json:
-        print(json.dumps(data, indent=1))
+        print_json(data)
         return
-    table = Table("step", "model", "#", "tokens", "reward", "completion")
-    for at in data:
-        for s in at["samples"]:
-            reward = f"{s['reward']:.3f}" if s["reward"] is not None else "-"
-            table.add_row(str(at["step"]), at["model"], str(s["index"]), str(s["tokens"]), reward,
-                          s["completion"].replace("\n", "⏎")[:120])  # fmt: skip
-    console.print(table)
+    rows = [(str(at["step"]), at["model"], str(s["index"]), str(s["tokens"]),
+             f"{s['reward']:.3f}" if s["reward"] is not None else "-", s["completion"].replace("\n", "⏎")[:120])
+            for at in data for s in at["samples"]]  # fmt: skip
+    print_table(("step", "model", "#", "tokens", "reward", "completion"), rows, ids=())

@@ -8,8 +8,8 @@ import time
 from typing import NoReturn
 
 import typer
-from rich.console import Console
 from rich import box
+from rich.console import Console
 from rich.table import Table
 
 console = Console(width=None if sys.stdout.isatty() else 250)  # piped output: no truncated tables
@@ -34,7 +34,9 @@ def print_table(columns: tuple[str, ...], rows: list[tuple[str, ...]], ids: tupl
     """A Rich table whose id columns are never wrapped, folded or cut, whatever the terminal's width: an id must
     be whole on one line to be copied into the next command. Other columns fold; a line wider than the terminal
     is left for the terminal to wrap rather than cut."""
-    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)  # no vertical rules: the width goes to the text
+    t = Table(
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )  # no vertical rules: the width goes to the text
     for i, name in enumerate(columns):
         if name in ids:
             width = max([len(name), *(len(r[i]) for r in rows)])

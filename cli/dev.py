@@ -89,6 +89,8 @@ def demo(data_dir: Path = Path(".prefq-demo")) -> None:
     console.print(f"held-out reward accuracy: {final['eval_metrics']['eval_rewards/accuracies']:.3f} ({curve})")
     if policy and policy[0]["samples"] and policy[-1]["samples"]:
         first, last = policy[0]["samples"][0], policy[-1]["samples"][0]
-        console.print(f"held-out prompt {first['prompt']!r}: step {policy[0]['step']} wrote {first['completion']!r}, "
-                      f"step {policy[-1]['step']} wrote {last['completion']!r} (prefq samples {final['id']})")
+        console.print(
+            f"held-out prompt {first['prompt']!r}: step {policy[0]['step']} wrote {first['completion']!r}, "
+            f"step {policy[-1]['step']} wrote {last['completion']!r} (prefq samples {final['id']})"
+        )
     console.print(f"model: {final['result_uri']}")

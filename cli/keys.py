@@ -28,7 +28,9 @@ def create(tenant: str = typer.Option(..., help="The tenant whose data the key r
            label: str = typer.Option("", help="What the key is for")) -> None:  # fmt: skip
     """Make a key and print it, once: only its hash is kept."""
     if not re.fullmatch(TENANT_PATTERN, tenant):
-        errors.print(f"[red]error:[/red] --tenant: {tenant!r} is not a tenant name (lowercase letters, digits, - and _)")
+        errors.print(
+            f"[red]error:[/red] --tenant: {tenant!r} is not a tenant name (lowercase letters, digits, - and _)"
+        )
         raise typer.Exit(2)
     row, key = _store().create(tenant, admin, label)
     console.print(f"key {row.id} for tenant {row.tenant}{' (admin)' if row.admin else ''}:")

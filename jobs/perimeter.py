@@ -10,9 +10,11 @@ References (`model`, `dataset`, `eval_dataset`) may only be:
 Anything else is refused with the field named, before anything is looked up: the answer never tells whether a
 path exists outside what the tenant may read.
 
-Callback URLs: http or https, no credentials, and a host none of whose addresses is a cloud metadata address
-(always refused) or loopback, private, link-local, unique-local, multicast or reserved (refused unless the
-operator allows private callbacks). The worker checks again right before each delivery (DNS rebinding).
+Callback URLs: http or https, no credentials, and a host every address of which is global unicast (`ipaddress`'s
+`is_global`; refused otherwise unless the operator allows private callbacks) and none a cloud metadata address
+(always refused). An IPv6 address that carries an IPv4 one (IPv4-mapped or -compatible, SIIT, 6to4, Teredo,
+NAT64) is judged by that IPv4 address too, since it reaches it. The worker checks again right before each delivery
+(DNS rebinding).
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from jobs import modelref
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 METADATA = {ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "169.254.170.2")}
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052's well-known prefix: the IPv4 address is the last 32 bits
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215, for local use: any RFC 6052 prefix length
+EMBEDDED = (ipaddress.ip_network("::/96"), ipaddress.ip_network("::ffff:0:0:0/96"))  # IPv4-compatible, SIIT
+# Not global whatever Python says (the IANA registry marks them not globally reachable; Python before 3.12.4 calls
+# them global): 6to4 relays and local NAT64 reach IPv4 hosts, and IPv4-compatible and SIIT forms are not routed.
+NOT_GLOBAL = (ipaddress.ip_network("2002::/16"), NAT64_LOCAL, *EMBEDDED)
 
 
 class Refused(ValueError):
@@ -100,13 +108,36 @@ def check_callback_url(url: str, allow_private: bool, resolve=socket.getaddrinfo
         raise Refused("callback_url", f"the host {host!r} does not resolve") from None
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if address in METADATA:
+        judged = [address, *_carried(address)]
+        if any(a in METADATA for a in judged):
             raise Refused("callback_url", "cloud metadata addresses are never allowed")
-        private = (address.is_private or address.is_loopback or address.is_link_local or address.is_multicast
-                   or address.is_reserved or address.is_unspecified)  # fmt: skip
-        if private and not allow_private:
-            raise Refused("callback_url", f"{host} resolves to {address}, an internal address; callbacks go to public "
-                                          "hosts (PREFQ_CALLBACK_ALLOW_PRIVATE=true allows internal ones)")
+        if not allow_private and not all(map(_global, judged)):
+            raise Refused("callback_url", f"{host} resolves to {address}, not a global address; callbacks go "
+                                          "to public hosts (PREFQ_CALLBACK_ALLOW_PRIVATE=true allows internal ones)")
     return infos[0][4][0]
+
+
+def _global(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally reachable unicast (Python calls multicast global: no TCP connection goes there)."""
+    return address.is_global and not address.is_multicast and not any(address in n for n in NOT_GLOBAL)
+
+
+def _carried(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries, that a packet to it may reach (a relay or translator on the way).
+    For the local NAT64 prefix, whose length the network chooses, every place RFC 6052 allows."""
+    if address.version == 4:
+        return []
+    value = int(address)
+    carried = [a for a in (address.ipv4_mapped, address.sixtofour, *(address.teredo or ())) if a is not None]
+    if address in NAT64 or any(address in n for n in EMBEDDED):
+        carried.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+    if address in NAT64_LOCAL:
+        carried += [_rfc6052(value, prefix) for prefix in (48, 56, 64, 96)]
+    return carried
+
+
+def _rfc6052(value: int, prefix: int) -> ipaddress.IPv4Address:
+    """The IPv4 address in the 32 bits after a `prefix`-bit NAT64 prefix, bits 64-71 (the "u" octet) skipped."""
+    bits = (value >> 64 << 56) | (value & ((1 << 56) - 1))  # 120 bits: the address without its u octet
+    start = prefix if prefix <= 64 else prefix - 8
+    return ipaddress.IPv4Address(bits >> (120 - 32 - start) & 0xFFFFFFFF)

@@ -67,7 +67,9 @@ class Registry:
     def _promote(self, job: Job, name: str, fine_tuned_model: str, aliases: list[str],
                  description: str | None) -> ModelVersion:  # fmt: skip
         with session(self.engine) as s:
-            model = s.get(RegisteredModel, (job.tenant, name))
+            # The name's row is locked (PostgreSQL) so that concurrent promotes of one name take numbers in turn
+            # instead of colliding; only the first promote of a new name can collide, and is retried.
+            model = s.get(RegisteredModel, (job.tenant, name), with_for_update=True)
             if model is None:
                 model = RegisteredModel(tenant=job.tenant, name=name, description=description)
                 s.add(model)

@@ -4,13 +4,12 @@ last) is there."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from api.deps import Services
 from api.schemas import SamplesAtStep
 from api.service.errors import Conflict
 from api.service.events import all_events
 from jobs import layout
+from jobs.layout import StoredCheckpoint
 from jobs.models import Job, JobStatus
 from training.events import metrics_by_step, metrics_of
 from training.spec import MANIFEST_NAME
@@ -18,23 +17,10 @@ from training.spec import MANIFEST_NAME
 MAX_SAMPLE_EVENTS = 1000
 
 
-@dataclass
-class Checkpoint:
-    step: int
-    prefix: str  # its storage key prefix, ending in "/"
-    keys: list[str]  # every file's key
-
-    def names(self) -> list[str]:
-        """Its files, relative to the checkpoint."""
-        return [k[len(self.prefix) :] for k in self.keys]
-
-
-def checkpoints(svc: Services, job: Job) -> list[Checkpoint]:
-    """The job's complete checkpoints, newest first."""
-    keys = svc.storage.list(layout.checkpoints_prefix(job.tenant, job.id))
-    steps = layout.complete_checkpoints(job.tenant, job.id, keys, MANIFEST_NAME)
-    return [Checkpoint(step, prefix, [k for k in keys if k.startswith(prefix)])
-            for step, prefix in sorted(steps.items(), reverse=True)]
+def checkpoints(svc: Services, job: Job) -> list[StoredCheckpoint]:
+    """The job's complete checkpoints, newest first (`jobs.layout.list_checkpoints`)."""
+    found = layout.list_checkpoints(svc.storage, job.tenant, job.id, MANIFEST_NAME)
+    return [found[step] for step in sorted(found, reverse=True)]
 
 
 def model_files(svc: Services, job: Job) -> tuple[str, list[str]]:

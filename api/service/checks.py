@@ -6,6 +6,7 @@ POST /jobs runs on the event loop (no thread per request): what may block goes t
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -17,8 +18,7 @@ from api.auth import Principal
 from api.deps import Services
 from api.schemas import JobCreate
 from api.service.errors import Invalid, TooMany
-from jobs import layout, modelref
-from jobs.models import JobStatus, ModelVersion
+from jobs import modelref
 from jobs.perimeter import Refused, check_callback_url, confine
 from storage import StorageError, open_uri
 from training.spec import MANIFEST_NAME, TrainingSpec, describe_errors
@@ -66,46 +66,34 @@ def _uri_exists(svc: Services, uri: str, field: str, suffix: str = "") -> bool:
         raise Invalid("invalid_uri", str(exc), field) from None
 
 
-async def model(svc: Services, who: Principal, ref: str) -> str:
-    """A model the tenant may read: under its storage prefix, a shared prefix, or a model root; a hub id (that the
-    hub has, where it can be asked); or a succeeded job of the tenant's, named by its id or its fine-tuned model
-    name, which becomes that name (`jobs.modelref`)."""
-    ref = _confine(svc, who, ref, "model", models=True)
-    parsed = modelref.parse(ref)
-    if parsed.kind == "hub":
-        await _on_the_hub(svc, parsed, ref)
-        return ref
-    if parsed.kind == "job":
-        return await run_in_threadpool(_fine_tuned, svc, who, ref, parsed)
-    if "://" in ref:
-        found = await run_in_threadpool(_uri_exists, svc, ref, "model", "/config.json")
-    else:
-        found = (Path(ref) / "config.json").is_file()  # one local stat: cheaper than a thread hop
-    if not found:
-        raise Invalid("model_not_found", f"no model folder (config.json) at {ref}", "model")
-    return ref
-
-
-def registered(svc: Services, who: Principal, ref: str) -> ModelVersion | None:
-    """The registered model version `ref` names in the tenant's registry (`models:/...`, or a bare name the tenant
-    has registered); None when `ref` is something else (a bare name the tenant has not registered is a hub id)."""
+async def model(svc: Services, who: Principal, ref: str) -> modelref.Resolved:
+    """What `model` gives the tenant (`jobs.modelref.resolve`): a registered version becomes its fine-tuned model,
+    and a succeeded job of the tenant's, named by its id or its fine-tuned model name, becomes that name; then the
+    name must be one the tenant may read (under its storage prefix, a shared prefix, a model root, or an allowed hub
+    id) and exist (a folder with config.json, or a hub id the hub has, where it can be asked)."""
     try:
-        parsed = modelref.parse(ref)
-    except modelref.BadModelRef:
-        return None  # `model` says why
-    wanted = parsed if parsed.kind == "registered" else modelref.as_registered(parsed)
-    if wanted is None:
-        return None
-    version = svc.registry.resolve(who.tenant, wanted.value, wanted.step, wanted.revision)
-    if version is not None:
-        return version
-    if svc.registry.get(who.tenant, wanted.value) is None:
-        if parsed.kind == "hub":
-            return None
-        raise Invalid("model_not_found", f"{wanted.value} is not a registered model of this tenant's", "model")
-    missing = (f"no version {wanted.step}" if wanted.step is not None else
-               f"no alias {wanted.revision!r}" if wanted.revision else "no versions")  # fmt: skip
-    raise Invalid("model_not_found", f"the registered model {wanted.value} has {missing}", "model")
+        modelref.parse(ref)
+    except modelref.BadModelRef as exc:
+        _confine(svc, who, ref, "model", models=True)  # says why, as for any reference it refuses
+        raise Invalid("reference_not_allowed", str(exc), "model") from None
+    try:
+        resolved = await run_in_threadpool(modelref.resolve, ref, who.tenant, svc.store, svc.registry, svc.storage,
+                                           MANIFEST_NAME)
+    except modelref.ModelNotFound as exc:
+        raise Invalid("model_not_found", exc.message, exc.field) from None
+    name = _confine(svc, who, resolved.name, "model", models=True)
+    if resolved.job is not None:
+        return replace(resolved, name=resolved.fine_tuned_model)
+    if resolved.ref.kind == "hub":
+        await _on_the_hub(svc, resolved.ref, name)
+        return replace(resolved, name=name)
+    if "://" in name:
+        found = await run_in_threadpool(_uri_exists, svc, name, "model", "/config.json")
+    else:
+        found = (Path(name) / "config.json").is_file()  # one local stat: cheaper than a thread hop
+    if not found:
+        raise Invalid("model_not_found", f"no model folder (config.json) at {name}", "model")
+    return replace(resolved, name=name)  # a local folder by its real path
 
 
 HUB_TIMEOUT_S = 3.0
@@ -130,20 +118,6 @@ async def _on_the_hub(svc: Services, ref: modelref.ModelRef, name: str) -> None:
     if answer.status_code == 404 or answer.headers.get("x-error-code") in ("RepositoryNotFound", "RevisionNotFound"):
         raise Invalid("model_not_found", f"{name} is not on the hub ({s.hf_endpoint}), or not readable with this "
                       "server's token", "model")
-
-
-def _fine_tuned(svc: Services, who: Principal, ref: str, parsed: modelref.ModelRef) -> str:
-    source = svc.store.get_job(parsed.value)
-    if source is None or source.tenant != who.tenant:
-        raise Invalid("model_not_found", f"no fine-tuned model {ref!r}", "model")
-    if source.status != JobStatus.succeeded:
-        raise Invalid("model_not_found", f"job {source.id} is {source.status.value}; its model can be named once it "
-                      "has succeeded", "model")
-    if parsed.step is not None:
-        keys = svc.storage.list(layout.checkpoints_prefix(source.tenant, source.id))
-        if parsed.step not in layout.complete_checkpoints(source.tenant, source.id, keys, MANIFEST_NAME):
-            raise Invalid("model_not_found", f"job {source.id} has no checkpoint at step {parsed.step}", "model")
-    return modelref.fine_tuned_name(source.model, source.tenant, source.suffix, source.id, parsed.step)
 
 
 async def callback_url(svc: Services, url: str) -> None:

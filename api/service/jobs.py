@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from starlette.concurrency import run_in_threadpool
-
 from api.auth import Principal
 from api.deps import Services, dispatch_callback
 from api.schemas import JobCreate
@@ -52,21 +50,20 @@ async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key:
     `suffix` and `integrations`)."""
     dataset_id = await checks.dataset(svc, who, req.dataset, req.method, "dataset")
     eval_id = await checks.dataset(svc, who, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
-    version = await run_in_threadpool(checks.registered, svc, who, req.model)
-    model = await checks.model(svc, who, version.fine_tuned_model if version else req.model)
+    model = await checks.model(svc, who, req.model)
     checks.spec(svc, req)
     if req.callback_url:
         await checks.callback_url(svc, str(req.callback_url))
     await checks.room_for(svc, who)
     if idempotency_key:  # keys are per tenant: another tenant's key names nothing here
         idempotency_key = f"{who.tenant}:{idempotency_key}"
-    job = Job(id=new_id("job"), tenant=who.tenant, method=req.method, trainer=req.trainer, gpus=req.gpus, model=model,
+    job = Job(id=new_id("job"), tenant=who.tenant, method=req.method, trainer=req.trainer, gpus=req.gpus, model=model.name,
               dataset_id=dataset_id, eval_dataset_id=eval_id, hyperparameters=req.hyperparameters,
               callback_url=str(req.callback_url) if req.callback_url else None, user_metadata=req.metadata,
               idempotency_key=idempotency_key, max_attempts=svc.settings.max_attempts, **row)
     warnings = unschedulable(await svc.live_workers(), job.gpus)
     events = [("queued", {"queue": gpu_queue(job.gpus)})] + [("unschedulable", {"message": w}) for w in warnings]
-    if version is not None:  # pinned: moving the alias later does not change what this job trains on
+    if (version := model.version) is not None:  # pinned: moving the alias later changes nothing for this job
         events.append(("registered_model", {"requested": req.model, "name": version.name, "version": version.version,
                                             "model": version.fine_tuned_model}))
     try:

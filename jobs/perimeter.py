@@ -88,7 +88,7 @@ def confine(ref: str, field: str, tenant: str, storage_root: str, shared: list[s
         if any(real == r or real.startswith(r.rstrip("/") + "/") for r in map(os.path.realpath, roots)):
             return real
     raise Refused(field, "not a location this key may read: use ids, storage URIs under this tenant's prefix"
-                         + (", or a folder under a model root the operator lists" if models else ""))
+                         + (", or a folder under one of this server's model roots (PREFQ_MODEL_ROOTS)" if models else ""))
 
 
 def check_callback_url(url: str, allow_private: bool, resolve=socket.getaddrinfo) -> str:

@@ -56,6 +56,18 @@ def test_hub_ids_are_confined_to_the_operators_patterns():
     assert confine(f"ft:x:alpha:s:{JOB}", *args, []) == f"ft:x:alpha:s:{JOB}", "the caller checks the owner"
 
 
+def test_a_refused_local_folder_names_the_setting_that_would_allow_it(tmp_path):
+    """A newcomer's `--model ./my-model` outside the model roots: the answer says which setting lists them, and
+    tells nothing of the folder itself (whether it exists)."""
+    args = ("model", "alpha", "s3://b", [], [str(tmp_path / "roots")], True)
+    with pytest.raises(Refused, match="PREFQ_MODEL_ROOTS") as refused:
+        confine(str(tmp_path / "my-model"), *args)
+    assert str(tmp_path) not in refused.value.message
+    with pytest.raises(Refused) as refused:
+        confine(str(tmp_path / "my-data.jsonl"), "dataset", "alpha", "s3://b", [], [str(tmp_path)], False)
+    assert "PREFQ_MODEL_ROOTS" not in refused.value.message, "datasets are never local folders"
+
+
 def test_metadata_filter_events_newest_first_and_files_in_use(store):  # noqa: F811
     a, _ = create(store, tenant="t", user_metadata={"team": "search", "run": "1"}, dataset_id="ds_a")
     b, _ = create(store, tenant="t", user_metadata={"team": "ads"}, eval_dataset_id="ds_a")

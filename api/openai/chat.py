@@ -22,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from api.auth import Caller
 from api.deps import Services, services
 from api.errors import APIError, openai_body, openai_responses
+from api.openai import types
 from api.service import playground
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -169,12 +170,13 @@ async def _generate(svc: Services, tenant: str, req: Sampling, kind: str, inputs
     return {**head, "object": "text_completion", "choices": [answer], "usage": _usage(done)}
 
 
-RESPONSES = {**openai_responses(401, 404, 502, 503, 504),
-             200: {"content": {"application/json": {}, "text/event-stream": {}},
-                   "description": "The completion; with `stream: true`, Server-Sent Events of chunks, then [DONE]"}}  # fmt: skip
+def _responses(model: type) -> dict:
+    return {**openai_responses(401, 404, 502, 503, 504),
+            200: {"model": model, "content": {"text/event-stream": {}},
+                  "description": "The completion; with `stream: true`, Server-Sent Events of chunks, then [DONE]"}}
 
 
-@router.post("/chat/completions", responses=RESPONSES, response_model=None)
+@router.post("/chat/completions", responses=_responses(types.ChatCompletion), response_model=None)
 async def create_chat_completion(req: ChatCompletionCreate, who: Caller, svc: Services = Depends(services)):
     """A reply of a tenant's fine-tuned model to a conversation (the tokenizer's chat template renders it)."""
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -185,7 +187,7 @@ async def create_chat_completion(req: ChatCompletionCreate, who: Caller, svc: Se
     return await _generate(svc, who.tenant, req, "chat", {"messages": messages}, max_tokens)
 
 
-@router.post("/completions", responses=RESPONSES, response_model=None)
+@router.post("/completions", responses=_responses(types.Completion), response_model=None)
 async def create_completion(req: CompletionCreate, who: Caller, svc: Services = Depends(services)):
     """A continuation of a text by a tenant's fine-tuned model (no chat template)."""
     if isinstance(req.prompt, list) and len(req.prompt) != 1:

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import Caller, Principal
 from api.deps import Cursor, DatasetId, Services, services
 from api.errors import APIError, not_found, openai_responses
-from api.openai import shapes
+from api.openai import shapes, types
 from api.service import datasets
 from api.service.errors import Invalid
 from jobs.models import Dataset, Job, new_id
@@ -41,7 +41,7 @@ def _results_csv(svc: Services, job: Job) -> bytes:
     return shapes.metrics_csv(job.method, events)
 
 
-@router.post("/files", responses=openai_responses(401, 413))
+@router.post("/files", response_model=types.FileObject, responses=openai_responses(401, 413))
 def create_file(who: Caller, file: UploadFile = File(description="JSONL, one example per line"),
                 purpose: str = Form(description='"fine-tune"'), svc: Services = Depends(services)) -> dict:  # fmt: skip
     """Upload a training or validation file (`purpose` "fine-tune"); it is validated at once."""
@@ -60,7 +60,7 @@ def create_file(who: Caller, file: UploadFile = File(description="JSONL, one exa
     return shapes.file_object(dataset)
 
 
-@router.get("/files", responses=openai_responses(401))
+@router.get("/files", response_model=types.FileList, responses=openai_responses(401))
 def list_files(who: Caller, purpose: str | None = None, limit: int = Query(10_000, ge=1, le=10_000),
                order: str = Query("desc", pattern="^desc$", description="newest first (only)"),
                after: Cursor | None = None, svc: Services = Depends(services)) -> dict:  # fmt: skip
@@ -73,7 +73,7 @@ def list_files(who: Caller, purpose: str | None = None, limit: int = Query(10_00
             "last_id": data[-1]["id"] if data else None}  # fmt: skip
 
 
-@router.get("/files/{file_id}", responses=openai_responses(401, 404))
+@router.get("/files/{file_id}", response_model=types.FileObject, responses=openai_responses(401, 404))
 def retrieve_file(file_id: DatasetId, who: Caller, svc: Services = Depends(services)) -> dict:
     job = _results_job(svc, who, file_id)
     if job is not None:
@@ -100,7 +100,7 @@ async def file_content(file_id: DatasetId, who: Caller, svc: Services = Depends(
     return Response(data, media_type="application/jsonl")
 
 
-@router.delete("/files/{file_id}", responses=openai_responses(401, 404, 409, 503))
+@router.delete("/files/{file_id}", response_model=types.FileDeleted, responses=openai_responses(401, 404, 409, 503))
 def delete_file(file_id: DatasetId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Delete a file. A file that an unfinished job trains on is kept until the job has finished (409)."""
     dataset = _own_dataset(svc, who, file_id)

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import Caller
 from api.deps import Cursor, JobId, Services, services
 from api.errors import APIError, face, openai_responses, status_of
-from api.openai import shapes
+from api.openai import shapes, types
 from api.schemas import JobCreate, Text
 from api.service import artifacts, events
 from api.service import jobs as service
@@ -165,7 +165,7 @@ def _named(exc: ServiceError) -> tuple[str, str, str | None]:
 face("/v1/", _named)
 
 
-@router.post("/jobs", responses=openai_responses(401, 429, 503))
+@router.post("/jobs", response_model=types.FineTuningJob, responses=openai_responses(401, 429, 503))
 async def create_job(req: FineTuningJobCreate, who: Caller,
                      idempotency_key: str | None = Header(None, max_length=200, pattern=r"^[\x21-\x7e]+$"),
                      svc: Services = Depends(services)) -> dict:  # fmt: skip
@@ -189,7 +189,7 @@ async def create_job(req: FineTuningJobCreate, who: Caller,
     return shapes.fine_tuning_job(done.job)
 
 
-@router.get("/jobs", responses=openai_responses(401))
+@router.get("/jobs", response_model=types.FineTuningJobList, responses=openai_responses(401))
 def list_jobs(request: Request, who: Caller, after: Cursor | None = None,
               limit: int = Query(20, ge=1, le=100), svc: Services = Depends(services)) -> dict:  # fmt: skip
     """The tenant's jobs, newest first; `metadata[key]=value` keeps the jobs whose metadata holds that pair."""
@@ -205,30 +205,30 @@ def list_jobs(request: Request, who: Caller, after: Cursor | None = None,
     return {"object": "list", "data": data, "has_more": more}
 
 
-@router.get("/jobs/{job_id}", responses=openai_responses(401, 404))
+@router.get("/jobs/{job_id}", response_model=types.FineTuningJob, responses=openai_responses(401, 404))
 def retrieve_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     return shapes.fine_tuning_job(service.owned(svc, who, job_id))
 
 
-@router.post("/jobs/{job_id}/cancel", responses=openai_responses(401, 404, 409))
+@router.post("/jobs/{job_id}/cancel", response_model=types.FineTuningJob, responses=openai_responses(401, 404, 409))
 def cancel_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Cancel: a queued job at once, a running one once its run has stopped (answered as `cancelled` meanwhile)."""
     return shapes.fine_tuning_job(service.cancel(svc, who, job_id))
 
 
-@router.post("/jobs/{job_id}/pause", responses=openai_responses(401, 404, 409))
+@router.post("/jobs/{job_id}/pause", response_model=types.FineTuningJob, responses=openai_responses(401, 404, 409))
 def pause_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Pause: the run saves a checkpoint and stops, freeing its devices; `resume` queues it again from there."""
     return shapes.fine_tuning_job(service.pause(svc, who, job_id))
 
 
-@router.post("/jobs/{job_id}/resume", responses=openai_responses(401, 404, 409, 503))
+@router.post("/jobs/{job_id}/resume", response_model=types.FineTuningJob, responses=openai_responses(401, 404, 409, 503))
 def resume_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Resume a paused job: a new attempt, from its newest checkpoint."""
     return shapes.fine_tuning_job(service.resume(svc, who, job_id))
 
 
-@router.get("/jobs/{job_id}/events", responses=openai_responses(401, 404))
+@router.get("/jobs/{job_id}/events", response_model=types.FineTuningJobEventList, responses=openai_responses(401, 404))
 def list_events(job_id: JobId, who: Caller, after: str | None = Query(None, max_length=200),
                 limit: int = Query(20, ge=1, le=1000), svc: Services = Depends(services)) -> dict:  # fmt: skip
     """The job's events, newest first; pass the last id as `after` for older ones."""
@@ -260,7 +260,8 @@ def _checkpoints(svc: Services, job: Job) -> list[dict]:
     return out
 
 
-@router.get("/jobs/{job_id}/checkpoints", responses=openai_responses(401, 404))
+@router.get("/jobs/{job_id}/checkpoints", response_model=types.FineTuningJobCheckpointList,
+            responses=openai_responses(401, 404))
 async def list_checkpoints(job_id: JobId, who: Caller, after: str | None = Query(None, max_length=200),
                            limit: int = Query(10, ge=1, le=100), svc: Services = Depends(services)) -> dict:  # fmt: skip
     """The job's complete checkpoints, newest first; each names a model that a new job can start from."""

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 from api.auth import Caller, Principal
 from api.deps import Services, services
 from api.errors import not_found, openai_responses
-from api.openai import shapes
+from api.openai import shapes, types
 from jobs import modelref
 from jobs.models import JobStatus
 
@@ -32,12 +32,12 @@ def _models(svc: Services, who: Principal) -> list[dict]:
     return base + tuned + registered
 
 
-@router.get("/models", responses=openai_responses(401))
+@router.get("/models", response_model=types.ModelList, responses=openai_responses(401))
 def list_models(who: Caller, svc: Services = Depends(services)) -> dict:
     return {"object": "list", "data": _models(svc, who)}
 
 
-@router.get("/models/{model:path}", responses=openai_responses(401, 404))
+@router.get("/models/{model:path}", response_model=types.Model, responses=openai_responses(401, 404))
 def retrieve_model(model: str, who: Caller, svc: Services = Depends(services)) -> dict:
     for m in _models(svc, who):
         if m["id"] == model:

@@ -5,9 +5,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """A list of OpenAI's (`SyncPage`, `SyncCursorPage`): `data`, and whether more follow."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+
+
+class CursorPage(Page[T], Generic[T]):
+    first_id: str | None
+    last_id: str | None
 
 
 class FileObject(BaseModel):
@@ -20,14 +35,6 @@ class FileObject(BaseModel):
     status: str
     status_details: str | None = None
     expires_at: int | None = None
-
-
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FileObject]
-    has_more: bool
-    first_id: str | None
-    last_id: str | None
 
 
 class FileDeleted(BaseModel):
@@ -85,12 +92,6 @@ class FineTuningJob(BaseModel):
     prefq: PrefqJob
 
 
-class FineTuningJobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningJob]
-    has_more: bool
-
-
 class FineTuningJobEvent(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
@@ -101,12 +102,6 @@ class FineTuningJobEvent(BaseModel):
     data: dict[str, Any]
 
 
-class FineTuningJobEventList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningJobEvent]
-    has_more: bool
-
-
 class FineTuningJobCheckpoint(BaseModel):
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
@@ -115,14 +110,6 @@ class FineTuningJobCheckpoint(BaseModel):
     fine_tuning_job_id: str
     step_number: int
     metrics: dict[str, Any]
-
-
-class FineTuningJobCheckpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningJobCheckpoint]
-    has_more: bool
-    first_id: str | None
-    last_id: str | None
 
 
 class Model(BaseModel):
@@ -149,39 +136,45 @@ class ChatMessageOut(BaseModel):
     refusal: str | None = None
 
 
-class ChatChoice(BaseModel):
+class Choice(BaseModel):
     index: int
-    message: ChatMessageOut
     logprobs: None = None
     finish_reason: str
 
 
-class ChatCompletion(BaseModel):
+class ChatChoice(Choice):
+    message: ChatMessageOut
+
+
+class CompletionChoice(Choice):
+    text: str
+
+
+C = TypeVar("C", bound=Choice)
+
+
+class Answer(BaseModel, Generic[C]):
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[C]
+    usage: Usage
+
+
+class ChatCompletion(Answer[ChatChoice]):
     """Without `stream`; with it, Server-Sent Events of `chat.completion.chunk` objects, then `[DONE]`."""
 
-    id: str
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChatChoice]
-    usage: Usage
 
 
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: None = None
-    finish_reason: str
-
-
-class Completion(BaseModel):
+class Completion(Answer[CompletionChoice]):
     """Without `stream`; with it, Server-Sent Events of `text_completion` chunks, then `[DONE]`."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[CompletionChoice]
-    usage: Usage
+
+
+FileList = CursorPage[FileObject]
+FineTuningJobList = Page[FineTuningJob]
+FineTuningJobEventList = Page[FineTuningJobEvent]
+FineTuningJobCheckpointList = CursorPage[FineTuningJobCheckpoint]

@@ -34,7 +34,8 @@ def dev(port: int = 8000, flower_port: int = 5555, data_dir: Path = Path(".prefq
                   f"http://127.0.0.1:{flower_port}, data in {data_dir.resolve()}; Ctrl-C stops everything")  # fmt: skip
     if created:
         console.print(f"admin key (tenant default; shown once, also in {data_dir.resolve() / 'admin-key'}): {key}")
-    console.print(f"the CLI uses it from {saved}; models may be folders under {data_dir.resolve()}")
+    roots = env["PREFQ_MODEL_ROOTS"].replace(",", ", ")
+    console.print(f"the CLI uses it from {saved}; models may be folders under {roots} (PREFQ_MODEL_ROOTS)")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         while all(p.poll() is None for p in procs):

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import httpx
 
-from jobs.db import upgrade
+from jobs.db import make_engine, upgrade
+from jobs.store import JobStore
 from settings import Settings
 from training.parent import die_with_parent  # a killed `prefq dev` leaves no broker, API or worker behind
+
+WORKER_NAME = "prefq-worker@"  # the stack's training worker, `prefq-worker@<host>`
 
 
 def free_port() -> int:
@@ -74,23 +77,35 @@ def stop(procs: list[subprocess.Popen], timeout_s: float = 90.0) -> None:
         proc.wait()
 
 
+def _secret(path: Path) -> str:
+    """A random secret kept in `path` (0600), made on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    return path.read_text()
+
+
 def dev_env(data_dir: Path, broker_port: int, api_port: int, cpu_devices: int, serve_port: int) -> dict:
-    secret_file = data_dir / "callback-secret"
-    if not secret_file.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        secret_file.write_text(secrets.token_hex(32))
+    """The environment of the stack's processes. Models may be folders under the user's PREFQ_MODEL_ROOTS, the
+    data folder and the folder the stack was started in. The callback secret and the token that the API sends
+    to `prefq serve` (unless PREFQ_SERVE_TOKEN is set) are made on first start and kept under the data folder."""
+    settings = Settings()
+    roots = [*settings.model_roots, str(data_dir), os.getcwd()]
+    token = settings.serve_token.get_secret_value() if settings.serve_token else _secret(data_dir / "serve-token")
     env = dict(os.environ)
     env.update(PREFQ_DATA_DIR=str(data_dir), PREFQ_BROKER_URL=f"redis://127.0.0.1:{broker_port}/0",
-               PREFQ_API_URL=f"http://127.0.0.1:{api_port}", PREFQ_CALLBACK_SECRET=secret_file.read_text(),
+               PREFQ_API_URL=f"http://127.0.0.1:{api_port}", PREFQ_CALLBACK_SECRET=_secret(data_dir / "callback-secret"),
                PREFQ_CPU_DEVICES=str(cpu_devices), FLOWER_UNAUTHENTICATED_API="true",
-               PREFQ_MODEL_ROOTS=str(data_dir), PREFQ_SERVE_URL=f"http://127.0.0.1:{serve_port}")  # fmt: skip
+               PREFQ_MODEL_ROOTS=",".join(dict.fromkeys(roots)), PREFQ_SERVE_URL=f"http://127.0.0.1:{serve_port}",
+               PREFQ_SERVE_TOKEN=token)  # fmt: skip
     return env
 
 
 def admin_key(data_dir: Path) -> tuple[str, bool]:
     """The dev stack's admin key (tenant `default`), created on first start and kept in `<data>/admin-key`
     (0600); returns it and whether it is new."""
-    from jobs.db import make_engine
     from jobs.keys import KeyStore
 
     data_dir = data_dir.resolve()
@@ -108,6 +123,7 @@ def admin_key(data_dir: Path) -> tuple[str, bool]:
 def start_stack(data_dir: Path, api_port: int, flower_port: int | None, cpu_devices: int = 2,
                 log_dir: Path | None = None, api_workers: int = 1) -> tuple[list[subprocess.Popen], dict]:  # fmt: skip
     """Start everything; returns the processes (broker first) and the environment that reaches them."""
+    started = time.time()
     data_dir = data_dir.resolve()
     log_dir = log_dir or data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +134,7 @@ def start_stack(data_dir: Path, api_port: int, flower_port: int | None, cpu_devi
     upgrade(Settings(data_dir=data_dir).database_url)
     services = {
         "api": prefq_command("api", "--port", str(api_port), "--workers", str(api_workers)),
-        "worker": prefq_command("worker"),
+        "worker": prefq_command("worker", "--name", f"{WORKER_NAME}%h"),
         "service-worker": prefq_command("worker", "--service"),
         "serve": prefq_command("serve", "--port", str(serve_port)),
     }
@@ -129,15 +145,21 @@ def start_stack(data_dir: Path, api_port: int, flower_port: int | None, cpu_devi
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                       preexec_fn=die_with_parent))  # fmt: skip
         log.close()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{api_port}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
+    deadline = time.monotonic() + 90
+    while not _ready(api_port, JobStore(make_engine(Settings(data_dir=data_dir).database_url)), started):
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             stop(procs)
             raise RuntimeError(f"the dev stack did not come up; see the logs in {log_dir}")
         time.sleep(0.3)
     return procs, env
+
+
+def _ready(api_port: int, store: JobStore, started: float) -> bool:
+    """The API answers ready and this stack's training worker has registered (its heartbeat row is newer than the
+    stack): a job submitted now gets no "no live worker" warning."""
+    try:
+        if httpx.get(f"http://127.0.0.1:{api_port}/readyz", timeout=2).status_code != 200:
+            return False
+    except httpx.HTTPError:
+        return False
+    return any(w.name.startswith(WORKER_NAME) for w in store.workers(live_since=started))

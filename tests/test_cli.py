@@ -113,3 +113,60 @@ def test_a_submit_whose_answer_is_lost_is_sent_again_and_makes_one_job(api, tmp_
         job_id = submitted(tmp_path, micro_model)
     assert len(sent) == 2 and sent[0] and sent[0] == sent[1]
     assert [j["id"] for j in json.loads(prefq("list", "--json"))] == [job_id]
+
+
+def test_the_dev_stack_keeps_the_users_model_roots_and_gives_serve_a_token(tmp_path, monkeypatch):
+    """`prefq dev`'s environment: the user's PREFQ_MODEL_ROOTS, its data folder and the folder it was started in;
+    a serve token made on first start and kept (0600) under the data folder, like the callback secret."""
+    from cli.stack import dev_env
+
+    data, shared, project = tmp_path / "data", tmp_path / "shared", tmp_path / "project"
+    project.mkdir()
+    monkeypatch.setenv("PREFQ_MODEL_ROOTS", f"{shared},/srv/models")
+    monkeypatch.chdir(project)
+    env = dev_env(data, 1, 2, 0, 3)
+    assert env["PREFQ_MODEL_ROOTS"].split(",") == [str(shared), "/srv/models", str(data), str(project)]
+    token = env["PREFQ_SERVE_TOKEN"]
+    assert len(token) >= 32 and (data / "serve-token").stat().st_mode & 0o777 == 0o600
+    assert dev_env(data, 1, 2, 0, 3)["PREFQ_SERVE_TOKEN"] == token
+
+
+def test_prefq_dev_takes_models_under_the_users_roots_and_its_folder_and_is_ready_when_it_says(tmp_path, micro_model):
+    """`PREFQ_MODEL_ROOTS=/some/dir prefq dev`, started in a project folder: right after it says it is up, a job on
+    a model under /some/dir and one on a model under the project folder are accepted, with no "no live worker"
+    warning (the stack waited for its worker to register)."""
+    import os
+    import shutil
+    import signal
+
+    from cli.stack import free_port
+
+    shared, project = tmp_path / "shared", tmp_path / "project"
+    shutil.copytree(micro_model, shared / "base")
+    shutil.copytree(micro_model, project / "my-model")
+    (project / "pairs.jsonl").write_bytes(PAIRS)
+    env = {k: v for k, v in python_env().items() if not k.startswith("PREFQ_")}
+    env.update(PREFQ_MODEL_ROOTS=str(shared), XDG_CONFIG_HOME=str(tmp_path / "config"))
+    prefq_bin = str(Path(sys.executable).parent / "prefq")
+    dev = subprocess.Popen([prefq_bin, "dev", "--port", str(free_port()), "--flower-port", "0", "--data-dir",
+                            str(tmp_path / "dev"), "--cpu-devices", "1"], cwd=project, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        for line in dev.stdout:
+            if line.startswith("prefq dev: API"):
+                break
+        else:
+            pytest.fail(f"prefq dev exited ({dev.wait()}); logs in {tmp_path / 'dev' / 'logs'}")
+        ids = []
+        for model in (shared / "base", "./my-model"):
+            out = subprocess.run([prefq_bin, "submit", "pairs.jsonl", "--model", str(model), "--method", "dpo"],
+                                 cwd=project, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert "warning:" not in out.stdout + out.stderr, out.stdout
+            ids.append(next(line for line in out.stdout.splitlines() if line.startswith("job_")))
+        for job_id in ids:
+            subprocess.run([prefq_bin, "cancel", job_id], env=env, capture_output=True, timeout=60, check=True)
+    finally:
+        os.killpg(dev.pid, signal.SIGTERM)
+        dev.wait(120)
+        dev.stdout.close()

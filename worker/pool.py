@@ -27,8 +27,8 @@ from jobs.store import JobStore
 from queue_config import SERVICE_QUEUE
 from settings import Settings
 from worker import health
+from worker.process import stop_run
 from worker.reconciler import LEASE as RECONCILER_LEASE
-from worker.supervisor import stop_run
 from worker.workdir import sweep
 
 log = logging.getLogger("prefq.worker")

@@ -1,5 +1,5 @@
-"""Celery tasks: thin, by id. The logic lives in `worker.supervisor`, `worker.reconciler`, `worker.tracking` and
-`jobs/`."""
+"""Celery tasks: thin, by id. The logic lives in `worker.supervisor` (and the phases of an attempt it runs),
+`worker.reconciler`, `worker.tracking` and `jobs/`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from worker import pool
 from worker.app import app, settings, storage, store
 from worker.callbacks import CallbackError, post_signed
 from worker.reconciler import reconcile_pass
-from worker.supervisor import JobRun
+from worker.supervisor import run_attempt
 from worker.tracking import mirror_model_version as mirror
 
 log = logging.getLogger("prefq.worker")
@@ -46,9 +46,8 @@ def run_job(self, job_id: str, attempt: int) -> None:
     pool.set_current_job(self.request.hostname, job_id)
     try:
         with pool.handing_back_on_sigterm(self.request.hostname):
-            run = JobRun(settings, store(), storage(), job, owner, pool.pid_file(self.request.hostname), claim_sent,
-                         pool.stopping)  # fmt: skip
-            result = run.run()
+            result = run_attempt(settings, store(), storage(), job, owner, pool.pid_file(self.request.hostname),
+                                 claim_sent, pool.stopping)  # fmt: skip
     finally:
         pool.set_current_job(self.request.hostname, None)
     if result.requeued is not None:

@@ -1,7 +1,7 @@
 """Experiment tracking of a job: MLflow runs and W&B offline runs fed from the run's events, and the MLflow mirror
 of the model registry. Torch-free: `mlflow` (the skinny client is enough) and `wandb` are imported when first used.
 
-`JobRun` calls `Tracker.start(params)` once the spec is written, `on_event(kind, data)` for each event and
+The attempt calls `Tracker.start(params)` once the spec is written, `on_event(kind, data)` for each event and
 `finish(status, result_uri)` when the attempt ends (status None: handed back, a later attempt goes on). Each sink
 runs on its own thread behind a bounded queue: a slow or unreachable tracking server costs dropped events and a
 warning in the worker's log, never the job; the end waits for the sinks at most `FLUSH_S`.

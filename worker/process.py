@@ -1,0 +1,91 @@
+"""An attempt's run: `python -m training run` as a child process of the worker, which never imports torch.
+
+The run gets a process group of its own, so that a signal reaches every process of it (the ranks that
+`accelerate launch` starts included); it dies with the worker (`training.parent`), inherits the worker's
+environment without its secrets (`training.launch.run_env`) and the locks of its folder and model, prints its
+events on stdout and its log to `train.log`. SIGTERM asks it to checkpoint and stop; SIGKILL ends it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from training.launch import run_env
+from training.parent import die_with_parent
+from worker.attempt import Attempt
+
+_EOF = object()
+
+
+class RunProcess:
+    """The run of one attempt, started at construction; its pid is in `a.pid_file` while it lives."""
+
+    def __init__(self, a: Attempt, spec_path: Path, resume: bool):
+        cmd = [sys.executable, "-P", "-m", "training", "run", str(spec_path), "--out", str(a.work / "out")]
+        cmd += ["--stop-grace-s", str(a.stop_grace_s)] + (["--resume"] if resume else [])
+        env = run_env(dict(os.environ), a.settings.gpu_ids, a.job.gpus)
+        with open(a.work / "train.log", "wb") as stderr:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+                cwd=a.work,
+                start_new_session=True,
+                pass_fds=a.held_fds,
+                preexec_fn=die_with_parent,
+            )
+        self.pid_file = a.pid_file
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.write_text(str(self.proc.pid))
+        a.lease.post(("launched", {"pid": self.proc.pid, "resume": resume}))
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(_EOF)
+
+    def output(self, tick_s: float = 0.1) -> Iterator[str | None]:
+        """The run's stdout lines as they come, and None after each `tick_s` without one, until stdout closes."""
+        while True:
+            try:
+                line = self._lines.get(timeout=tick_s)
+            except queue.Empty:
+                line = None
+            if line is _EOF:
+                return
+            yield line
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        """`sig` to every process of the run."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        """Wait for the run to exit and return its exit code; then no process of it outlives it."""
+        returncode = self.proc.wait()
+        self.signal(signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return returncode
+
+
+def stop_run(pid_file: Path) -> None:
+    """Ask the run recorded in `pid_file` to checkpoint and stop (the worker is shutting down)."""
+    try:
+        os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass

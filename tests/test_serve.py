@@ -13,6 +13,7 @@ from pathlib import Path
 import httpcore  # noqa: F401 - imports h2 before any test thread can race it (as in test_openai)
 import httpx
 import openai
+import psutil
 import pytest
 from openai import OpenAI
 
@@ -171,11 +172,10 @@ def test_a_generation_past_the_time_limit_is_an_error_and_the_next_one_is_answer
 
 
 def test_a_reader_that_leaves_mid_stream_costs_no_reload(served, micro_model):
-    _, client, _, job, port = served
+    stack, client, _, job, _ = served
 
-    def pid() -> int:
-        models = httpx.get(f"http://127.0.0.1:{port}/healthz").json()["models"]
-        return next(m["pid"] for m in models if m["uri"].endswith("/model/"))
+    def pid() -> set[int]:
+        return _model_pids(stack)
 
     hi = [{"role": "user", "content": "Hi"}]
     client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=2)
@@ -211,6 +211,11 @@ def _maps(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
 
+def _model_pids(stack) -> set[int]:
+    """The model processes of `prefq serve`: its children (its `/healthz` gives only their count)."""
+    return {child.pid for child in psutil.Process(stack.procs["serve"].pid).children()}
+
+
 def test_neither_the_api_nor_the_serve_process_imports_torch(served):
     stack, _, _, _, port = served
     from tests.conftest import python_env
@@ -219,17 +224,17 @@ def test_neither_the_api_nor_the_serve_process_imports_torch(served):
                    env=python_env())  # fmt: skip
     assert httpx.post(f"http://127.0.0.1:{port}/generate", json={}).status_code == 401, "the token is required"
     health = httpx.get(f"http://127.0.0.1:{port}/healthz").json()
-    assert health["torch_imported"] is False and health["models"], health
-    assert len(health["models"]) <= 2, "PREFQ_SERVE_MAX_MODELS"
+    assert health["torch_imported"] is False and health["models_loaded"], health
+    assert health["models_loaded"] <= 2, "PREFQ_SERVE_MAX_MODELS"
     serve = stack.procs["serve"].pid  # `prefq serve` execs uvicorn in the same process
     assert "libtorch" not in _maps(serve) and "libtorch" not in _maps(stack.procs["api"].pid)
-    assert all("libtorch" in _maps(m["pid"]) for m in health["models"]), "the children run the models"
+    assert all("libtorch" in _maps(pid) for pid in _model_pids(stack)), "the children run the models"
 
 
 def test_a_serve_that_is_down_is_a_503_until_it_is_back(served):
     stack, client, _, job, port = served
     proc = stack.procs["serve"]
-    children = [m["pid"] for m in httpx.get(f"http://127.0.0.1:{port}/healthz").json()["models"]]
+    children = _model_pids(stack)
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(30)
     hi = [{"role": "user", "content": "hi"}]
@@ -280,3 +285,21 @@ def test_a_registered_model_answers_by_its_name_and_in_the_dashboards_chat_box(s
     shot(page, "15-model-chat")
     assert ui.errors == [], ui.errors
     ui.context.close()
+
+
+def test_serve_healthz_tells_no_model_tenant_or_job(settings):
+    """`/healthz` answers anyone who reaches the port (a probe has no token): a count of the loaded models, never
+    their storage URIs, which name tenants and jobs."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+
+    app = create_app(settings)
+    uri = "s3://b/tenants/acme/jobs/job_01abc/model/"
+    app.state.pool.children[uri] = SimpleNamespace(uri=uri, proc=SimpleNamespace(pid=4242), lock=SimpleNamespace(
+        locked=lambda: False))  # fmt: skip
+    health = TestClient(app).get("/healthz")
+    assert health.status_code == 200 and health.json()["models_loaded"] == 1, health.text
+    assert "acme" not in health.text and "job_01abc" not in health.text and "4242" not in health.text

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from cli.config import client
-from cli.console import console, fail
+from cli.console import JSON_OPTION, console, fail, print_json
 from settings import Settings
 
 procs_app = typer.Typer()
@@ -102,20 +102,24 @@ def check(kind: str = typer.Argument(..., help="worker or service"),
 
 
 @procs_app.command()
-def doctor() -> None:
-    """What the API knows of the deployment: database, storage, broker, and when the reconciler last ran."""
+def doctor(as_json: bool = JSON_OPTION) -> None:
+    """What the API knows of the deployment: database, storage, broker, and when the reconciler last ran (--json:
+    the API's `/readyz` object). Exits 1 when something is not ready."""
     from cli.client import ClientError
 
     try:
         ready = client().request("GET", "/readyz", expected=(200, 503))
     except ClientError as exc:
         fail(str(exc))
-    for part, state in ready["checks"].items():
-        console.print(f"{part}: {state}")
-    console.print(f"broker: {ready['broker']}")
-    last = ready["reconciler_last_run_s_ago"]
-    console.print(f"reconciler: {'never ran' if last is None else f'last pass {last:.0f}s ago'}")
-    if ready["status"] != "ok" or ready["broker"] != "ok" or last is None:
+    if as_json:
+        print_json(ready)
+    else:
+        for part, state in ready["checks"].items():
+            console.print(f"{part}: {state}")
+        console.print(f"broker: {ready['broker']}")
+        last = ready["reconciler_last_run_s_ago"]
+        console.print(f"reconciler: {'never ran' if last is None else f'last pass {last:.0f}s ago'}")
+    if ready["status"] != "ok" or ready["broker"] != "ok" or ready["reconciler_last_run_s_ago"] is None:
         raise typer.Exit(1)
 
 

@@ -73,6 +73,8 @@ def test_every_listing_prints_the_apis_json_and_nothing_else(api, tmp_path, micr
     assert json.loads(prefq("workers", "--json")) == []
     assert json.loads(prefq("models", "list", "--json")) == []
     assert json.loads(prefq("samples", job_id, "--json")) == []
+    doctor = CliRunner().invoke(app, ["doctor", "--json"])  # exit 1: no reconciler has run here
+    assert json.loads(doctor.stdout)["checks"]["database"] == "ok", doctor.output
 
 
 def test_keys_list_json_gives_an_id_that_keys_revoke_takes(api):

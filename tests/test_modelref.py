@@ -56,6 +56,68 @@ def test_hub_ids_are_confined_to_the_operators_patterns():
     assert confine(f"ft:x:alpha:s:{JOB}", *args, []) == f"ft:x:alpha:s:{JOB}", "the caller checks the owner"
 
 
+def test_one_resolver_reads_what_a_name_gives_a_tenant(tmp_path):
+    """`modelref.resolve`, which the API, serve and the worker share: a succeeded job of the tenant's by id, fine-tuned
+    name or complete checkpoint; a registered model by version, alias or (for a request) its bare name; hub ids and
+    paths as they are; anything else one `ModelNotFound` naming the field and why."""
+    from jobs import layout
+    from jobs.db import make_engine, session
+    from jobs.models import Job
+    from jobs.registry import Registry
+    from jobs.store import JobStore
+    from storage import open_storage
+    from training.spec import MANIFEST_NAME
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(url)
+    engine, storage = make_engine(url), open_storage(f"file://{tmp_path / 'store'}")
+    common = dict(tenant="alpha", method="dpo", trainer="basic", gpus=1, model="org/base", dataset_id="ds_x")
+    result_uri = storage.uri(layout.model_prefix("alpha", "job_done"))
+    rows = [
+        Job(id="job_done", status=JobStatus.succeeded, result_uri=result_uri, **common),
+        Job(id="job_busy", status=JobStatus.running, **common),
+    ]
+    with session(engine) as s:
+        s.add_all(rows)
+        s.commit()
+        for row in rows:
+            s.refresh(row)
+    done = rows[0]
+    storage.put_bytes(b"w", layout.checkpoint_prefix("alpha", done.id, 4) + "model.safetensors")
+    storage.put_bytes(b"{}", layout.checkpoint_prefix("alpha", done.id, 4) + MANIFEST_NAME)
+    storage.put_bytes(b"w", layout.checkpoint_prefix("alpha", done.id, 8) + "model.safetensors")  # no manifest yet
+    registry = Registry(engine)
+    registry.promote(done, "tiny", modelref.fine_tuned_name(done.model, "alpha", None, done.id), ["production"])
+
+    def resolve(name, tenant="alpha", **kw):
+        return modelref.resolve(name, tenant, JobStore(engine), registry, storage, MANIFEST_NAME, **kw)
+
+    checkpoints = layout.list_checkpoints(storage, "alpha", done.id, MANIFEST_NAME)
+    assert list(checkpoints) == [4] and checkpoints[4].keys[-1].endswith(MANIFEST_NAME), "step 8 is not complete"
+    assert resolve(done.id).uri == done.result_uri
+    assert resolve(done.id).fine_tuned_model == f"ft:org/base:alpha::{done.id}"
+    ckpt = resolve(f"ft:base:alpha::{done.id}:ckpt-step-4")
+    assert ckpt.uri == storage.uri(layout.checkpoint_prefix("alpha", done.id, 4)) and ckpt.ref.step == 4
+    for name in ("models:/tiny", "models:/tiny/1", "models:/tiny@production", "tiny", "tiny@production"):
+        found = resolve(name)
+        assert (found.uri, found.job.id, found.version.version) == (done.result_uri, done.id, 1), name
+    assert resolve("tiny", bare_names=False).ref == modelref.ModelRef("hub", "tiny"), "a job's row is pinned already"
+    assert resolve("gpt2").ref.kind == "hub" and resolve("gpt2").uri is None
+    assert resolve("s3://b/tenants/alpha/m/").uri == "s3://b/tenants/alpha/m/"
+    for name, tenant, reason in [
+        (done.id, "beta", "no fine-tuned model"),
+        ("job_busy", "alpha", "job job_busy is running; its model can be named once it has succeeded"),
+        (f"ft:base:alpha::{done.id}:ckpt-step-8", "alpha", "no checkpoint at step 8"),
+        ("models:/tiny/2", "alpha", "the registered model tiny has no version 2"),
+        ("tiny@staging", "alpha", "the registered model tiny has no alias 'staging'"),
+        ("models:/other", "alpha", "other is not a registered model of this tenant's"),
+        ("a/b/c", "alpha", "not a hub id"),
+    ]:
+        with pytest.raises(modelref.ModelNotFound, match=reason) as err:
+            resolve(name, tenant)
+        assert err.value.field == "model" and str(err.value).startswith("model: "), name
+
+
 def test_a_refused_local_folder_names_the_setting_that_would_allow_it(tmp_path):
     """A newcomer's `--model ./my-model` outside the model roots: the answer says which setting lists them, and
     tells nothing of the folder itself (whether it exists)."""

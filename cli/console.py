@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(width=None if sys.stdout.isatty() else 250)  # piped output: no truncated tables
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the width
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 JSON_OPTION = typer.Option(False, "--json", help="Print the API's JSON, nothing else (for scripts, e.g. jq)")

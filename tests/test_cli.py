@@ -172,3 +172,19 @@ def test_prefq_dev_takes_models_under_the_users_roots_and_its_folder_and_is_read
         os.killpg(dev.pid, signal.SIGTERM)
         dev.wait(120)
         dev.stdout.close()
+
+
+def test_a_refused_model_folder_names_the_setting_and_to_an_admin_the_roots_in_force(api, tmp_path, monkeypatch):
+    import tempfile
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes(PAIRS)
+    outside = Path(tempfile.mkdtemp(prefix="not-a-model-root-"))  # tmp_path is under the roots of `settings`
+    submit = ["submit", str(data), "--model", str(outside), "--method", "dpo", "--gpus", "0"]
+    admin = CliRunner().invoke(app, submit)
+    assert admin.exit_code == 1 and "reference_not_allowed" in admin.stderr, admin.output
+    assert "PREFQ_MODEL_ROOTS" in admin.stderr and api.model_roots[0] in admin.stderr, admin.stderr
+    monkeypatch.setenv("PREFQ_API_KEY", make_key(api.database_url, "acme"))
+    tenant = CliRunner().invoke(app, submit)
+    assert tenant.exit_code == 1 and "PREFQ_MODEL_ROOTS" in tenant.stderr, tenant.output
+    assert api.model_roots[0] not in tenant.stderr, "only an admin is told the server's folders"

@@ -33,7 +33,10 @@ def _confine(svc: Services, who: Principal, ref: str, field: str, models: bool) 
         return confine(ref, field, who.tenant, s.storage_url, s.shared_models, s.model_roots, models,
                        s.allowed_hub_models)  # fmt: skip
     except Refused as exc:
-        raise Invalid("reference_not_allowed", exc.message, field) from None
+        message = exc.message
+        if who.admin and models and ref.startswith("/"):  # an operator may be told the server's own folders
+            message += f"; the model roots in force: {', '.join(s.model_roots) or 'none'}"
+        raise Invalid("reference_not_allowed", message, field) from None
 
 
 async def dataset(svc: Services, who: Principal, ref: str, method: str, field: str) -> str:

@@ -194,7 +194,7 @@ def test_prefq_chat_prints_a_reply(served):
                 "--temperature", "1", "--seed", "4", timeout=120)  # fmt: skip
     assert out.returncode == 0 and out.stdout.strip(), out.stdout + out.stderr
     out = prefq(stack, "chat", "job_doesnotexist", "--message", "hi", timeout=120)
-    assert out.returncode == 1 and "model_not_found" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 1 and "model_not_found" in out.stderr, out.stdout + out.stderr
     repl = subprocess.run(["prefq", "chat", job.fine_tuned_model, "--max-tokens", "8"], input="hi\n/reset\nhello\n",
                           env=stack.env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert repl.returncode == 0 and repl.stdout.count("> ") == 4, repl.stdout + repl.stderr

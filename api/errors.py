@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.methods import allowed_methods
 from api.service.errors import Conflict, Invalid, NotFound, ServiceError, TooMany, Unavailable, Upstream
 
 log = logging.getLogger("prefq.api")
@@ -158,7 +159,8 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                 413: "upload_too_large"}.get(exc.status_code, "http_error")  # fmt: skip
-        return _answer(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
+        headers = exc.headers if exc.status_code != 405 else {**(exc.headers or {}), "Allow": allowed_methods(request)}
+        return _answer(request, exc.status_code, code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):

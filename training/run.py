@@ -23,6 +23,7 @@ from pathlib import Path
 
 from training.events import emit
 from training.formats import DataError
+from training.lengths import TooLong
 from training.spec import (
     EXIT_INFRA_ERROR,
     EXIT_OK,
@@ -390,6 +391,8 @@ def main(spec_path: str, out_dir: str, resume: bool) -> int:
              errors=[vars(p) for p in exc.report.errors])  # fmt: skip
     except ModelError as exc:
         emit("error", code=exc.code, message=str(exc), user_error=True)
+    except TooLong as exc:
+        emit("error", code="rows_too_long", message=str(exc), user_error=True)
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a child process
         traceback.print_exc(file=sys.stderr)
         if not _is_out_of_memory(exc):

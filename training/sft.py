@@ -1,9 +1,29 @@
-"""TRL's SFTTrainer, runnable under the fsdp and deepspeed-tp trainers."""
+"""TRL's SFTTrainer, runnable under the fsdp and deepspeed-tp trainers, telling how `max_length` treats the rows."""
 
 from trl import SFTTrainer
+from trl.trainer.utils import global_then_local_main_first
 
+from training import lengths
 from training.distributed import DistributedTrainerMixin
 
 
 class PrefqSFTTrainer(DistributedTrainerMixin, SFTTrainer):
-    pass
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        # TRL cuts rows to max_length and drops those left without a trainable token, without a word: prefq
+        # prepares them whole, then cuts (TRL's way: `truncation_mode`), drops and counts itself.
+        limit = args.max_length
+        if limit is None or packing:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        args.max_length = None
+        try:
+            dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        finally:
+            args.max_length = limit
+        cut = slice(None, limit) if args.truncation_mode == "keep_start" else slice(-limit, None)
+        with global_then_local_main_first():
+            sizes = [len(ids) for ids in dataset["input_ids"]]
+            kept = [any(label != -100 for label in labels[cut]) for labels in dataset["labels"]]
+            lengths.account(dataset_name, sizes, kept, limit)
+            dataset = dataset.select([i for i, k in enumerate(kept) if k]) if not all(kept) else dataset
+            return dataset.map(lambda ex: {"input_ids": ex["input_ids"][cut], "labels": ex["labels"][cut]},
+                               desc=f"Truncating {dataset_name} dataset")

@@ -1,11 +1,12 @@
-"""Memory of the API while it takes a big dataset upload: the upload streams through validation, so the API
-process's resident memory stays bounded whatever the file's size.
+"""Memory of the API while it takes a dataset upload: the upload streams through validation, so the API process's
+resident memory grows only by duplicate detection's index of distinct rows, whatever the file's size.
 
-    .venv/bin/python bench/upload_memory.py [--mb 1024]
+    .venv/bin/python bench/upload_memory.py [--rows 1000000 10000000] [--mb 1024]
 
-Starts `prefq api` (SQLite, local storage, a key of its own), writes a JSONL file of DPO pairs of about 2 kB a
-row (a long-tailed mix of lengths), uploads it, and samples the API's resident set size every 20 ms. Prints idle
-RSS, peak RSS, the peak above idle, rows, and upload throughput.
+Starts `prefq api` (SQLite, local storage, a key of its own), uploads a file and samples the API's resident set
+size every 20 ms. `--rows`: files of that many distinct short SFT rows; prints the peak above idle per row beside
+the figure `training.fingerprints` documents (the default). `--mb`: a file of DPO pairs of about 2 kB a row (a
+long-tailed mix of lengths); prints idle RSS, peak RSS, the peak above idle, rows, and upload throughput.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,7 @@ from cli.stack import free_port, stop, wait_for_port  # noqa: E402
 from jobs.db import upgrade  # noqa: E402
 from settings import Settings  # noqa: E402
 from tests.services import make_key  # noqa: E402
+from training.fingerprints import ROW_BYTES  # noqa: E402
 from training.parent import die_with_parent  # noqa: E402
 
 
@@ -47,13 +50,32 @@ def write_pairs(path: Path, target_bytes: int) -> int:
     return rows
 
 
+def write_distinct(path: Path, rows: int) -> int:
+    """`rows` distinct SFT rows of about 20 bytes: the file is small, the index of distinct rows is not."""
+    with open(path, "w") as out:
+        for start in range(0, rows, 100_000):
+            out.write("".join(f'{{"text": "row {i}"}}\n' for i in range(start, min(rows, start + 100_000))))
+    return rows
+
+
 def measure(megabytes: int) -> dict:
+    """Upload about `megabytes` MiB of DPO pairs."""
+    return upload(lambda path: write_pairs(path, megabytes << 20), "dpo")
+
+
+def measure_rows(rows: int) -> dict:
+    """Upload `rows` distinct rows; adds the peak above idle per row."""
+    result = upload(lambda path: write_distinct(path, rows), "sft")
+    return result | {"bytes_per_row": result["above_idle_mb"] * 2**20 / rows}
+
+
+def upload(write, method: str) -> dict:
     root = Path(tempfile.mkdtemp(prefix="prefq-upload-"))
     settings = Settings(data_dir=root)
     upgrade(settings.database_url)
     key = make_key(settings.database_url, "bench")
-    data = root / "pairs.jsonl"
-    rows = write_pairs(data, megabytes << 20)
+    data = root / "data.jsonl"
+    rows = write(data)
     port = free_port()
     env = dict(os.environ, PREFQ_DATA_DIR=str(root), PREFQ_MAX_UPLOAD_BYTES=str(4 << 30))
     api = subprocess.Popen([str(Path(sys.executable).with_name("prefq")), "api", "--port", str(port)], env=env,
@@ -76,27 +98,41 @@ def measure(megabytes: int) -> dict:
         threading.Thread(target=sample, daemon=True).start()
         started = time.monotonic()
         with open(data, "rb") as fh:
-            answer = http.post("/datasets", files={"file": ("pairs.jsonl", fh)}, data={"method": "dpo"})
+            answer = http.post("/datasets", files={"file": ("data.jsonl", fh)}, data={"method": method})
         seconds = time.monotonic() - started
         done.set()
         answer.raise_for_status()
         assert answer.json()["rows"] == rows, answer.text
     finally:
         stop([api])
-    size = data.stat().st_size
+        size = data.stat().st_size
+        shutil.rmtree(root, ignore_errors=True)
     return {"bytes": size, "rows": rows, "idle_rss_mb": idle / 2**20, "peak_rss_mb": peak[0] / 2**20,
             "above_idle_mb": (peak[0] - idle) / 2**20, "seconds": seconds, "mb_per_s": size / 2**20 / seconds}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=1024, help="size of the upload in MiB")
-    r = measure(parser.parse_args().mb)
-    print("| upload | rows | API RSS idle | API RSS peak | peak above idle | time | throughput |")
+    parser.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000], help="distinct rows a file")
+    parser.add_argument("--mb", type=int, help="also a file of DPO pairs of this many MiB")
+    args = parser.parse_args()
+    print("| distinct rows | file | API RSS idle | peak above idle | bytes a row | documented | time |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {r['bytes'] / 2**20:.0f} MiB | {r['rows']} | {r['idle_rss_mb']:.0f} MiB | {r['peak_rss_mb']:.0f} MiB "
-          f"| {r['above_idle_mb']:.1f} MiB | {r['seconds']:.1f} s | {r['mb_per_s']:.1f} MiB/s |")
-    print(json.dumps(r))
+    for rows in args.rows:
+        r = measure_rows(rows)
+        print(
+            f"| {rows:.0e} | {r['bytes'] / 2**20:.0f} MiB | {r['idle_rss_mb']:.0f} MiB | {r['above_idle_mb']:.1f} MiB "
+            f"| {r['bytes_per_row']:.1f} | {ROW_BYTES} | {r['seconds']:.1f} s |",
+            flush=True,
+        )
+    if args.mb:
+        r = measure(args.mb)
+        print("\n| upload | rows | API RSS idle | API RSS peak | peak above idle | time | throughput |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print(
+            f"| {r['bytes'] / 2**20:.0f} MiB | {r['rows']} | {r['idle_rss_mb']:.0f} MiB | {r['peak_rss_mb']:.0f} MiB "
+            f"| {r['above_idle_mb']:.1f} MiB | {r['seconds']:.1f} s | {r['mb_per_s']:.1f} MiB/s |"
+        )
 
 
 if __name__ == "__main__":

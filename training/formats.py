@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from training.fingerprints import Fingerprints
+
 MAX_LISTED = 50  # errors and warnings listed in a report; all are counted
 ROLES = ("system", "user", "assistant", "developer", "tool")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -241,7 +243,7 @@ def normalise(row: dict, fmt: str) -> dict:
 
 
 def _fingerprint(example: dict) -> int:
-    """8 bytes per row: duplicate detection stays small for files of millions of rows."""
+    """64 bits of the row's canonical JSON: collisions are unlikely (~3e-6 at 10M rows) and cost a false warning."""
     return int.from_bytes(hashlib.blake2b(json.dumps(example, sort_keys=True).encode(), digest_size=8).digest())
 
 
@@ -307,13 +309,14 @@ def bounded_lines(fh, max_line_bytes: int) -> Iterator[bytes | LongLine]:
 def check_lines(lines: Iterable[bytes | LongLine], method: str | None = None, limits: Limits = Limits(),
                 keep: bool = True) -> tuple[Report, list[dict]]:  # fmt: skip
     """Validate JSONL lines (bytes, without caring for line endings); return the report and, with `keep`, the
-    normalised rows. Memory stays bounded without `keep`: 8 bytes per row for duplicates, 50 listed problems.
+    normalised rows. Memory stays bounded without `keep`: 12 bytes per distinct row for duplicates
+    (`training.fingerprints`), 50 listed problems.
 
     `method` ('dpo' or 'sft') is what the data must serve; None accepts either and reports which it is.
     """
     report = Report()
     examples: list[dict] = []
-    seen: dict[int, int] = {}
+    seen = Fingerprints()
     first_line = 0
     for number, raw in enumerate(lines, start=1):
         if isinstance(raw, LongLine):
@@ -364,12 +367,9 @@ def check_lines(lines: Iterable[bytes | LongLine], method: str | None = None, li
     return report, examples
 
 
-def _warn_about(report: Report, number: int, example: dict, seen: dict[int, int]) -> None:
-    key = _fingerprint(example)
-    if key in seen:
-        report.warn(number, "-", f"duplicate of line {seen[key]}")
-    else:
-        seen[key] = number
+def _warn_about(report: Report, number: int, example: dict, seen: Fingerprints) -> None:
+    if (first := seen.first_line(_fingerprint(example), number)) is not None:
+        report.warn(number, "-", f"duplicate of line {first}")
     if "chosen" in example and example["chosen"] == example["rejected"]:
         report.warn(number, "rejected", "identical to chosen: the pair carries no preference")
     if example.get("prompt") in ("", []) or (isinstance(example.get("prompt"), str) and not example["prompt"].strip()):

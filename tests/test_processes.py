@@ -46,14 +46,15 @@ def test_the_dev_stack_dies_with_its_parent_even_by_sigkill(tmp_path):
 
 
 def test_no_prefq_process_imports_from_its_working_folder(tmp_path, broker_url):
-    """Workers and the API started from a folder that holds `storage/`, `jobs/`, ... folders (common names) and a
-    `queue_config.py` run prefq's own packages, not those."""
+    """Workers and the API started from a folder that holds `storage/`, `jobs/`, ... folders (common names), a
+    `queue_config.py` and a `settings.py` run prefq's own packages, not those."""
     from cli.stack import free_port, wait_for_port
     from training.parent import die_with_parent
 
-    for name in ("storage", "jobs", "worker", "api", "training"):
+    for name in ("storage", "jobs", "worker", "api", "training", "cli", "serve"):
         (tmp_path / name).mkdir()
-    (tmp_path / "queue_config.py").write_text("raise ImportError('the working folder was imported')\n")
+    for name in ("queue_config.py", "settings.py"):
+        (tmp_path / name).write_text("raise ImportError('the working folder was imported')\n")
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PREFQ_")}
     env.update(PREFQ_DATA_DIR=str(data), PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/3", PREFQ_METRICS_PORT="0")

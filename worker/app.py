@@ -39,4 +39,5 @@ def _fresh_clients(**_):
 
 
 import worker.pool  # noqa: E402,F401 - registers the worker heartbeat signals
+import worker.secrecy  # noqa: E402,F401 - keeps the worker processes' /proc files from their runs
 import worker.tasks  # noqa: E402,F401 - registers the tasks

@@ -1,9 +1,10 @@
 """An attempt's run: `python -m training run` as a child process of the worker, which never imports torch.
 
 The run gets a process group of its own, so that a signal reaches every process of it (the ranks that
-`accelerate launch` starts included); it dies with the worker (`training.parent`), inherits the worker's
-environment without its secrets (`training.launch.run_env`) and the locks of its folder and model, prints its
-events on stdout and its log to `train.log`. SIGTERM asks it to checkpoint and stop; SIGKILL ends it.
+`accelerate launch` starts included); it dies with the worker and can read none of the worker's /proc files
+(`worker.secrecy`), inherits the worker's environment without its secrets (`training.launch.run_env`) and the
+locks of its folder and model, prints its events on stdout and its log to `train.log`. SIGTERM asks it to
+checkpoint and stop; SIGKILL ends it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from training.launch import run_env
-from training.parent import die_with_parent
 from worker.attempt import Attempt
+from worker.secrecy import confine_run
 
 _EOF = object()
 
@@ -40,7 +41,7 @@ class RunProcess:
                 cwd=a.work,
                 start_new_session=True,
                 pass_fds=a.held_fds,
-                preexec_fn=die_with_parent,
+                preexec_fn=confine_run,
             )
         self.pid_file = a.pid_file
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)

@@ -51,12 +51,17 @@ async def _lines(pool: Pool, req: GenerateRequest) -> AsyncIterator[bytes]:
         if req.max_tokens > pool.settings.serve_max_tokens:
             raise ServeError(400, "max_tokens_too_large", f"max_tokens is at most {pool.settings.serve_max_tokens}",
                              "max_tokens")  # fmt: skip
-        child = await pool.child(req.model_uri)
-        try:
-            await asyncio.wait_for(child.lock.acquire(), limit_s)
-        except TimeoutError:
-            raise ServeError(503, "serve_busy", f"the model answered other requests for {limit_s:g}s; retry later") \
-                from None  # fmt: skip
+        waited_until = time.monotonic() + limit_s
+        while True:
+            child = await pool.child(req.model_uri)
+            try:
+                await asyncio.wait_for(child.lock.acquire(), max(0.0, waited_until - time.monotonic()))
+            except TimeoutError:
+                raise ServeError(503, "serve_busy", f"the model answered other requests for {limit_s:g}s; retry "
+                                 "later") from None
+            if child.alive:
+                break
+            child.lock.release()  # killed while this request waited (an abandoned answer ran late): a fresh one
         locked, deadline = True, time.monotonic() + limit_s
         try:
             async for line in child.answer(req.model_dump(exclude={"model_uri"}), deadline):

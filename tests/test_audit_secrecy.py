@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import ROOT, python_env
 
-HOOK = '''
+HOOK = """
 import json, os, sys
 
 if "training" in sys.orig_argv and "run" in sys.orig_argv:
@@ -34,7 +34,7 @@ if "training" in sys.orig_argv and "run" in sys.orig_argv:
     with open(os.path.join(os.path.dirname(__file__), f"run-{os.getpid()}.json"), "w") as fh:
         json.dump(found, fh)
     os._exit(3)
-'''
+"""
 
 
 @pytest.fixture(params=["worker with capabilities", "worker without capabilities"])

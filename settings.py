@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     serve_timeout_s: float = Field(60.0, gt=0)  # one generation's time limit; its model's process is restarted
     # Limits: a request beyond one is refused with 413 or 422 naming it
     max_upload_bytes: int = 1 << 30  # a dataset upload
+    max_json_bytes: int = 1 << 20  # any other request's body (a job, a chat): JSON in kilobytes
     max_rows: int = 10_000_000  # rows of a dataset
     max_line_bytes: int = 8 << 20  # one JSONL line
     max_json_depth: int = 32  # nesting of one line's JSON

@@ -6,15 +6,16 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from api import errors, ui
 from api.auth import DEFAULT_TENANT
 from api.deps import Services
-from api.limits import BodyLimit
+from api.limits import Gate
 from api.openai import routers as openai_routers
 from api.routes import datasets, jobs, keys, models, ops
 from api.routes.ops import RequestCounter
+from api.text import require_text
 from jobs.db import make_engine
 from jobs.keys import KeyStore
 from jobs.store import JobStore
@@ -36,7 +37,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="prefq", version="0.1.0", lifespan=_lifespan,
+    app = FastAPI(title="prefq", version="0.1.0", lifespan=_lifespan, dependencies=[Depends(require_text)],
                   description="Preference training (DPO, SFT) of language models on your own GPU pool.")  # fmt: skip
     app.state.services = Services(
         settings=settings,
@@ -48,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         KeyStore(app.state.services.store.engine).ensure(settings.admin_key.get_secret_value(), DEFAULT_TENANT,
                                                          admin=True, label="PREFQ_ADMIN_KEY")  # fmt: skip
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(Gate, services=app.state.services)  # the key, then the body's size: before it is read
     app.add_middleware(RequestCounter)
     for router in (ops.router, datasets.router, jobs.router, models.router, keys.router, *openai_routers):
         app.include_router(router)

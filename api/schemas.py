@@ -7,18 +7,12 @@ from typing import Annotated, Any, Literal
 from fastapi import Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
 
+from api.text import checked
 from jobs import modelref
 from jobs.models import JobPublic, ModelVersion
 from jobs.registry import ALIAS
 
-
-def _no_nul(text: str) -> str:
-    if "\x00" in text:
-        raise ValueError("NUL characters are not allowed")
-    return text
-
-
-Text = Annotated[str, AfterValidator(_no_nul)]
+Text = Annotated[str, AfterValidator(checked)]  # no NUL, nothing UTF-8 cannot encode (`api.text`)
 Timestamp = Annotated[float, Query(ge=0, le=1e11, description="Unix seconds")]
 
 

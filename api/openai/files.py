@@ -115,6 +115,5 @@ def delete_file(file_id: DatasetId, who: Caller, svc: Services = Depends(service
             raise APIError(
                 503, "storage_unavailable", f"file {file_id} could not be deleted ({exc}); retry later"
             ) from None
-    svc.store.delete_dataset(file_id)
-    svc._datasets.pop(file_id, None)
+    svc.store.delete_dataset(file_id)  # every API process's `Services.dataset` sees it gone at once
     return {"id": file_id, "object": "file", "deleted": True}

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.pool import Pool, ServeError
 from settings import Settings
+from training.parent import hide_process
 
 
 class GenerateRequest(BaseModel):
@@ -87,6 +88,7 @@ async def _lines(pool: Pool, req: GenerateRequest) -> AsyncIterator[bytes]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    hide_process()  # the model processes (confined, `training.parent`) cannot read this process's storage secret
     settings = settings or Settings()
     pool = Pool(settings)
 

@@ -20,7 +20,7 @@ from settings import Settings
 from storage import StorageError, get_dir, open_storage, open_uri
 from storage.cache import ModelCache
 from training.launch import run_env
-from training.parent import die_with_parent
+from training.parent import confine_child
 
 log = logging.getLogger("prefq.serve")
 LOAD_TIMEOUT_S = 900.0  # fetching is not counted: loading a big model onto a GPU takes minutes, not hours
@@ -47,7 +47,7 @@ class Child:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-P", "-m", "training", "generate", folder, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env, cwd=settings.work_dir, start_new_session=True,
-            preexec_fn=die_with_parent, limit=LINE_LIMIT)  # fmt: skip
+            preexec_fn=confine_child, limit=LINE_LIMIT)  # fmt: skip
         child = cls(uri, fd, proc)
         try:
             first = await child.read(time.monotonic() + LOAD_TIMEOUT_S)

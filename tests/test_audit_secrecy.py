@@ -58,13 +58,13 @@ def hooked_stack(request, tmp_path, broker_url):
     if request.param == "worker with capabilities":
         stack.up()
     else:
-        from worker.secrecy import confine_run
+        from training.parent import confine_child
 
         stack.start("api", "api", "--port", str(stack.port))
         with open(tmp_path / "worker.log", "ab") as log:
             stack.procs["worker"] = subprocess.Popen(["prefq", "worker", "--name", "prefq-test-worker@%h"],
                                                      env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                     start_new_session=True, preexec_fn=confine_run)  # fmt: skip
+                                                     start_new_session=True, preexec_fn=confine_child)  # fmt: skip
         wait_for_port(stack.port, 60)
         stack.wait_for_worker("prefq-test-worker@")
     yield stack, hooks, secret

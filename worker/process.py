@@ -20,7 +20,7 @@ from pathlib import Path
 
 from training.launch import run_env
 from worker.attempt import Attempt
-from worker.secrecy import confine_run
+from training.parent import confine_child
 
 _EOF = object()
 
@@ -41,7 +41,7 @@ class RunProcess:
                 cwd=a.work,
                 start_new_session=True,
                 pass_fds=a.held_fds,
-                preexec_fn=confine_run,
+                preexec_fn=confine_child,
             )
         self.pid_file = a.pid_file
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)

@@ -23,26 +23,18 @@ from api.auth import Caller
 from api.deps import Services, services
 from api.errors import APIError, openai_body, openai_responses
 from api.openai import types
+from api.schemas import Text
 from api.service import playground
+from api.text import checked
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-
-
-def _encodable(text: str) -> str:
-    if "\x00" in text:
-        raise ValueError("NUL characters are not allowed")
-    text.encode()  # a lone surrogate cannot reach a tokenizer: UnicodeEncodeError is a ValueError
-    return text
-
-
-Prompt = Annotated[str, AfterValidator(_encodable)]
 
 
 def _stops(value: str | list[str] | None) -> list[str]:
     stops = [value] if isinstance(value, str) else value or []
     if len(stops) > 4 or any(len(s) > 200 for s in stops):
         raise ValueError("at most 4 strings of at most 200 characters")
-    return [_encodable(s) for s in stops]
+    return [checked(s) for s in stops]
 
 
 TokenBias = dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]]
@@ -51,13 +43,13 @@ TokenBias = dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: Prompt
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Prompt | list[TextPart] = Field(description="Text, or a list of text parts (no images, audio or files)")
+    content: Text | list[TextPart] = Field(description="Text, or a list of text parts (no images, audio or files)")
     name: str | None = Field(None, max_length=64)
 
 
@@ -67,7 +59,7 @@ class StreamOptions(BaseModel):
 
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: Prompt = Field(min_length=1, max_length=2048, description="A fine-tuned model, a checkpoint, or a job id")
+    model: Text = Field(min_length=1, max_length=2048, description="A fine-tuned model, a checkpoint, or a job id")
     max_tokens: int | None = Field(None, ge=1, description="New tokens at most: up to PREFQ_SERVE_MAX_TOKENS")
     temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 1")
     top_p: float | None = Field(None, gt=0, le=1)
@@ -86,7 +78,7 @@ class ChatCompletionCreate(Sampling):
 
 
 class CompletionCreate(Sampling):
-    prompt: Prompt | list[Prompt] = Field(description="A text, or a list of one text")
+    prompt: Text | list[Text] = Field(description="A text, or a list of one text")
 
 
 def _max_tokens(svc: Services, value: int | None, param: str, default: int) -> int:

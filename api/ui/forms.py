@@ -120,7 +120,7 @@ async def new_job(request: Request, viewer: Signed, svc: Services = Depends(serv
 def upload(request: Request, viewer: Checked, file: UploadFile = File(...),
            method: str = Form("", pattern="^(|dpo|sft)$"), svc: Services = Depends(services)):  # fmt: skip
     """Validate and store an upload; the fragment shows its report (a bad file: every line's error, nothing kept)."""
-    filename = (file.filename or "").replace("\x00", "")[:255] or "data.jsonl"
+    filename = (file.filename or "")[:255] or "data.jsonl"  # a NUL never gets here (`api.text`)
     try:
         dataset = datasets.store(svc, viewer.who, file.file, filename, method or None)
     except ServiceError as exc:

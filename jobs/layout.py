@@ -34,14 +34,6 @@ def artifacts_prefix(tenant: str, job_id: str) -> str:
     return f"{tenant_prefix(tenant)}jobs/{job_id}/artifacts/"
 
 
-def complete_checkpoints(tenant: str, job_id: str, keys: list[str], manifest: str) -> dict[int, str]:
-    """{step: prefix} of the checkpoints whose manifest (uploaded last) is present."""
-    base = checkpoints_prefix(tenant, job_id)
-    pattern = re.compile(re.escape(base) + r"step-(\d+)/" + re.escape(manifest) + "$")
-    found = (pattern.match(k) for k in keys)
-    return {int(m.group(1)): f"{base}step-{int(m.group(1)):08d}/" for m in found if m}
-
-
 class Listing(Protocol):
     """What `list_checkpoints` needs of a storage (`storage.Storage` is one)."""
 
@@ -60,9 +52,12 @@ def list_checkpoints(
 ) -> dict[int, StoredCheckpoint]:
     """The job's complete checkpoints in storage (those whose manifest, uploaded last, is there), by step, oldest
     first; with `step`, that step's alone (one listing of its folder). `manifest`: `training.spec.MANIFEST_NAME`."""
-    keys = storage.list(checkpoints_prefix(tenant, job_id) if step is None else checkpoint_prefix(tenant, job_id, step))
-    found = sorted(complete_checkpoints(tenant, job_id, keys, manifest).items())
-    return {n: StoredCheckpoint(n, prefix, [k for k in keys if k.startswith(prefix)]) for n, prefix in found}
+    base = checkpoints_prefix(tenant, job_id)
+    keys = storage.list(base if step is None else checkpoint_prefix(tenant, job_id, step))
+    pattern = re.compile(re.escape(base) + r"step-(\d+)/" + re.escape(manifest) + "$")
+    steps = sorted(int(m.group(1)) for m in map(pattern.match, keys) if m)
+    prefixes = {n: checkpoint_prefix(tenant, job_id, n) for n in steps}
+    return {n: StoredCheckpoint(n, prefixes[n], [k for k in keys if k.startswith(prefixes[n])]) for n in steps}
 
 
 def refcache_prefix(tenant: str, group: str) -> str:

@@ -47,12 +47,16 @@ class ModelCache:
         lock = folder.with_suffix(".lock")
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # one fetch per model per host; waits for a fetch under way
-            if not (folder / COMPLETE).is_file():
-                shutil.rmtree(folder, ignore_errors=True)
-                fetch(folder)
-                (folder / COMPLETE).write_text(uri)
+            # shared first: a complete folder is used beside its other users (a `prefq serve` child may hold it for
+            # as long as it serves the model); only a miss waits for the exclusive lock of the one fetch
             fcntl.flock(fd, fcntl.LOCK_SH)
+            if not (folder / COMPLETE).is_file():
+                fcntl.flock(fd, fcntl.LOCK_EX)  # one fetch per model per host; waits for a fetch under way
+                if not (folder / COMPLETE).is_file():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    fetch(folder)
+                    (folder / COMPLETE).write_text(uri)
+                fcntl.flock(fd, fcntl.LOCK_SH)
         except BaseException:
             os.close(fd)
             raise

@@ -90,3 +90,29 @@ def test_s3_checks_signatures(s3):
                        secret_access_key="not-the-secret")  # fmt: skip
     with pytest.raises(StorageError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
         bad.put_bytes(b"x", "intruder")
+
+
+def test_a_cached_model_in_use_opens_again_at_once_and_a_miss_is_fetched_once(tmp_path):
+    """The host's model cache: a model that another user holds (a `prefq serve` child serving it) opens for a job at
+    once, from the same folder, without a second fetch; it once waited for that user to let go, forever."""
+    import os
+    import queue
+    import threading
+
+    from storage.cache import ModelCache
+
+    cache, fetched = ModelCache(tmp_path / "models", cap_bytes=0), []  # over its cap: it evicts what it can
+
+    def fetch(folder):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        fetched.append(folder)
+
+    first, held = cache.open("s3://bucket/model/", fetch)
+    opened = queue.Queue()
+    threading.Thread(target=lambda: opened.put(cache.open("s3://bucket/model/", fetch)), daemon=True).start()
+    second, fd = opened.get(timeout=10)  # a descriptor of its own: flock treats it as another process would
+    assert second == first and fetched == [first]
+    assert cache.evict() == [] and first.is_dir(), "a model in use is never evicted"
+    for descriptor in (held, fd):
+        os.close(descriptor)

@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny model and toy data built once per session, and a helper to run training."""
+"""Shared fixtures: a tiny model and toy data built once per session, and a helper to run training.
+
+Markers say what a test starts; they are set here from the fixtures a test uses, so they cannot drift:
+`stack` (the session stack), `faults` (the faults stack of tests/test_faults.py, which kills and cuts its
+processes), `browser` (headless chromium); `cuda` and `chaos` are set by hand."""
 
 from __future__ import annotations
 
@@ -13,8 +17,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+MARKED_BY_FIXTURE = {"stack": "stack", "faulty": "faults", "browser": "browser"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: the markers set here count there
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` are skipped, saying why, where torch sees no CUDA device (and only there)."""
+    """Each test gets the markers of what it starts (its fixtures). Tests marked `cuda` are skipped, saying why,
+    where torch sees no CUDA device (and only there)."""
+    for item in items:
+        for fixture, marker in MARKED_BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
     marked = [item for item in items if item.get_closest_marker("cuda")]
     if not marked:
         return

@@ -40,8 +40,9 @@ def task_ids_in_broker(client, queues: list[str]) -> tuple[set[str], dict[str, t
         *lists, unacked, index = pipe.execute()
     waiting = {_task_id(m) for messages in lists for m in messages}
     delivered_at = {_text(tag): score for tag, score in index}
-    held = {_task_id(value, unacked=True): (_text(tag), delivered_at.get(_text(tag), 0.0))
-            for tag, value in unacked.items()}  # fmt: skip
+    held = {
+        _task_id(value, unacked=True): (_text(tag), delivered_at.get(_text(tag), 0.0)) for tag, value in unacked.items()
+    }
     return waiting - {None}, {k: v for k, v in held.items() if k is not None}
 
 
@@ -147,8 +148,9 @@ def enqueue_job(app: Celery, job_id: str, attempt: int, gpus: int, producer=None
     """Send one attempt of a job to the queue for its device count; the job row must be committed first.
     Within `with producer.batch():` the message waits for the batch's one pipelined write to the broker.
     The task id names the attempt (`job_….2`), so Flower and the broker show which job a message is."""
-    app.send_task(RUN_JOB, args=[job_id, attempt], queue=gpu_queue(gpus), producer=producer,
-                  task_id=f"{job_id}.{attempt}")  # fmt: skip
+    app.send_task(
+        RUN_JOB, args=[job_id, attempt], queue=gpu_queue(gpus), producer=producer, task_id=f"{job_id}.{attempt}"
+    )
 
 
 def send_callback(app: Celery, callback_id: str) -> None:
@@ -157,10 +159,27 @@ def send_callback(app: Celery, callback_id: str) -> None:
     app.send_task(DELIVER_CALLBACK, args=[callback_id])
 
 
-def send_model_mirror(app: Celery, tenant: str, name: str, version: int, source_uri: str, aliases: list[str],
-                      metrics: dict[str, float], job_id: str | None) -> None:  # fmt: skip
+def send_model_mirror(
+    app: Celery,
+    tenant: str,
+    name: str,
+    version: int,
+    source_uri: str,
+    aliases: list[str],
+    metrics: dict[str, float],
+    job_id: str | None,
+) -> None:
     """Ask the service worker to mirror a registered model version (and its aliases) into MLflow's registry
     (`worker.tracking.mirror_model_version`); send it after the promotion commits. Without MLflow it does nothing."""
-    app.send_task(MIRROR_MODEL_VERSION, kwargs={"tenant": tenant, "name": name, "version": version,
-                                                "source_uri": source_uri, "aliases": aliases, "metrics": metrics,
-                                                "job_id": job_id})  # fmt: skip
+    app.send_task(
+        MIRROR_MODEL_VERSION,
+        kwargs={
+            "tenant": tenant,
+            "name": name,
+            "version": version,
+            "source_uri": source_uri,
+            "aliases": aliases,
+            "metrics": metrics,
+            "job_id": job_id,
+        },
+    )

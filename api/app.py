@@ -37,8 +37,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="prefq", version="0.1.0", lifespan=_lifespan, dependencies=[Depends(require_text)],
-                  description="Preference training (DPO, SFT) of language models on your own GPU pool.")  # fmt: skip
+    app = FastAPI(
+        title="prefq",
+        version="0.1.0",
+        lifespan=_lifespan,
+        dependencies=[Depends(require_text)],
+        description="Preference training (DPO, SFT) of language models on your own GPU pool.",
+    )
     app.state.services = Services(
         settings=settings,
         store=JobStore(make_engine(settings.database_url)),
@@ -46,8 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery=make_celery(settings, "prefq-api"),
     )
     if settings.admin_key is not None:  # the operator's bootstrap key (from a Secret), hashed on first start
-        KeyStore(app.state.services.store.engine).ensure(settings.admin_key.get_secret_value(), DEFAULT_TENANT,
-                                                         admin=True, label="PREFQ_ADMIN_KEY")  # fmt: skip
+        KeyStore(app.state.services.store.engine).ensure(
+            settings.admin_key.get_secret_value(), DEFAULT_TENANT, admin=True, label="PREFQ_ADMIN_KEY"
+        )
     errors.install(app)
     app.add_middleware(Gate, services=app.state.services)  # the key, then the body's size: before it is read
     app.add_middleware(RequestCounter)
@@ -55,4 +61,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     ui.install(app)  # the dashboard at /ui
     return app
-

@@ -67,12 +67,20 @@ async def authenticate(svc: Services, authorization: str) -> Principal:
         return Principal(DEFAULT_TENANT, True, None)
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise APIError(401, "unauthorized", "send an API key as `Authorization: Bearer <key>`",
-                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        raise APIError(
+            401,
+            "unauthorized",
+            "send an API key as `Authorization: Bearer <key>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     found = await run_in_threadpool(svc.key_cache.lookup, key.strip())
     if found is None:
-        raise APIError(401, "unauthorized", "this API key is not valid (unknown or revoked)",
-                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        raise APIError(
+            401,
+            "unauthorized",
+            "this API key is not valid (unknown or revoked)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return found
 
 

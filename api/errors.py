@@ -74,8 +74,15 @@ def openai_responses(*codes: int) -> dict:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 details: list | None = None, headers: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        details: list | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.details = status, code, message, field, details
         self.headers = headers
@@ -100,13 +107,22 @@ OPENAI_PREFIX = "/v1/"  # OpenAI's face answers errors in its own shape (`openai
 def openai_body(status: int, code: str, message: str, field: str | None) -> tuple[int, dict]:
     """OpenAI's error shape, {"error": {"message", "type", "param", "code"}}; an invalid request is a 400 there."""
     kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
-        status, "server_error" if status >= 500 else "invalid_request_error")  # fmt: skip
-    return (400 if status == 422 else status), {"error": {"message": message, "type": kind, "param": field,
-                                                          "code": code}}  # fmt: skip
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+    return (400 if status == 422 else status), {
+        "error": {"message": message, "type": kind, "param": field, "code": code}
+    }
 
 
-def _answer(request: Request, status: int, code: str, message: str, field: str | None = None,
-            details: list | None = None, headers: dict | None = None) -> JSONResponse:  # fmt: skip
+def _answer(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    details: list | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
     if request.url.path.startswith(OPENAI_PREFIX):
         status, content = openai_body(status, code, message, field)
     else:
@@ -157,8 +173,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        code = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-                413: "upload_too_large"}.get(exc.status_code, "http_error")  # fmt: skip
+        code = {
+            400: "bad_request",
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "upload_too_large",
+        }.get(exc.status_code, "http_error")
         headers = exc.headers if exc.status_code != 405 else {**(exc.headers or {}), "Allow": allowed_methods(request)}
         return _answer(request, exc.status_code, code, str(exc.detail), headers=headers)
 
@@ -166,5 +188,6 @@ def install(app: FastAPI) -> None:
     async def _crash(request: Request, exc: Exception):
         request_id = secrets.token_hex(6)
         log.exception("%s %s failed (request %s)", request.method, request.url.path, request_id)
-        return _answer(request, 500, "internal_error", f"internal error (request {request_id}); the server log has "
-                       "the details")  # fmt: skip
+        return _answer(
+            request, 500, "internal_error", f"internal error (request {request_id}); the server log has the details"
+        )

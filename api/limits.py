@@ -54,8 +54,12 @@ async def _answer(scope, send, error: APIError) -> None:
     else:
         status, content = error.status, body(error.code, error.message, error.field)
     payload = json.dumps(content).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-               (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items())]  # fmt: skip
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),
+        *((k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 

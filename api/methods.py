@@ -17,8 +17,13 @@ STATIC = {"GET", "HEAD"}  # what a mounted StaticFiles serves (a mount itself de
 def allowed_methods(request: Request) -> str:
     """Every method of every route whose path matches the request's, sorted and comma-separated."""
     scope = request.scope  # inside a mount, root_path is the mount's: the app's own is app_root_path
-    probe = {"type": "http", "path": scope["path"], "root_path": scope.get("app_root_path", scope.get("root_path", "")),
-             "method": "", "headers": []}  # fmt: skip
+    probe = {
+        "type": "http",
+        "path": scope["path"],
+        "root_path": scope.get("app_root_path", scope.get("root_path", "")),
+        "method": "",
+        "headers": [],
+    }
     methods: set[str] = set()
     for route in iter_route_contexts(request.app.routes):
         if route.matches(dict(probe))[0] != Match.NONE:

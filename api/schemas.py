@@ -21,20 +21,26 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Text = Field(min_length=1, max_length=2048,
-                        description="Base model: a folder the workers can read, a storage URI, a hub id (`org/name` or "
-                        "`org/name@revision`), or a succeeded job's id or fine-tuned model name.")
-    dataset: Text = Field(min_length=1, max_length=2048,
-                          description="Training data: a dataset id from POST /datasets, or a URI.")
-    eval_dataset: Text | None = Field(None, min_length=1, max_length=2048,
-                                      description="Held-out data; without it a share of `dataset` is held out.")
+    model: Text = Field(
+        min_length=1,
+        max_length=2048,
+        description="Base model: a folder the workers can read, a storage URI, a hub id (`org/name` or "
+        "`org/name@revision`), or a succeeded job's id or fine-tuned model name.",
+    )
+    dataset: Text = Field(
+        min_length=1, max_length=2048, description="Training data: a dataset id from POST /datasets, or a URI."
+    )
+    eval_dataset: Text | None = Field(
+        None, min_length=1, max_length=2048, description="Held-out data; without it a share of `dataset` is held out."
+    )
     method: Literal["dpo", "sft"]
     trainer: Literal["basic", "fsdp", "deepspeed-tp"] = "basic"
     gpus: int = Field(1, ge=0, le=64, description="Devices of the job; 0 runs it on a CPU worker.")
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     callback_url: HttpUrl | None = Field(None, description="POSTed the job, HMAC-signed, when it finishes.")
     metadata: dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]] = Field(
-        default_factory=dict, max_length=16, description="Up to 16 key/value strings, kept with the job.")
+        default_factory=dict, max_length=16, description="Up to 16 key/value strings, kept with the job."
+    )
 
 
 class JobsPublic(BaseModel):
@@ -148,14 +154,15 @@ class WorkersPublic(BaseModel):
     data: list[WorkerPublic]
 
 
-
 # -- the model registry (`jobs.registry`) ---------------------------------------------------------------------
 
 
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    job_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="A succeeded job of this tenant's: its final model")
+    job_id: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="A succeeded job of this tenant's: its final model"
+    )
     aliases: list[Annotated[str, Field(pattern=f"^{ALIAS.pattern}$")]] = Field(
         [], max_length=16, description="Aliases to point at the new version, e.g. ['staging']"
     )
@@ -185,10 +192,20 @@ class ModelVersionPublic(BaseModel):
 
     @classmethod
     def of(cls, v: ModelVersion, aliases: dict[str, int]) -> ModelVersionPublic:
-        return cls(name=v.name, version=v.version, model=modelref.registered_name(v.name, v.version),
-                   fine_tuned_model=v.fine_tuned_model, job_id=v.job_id, source_uri=v.source_uri,
-                   base_model=v.base_model, method=v.method, metrics=v.metrics or {}, description=v.description,
-                   aliases=sorted(a for a, n in aliases.items() if n == v.version), created_at=v.created_at)
+        return cls(
+            name=v.name,
+            version=v.version,
+            model=modelref.registered_name(v.name, v.version),
+            fine_tuned_model=v.fine_tuned_model,
+            job_id=v.job_id,
+            source_uri=v.source_uri,
+            base_model=v.base_model,
+            method=v.method,
+            metrics=v.metrics or {},
+            description=v.description,
+            aliases=sorted(a for a, n in aliases.items() if n == v.version),
+            created_at=v.created_at,
+        )
 
 
 class RegisteredModelPublic(BaseModel):

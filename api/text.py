@@ -70,9 +70,11 @@ def _refuse(field: str, reason: str) -> APIError:
 
 def _pairs(request: Request) -> list[tuple[str, str, str]]:
     """(kind, name, value) of the path and query parameters and the headers."""
-    return ([("path parameter", k, v) for k, v in request.path_params.items() if isinstance(v, str)] +
-            [("query parameter", k, v) for k, v in request.query_params.multi_items()] +
-            [("header", k, v) for k, v in request.headers.items()])  # fmt: skip
+    return (
+        [("path parameter", k, v) for k, v in request.path_params.items() if isinstance(v, str)]
+        + [("query parameter", k, v) for k, v in request.query_params.multi_items()]
+        + [("header", k, v) for k, v in request.headers.items()]
+    )
 
 
 async def require_text(request: Request) -> None:

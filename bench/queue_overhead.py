@@ -117,8 +117,10 @@ class Connection:
 
     async def request(self, method: str, path: str, body: bytes = b"") -> int:
         """Sends one request and reads the whole answer; returns its status."""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
-                f"Authorization: Bearer {self.key}\r\n")
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+            f"Authorization: Bearer {self.key}\r\n"
+        )
         if body:
             head += "Content-Type: application/json\r\n"
         self.writer.write(head.encode() + b"\r\n" + body)
@@ -181,8 +183,11 @@ def main() -> None:
     parser.add_argument("--posts", type=int, default=800, help="jobs posted per throughput round (3 rounds)")
     parser.add_argument("--rate", type=float, default=200.0, help="GET /jobs/{id} per second")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--postgres", action="store_true",
-                        help="a fresh database on the PostgreSQL server at 127.0.0.1:5432 instead of SQLite")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="a fresh database on the PostgreSQL server at 127.0.0.1:5432 instead of SQLite",
+    )
     parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes of the API")
     args = parser.parse_args()
 
@@ -201,11 +206,17 @@ def main() -> None:
     procs, env = start_stack(work / "data", free_port(), flower_port=None, api_workers=args.api_workers)
     try:
         Connection.key = admin_key(work / "data")[0]
-        http = httpx.Client(base_url=env["PREFQ_API_URL"], timeout=60,
-                            headers={"Authorization": f"Bearer {Connection.key}"})  # fmt: skip
+        http = httpx.Client(
+            base_url=env["PREFQ_API_URL"], timeout=60, headers={"Authorization": f"Bearer {Connection.key}"}
+        )
         with open(work / "pairs.jsonl", "rb") as fh:
             dataset = http.post("/datasets", files={"file": ("pairs.jsonl", fh)}).json()["id"]
-        body = {"model": str(work / "data" / "model"), "dataset": dataset, "method": "dpo", "hyperparameters": {"max_steps": 1000}}
+        body = {
+            "model": str(work / "data" / "model"),
+            "dataset": dataset,
+            "method": "dpo",
+            "hyperparameters": {"max_steps": 1000},
+        }
         start_latency(http, body, 1)  # warm-up: the first run reads torch into the page cache
         launched, started = start_latency(http, body, args.starts)
 
@@ -229,8 +240,10 @@ def main() -> None:
                 conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
     database = "PostgreSQL" if args.postgres else "SQLite (WAL)"
-    print(f"\nprefq queue overhead: Valkey broker, {database}, local storage, {args.api_workers} API process(es), "
-          "idle worker\n")
+    print(
+        f"\nprefq queue overhead: Valkey broker, {database}, local storage, {args.api_workers} API process(es), "
+        "idle worker\n"
+    )
     print(f"{'measure':46} {'prefq':>12} {'baseline':>12} {'ratio':>7}  goal")
     print(f"{'submit -> process started, p50 (s)':46} {statistics.median(launched):12.3f} {'':>12} {'':>7}  <= 1 s")
     print(f"{'submit -> process started, p95 (s)':46} {pct(launched, 0.95):12.3f}")
@@ -239,12 +252,16 @@ def main() -> None:
     print(f"{'POST /jobs vs raw send_task (per s)':46} {posts:12.0f} {raw:12.0f} {posts / raw:7.2f}  >= 0.5x")
     print(f"{'  send_task in pipelined batches of 8 (per s)':46} {batched:12.0f} {raw:12.0f} {batched / raw:7.2f}")
     print(f"{f'GET /jobs/id at {args.rate:.0f}/s, p50 (ms)':46} {pct(latencies, 0.50):12.1f}")
-    print(f"{f'GET /jobs/id at {args.rate:.0f}/s, p99 (ms)':46} {pct(latencies, 0.99):12.1f} {'':>12} {'':>7}  <= 20 ms")
+    print(
+        f"{f'GET /jobs/id at {args.rate:.0f}/s, p99 (ms)':46} {pct(latencies, 0.99):12.1f} {'':>12} {'':>7}  <= 20 ms"
+    )
     print(f"{'  the same after the POST rounds, p50 (ms)':46} {pct(after, 0.50):12.1f}")
     print(f"{'  the same after the POST rounds, p99 (ms)':46} {pct(after, 0.99):12.1f}")
-    print(f"\n({args.starts} starts, 3 x {args.posts} posts over 8 connections, {len(latencies)} GETs; baseline: Celery "
-          "send_task from 4 threads to the same broker; POST /jobs commits and sends the jobs of concurrent requests "
-          "together)")
+    print(
+        f"\n({args.starts} starts, 3 x {args.posts} posts over 8 connections, {len(latencies)} GETs; baseline: Celery "
+        "send_task from 4 threads to the same broker; POST /jobs commits and sends the jobs of concurrent requests "
+        "together)"
+    )
 
 
 if __name__ == "__main__":

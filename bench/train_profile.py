@@ -55,9 +55,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="prefq-profile-"))
     build_model(work, args.model_size)
     data = build_data(work, args.lengths, pairs=(args.steps + 2) * BATCH)
-    spec = parse_spec({"method": "dpo", "model": str(work / "model"), "train_file": str(data), "eval_fraction": 0,
-                       "max_steps": args.steps + 2, "batch_size": BATCH, "max_length": MAX_LENGTH[args.lengths],
-                       "learning_rate": 1e-6, "save_steps": 10_000})  # fmt: skip
+    spec = parse_spec(
+        {
+            "method": "dpo",
+            "model": str(work / "model"),
+            "train_file": str(data),
+            "eval_fraction": 0,
+            "max_steps": args.steps + 2,
+            "batch_size": BATCH,
+            "max_length": MAX_LENGTH[args.lengths],
+            "learning_rate": 1e-6,
+            "save_steps": 10_000,
+        }
+    )
     train_ds, _ = load_splits(spec)
     keep_freed_memory()
     trainer, _ = build_trainer(spec, work / "run", train_ds, None, _make_callback(spec, _Stop(), len(train_ds), 0))
@@ -80,8 +90,10 @@ def main() -> None:
         name = e.key.lower()
         kind = next((k for k, subs in KINDS if any(s in name for s in subs)), "other")
         by_kind[kind] += e.self_cpu_time_total
-    print(f"\n{args.steps} profiled steps, {args.lengths} lengths, model {args.model_size}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; loop CPU time {total / 1e6:.2f} s")  # fmt: skip
+    print(
+        f"\n{args.steps} profiled steps, {args.lengths} lengths, model {args.model_size}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; loop CPU time {total / 1e6:.2f} s"
+    )
     for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:32} {t / total:6.1%}")
     print("\ntop operators by self CPU time:")

@@ -89,11 +89,17 @@ def build_data(work: Path, lengths: str, pairs: int) -> Path:
             if lengths == "uniform":
                 prompt = "Question:" + text(rng.randint(64, 160))
                 room = MAX_LENGTH["uniform"] - len(tokenizer(prompt)["input_ids"]) - 1
-                row = {"prompt": prompt, "chosen": text(room - rng.randint(0, 24)),
-                       "rejected": text(room - rng.randint(0, 24))}  # fmt: skip
+                row = {
+                    "prompt": prompt,
+                    "chosen": text(room - rng.randint(0, 24)),
+                    "rejected": text(room - rng.randint(0, 24)),
+                }
             else:
-                row = {"prompt": "Question:" + text(lognormal(120, 0.9, 8)), "chosen": text(lognormal(70, 0.9, 4)),
-                       "rejected": text(lognormal(70, 0.9, 4))}  # fmt: skip
+                row = {
+                    "prompt": "Question:" + text(lognormal(120, 0.9, 8)),
+                    "chosen": text(lognormal(70, 0.9, 4)),
+                    "rejected": text(lognormal(70, 0.9, 4)),
+                }
             out.write(json.dumps(row) + "\n")
     return path
 
@@ -120,9 +126,20 @@ def child(variant: str, work: Path, lengths: str, steps: int, warmup: int, devic
     from training.spec import parse_spec
 
     max_length = MAX_LENGTH[lengths]
-    spec = parse_spec({"method": "dpo", "model": str(work / "model"), "train_file": str(work / f"{lengths}.jsonl"),
-                       "eval_fraction": 0, "max_steps": steps, "batch_size": BATCH, "max_length": max_length,
-                       "learning_rate": 1e-6, "save_steps": 10_000, "padding_free": variant == "prefq"})  # fmt: skip
+    spec = parse_spec(
+        {
+            "method": "dpo",
+            "model": str(work / "model"),
+            "train_file": str(work / f"{lengths}.jsonl"),
+            "eval_fraction": 0,
+            "max_steps": steps,
+            "batch_size": BATCH,
+            "max_length": max_length,
+            "learning_rate": 1e-6,
+            "save_steps": 10_000,
+            "padding_free": variant == "prefq",
+        }
+    )
     train_ds, _ = load_splits(spec)
     step_times, batches, positions = [], [], []
 
@@ -150,17 +167,29 @@ def child(variant: str, work: Path, lengths: str, steps: int, warmup: int, devic
         tokenizer = AutoTokenizer.from_pretrained(spec.model)
         model = AutoModelForCausalLM.from_pretrained(spec.model)
         best = variant == "trl_best"
-        config = DPOConfig(output_dir=str(work / variant), max_steps=steps, per_device_train_batch_size=BATCH,
-                           max_length=max_length, learning_rate=1e-6, report_to="none", disable_tqdm=True,
-                           save_strategy="no", logging_steps=1, use_cpu=device == "cpu", seed=42,
-                           precompute_ref_log_probs=best,
-                           gradient_checkpointing=not best)  # fmt: skip
+        config = DPOConfig(
+            output_dir=str(work / variant),
+            max_steps=steps,
+            per_device_train_batch_size=BATCH,
+            max_length=max_length,
+            learning_rate=1e-6,
+            report_to="none",
+            disable_tqdm=True,
+            save_strategy="no",
+            logging_steps=1,
+            use_cpu=device == "cpu",
+            seed=42,
+            precompute_ref_log_probs=best,
+            gradient_checkpointing=not best,
+        )
         trainer = DPOTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer)
     collate = trainer.data_collator
 
     def counting(examples):
         batch = collate(examples)
-        batches.append((batch["attention_mask"].sum(dim=1).tolist(), batch["completion_mask"][:, 1:].sum(dim=1).tolist()))
+        batches.append(
+            (batch["attention_mask"].sum(dim=1).tolist(), batch["completion_mask"][:, 1:].sum(dim=1).tolist())
+        )
         return batch
 
     def count_positions(module, args, kwargs):
@@ -184,8 +213,11 @@ def child(variant: str, work: Path, lengths: str, steps: int, warmup: int, devic
         "e2e_tokens_s": sum(real) / total,
         "loop_flops_s": loop_flops / sum(step_times[warmup:]),
         "padding": 1 - sum(real) / sum(positions),
-        "peak_gib": (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
-                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20),  # fmt: skip
+        "peak_gib": (
+            torch.cuda.max_memory_allocated() / 2**30
+            if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        ),
         "loss": next(log["loss"] for log in reversed(trainer.state.log_history) if "loss" in log),
         "tokens_per_step": statistics.mean(real),
         "completions_per_step": statistics.mean(sum(c) for _, c in batches),
@@ -204,8 +236,11 @@ def ceiling(work: Path, tokens: int, completions: int, device: str) -> dict:
     layer_shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]  # q k v o gate up down
     gemms = []  # (m, k, n, times per step)
     for fan_in, fan_out in layer_shapes:
-        gemms += [(tokens, fan_in, fan_out, config.num_hidden_layers), (tokens, fan_out, fan_in, config.num_hidden_layers),
-                  (fan_out, tokens, fan_in, config.num_hidden_layers)]  # fmt: skip
+        gemms += [
+            (tokens, fan_in, fan_out, config.num_hidden_layers),
+            (tokens, fan_out, fan_in, config.num_hidden_layers),
+            (fan_out, tokens, fan_in, config.num_hidden_layers),
+        ]
     gemms += [(completions, h, vocab, 1), (completions, vocab, h, 1), (vocab, completions, h, 1)]
     flops = seconds = 0.0
     for m, k, n, times in gemms:
@@ -226,8 +261,12 @@ def ceiling(work: Path, tokens: int, completions: int, device: str) -> dict:
 
 
 def run_child(args, work: Path, what: list[str], env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--work", str(work), "--device", args.device, *what],
-                         capture_output=True, text=True, env=env)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, __file__, "--work", str(work), "--device", args.device, *what],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if out.returncode:
         sys.exit(f"{' '.join(what)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.splitlines()[-1])
@@ -243,7 +282,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--peak-tflops", type=float, help="the device's bf16 datasheet peak: adds an MFU column against it")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the device's bf16 datasheet peak: adds an MFU column against it"
+    )
     parser.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--ceiling", nargs=2, type=int, metavar=("TOKENS", "COMPLETIONS"), help=argparse.SUPPRESS)
     parser.add_argument("--data", choices=list(MAX_LENGTH), help=argparse.SUPPRESS)
@@ -273,7 +314,9 @@ def main() -> None:
         for r in range(args.rounds):
             for variant in TRAINERS:
                 what = ["--child", variant, "--data", lengths, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-                result = run_child(args, work, what, {**env, "HF_DATASETS_CACHE": str(work / f"hf-{lengths}-{r}-{variant}")})
+                result = run_child(
+                    args, work, what, {**env, "HF_DATASETS_CACHE": str(work / f"hf-{lengths}-{r}-{variant}")}
+                )
                 results[variant].append(result)
                 print(f"{lengths} round {r + 1} {variant}: {result}", file=sys.stderr, flush=True)
             shape = results["prefq"][-1]
@@ -298,22 +341,30 @@ def report(args, lengths: str, results: dict[str, list[dict]], ceilings: list[fl
     def median(variant: str, key: str) -> float:
         return statistics.median(r[key] for r in results[variant])
 
-    lines = [f"\nDPO training throughput, {lengths} lengths (max_length {MAX_LENGTH[lengths]}, "
-             f"{median('prefq', 'tokens_per_step'):.0f} real tokens per step), model {args.model_size}, batch {BATCH}, "
-             f"{args.steps} steps ({args.warmup} warm-up), {args.device} ({os.cpu_count()} CPU cores), best of "
-             f"{args.rounds} rounds; ceiling {max(ceilings) / 1e9:.0f} GFLOP/s bf16\n",
-             f"{'variant':14} {'padding':>8} {'loop tok/s':>11} {'ratio':>7} {'e2e tok/s':>10} {'ratio':>7} "
-             f"{'MFU':>6} {'of peak':>8} {'peak GiB':>9} {'last loss':>10}"]  # fmt: skip
+    lines = [
+        f"\nDPO training throughput, {lengths} lengths (max_length {MAX_LENGTH[lengths]}, "
+        f"{median('prefq', 'tokens_per_step'):.0f} real tokens per step), model {args.model_size}, batch {BATCH}, "
+        f"{args.steps} steps ({args.warmup} warm-up), {args.device} ({os.cpu_count()} CPU cores), best of "
+        f"{args.rounds} rounds; ceiling {max(ceilings) / 1e9:.0f} GFLOP/s bf16\n",
+        f"{'variant':14} {'padding':>8} {'loop tok/s':>11} {'ratio':>7} {'e2e tok/s':>10} {'ratio':>7} "
+        f"{'MFU':>6} {'of peak':>8} {'peak GiB':>9} {'last loss':>10}",
+    ]
     for variant in TRAINERS:
-        of_peak = f"{best(variant, 'loop_flops_s') / (args.peak_tflops * 1e12):8.1%}" if args.peak_tflops else f"{'-':>8}"
-        lines.append(f"{variant:14} {median(variant, 'padding'):8.1%} {best(variant, 'loop_tokens_s'):11.0f} "
-                     f"{ratio(variant, 'loop_tokens_s'):6.2f}x {best(variant, 'e2e_tokens_s'):10.0f} "
-                     f"{ratio(variant, 'e2e_tokens_s'):6.2f}x {mfu(variant):6.1%} {of_peak} "
-                     f"{median(variant, 'peak_gib'):9.2f} {median(variant, 'loss'):10.4f}")  # fmt: skip
+        of_peak = (
+            f"{best(variant, 'loop_flops_s') / (args.peak_tflops * 1e12):8.1%}" if args.peak_tflops else f"{'-':>8}"
+        )
+        lines.append(
+            f"{variant:14} {median(variant, 'padding'):8.1%} {best(variant, 'loop_tokens_s'):11.0f} "
+            f"{ratio(variant, 'loop_tokens_s'):6.2f}x {best(variant, 'e2e_tokens_s'):10.0f} "
+            f"{ratio(variant, 'e2e_tokens_s'):6.2f}x {mfu(variant):6.1%} {of_peak} "
+            f"{median(variant, 'peak_gib'):9.2f} {median(variant, 'loss'):10.4f}"
+        )
     trl = max(("trl_default", "trl_best"), key=lambda v: best(v, "e2e_tokens_s"))
-    lines.append(f"\nprefq end to end: {ratio('prefq', 'e2e_tokens_s', 'prefq_padded'):.2f}x its padded path, "
-                 f"{ratio('prefq', 'e2e_tokens_s', trl):.2f}x TRL's best ({trl}); loop MFU {mfu('prefq'):.1%} of the "
-                 "in-run ceiling")  # fmt: skip
+    lines.append(
+        f"\nprefq end to end: {ratio('prefq', 'e2e_tokens_s', 'prefq_padded'):.2f}x its padded path, "
+        f"{ratio('prefq', 'e2e_tokens_s', trl):.2f}x TRL's best ({trl}); loop MFU {mfu('prefq'):.1%} of the "
+        "in-run ceiling"
+    )
     return "\n".join(lines)
 
 

@@ -78,13 +78,19 @@ def upload(write, method: str) -> dict:
     rows = write(data)
     port = free_port()
     env = dict(os.environ, PREFQ_DATA_DIR=str(root), PREFQ_MAX_UPLOAD_BYTES=str(4 << 30))
-    api = subprocess.Popen([str(Path(sys.executable).with_name("prefq")), "api", "--port", str(port)], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                           preexec_fn=die_with_parent)  # fmt: skip
+    api = subprocess.Popen(
+        [str(Path(sys.executable).with_name("prefq")), "api", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
     try:
         wait_for_port(port, 60)
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
-                            timeout=None)  # fmt: skip
+        http = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=None
+        )
         http.get("/healthz")
         proc = psutil.Process(api.pid)
         time.sleep(1)
@@ -107,8 +113,15 @@ def upload(write, method: str) -> dict:
         stop([api])
         size = data.stat().st_size
         shutil.rmtree(root, ignore_errors=True)
-    return {"bytes": size, "rows": rows, "idle_rss_mb": idle / 2**20, "peak_rss_mb": peak[0] / 2**20,
-            "above_idle_mb": (peak[0] - idle) / 2**20, "seconds": seconds, "mb_per_s": size / 2**20 / seconds}  # fmt: skip
+    return {
+        "bytes": size,
+        "rows": rows,
+        "idle_rss_mb": idle / 2**20,
+        "peak_rss_mb": peak[0] / 2**20,
+        "above_idle_mb": (peak[0] - idle) / 2**20,
+        "seconds": seconds,
+        "mb_per_s": size / 2**20 / seconds,
+    }
 
 
 def main() -> None:

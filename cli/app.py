@@ -74,29 +74,42 @@ def row(job: dict) -> str:
 @app.command()
 def submit(
     dataset: str = typer.Argument(..., help="A JSONL file (uploaded first), a dataset id or a storage URI"),
-    model: str = typer.Option(..., help="Base model: a folder the workers can read, a storage URI, a hub id "
-                              "(org/name@rev), or a succeeded job's id or fine-tuned model name"),
+    model: str = typer.Option(
+        ...,
+        help="Base model: a folder the workers can read, a storage URI, a hub id "
+        "(org/name@rev), or a succeeded job's id or fine-tuned model name",
+    ),
     method: str = typer.Option(..., help="dpo or sft"),
     trainer: str = typer.Option("basic", help="basic, fsdp or deepspeed-tp"),
     gpus: int = typer.Option(1, help="Devices of the job (0: a CPU worker)"),
     eval_dataset: str = typer.Option(None, "--eval", help="Held-out data: a file, dataset id or URI"),
     sets: list[str] = typer.Option([], "--set", help="A hyperparameter, key=value (repeatable)"),
     callback_url: str = typer.Option(None, help="POSTed the finished job, HMAC-signed"),
-    idempotency_key: str = typer.Option(None, help="Repeat-safe submission key (default: a fresh one, kept for "
-                                        "this command's own retries)"),
+    idempotency_key: str = typer.Option(
+        None, help="Repeat-safe submission key (default: a fresh one, kept for this command's own retries)"
+    ),
     wait: bool = typer.Option(False, "--wait", help="Show a live progress bar until the job finishes"),
-    then: tuple[str, str] | None = typer.Option(None, "--then", metavar="METHOD DATA",
-                                         help="A second job on this one's model once it has succeeded, e.g. "
-                                         "`--then dpo pairs.jsonl` after an SFT job (the --set values apply to both)"),
-) -> None:  # fmt: skip
+    then: tuple[str, str] | None = typer.Option(
+        None,
+        "--then",
+        metavar="METHOD DATA",
+        help="A second job on this one's model once it has succeeded, e.g. "
+        "`--then dpo pairs.jsonl` after an SFT job (the --set values apply to both)",
+    ),
+) -> None:
     """Queue a training job; prints its id first. With --then, waits for it, then queues the second job."""
     c = client()
     if then and then[0] not in ("dpo", "sft"):
         fail(f"--then: the method is dpo or sft, not {then[0]!r}")
     try:
-        job = {"model": str(Path(model).resolve()) if Path(model).is_dir() else model,
-               "dataset": _dataset_ref(c, dataset, method), "method": method, "trainer": trainer, "gpus": gpus,
-               "hyperparameters": parse_sets(sets)}  # fmt: skip
+        job = {
+            "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
+            "dataset": _dataset_ref(c, dataset, method),
+            "method": method,
+            "trainer": trainer,
+            "gpus": gpus,
+            "hyperparameters": parse_sets(sets),
+        }
         if eval_dataset:
             job["eval_dataset"] = _dataset_ref(c, eval_dataset, method)
         if callback_url:
@@ -147,9 +160,12 @@ def status(job_id: str, as_json: bool = JSON_OPTION) -> None:
 
 
 @app.command("list")
-def list_jobs(status: str = typer.Option(None, help="queued, running, cancelling, succeeded, failed, cancelled"),
-              since: str = typer.Option(None, help="Created within, e.g. 1h"),
-              limit: int = typer.Option(50), as_json: bool = JSON_OPTION) -> None:  # fmt: skip
+def list_jobs(
+    status: str = typer.Option(None, help="queued, running, cancelling, succeeded, failed, cancelled"),
+    since: str = typer.Option(None, help="Created within, e.g. 1h"),
+    limit: int = typer.Option(50),
+    as_json: bool = JSON_OPTION,
+) -> None:
     """Jobs, newest first (--json: an array of the API's job objects)."""
     found = []
     try:
@@ -162,14 +178,25 @@ def list_jobs(status: str = typer.Option(None, help="queued, running, cancelling
     if as_json:
         print_json(found)
         return
-    rows = [(j["id"], j["status"], j["method"], j["trainer"], str(j["gpus"]), f"{j['step']}/{j['total_steps'] or '?'}",
-             j["error"]["code"] if j["error"] else "") for j in found]  # fmt: skip
+    rows = [
+        (
+            j["id"],
+            j["status"],
+            j["method"],
+            j["trainer"],
+            str(j["gpus"]),
+            f"{j['step']}/{j['total_steps'] or '?'}",
+            j["error"]["code"] if j["error"] else "",
+        )
+        for j in found
+    ]
     print_table(("id", "status", "method", "trainer", "gpus", "step", "error"), rows)
 
 
 @app.command()
-def events(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), after: int = 0,
-           as_json: bool = JSON_OPTION) -> None:  # fmt: skip
+def events(
+    job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), after: int = 0, as_json: bool = JSON_OPTION
+) -> None:
     """A job's events, one JSON object per line; --follow streams them until the job ends. --json: the events as
     one JSON array (not with --follow)."""
     if as_json and follow:
@@ -196,8 +223,11 @@ def cancel(job_id: str) -> None:
 
 
 @app.command()
-def retry(job_id: str = typer.Argument(None), failed: bool = typer.Option(False, "--failed", help="Every failed job"),
-          since: str = typer.Option(None, help="With --failed: created within, e.g. 1h")) -> None:  # fmt: skip
+def retry(
+    job_id: str = typer.Argument(None),
+    failed: bool = typer.Option(False, "--failed", help="Every failed job"),
+    since: str = typer.Option(None, help="With --failed: created within, e.g. 1h"),
+) -> None:
     """Run a failed or cancelled job again, resuming from its newest checkpoint."""
     if bool(job_id) == failed:
         fail("give a job id or --failed")
@@ -243,10 +273,22 @@ def workers(as_json: bool = JSON_OPTION) -> None:
         inv = w["inventory"]
         gpus = ", ".join(f"{g['name']} {g['memory_mib']} MiB" for g in inv.get("gpus", []))
         desc = gpus or f"CPU x{inv.get('cpu_devices', 0)} ({inv.get('cpu_count')} cores, {inv.get('memory_gib')} GiB)"
-        rows.append((w["name"], "yes" if w["live"] else "no", str(w["devices"]), desc, ",".join(w["queues"]),
-                     w["current_job_id"] or "-", f"{time.time() - w['last_heartbeat']:.0f}s ago"))  # fmt: skip
-    print_table(("name", "live", "devices", "inventory", "queues", "current job", "heartbeat"), rows,
-          ids=("name", "current job"))  # fmt: skip
+        rows.append(
+            (
+                w["name"],
+                "yes" if w["live"] else "no",
+                str(w["devices"]),
+                desc,
+                ",".join(w["queues"]),
+                w["current_job_id"] or "-",
+                f"{time.time() - w['last_heartbeat']:.0f}s ago",
+            )
+        )
+    print_table(
+        ("name", "live", "devices", "inventory", "queues", "current job", "heartbeat"),
+        rows,
+        ids=("name", "current job"),
+    )
 
 
 if __name__ == "__main__":

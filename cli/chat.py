@@ -46,18 +46,21 @@ def reply(c: Client, body: dict, out=sys.stdout) -> str:
         raise ClientError(f"cannot reach the API at {c.base_url} ({exc})") from None
 
 
-def chat(model: str = typer.Argument(..., help="A fine-tuned model (ft:...), a checkpoint of one, or a job id"),
-         message: str = typer.Option(None, "--message", "-m", help="Send this one message, print the reply, exit"),
-         system: str = typer.Option(None, help="A system message at the start of the conversation"),
-         max_tokens: int = typer.Option(None, help="New tokens per reply at most (default: the server's cap)"),
-         temperature: float = typer.Option(None, help="0 is greedy; default 1"),
-         seed: int = typer.Option(None, help="Makes sampled replies repeatable")) -> None:  # fmt: skip
+def chat(
+    model: str = typer.Argument(..., help="A fine-tuned model (ft:...), a checkpoint of one, or a job id"),
+    message: str = typer.Option(None, "--message", "-m", help="Send this one message, print the reply, exit"),
+    system: str = typer.Option(None, help="A system message at the start of the conversation"),
+    max_tokens: int = typer.Option(None, help="New tokens per reply at most (default: the server's cap)"),
+    temperature: float = typer.Option(None, help="0 is greedy; default 1"),
+    seed: int = typer.Option(None, help="Makes sampled replies repeatable"),
+) -> None:
     """Chat with a fine-tuned model: a REPL that streams the replies, or one --message."""
     c = client()
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    options = {k: v for k, v in {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}.items()
-               if v is not None}  # fmt: skip
+    options = {
+        k: v for k, v in {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}.items() if v is not None
+    }
     if message is not None:
         try:
             reply(c, {"model": model, "messages": [*messages, {"role": "user", "content": message}], **options})

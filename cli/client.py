@@ -40,8 +40,10 @@ class Client:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise Unreachable(f"cannot reach the API at {self.base_url} ({exc}); start it with `prefq dev` or "
-                              "`prefq api`, or set --api-url / PREFQ_API_URL") from None  # fmt: skip
+            raise Unreachable(
+                f"cannot reach the API at {self.base_url} ({exc}); start it with `prefq dev` or "
+                "`prefq api`, or set --api-url / PREFQ_API_URL"
+            ) from None
         if response.is_error and response.status_code not in expected:
             try:
                 err = response.json()["error"]
@@ -59,8 +61,12 @@ class Client:
         upload rereads its file)."""
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
 
-        @retry(retry=retry_if_exception_type(Unreachable), stop=stop_after_attempt(CREATE_ATTEMPTS),
-               wait=wait_random_exponential(multiplier=0.5, max=5), reraise=True)  # fmt: skip
+        @retry(
+            retry=retry_if_exception_type(Unreachable),
+            stop=stop_after_attempt(CREATE_ATTEMPTS),
+            wait=wait_random_exponential(multiplier=0.5, max=5),
+            reraise=True,
+        )
         def send() -> dict:
             return self.request("POST", path, headers=headers, **body())
 
@@ -98,8 +104,9 @@ class Client:
     def stream_events(self, job_id: str, after: int = 0) -> Iterator[dict]:
         """Server-Sent Events until the job has finished."""
         headers = {"Accept": "text/event-stream"}
-        with self.http.stream("GET", f"/jobs/{job_id}/events", params={"after": after}, headers=headers,
-                              timeout=None) as response:  # fmt: skip
+        with self.http.stream(
+            "GET", f"/jobs/{job_id}/events", params={"after": after}, headers=headers, timeout=None
+        ) as response:
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     yield json.loads(line[6:])

@@ -52,17 +52,27 @@ def wait_with_progress(c, job_id: str) -> dict:
     """A live bar with step/total, loss, reward accuracy and time left, until the job finishes; the job then."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = [TextColumn("[bold]{task.fields[status]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"), TimeRemainingColumn()]  # fmt: skip
+    columns = [
+        TextColumn("[bold]{task.fields[status]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("job", total=None, status="queued", loss="-", acc="-")
         while True:
             job = c.job(job_id)
             m = job["metrics"]
             acc = m.get("rewards/accuracies", m.get("mean_token_accuracy"))
-            bar.update(task, total=job["total_steps"], completed=job["step"], status=job["status"],
-                       loss=f"{m['loss']:.4f}" if m.get("loss") is not None else "-",
-                       acc=f"{acc:.2f}" if acc is not None else "-")  # fmt: skip
+            bar.update(
+                task,
+                total=job["total_steps"],
+                completed=job["step"],
+                status=job["status"],
+                loss=f"{m['loss']:.4f}" if m.get("loss") is not None else "-",
+                acc=f"{acc:.2f}" if acc is not None else "-",
+            )
             if job["status"] in FINISHED:
                 return job
             time.sleep(1.0)

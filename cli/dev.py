@@ -21,17 +21,23 @@ def _interrupt(*_) -> None:
 
 
 @dev_app.command()
-def dev(port: int = 8000, flower_port: int = 5555, data_dir: Path = Path(".prefq"),
-        cpu_devices: int = typer.Option(2, help="Devices the worker serves on the CPU")) -> None:  # fmt: skip
+def dev(
+    port: int = 8000,
+    flower_port: int = 5555,
+    data_dir: Path = Path(".prefq"),
+    cpu_devices: int = typer.Option(2, help="Devices the worker serves on the CPU"),
+) -> None:
     """Broker, API, a worker, the service worker and Flower on this machine, until Ctrl-C."""
     from cli.stack import admin_key, start_stack, stop
 
     procs, env = start_stack(data_dir, port, flower_port, cpu_devices)
     key, created = admin_key(data_dir)
     saved = config.write(env["PREFQ_API_URL"], key)
-    console.print(f"prefq dev: API {env['PREFQ_API_URL']} (docs /docs), dashboard {env['PREFQ_API_URL']}/ui (sign in "
-                  f"with the admin key), playground {env['PREFQ_API_URL']}/v1/chat/completions (`prefq chat MODEL`), Flower "
-                  f"http://127.0.0.1:{flower_port}, data in {data_dir.resolve()}; Ctrl-C stops everything")  # fmt: skip
+    console.print(
+        f"prefq dev: API {env['PREFQ_API_URL']} (docs /docs), dashboard {env['PREFQ_API_URL']}/ui (sign in "
+        f"with the admin key), playground {env['PREFQ_API_URL']}/v1/chat/completions (`prefq chat MODEL`), Flower "
+        f"http://127.0.0.1:{flower_port}, data in {data_dir.resolve()}; Ctrl-C stops everything"
+    )
     if created:
         console.print(f"admin key (tenant default; shown once, also in {data_dir.resolve() / 'admin-key'}): {key}")
     roots = env["PREFQ_MODEL_ROOTS"].replace(",", ", ")
@@ -47,8 +53,13 @@ def dev(port: int = 8000, flower_port: int = 5555, data_dir: Path = Path(".prefq
         stop(procs)
 
 
-DEMO_COMMON = {"batch_size": 16, "lr_scheduler": "constant", "max_length": 64, "sample_prompts": 2,
-               "sample_max_tokens": 8}  # fmt: skip
+DEMO_COMMON = {
+    "batch_size": 16,
+    "lr_scheduler": "constant",
+    "max_length": 64,
+    "sample_prompts": 2,
+    "sample_max_tokens": 8,
+}
 # SFT teaches the answers (the tiny model gets the 25 sums of the toy data right in about 120 steps); DPO then
 # prefers them to answers far off. Evaluations at the start and the end of each: the samples before and after.
 DEMO_SFT = {**DEMO_COMMON, "max_steps": 120, "learning_rate": 1e-3, "save_steps": 120, "eval_steps": 120}
@@ -103,12 +114,24 @@ def demo(data_dir: Path = Path(".prefq-demo")) -> None:
             console.print(f"admin key (tenant default; also in {data_dir / 'admin-key'} and {saved}): {key}")
         c = Client(env["PREFQ_API_URL"], key)
         sft_data, dpo_data = c.upload_dataset(sft, "sft"), c.upload_dataset(pairs, "dpo")
-        console.print(f"datasets {sft_data['id']} ({sft_data['rows']} demonstrations), {dpo_data['id']} "
-                      f"({dpo_data['rows']} preference pairs)")  # fmt: skip
-        first = _run(c, "SFT", {"model": str(model_dir), "dataset": sft_data["id"], "method": "sft",
-                                "hyperparameters": DEMO_SFT})  # fmt: skip
-        final = _run(c, "DPO", {"model": first["id"], "dataset": dpo_data["id"], "method": "dpo",
-                                "hyperparameters": DEMO_DPO, "metadata": {"pipeline_after": first["id"]}})  # fmt: skip
+        console.print(
+            f"datasets {sft_data['id']} ({sft_data['rows']} demonstrations), {dpo_data['id']} "
+            f"({dpo_data['rows']} preference pairs)"
+        )
+        first = _run(
+            c, "SFT", {"model": str(model_dir), "dataset": sft_data["id"], "method": "sft", "hyperparameters": DEMO_SFT}
+        )
+        final = _run(
+            c,
+            "DPO",
+            {
+                "model": first["id"],
+                "dataset": dpo_data["id"],
+                "method": "dpo",
+                "hyperparameters": DEMO_DPO,
+                "metadata": {"pipeline_after": first["id"]},
+            },
+        )
         evals = [e["data"] for e in c.events(final["id"])["data"] if e["type"] == "eval"]
         said = [_first_sample(c, first["id"], 0), _first_sample(c, first["id"], -1), _first_sample(c, final["id"], -1)]
     except ClientError as exc:
@@ -119,7 +142,9 @@ def demo(data_dir: Path = Path(".prefq-demo")) -> None:
     console.print(f"DPO held-out reward accuracy: {final['eval_metrics']['eval_rewards/accuracies']:.3f} ({curve})")
     if all(said):
         untrained, tuned, preferred = said
-        console.print(f"held-out prompt {untrained['prompt']!r}: the untrained model wrote {untrained['completion']!r}, "
-                      f"after SFT {tuned['completion']!r}, after DPO {preferred['completion']!r} "
-                      f"(prefq samples {final['id']})")  # fmt: skip
+        console.print(
+            f"held-out prompt {untrained['prompt']!r}: the untrained model wrote {untrained['completion']!r}, "
+            f"after SFT {tuned['completion']!r}, after DPO {preferred['completion']!r} "
+            f"(prefq samples {final['id']})"
+        )
     console.print(f"model: {final['result_uri']}")

@@ -23,9 +23,11 @@ def _store():
 
 
 @keys_app.command("create")
-def create(tenant: str = typer.Option(..., help="The tenant whose data the key reads and writes"),
-           admin: bool = typer.Option(False, "--admin", help="Sees and manages every tenant"),
-           label: str = typer.Option("", help="What the key is for")) -> None:  # fmt: skip
+def create(
+    tenant: str = typer.Option(..., help="The tenant whose data the key reads and writes"),
+    admin: bool = typer.Option(False, "--admin", help="Sees and manages every tenant"),
+    label: str = typer.Option("", help="What the key is for"),
+) -> None:
     """Make a key and print it, once: only its hash is kept."""
     if not re.fullmatch(TENANT_PATTERN, tenant):
         errors.print(
@@ -57,9 +59,21 @@ def list_keys(tenant: str = typer.Option(None), as_json: bool = JSON_OPTION) -> 
     def when(t: float | None) -> str:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
 
-    print_table(("id", "tenant", "admin", "label", "created", "last used", "revoked"),
-                [(k.id, k.tenant, "yes" if k.admin else "", k.label, when(k.created_at), when(k.last_used_at),
-                  when(k.revoked_at)) for k in found])  # fmt: skip
+    print_table(
+        ("id", "tenant", "admin", "label", "created", "last used", "revoked"),
+        [
+            (
+                k.id,
+                k.tenant,
+                "yes" if k.admin else "",
+                k.label,
+                when(k.created_at),
+                when(k.last_used_at),
+                when(k.revoked_at),
+            )
+            for k in found
+        ],
+    )
 
 
 @keys_app.command("revoke")

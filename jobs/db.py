@@ -21,8 +21,9 @@ def make_engine(url: str) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # A pool as large as the API's thread pool (40): an overflow connection is opened, set up and closed
         # per request, which under a burst slows every request and lets the burst grow.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=40,
-                               max_overflow=20)  # fmt: skip
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=40, max_overflow=20
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):

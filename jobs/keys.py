@@ -83,7 +83,8 @@ class KeyStore:
 
     def revoke(self, key_id: str) -> ApiKey | None:
         with session(self.engine) as s:
-            s.execute(update(ApiKey).where(ApiKey.id == key_id, col(ApiKey.revoked_at).is_(None))
-                      .values(revoked_at=now()))  # fmt: skip
+            s.execute(
+                update(ApiKey).where(ApiKey.id == key_id, col(ApiKey.revoked_at).is_(None)).values(revoked_at=now())
+            )
             s.commit()
             return s.get(ApiKey, key_id)

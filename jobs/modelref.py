@@ -30,10 +30,14 @@ if TYPE_CHECKING:
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 HUB_ID = re.compile(rf"(?P<repo>(?:{_PART}/)?{_PART})(?:@(?P<revision>[A-Za-z0-9][A-Za-z0-9._/-]{{0,199}}))?")
 JOB_ID = re.compile(r"job_[A-Za-z0-9]+")
-REGISTERED = re.compile(r"models:/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,63})"
-                        r"(?:/(?P<version>[1-9]\d{0,8})|@(?P<alias>[a-z][a-z0-9_-]{0,31}))?")
-FT_NAME = re.compile(r"ft:(?P<base>[^:]{1,300}):(?P<tenant>[a-z0-9][a-z0-9_-]{0,62}):(?P<suffix>[A-Za-z0-9._-]{0,64})"
-                     r":(?P<job>job_[A-Za-z0-9]+)(?::ckpt-step-(?P<step>\d{1,9}))?")  # fmt: skip
+REGISTERED = re.compile(
+    r"models:/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,63})"
+    r"(?:/(?P<version>[1-9]\d{0,8})|@(?P<alias>[a-z][a-z0-9_-]{0,31}))?"
+)
+FT_NAME = re.compile(
+    r"ft:(?P<base>[^:]{1,300}):(?P<tenant>[a-z0-9][a-z0-9_-]{0,62}):(?P<suffix>[A-Za-z0-9._-]{0,64})"
+    r":(?P<job>job_[A-Za-z0-9]+)(?::ckpt-step-(?P<step>\d{1,9}))?"
+)
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,13 @@ def parse(ref: str) -> ModelRef:
     if ref.startswith("models:"):
         match = REGISTERED.fullmatch(ref)
         if not match or ".." in ref:
-            raise BadModelRef(f"{ref!r} is not a registered model (models:/NAME, models:/NAME/VERSION or "
-                              "models:/NAME@ALIAS)")  # fmt: skip
+            raise BadModelRef(
+                f"{ref!r} is not a registered model (models:/NAME, models:/NAME/VERSION or models:/NAME@ALIAS)"
+            )
         version = match.group("version")
-        return ModelRef("registered", match.group("name"), revision=match.group("alias"),
-                        step=int(version) if version else None)  # fmt: skip
+        return ModelRef(
+            "registered", match.group("name"), revision=match.group("alias"), step=int(version) if version else None
+        )
     if ref.startswith("ft:"):
         match = FT_NAME.fullmatch(ref)
         if not match:
@@ -79,8 +85,10 @@ def parse(ref: str) -> ModelRef:
         return ModelRef("job", ref)
     match = HUB_ID.fullmatch(ref)
     if not match or "--" in match.group("repo") or ".." in ref:
-        raise BadModelRef(f"{ref!r} is not a hub id (org/name or org/name@revision), a fine-tuned model name, a job "
-                          "id, a storage URI or an absolute folder")  # fmt: skip
+        raise BadModelRef(
+            f"{ref!r} is not a hub id (org/name or org/name@revision), a fine-tuned model name, a job "
+            "id, a storage URI or an absolute folder"
+        )
     return ModelRef("hub", match.group("repo"), revision=match.group("revision"))
 
 

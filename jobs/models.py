@@ -45,8 +45,10 @@ def now() -> float:
 
 
 def _json(default=None) -> Any:
-    return Field(default_factory=(lambda: default.copy()) if default is not None else lambda: None,
-                 sa_column=Column(JSON, nullable=default is None))  # fmt: skip
+    return Field(
+        default_factory=(lambda: default.copy()) if default is not None else lambda: None,
+        sa_column=Column(JSON, nullable=default is None),
+    )
 
 
 class Job(SQLModel, table=True):

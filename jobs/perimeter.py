@@ -62,8 +62,16 @@ def _normal_uri(uri: str, field: str) -> str:
     return f"{scheme}://{rest}"
 
 
-def confine(ref: str, field: str, tenant: str, storage_root: str, shared: list[str], roots: list[str],
-            models: bool, hub: tuple[str, ...] | list[str] = ()) -> str:  # fmt: skip
+def confine(
+    ref: str,
+    field: str,
+    tenant: str,
+    storage_root: str,
+    shared: list[str],
+    roots: list[str],
+    models: bool,
+    hub: tuple[str, ...] | list[str] = (),
+) -> str:
     """The reference if `tenant` may read it; else `Refused`. Ids (`ds_...`, `job_...`) and fine-tuned model names
     pass: their owner is checked against the table by the caller. Models may be hub ids matching `hub`."""
     if re.fullmatch(r"(ds|job)_[A-Za-z0-9]+", ref):
@@ -74,21 +82,29 @@ def confine(ref: str, field: str, tenant: str, storage_root: str, shared: list[s
         except modelref.BadModelRef as exc:
             raise Refused(field, str(exc)) from None
         if parsed.kind == "hub" and not modelref.hub_allowed(parsed.value, hub):
-            raise Refused(field, f"the hub model {parsed.value} is not one this server allows (PREFQ_ALLOWED_HUB_MODELS)")
+            raise Refused(
+                field, f"the hub model {parsed.value} is not one this server allows (PREFQ_ALLOWED_HUB_MODELS)"
+            )
         return ref
     if "://" in ref:
         uri = _normal_uri(ref, field)
         own = storage_root.rstrip("/") + "/" + tenant_prefix(tenant)
         if _under(uri, own) or (models and any(_under(uri, s) for s in shared)):
             return uri
-        raise Refused(field, f"not a location this key may read: use ids, or storage URIs under {own}"
-                             + (" or a shared model prefix" if models and shared else ""))
+        raise Refused(
+            field,
+            f"not a location this key may read: use ids, or storage URIs under {own}"
+            + (" or a shared model prefix" if models and shared else ""),
+        )
     if models and ref.startswith("/"):
         real = os.path.realpath(ref)
         if any(real == r or real.startswith(r.rstrip("/") + "/") for r in map(os.path.realpath, roots)):
             return real
-    raise Refused(field, "not a location this key may read: use ids, storage URIs under this tenant's prefix"
-                         + (", or a folder under one of this server's model roots (PREFQ_MODEL_ROOTS)" if models else ""))
+    raise Refused(
+        field,
+        "not a location this key may read: use ids, storage URIs under this tenant's prefix"
+        + (", or a folder under one of this server's model roots (PREFQ_MODEL_ROOTS)" if models else ""),
+    )
 
 
 def check_callback_url(url: str, allow_private: bool, resolve=socket.getaddrinfo) -> str:
@@ -112,8 +128,11 @@ def check_callback_url(url: str, allow_private: bool, resolve=socket.getaddrinfo
         if any(a in METADATA for a in judged):
             raise Refused("callback_url", "cloud metadata addresses are never allowed")
         if not allow_private and not all(map(_global, judged)):
-            raise Refused("callback_url", f"{host} resolves to {address}, not a global address; callbacks go "
-                                          "to public hosts (PREFQ_CALLBACK_ALLOW_PRIVATE=true allows internal ones)")
+            raise Refused(
+                "callback_url",
+                f"{host} resolves to {address}, not a global address; callbacks go "
+                "to public hosts (PREFQ_CALLBACK_ALLOW_PRIVATE=true allows internal ones)",
+            )
     return infos[0][4][0]
 
 

@@ -34,15 +34,21 @@ class RegistryError(ValueError):
 
 def check_name(name: str) -> str:
     if not NAME.fullmatch(name) or ".." in name:
-        raise RegistryError(f"name: {name!r} is not a model name (1-64 letters, digits, '.', '_', '-', starting "
-                            "with a letter or digit)", "name")  # fmt: skip
+        raise RegistryError(
+            f"name: {name!r} is not a model name (1-64 letters, digits, '.', '_', '-', starting "
+            "with a letter or digit)",
+            "name",
+        )
     return name
 
 
 def check_alias(alias: str) -> str:
     if not ALIAS.fullmatch(alias):
-        raise RegistryError(f"alias: {alias!r} is not an alias (lowercase letters, digits, '_', '-', starting with a "
-                            "letter, at most 32)", "alias")  # fmt: skip
+        raise RegistryError(
+            f"alias: {alias!r} is not an alias (lowercase letters, digits, '_', '-', starting with a "
+            "letter, at most 32)",
+            "alias",
+        )
     return alias
 
 
@@ -50,8 +56,9 @@ class Registry:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def promote(self, job: Job, name: str, fine_tuned_model: str, aliases: list[str] = (),
-                description: str | None = None) -> ModelVersion:  # fmt: skip
+    def promote(
+        self, job: Job, name: str, fine_tuned_model: str, aliases: list[str] = (), description: str | None = None
+    ) -> ModelVersion:
         """The job's model as the next version of `name` in the job's tenant, with `aliases` pointing at it."""
         check_name(name)
         for alias in aliases:
@@ -64,8 +71,9 @@ class Registry:
                     raise
         raise AssertionError("unreachable")
 
-    def _promote(self, job: Job, name: str, fine_tuned_model: str, aliases: list[str],
-                 description: str | None) -> ModelVersion:  # fmt: skip
+    def _promote(
+        self, job: Job, name: str, fine_tuned_model: str, aliases: list[str], description: str | None
+    ) -> ModelVersion:
         with session(self.engine) as s:
             # The name's row is locked (PostgreSQL) so that concurrent promotes of one name take numbers in turn
             # instead of colliding; only the first promote of a new name can collide, and is retried.
@@ -74,12 +82,23 @@ class Registry:
                 model = RegisteredModel(tenant=job.tenant, name=name, description=description)
                 s.add(model)
                 s.flush()
-            last = s.exec(select(func.max(ModelVersion.version))
-                          .where(ModelVersion.tenant == job.tenant, ModelVersion.name == name)).one()  # fmt: skip
-            version = ModelVersion(tenant=job.tenant, name=name, version=(last or 0) + 1, job_id=job.id,
-                                   fine_tuned_model=fine_tuned_model, source_uri=job.result_uri or "",
-                                   base_model=job.model, method=job.method, description=description,
-                                   metrics={"train": job.metrics or {}, "eval": job.eval_metrics or {}})  # fmt: skip
+            last = s.exec(
+                select(func.max(ModelVersion.version)).where(
+                    ModelVersion.tenant == job.tenant, ModelVersion.name == name
+                )
+            ).one()
+            version = ModelVersion(
+                tenant=job.tenant,
+                name=name,
+                version=(last or 0) + 1,
+                job_id=job.id,
+                fine_tuned_model=fine_tuned_model,
+                source_uri=job.result_uri or "",
+                base_model=job.model,
+                method=job.method,
+                description=description,
+                metrics={"train": job.metrics or {}, "eval": job.eval_metrics or {}},
+            )
             s.add(version)
             model.updated_at = now()
             s.flush()
@@ -109,8 +128,11 @@ class Registry:
 
     def delete_alias(self, tenant: str, name: str, alias: str) -> bool:
         with session(self.engine) as s:
-            gone = s.exec(delete(ModelAlias).where(ModelAlias.tenant == tenant, ModelAlias.name == name,
-                                                   ModelAlias.alias == alias)).rowcount  # fmt: skip
+            gone = s.exec(
+                delete(ModelAlias).where(
+                    ModelAlias.tenant == tenant, ModelAlias.name == name, ModelAlias.alias == alias
+                )
+            ).rowcount
             s.commit()
             return bool(gone)
 
@@ -129,16 +151,26 @@ class Registry:
     def versions(self, tenant: str, name: str) -> list[ModelVersion]:
         """Newest first."""
         with session(self.engine) as s:
-            return list(s.exec(select(ModelVersion).where(ModelVersion.tenant == tenant, ModelVersion.name == name)
-                               .order_by(col(ModelVersion.version).desc())))  # fmt: skip
+            return list(
+                s.exec(
+                    select(ModelVersion)
+                    .where(ModelVersion.tenant == tenant, ModelVersion.name == name)
+                    .order_by(col(ModelVersion.version).desc())
+                )
+            )
 
     def aliases(self, tenant: str, name: str) -> dict[str, int]:
         with session(self.engine) as s:
             rows = s.exec(select(ModelAlias).where(ModelAlias.tenant == tenant, ModelAlias.name == name))
             return {a.alias: a.version for a in rows}
 
-    def resolve(self, tenant: str, name: str, version: int | None = None, alias: str | None = None,
-                ) -> ModelVersion | None:  # fmt: skip
+    def resolve(
+        self,
+        tenant: str,
+        name: str,
+        version: int | None = None,
+        alias: str | None = None,
+    ) -> ModelVersion | None:
         """The version a reference names: a number, an alias, or (neither) the newest; None if there is none."""
         with session(self.engine) as s:
             if alias is not None:
@@ -148,5 +180,9 @@ class Registry:
                 version = row.version
             if version is not None:
                 return s.get(ModelVersion, (tenant, name, version))
-            return s.exec(select(ModelVersion).where(ModelVersion.tenant == tenant, ModelVersion.name == name)
-                          .order_by(col(ModelVersion.version).desc()).limit(1)).first()  # fmt: skip
+            return s.exec(
+                select(ModelVersion)
+                .where(ModelVersion.tenant == tenant, ModelVersion.name == name)
+                .order_by(col(ModelVersion.version).desc())
+                .limit(1)
+            ).first()

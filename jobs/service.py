@@ -17,10 +17,11 @@ class ServiceLeases:
 
     def acquire(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take (or renew) the lease `name` for `holder`, if it is free, expired or already `holder`'s."""
-        stmt = (update(ServiceLease)
-                .where(ServiceLease.name == name,
-                       (ServiceLease.holder == holder) | (ServiceLease.expires_at < db_now()))
-                .values(holder=holder, expires_at=db_now() + ttl_s))  # fmt: skip
+        stmt = (
+            update(ServiceLease)
+            .where(ServiceLease.name == name, (ServiceLease.holder == holder) | (ServiceLease.expires_at < db_now()))
+            .values(holder=holder, expires_at=db_now() + ttl_s)
+        )
         with session(self.engine) as s:
             taken = s.execute(stmt).rowcount == 1
             s.commit()
@@ -32,8 +33,9 @@ class ServiceLeases:
         if result is not None:
             values.update(last_run_at=now(), last_result=result)
         with session(self.engine) as s:
-            s.execute(update(ServiceLease).where(ServiceLease.name == name, ServiceLease.holder == holder)
-                      .values(**values))  # fmt: skip
+            s.execute(
+                update(ServiceLease).where(ServiceLease.name == name, ServiceLease.holder == holder).values(**values)
+            )
             s.commit()
 
     def get(self, name: str) -> ServiceLease | None:

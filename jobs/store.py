@@ -22,8 +22,16 @@ from jobs import outbox
 from jobs.db import db_now, session
 from jobs.models import ACTIVE, FINISHED, INF_BUCKET, Dataset, DurationBucket, Job, JobEvent, JobStatus, Worker, now
 
-_CLEARED = {"error_code": None, "error_message": None, "error_is_user": None, "finished_at": None,
-            "lease_owner": None, "lease_expires_at": None, "callback_status": None, "paused_at": None}  # fmt: skip
+_CLEARED = {
+    "error_code": None,
+    "error_message": None,
+    "error_is_user": None,
+    "finished_at": None,
+    "lease_owner": None,
+    "lease_expires_at": None,
+    "callback_status": None,
+    "paused_at": None,
+}
 _TRIES = 10  # transactions retried when a concurrent writer took the same event sequence number
 
 Events = list[tuple[str, dict]]
@@ -72,8 +80,18 @@ class JobStore:
                     holders[job.idempotency_key] = job
         if not new:
             return results
-        rows = [{"job_id": job.id, "seq": seq, "attempt": job.attempt, "created_at": job.created_at, "type": kind,
-                 "data": data} for job, events in new for seq, (kind, data) in enumerate(events, start=1)]  # fmt: skip
+        rows = [
+            {
+                "job_id": job.id,
+                "seq": seq,
+                "attempt": job.attempt,
+                "created_at": job.created_at,
+                "type": kind,
+                "data": data,
+            }
+            for job, events in new
+            for seq, (kind, data) in enumerate(events, start=1)
+        ]
         for job, _ in new:
             job.enqueued_at = job.created_at  # its task is sent right after this commit
         try:
@@ -99,9 +117,16 @@ class JobStore:
         with session(self.engine) as s:
             return s.get(Job, job_id)
 
-    def list_jobs(self, status: JobStatus | None = None, since: float | None = None, limit: int = 20,
-                  after: str | None = None, tenant: str | None = None,
-                  metadata: dict[str, str] | None = None, search: str | None = None) -> tuple[list[Job], bool]:  # fmt: skip
+    def list_jobs(
+        self,
+        status: JobStatus | None = None,
+        since: float | None = None,
+        limit: int = 20,
+        after: str | None = None,
+        tenant: str | None = None,
+        metadata: dict[str, str] | None = None,
+        search: str | None = None,
+    ) -> tuple[list[Job], bool]:
         """Newest first (of `tenant`'s; None: every tenant's); `after` is the last id of the previous page;
         `metadata`: jobs whose metadata holds every one of these key/value pairs; `search`: a part of the id or of
         the metadata's keys and values. Returns the page and whether more exist."""
@@ -118,13 +143,16 @@ class JobStore:
             query = query.where(Job.id < after)
         if search:
             like = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            query = query.where(or_(col(Job.id).ilike(like, escape="\\"),
-                                    cast(Job.user_metadata, String).ilike(like, escape="\\")))  # fmt: skip
+            query = query.where(
+                or_(col(Job.id).ilike(like, escape="\\"), cast(Job.user_metadata, String).ilike(like, escape="\\"))
+            )
         with session(self.engine) as s:
             rows = list(s.exec(query))
         return rows[:limit], len(rows) > limit
 
-    def list_datasets(self, tenant: str | None, limit: int = 20, after: str | None = None) -> tuple[list[Dataset], bool]:
+    def list_datasets(
+        self, tenant: str | None, limit: int = 20, after: str | None = None
+    ) -> tuple[list[Dataset], bool]:
         query = select(Dataset).order_by(col(Dataset.id).desc()).limit(limit + 1)
         if tenant is not None:
             query = query.where(Dataset.tenant == tenant)
@@ -139,8 +167,13 @@ class JobStore:
 
     def unfinished_using(self, dataset_id: str) -> str | None:
         """An unfinished job that trains or evaluates on the dataset, if any."""
-        query = select(Job.id).where(col(Job.status).not_in(FINISHED),
-                                     (Job.dataset_id == dataset_id) | (Job.eval_dataset_id == dataset_id)).limit(1)  # fmt: skip
+        query = (
+            select(Job.id)
+            .where(
+                col(Job.status).not_in(FINISHED), (Job.dataset_id == dataset_id) | (Job.eval_dataset_id == dataset_id)
+            )
+            .limit(1)
+        )
         with session(self.engine) as s:
             return s.exec(query).first()
 
@@ -161,13 +194,25 @@ class JobStore:
     def _fenced(self, attempt: int, owner: str) -> list:
         return [Job.attempt == attempt, Job.lease_owner == owner, col(Job.status).in_(ACTIVE)]
 
-    def _terminal(self, job_id: str, where: list, status: JobStatus, values: dict, data: dict | None = None,
-                  ) -> Finished | None:  # fmt: skip
+    def _terminal(
+        self,
+        job_id: str,
+        where: list,
+        status: JobStatus,
+        values: dict,
+        data: dict | None = None,
+    ) -> Finished | None:
         """CAS to a terminal status; with it, in one transaction: the terminal event (its type is the status),
         the callback in the outbox, and the run time in the histogram."""
         assert status in FINISHED
-        values = {"updated_at": now(), "finished_at": now(), "lease_owner": None, "lease_expires_at": None,
-                  **values, "status": status}  # fmt: skip
+        values = {
+            "updated_at": now(),
+            "finished_at": now(),
+            "lease_owner": None,
+            "lease_expires_at": None,
+            **values,
+            "status": status,
+        }
         stmt = update(Job).where(Job.id == job_id, *where).values(**values).returning(Job)
         for _ in range(_TRIES):
             with session(self.engine) as s:
@@ -177,8 +222,11 @@ class JobStore:
                     return None
                 event = {"attempt": job.attempt, **(data or {})}
                 if job.error_code:
-                    event["error"] = {"code": job.error_code, "message": job.error_message,
-                                      "user_error": job.error_is_user}  # fmt: skip
+                    event["error"] = {
+                        "code": job.error_code,
+                        "message": job.error_message,
+                        "user_error": job.error_is_user,
+                    }
                 self._insert_event(s, job_id, job.attempt, status.value, event)
                 callback_id = outbox.schedule(s, job) if job.callback_url else None
                 if callback_id:
@@ -197,28 +245,42 @@ class JobStore:
 
     @staticmethod
     def _observe(s, status: JobStatus, seconds: float) -> None:
-        s.execute(update(DurationBucket).where(DurationBucket.status == status.value, DurationBucket.le >= seconds)
-                  .values(count=DurationBucket.count + 1))  # fmt: skip
-        s.execute(update(DurationBucket).where(DurationBucket.status == status.value, DurationBucket.le == INF_BUCKET)
-                  .values(sum_s=DurationBucket.sum_s + seconds))  # fmt: skip
+        s.execute(
+            update(DurationBucket)
+            .where(DurationBucket.status == status.value, DurationBucket.le >= seconds)
+            .values(count=DurationBucket.count + 1)
+        )
+        s.execute(
+            update(DurationBucket)
+            .where(DurationBucket.status == status.value, DurationBucket.le == INF_BUCKET)
+            .values(sum_s=DurationBucket.sum_s + seconds)
+        )
 
     def claim(self, job_id: str, attempt: int, owner: str, ttl_s: float) -> Job | None:
         """Queued attempt -> running under a lease; None if the job is not this attempt's to run."""
-        values = {"status": JobStatus.running, "lease_owner": owner, "lease_expires_at": db_now() + ttl_s,
-                  "started_at": func.coalesce(Job.started_at, now())}  # fmt: skip
+        values = {
+            "status": JobStatus.running,
+            "lease_owner": owner,
+            "lease_expires_at": db_now() + ttl_s,
+            "started_at": func.coalesce(Job.started_at, now()),
+        }
         if not self._cas(job_id, [Job.attempt == attempt, Job.status == JobStatus.queued], values):
             return None
         return self.get_job(job_id)
 
-    def record(self, job_id: str, attempt: int, owner: str, ttl_s: float, events: Events = (),
-               **fields) -> JobStatus | None:  # fmt: skip
+    def record(
+        self, job_id: str, attempt: int, owner: str, ttl_s: float, events: Events = (), **fields
+    ) -> JobStatus | None:
         """Renew an unexpired lease, update progress fields and append events, in one transaction.
 
         Returns the job's status (the worker watches for `cancelling`), or None when the lease is lost: taken
         by another attempt, the job finished, or the lease expired before this renewal.
         """
-        stmt = (update(Job).where(Job.id == job_id, *self._fenced(attempt, owner), Job.lease_expires_at >= db_now())
-                .values(lease_expires_at=db_now() + ttl_s, updated_at=now(), **fields))  # fmt: skip
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, *self._fenced(attempt, owner), Job.lease_expires_at >= db_now())
+            .values(lease_expires_at=db_now() + ttl_s, updated_at=now(), **fields)
+        )
         for _ in range(_TRIES):
             with session(self.engine) as s:
                 if s.execute(stmt).rowcount != 1:
@@ -254,8 +316,9 @@ class JobStore:
     def fail_unsent(self, job_id: str, attempt: int, message: str) -> Finished | None:
         """A queued attempt whose task could not be sent -> failed (infrastructure; retry it)."""
         values = {"error_code": "enqueue_failed", "error_message": message, "error_is_user": False}
-        return self._terminal(job_id, [Job.attempt == attempt, Job.status == JobStatus.queued], JobStatus.failed,
-                              values)  # fmt: skip
+        return self._terminal(
+            job_id, [Job.attempt == attempt, Job.status == JobStatus.queued], JobStatus.failed, values
+        )
 
     def retry(self, job_id: str, auto_attempts: int) -> int | None:
         """failed/cancelled -> queued as a new attempt; returns its number (the caller enqueues it)."""
@@ -263,8 +326,13 @@ class JobStore:
         if job is None or job.status not in (JobStatus.failed, JobStatus.cancelled):
             return None
         new = job.attempt + 1
-        values = {**_CLEARED, "status": JobStatus.queued, "attempt": new, "max_attempts": new + auto_attempts - 1,
-                  "enqueued_at": now()}  # fmt: skip
+        values = {
+            **_CLEARED,
+            "status": JobStatus.queued,
+            "attempt": new,
+            "max_attempts": new + auto_attempts - 1,
+            "enqueued_at": now(),
+        }
         if not self._cas(job_id, [Job.attempt == job.attempt, Job.status == job.status], values):
             return None
         return new
@@ -319,13 +387,22 @@ class JobStore:
         raise RuntimeError(f"Job {job_id}: could not append event {kind}")
 
     def events_after(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
-        query = (select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after)
-                 .order_by(col(JobEvent.seq)).limit(limit))  # fmt: skip
+        query = (
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.seq > after)
+            .order_by(col(JobEvent.seq))
+            .limit(limit)
+        )
         with session(self.engine) as s:
             return list(s.exec(query))
 
-    def events_before(self, job_id: str, before: int | None, limit: int, types: set[str] | None = None,
-                      ) -> list[JobEvent]:  # fmt: skip
+    def events_before(
+        self,
+        job_id: str,
+        before: int | None,
+        limit: int,
+        types: set[str] | None = None,
+    ) -> list[JobEvent]:
         """Newest first: the events with a sequence number below `before` (None: from the newest), of `types`."""
         query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(col(JobEvent.seq).desc()).limit(limit)
         if before is not None:

@@ -50,16 +50,18 @@ async def _lines(pool: Pool, req: GenerateRequest) -> AsyncIterator[bytes]:
     child, locked, finished = None, False, False
     try:
         if req.max_tokens > pool.settings.serve_max_tokens:
-            raise ServeError(400, "max_tokens_too_large", f"max_tokens is at most {pool.settings.serve_max_tokens}",
-                             "max_tokens")  # fmt: skip
+            raise ServeError(
+                400, "max_tokens_too_large", f"max_tokens is at most {pool.settings.serve_max_tokens}", "max_tokens"
+            )
         waited_until = time.monotonic() + limit_s
         while True:
             child = await pool.child(req.model_uri)
             try:
                 await asyncio.wait_for(child.lock.acquire(), max(0.0, waited_until - time.monotonic()))
             except TimeoutError:
-                raise ServeError(503, "serve_busy", f"the model answered other requests for {limit_s:g}s; retry "
-                                 "later") from None
+                raise ServeError(
+                    503, "serve_busy", f"the model answered other requests for {limit_s:g}s; retry later"
+                ) from None
             if child.alive:
                 break
             child.lock.release()  # killed while this request waited (an abandoned answer ran late): a fresh one
@@ -71,8 +73,10 @@ async def _lines(pool: Pool, req: GenerateRequest) -> AsyncIterator[bytes]:
         except ServeError as exc:
             child.kill(exc.line["error"]["code"])  # late or dead: the next request starts the model again
             if exc.line["error"]["code"] == "timeout":
-                exc.line["error"]["message"] = (f"generation stopped at the time limit of {limit_s:g}s "
-                                                "(PREFQ_SERVE_TIMEOUT_S); ask for fewer max_tokens")  # fmt: skip
+                exc.line["error"]["message"] = (
+                    f"generation stopped at the time limit of {limit_s:g}s "
+                    "(PREFQ_SERVE_TIMEOUT_S); ask for fewer max_tokens"
+                )
             raise
         finished = True
     except ServeError as exc:

@@ -45,9 +45,20 @@ class Child:
     async def start(cls, settings: Settings, uri: str, folder: str, fd: int) -> Child:
         env = run_env(dict(os.environ), settings.gpu_ids, len(settings.gpu_ids))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-P", "-m", "training", "generate", folder, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, env=env, cwd=settings.work_dir, start_new_session=True,
-            preexec_fn=confine_child, limit=LINE_LIMIT)  # fmt: skip
+            sys.executable,
+            "-P",
+            "-m",
+            "training",
+            "generate",
+            folder,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=settings.work_dir,
+            start_new_session=True,
+            preexec_fn=confine_child,
+            limit=LINE_LIMIT,
+        )
         child = cls(uri, fd, proc)
         try:
             first = await child.read(time.monotonic() + LOAD_TIMEOUT_S)
@@ -56,8 +67,11 @@ class Child:
             raise
         if not first.get("ready"):
             child.kill("it did not load the model")
-            raise ServeError(**first["error"]) if "error" in first else ServeError(
-                500, "model_unavailable", f"the model's process answered {first!r}")  # fmt: skip
+            raise (
+                ServeError(**first["error"])
+                if "error" in first
+                else ServeError(500, "model_unavailable", f"the model's process answered {first!r}")
+            )
         log.info("Serving %s (pid %s, %s)", uri, proc.pid, first.get("device"))
         return child
 
@@ -143,8 +157,12 @@ class Pool:
                 child.kill("the least recently used model makes room")
                 del self.children[uri]
         if len(self.children) >= self.settings.serve_max_models:
-            raise ServeError(503, "serve_busy", f"all {len(self.children)} served models are answering requests "
-                             "(PREFQ_SERVE_MAX_MODELS); retry shortly")  # fmt: skip
+            raise ServeError(
+                503,
+                "serve_busy",
+                f"all {len(self.children)} served models are answering requests "
+                "(PREFQ_SERVE_MAX_MODELS); retry shortly",
+            )
 
     async def child(self, uri: str) -> Child:
         if not uri.startswith(self.root) or ".." in uri.split("/"):

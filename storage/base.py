@@ -44,8 +44,13 @@ class Storage(Protocol):
         ...
 
 
-def put_dir(storage: Storage, local_dir: Path, prefix: str, last: str | None = None,
-            put: Callable[[Path, str], None] | None = None) -> list[str]:  # fmt: skip
+def put_dir(
+    storage: Storage,
+    local_dir: Path,
+    prefix: str,
+    last: str | None = None,
+    put: Callable[[Path, str], None] | None = None,
+) -> list[str]:
     """Upload a folder under `prefix/`; the file named `last` (a manifest) goes after all others. `put(path, key)`
     replaces `storage.put_file` (the worker's checks the lease before every file)."""
     put = put or storage.put_file
@@ -79,7 +84,7 @@ def get_dir(storage: Storage, prefix: str, local_dir: Path) -> list[str]:
     keys = storage.list(prefix)
     if not keys:
         raise StorageError(f"nothing stored under {storage.uri(prefix)}")
-    targets = [contained(Path(local_dir), key[len(prefix):]) for key in keys]
+    targets = [contained(Path(local_dir), key[len(prefix) :]) for key in keys]
     for key, target in zip(keys, targets, strict=True):
         storage.get_file(key, target)
     return keys
@@ -95,8 +100,13 @@ def open_uri(uri: str, **options) -> tuple[Storage, str]:
     raise StorageError(f"Unknown storage URL: {uri!r}; use file:///path or s3://bucket/key")
 
 
-def open_storage(url: str, endpoint_url: str | None = None, region: str = "us-east-1",
-                 access_key_id: str | None = None, secret_access_key: str | None = None) -> Storage:  # fmt: skip
+def open_storage(
+    url: str,
+    endpoint_url: str | None = None,
+    region: str = "us-east-1",
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+) -> Storage:
     """The backend for a URL: `file:///path` or `s3://bucket[/prefix]`."""
     if url.startswith("file://"):
         from storage.local import LocalStorage
@@ -105,6 +115,11 @@ def open_storage(url: str, endpoint_url: str | None = None, region: str = "us-ea
     elif url.startswith("s3://"):
         from storage.s3 import S3Storage
 
-        return S3Storage(url, endpoint_url=endpoint_url, region=region, access_key_id=access_key_id,
-                         secret_access_key=secret_access_key)  # fmt: skip
+        return S3Storage(
+            url,
+            endpoint_url=endpoint_url,
+            region=region,
+            access_key_id=access_key_id,
+            secret_access_key=secret_access_key,
+        )
     raise StorageError(f"Unknown storage URL: {url!r}; use file:///path or s3://bucket/prefix")

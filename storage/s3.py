@@ -17,16 +17,20 @@ TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 <
 
 
 class S3Storage:
-    def __init__(self, url: str, endpoint_url: str | None, region: str, access_key_id: str | None,
-                 secret_access_key: str | None):  # fmt: skip
+    def __init__(
+        self, url: str, endpoint_url: str | None, region: str, access_key_id: str | None, secret_access_key: str | None
+    ):
         self.url = url
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.client = boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region, aws_access_key_id=access_key_id,
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            aws_access_key_id=access_key_id,
             aws_secret_access_key=secret_access_key,
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 5}),
-        )  # fmt: skip
+        )
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -38,16 +42,23 @@ class S3Storage:
             raise StorageError(f"{what}: {exc}") from exc
 
     def put_file(self, local: Path, key: str) -> None:
-        self._call(f"upload {self.uri(key)}", self.client.upload_file, str(local), self.bucket, self._key(key),
-                   Config=TRANSFER)  # fmt: skip
+        self._call(
+            f"upload {self.uri(key)}", self.client.upload_file, str(local), self.bucket, self._key(key), Config=TRANSFER
+        )
 
     def put_bytes(self, data: bytes, key: str) -> None:
         self._call(f"upload {self.uri(key)}", self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def get_file(self, key: str, local: Path) -> None:
         Path(local).parent.mkdir(parents=True, exist_ok=True)
-        self._call(f"download {self.uri(key)}", self.client.download_file, self.bucket, self._key(key), str(local),
-                   Config=TRANSFER)  # fmt: skip
+        self._call(
+            f"download {self.uri(key)}",
+            self.client.download_file,
+            self.bucket,
+            self._key(key),
+            str(local),
+            Config=TRANSFER,
+        )
 
     def get_bytes(self, key: str) -> bytes:
         buf = io.BytesIO()
@@ -77,15 +88,20 @@ class S3Storage:
     def delete(self, prefix: str) -> int:
         keys = self.list(prefix) if prefix.endswith("/") else ([prefix] if self.exists(prefix) else [])
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
-            self._call(f"delete under {self.uri(prefix)}", self.client.delete_objects, Bucket=self.bucket,
-                       Delete={"Objects": batch, "Quiet": True})  # fmt: skip
+            batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
+            self._call(
+                f"delete under {self.uri(prefix)}",
+                self.client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": batch, "Quiet": True},
+            )
         return len(keys)
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         params = {"Bucket": self.bucket, "Key": self._key(key)}
-        return self._call("presign", self.client.generate_presigned_url, "get_object", Params=params,
-                          ExpiresIn=expires_s)  # fmt: skip
+        return self._call(
+            "presign", self.client.generate_presigned_url, "get_object", Params=params, ExpiresIn=expires_s
+        )
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"

@@ -74,8 +74,10 @@ def test_job_is_accepted_queued_and_sent_once_per_idempotency_key(client, settin
     assert first.status_code == 202, first.text
     job = first.json()
     assert job["status"] == "queued" and job["attempt"] == 1 and job["metadata"] == {"team": "a"}
-    assert job["warnings"] == ["no live worker takes 1-device jobs (queue gpu1; the largest live worker has 0 "
-                               "devices): the job waits until such a worker joins"]  # fmt: skip
+    assert job["warnings"] == [
+        "no live worker takes 1-device jobs (queue gpu1; the largest live worker has 0 "
+        "devices): the job waits until such a worker joins"
+    ]
     again = client.post("/jobs", json=body, headers={"Idempotency-Key": "k1"}).json()
     assert again["id"] == job["id"]
     assert redis.Redis.from_url(settings.broker_url).llen("gpu1") == 1, "one message for one job"
@@ -90,8 +92,7 @@ def test_job_is_accepted_queued_and_sent_once_per_idempotency_key(client, settin
     assert 'prefq_jobs{status="queued"} 1.0' in exported and 'prefq_queue_depth{queue="gpu1"} 1.0' in exported
 
 
-def test_jobs_posted_together_share_a_commit_and_a_broker_write(client, settings, dataset_id, micro_model,
-                                                                 monkeypatch):
+def test_jobs_posted_together_share_a_commit_and_a_broker_write(client, settings, dataset_id, micro_model, monkeypatch):
     svc = client.app.state.services
     real, batches, held = svc.store.create_jobs, [], threading.Event()  # batch sizes
 
@@ -157,8 +158,9 @@ def test_cancel_retry_and_errors_share_one_shape(client, dataset_id, micro_model
     assert retried.status_code == 202 and retried.json()["attempt"] == 2 and retried.json()["status"] == "queued"
     assert client.post(f"/jobs/{job['id']}/retry").json()["error"]["code"] == "not_retryable"
     assert [e["type"] for e in client.get(f"/jobs/{job['id']}/events?after=2").json()["data"]] == [
-        "cancelled", "retried",
-    ]  # fmt: skip
+        "cancelled",
+        "retried",
+    ]
     missing = client.get("/jobs/job_nope")
     assert missing.status_code == 404 and missing.json() == {
         "error": {"code": "job_not_found", "message": "no job with id 'job_nope'"}
@@ -207,6 +209,17 @@ def test_api_and_worker_processes_import_no_torch(module):
 
 def test_openapi_lists_the_routes(client):
     paths = set(client.get("/openapi.json").json()["paths"])
-    assert {"/datasets", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/events", "/jobs/{job_id}/checkpoints",
-            "/jobs/{job_id}/cancel", "/jobs/{job_id}/retry", "/healthz", "/readyz", "/metrics", "/workers"} <= paths
+    assert {
+        "/datasets",
+        "/jobs",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/events",
+        "/jobs/{job_id}/checkpoints",
+        "/jobs/{job_id}/cancel",
+        "/jobs/{job_id}/retry",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/workers",
+    } <= paths
     assert json.loads(client.get("/healthz").text) == {"status": "ok"}

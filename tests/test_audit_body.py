@@ -37,11 +37,20 @@ def api(tmp_path_factory, broker_url):
     url = Settings(data_dir=data).database_url
     upgrade(url)
     port = free_port()
-    env = dict(os.environ, PREFQ_DATA_DIR=str(data), PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/5",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))  # fmt: skip
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("prefq")), "api", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=die_with_parent)  # fmt: skip
+    env = dict(
+        os.environ,
+        PREFQ_DATA_DIR=str(data),
+        PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/5",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("prefq")), "api", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
     wait_for_port(port, 60)
     yield port, proc.pid, make_key(url, "default", admin=True)
     stop([proc])
@@ -131,14 +140,17 @@ def test_an_unauthenticated_body_is_refused_before_it_is_read(api, path, declare
     peak = Peak(pid)
     before = peak.peak
     peak.start()
-    status, took, answer = post(port, path, framed(200), {"Authorization": "Bearer not-a-key"},
-                                size if declared else None)  # fmt: skip
+    status, took, answer = post(
+        port, path, framed(200), {"Authorization": "Bearer not-a-key"}, size if declared else None
+    )
     time.sleep(0.5)  # anything still read after the answer would show now
     peak.done.set()
     peak.join()
     grew = (peak.peak - before) / MIB
-    print(f"{path} ({'declared' if declared else 'chunked'}): {status} after {took:.2f} s; RSS "
-          f"{before / MIB:.0f} -> peak {peak.peak / MIB:.0f} MiB (+{grew:.1f})")  # fmt: skip
+    print(
+        f"{path} ({'declared' if declared else 'chunked'}): {status} after {took:.2f} s; RSS "
+        f"{before / MIB:.0f} -> peak {peak.peak / MIB:.0f} MiB (+{grew:.1f})"
+    )
     assert status == 401, answer
     assert took < 3, f"the 401 took {took:.1f} s: the body was read first"
     assert grew < 20, f"the API process grew by {grew:.0f} MiB on an anonymous body"

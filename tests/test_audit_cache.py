@@ -22,9 +22,15 @@ def replicas(tmp_path_factory, broker_url):
     root = tmp_path_factory.mktemp("replicas")
     (root / "model").mkdir()
     (root / "model" / "config.json").write_text("{}")
-    env = dict(os.environ, PREFQ_DATA_DIR=str(root / "data"), PREFQ_DATABASE_URL=url, PREFQ_MODEL_ROOTS=str(root),
-               PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/6", PREFQ_API_KEY=make_key(url, "acme"),
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))  # fmt: skip
+    env = dict(
+        os.environ,
+        PREFQ_DATA_DIR=str(root / "data"),
+        PREFQ_DATABASE_URL=url,
+        PREFQ_MODEL_ROOTS=str(root),
+        PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/6",
+        PREFQ_API_KEY=make_key(url, "acme"),
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     stacks = [Stack(dict(env), tmp_path_factory.mktemp(f"logs-{n}")) for n in "ab"]
     for stack in stacks:

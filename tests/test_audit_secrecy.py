@@ -49,10 +49,18 @@ def hooked_stack(request, tmp_path, broker_url):
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(HOOK)
     secret = secrets.token_hex(16)
-    env = dict(python_env(), PREFQ_DATA_DIR=str(tmp_path / "data"), PREFQ_DATABASE_URL=url,
-               PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/11", PREFQ_CALLBACK_SECRET=secret,
-               PREFQ_S3_SECRET_ACCESS_KEY=secret, PREFQ_CPU_DEVICES="2", PREFQ_METRICS_PORT=str(free_port()),
-               PREFQ_MODEL_ROOTS=str(tmp_path.parents[1]), PYTHONPATH=f"{hooks}{os.pathsep}{ROOT}")  # fmt: skip
+    env = dict(
+        python_env(),
+        PREFQ_DATA_DIR=str(tmp_path / "data"),
+        PREFQ_DATABASE_URL=url,
+        PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/11",
+        PREFQ_CALLBACK_SECRET=secret,
+        PREFQ_S3_SECRET_ACCESS_KEY=secret,
+        PREFQ_CPU_DEVICES="2",
+        PREFQ_METRICS_PORT=str(free_port()),
+        PREFQ_MODEL_ROOTS=str(tmp_path.parents[1]),
+        PYTHONPATH=f"{hooks}{os.pathsep}{ROOT}",
+    )
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     stack = Stack(env, tmp_path)
     if request.param == "worker with capabilities":
@@ -62,9 +70,14 @@ def hooked_stack(request, tmp_path, broker_url):
 
         stack.start("api", "api", "--port", str(stack.port))
         with open(tmp_path / "worker.log", "ab") as log:
-            stack.procs["worker"] = subprocess.Popen(["prefq", "worker", "--name", "prefq-test-worker@%h"],
-                                                     env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                     start_new_session=True, preexec_fn=confine_child)  # fmt: skip
+            stack.procs["worker"] = subprocess.Popen(
+                ["prefq", "worker", "--name", "prefq-test-worker@%h"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=confine_child,
+            )
         wait_for_port(stack.port, 60)
         stack.wait_for_worker("prefq-test-worker@")
     yield stack, hooks, secret
@@ -72,8 +85,9 @@ def hooked_stack(request, tmp_path, broker_url):
     drop_pg_database(name)
 
 
-def test_a_training_run_cannot_read_the_environment_of_the_worker_processes_above_it(hooked_stack, micro_model,
-                                                                                     toy_dpo):  # fmt: skip
+def test_a_training_run_cannot_read_the_environment_of_the_worker_processes_above_it(
+    hooked_stack, micro_model, toy_dpo
+):
     from tests.services import submit
 
     stack, hooks, secret = hooked_stack

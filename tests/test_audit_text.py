@@ -46,8 +46,13 @@ def world(tmp_path_factory, broker_url) -> World:
     root = tmp_path_factory.mktemp("text")
     (root / "model").mkdir()
     (root / "model" / "config.json").write_text("{}")
-    settings = Settings(data_dir=root / "data", database_url=url, broker_url=broker_url.rsplit("/", 1)[0] + "/3",
-                        model_roots=[str(root)], callback_allow_private=True)  # fmt: skip
+    settings = Settings(
+        data_dir=root / "data",
+        database_url=url,
+        broker_url=broker_url.rsplit("/", 1)[0] + "/3",
+        model_roots=[str(root)],
+        callback_allow_private=True,
+    )
     key = make_key(url, "default", admin=True)
     spare = make_key(url, "default").split("_")[1]  # revoked by nothing but a failing case
     client = TestClient(create_app(settings), raise_server_exceptions=False, headers={"Authorization": f"Bearer {key}"})
@@ -58,18 +63,30 @@ def world(tmp_path_factory, broker_url) -> World:
     Registry(engine).promote(done, "tiny", "ft:tiny", ["production"])
     client.post("/ui/login", data={"key": key, "next": "/ui/new"})
     csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', client.get("/ui/new").text).group(1)
-    ids = {"job_id": job, "dataset_id": dataset, "file_id": dataset, "name": "tiny", "alias": "production",
-           "version": "1", "key_id": spare, "model": "tiny", "path": "metrics.csv"}  # fmt: skip
+    ids = {
+        "job_id": job,
+        "dataset_id": dataset,
+        "file_id": dataset,
+        "name": "tiny",
+        "alias": "production",
+        "version": "1",
+        "key_id": spare,
+        "model": "tiny",
+        "path": "metrics.csv",
+    }
     bases = {
         "JobCreate": {"model": str(root / "model"), "dataset": dataset, "method": "dpo"},
-        "FineTuningJobCreate": {"model": str(root / "model"), "training_file": dataset,
-                                "method": {"type": "dpo", "dpo": {}}},
+        "FineTuningJobCreate": {
+            "model": str(root / "model"),
+            "training_file": dataset,
+            "method": {"type": "dpo", "dpo": {}},
+        },
         "ChatCompletionCreate": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
         "CompletionCreate": {"model": "tiny", "prompt": "hi"},
         "PromoteRequest": {"job_id": done.id},
         "AliasRequest": {"version": 1},
         "KeyCreate": {"tenant": "acme"},
-    }  # fmt: skip
+    }
     yield World(client, csrf, ids, bases, engine)
     client.close()
     drop_pg_database(name)
@@ -80,9 +97,12 @@ def snapshot(engine) -> dict:
     tables = MetaData()
     tables.reflect(engine)
     with session(engine) as s:
-        return {name: sorted(repr({k: v for k, v in row._mapping.items() if k != "last_used_at"})
-                             for row in s.execute(select(table)))
-                for name, table in tables.tables.items()}  # fmt: skip
+        return {
+            name: sorted(
+                repr({k: v for k, v in row._mapping.items() if k != "last_used_at"}) for row in s.execute(select(table))
+            )
+            for name, table in tables.tables.items()
+        }
 
 
 # -- the generated list ---------------------------------------------------------------------------------------
@@ -207,8 +227,15 @@ def api_cases(w: World) -> list[Case]:
                     getattr(case, where)[p["name"]] = "x\x00"
                 cases.append(case)
             # a parameter no route declares, as a route may read them all (`metadata[key]` of /v1's job list)
-            cases.append(Case(f"{route} query metadata[k]", method.upper(), _url(path, w.ids), "metadata[k]",
-                              params={"metadata[k]": "x\x00"}))  # fmt: skip
+            cases.append(
+                Case(
+                    f"{route} query metadata[k]",
+                    method.upper(),
+                    _url(path, w.ids),
+                    "metadata[k]",
+                    params={"metadata[k]": "x\x00"},
+                )
+            )
             content = op.get("requestBody", {}).get("content", {})
             if "application/json" in content:
                 schema = content["application/json"]["schema"]
@@ -217,8 +244,15 @@ def api_cases(w: World) -> list[Case]:
                     for label, bad in BAD.items():
                         body = place(base, slot, bad, schema, doc, w.bases)
                         what = ".".join("<key>" if p is KEY else str(p) for p in slot)
-                        cases.append(Case(f"{route} body {what} ({label})", method.upper(), _url(path, w.ids),
-                                          _name(slot), body=body))  # fmt: skip
+                        cases.append(
+                            Case(
+                                f"{route} body {what} ({label})",
+                                method.upper(),
+                                _url(path, w.ids),
+                                _name(slot),
+                                body=body,
+                            )
+                        )
             for kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
                 if kind in content:
                     props = _resolve(content[kind]["schema"], doc).get("properties", {})
@@ -228,8 +262,9 @@ def api_cases(w: World) -> list[Case]:
 
 def form_cases(route: str, url: str, props: dict, base: dict) -> list[Case]:
     """A NUL in each field of a form (a file field: in its file name); the others valid or empty."""
-    files = {n: ("pairs.jsonl", GOOD) for n, s in props.items() if s.get("format") == "binary" or
-             "contentMediaType" in s}  # fmt: skip
+    files = {
+        n: ("pairs.jsonl", GOOD) for n, s in props.items() if s.get("format") == "binary" or "contentMediaType" in s
+    }
     fields = {n: base.get(n, "") for n in props if n not in files}
     cases = []
     for name in props:
@@ -257,15 +292,24 @@ def ui_cases(w: World) -> list[Case]:
             for p in route.dependant.path_params:
                 cases.append(Case(f"{label} path {p.alias}", method, _url(route.path, w.ids, p.alias), p.alias))
             for p in route.dependant.query_params:
-                cases.append(Case(f"{label} query {p.alias}", method, _url(route.path, w.ids), p.alias,
-                                  params={p.alias: "x\x00"}))  # fmt: skip
+                cases.append(
+                    Case(
+                        f"{label} query {p.alias}", method, _url(route.path, w.ids), p.alias, params={p.alias: "x\x00"}
+                    )
+                )
             if method == "POST":
-                props = {p.alias: {"format": "binary"} if "UploadFile" in repr(p.field_info.annotation) else {}
-                         for p in route.dependant.body_params}  # fmt: skip
+                props = {
+                    p.alias: {"format": "binary"} if "UploadFile" in repr(p.field_info.annotation) else {}
+                    for p in route.dependant.body_params
+                }
                 if route.path == "/ui/jobs":
                     props = {n: {} for n in new_job if n != "csrf"}
-                base = {"csrf": w.csrf, "model": w.bases["JobCreate"]["model"], "dataset": w.ids["dataset_id"],
-                        "method": "dpo"}  # fmt: skip
+                base = {
+                    "csrf": w.csrf,
+                    "model": w.bases["JobCreate"]["model"],
+                    "dataset": w.ids["dataset_id"],
+                    "method": "dpo",
+                }
                 for case in form_cases(label, _url(route.path, w.ids), props, base):
                     case.form["csrf"] = w.csrf
                     cases.append(case)
@@ -286,8 +330,12 @@ def send(w: World, case: Case):
 def multipart(fields: dict, files: dict) -> tuple[bytes, str]:
     """A multipart form as a browser sends it: UTF-8, file names unescaped (httpx would percent-escape a NUL)."""
     parts = [f'Content-Disposition: form-data; name="{n}"\r\n\r\n'.encode() + v.encode() for n, v in fields.items()]
-    parts += [f'Content-Disposition: form-data; name="{n}"; filename="{name}"\r\n'.encode() +
-              b"Content-Type: application/octet-stream\r\n\r\n" + data for n, (name, data) in files.items()]  # fmt: skip
+    parts += [
+        f'Content-Disposition: form-data; name="{n}"; filename="{name}"\r\n'.encode()
+        + b"Content-Type: application/octet-stream\r\n\r\n"
+        + data
+        for n, (name, data) in files.items()
+    ]
     body = b"".join(b"--b0undary\r\n" + p + b"\r\n" for p in parts) + b"--b0undary--\r\n"
     return body, "multipart/form-data; boundary=b0undary"
 
@@ -318,10 +366,13 @@ def test_every_route_refuses_nul_and_unencodable_text_naming_the_field_and_write
         assert world.client.get(path).status_code == 200, path
 
 
-@pytest.mark.parametrize("path, body, status, where", [
-    ("/jobs", "JobCreate", 422, "field"),
-    ("/v1/fine_tuning/jobs", "FineTuningJobCreate", 400, "param"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, body, status, where",
+    [
+        ("/jobs", "JobCreate", 422, "field"),
+        ("/v1/fine_tuning/jobs", "FineTuningJobCreate", 400, "param"),
+    ],
+)
 def test_a_lone_surrogate_in_metadata_is_refused_before_the_job_is_written(world, path, body, status, where):
     before = snapshot(world.engine)["jobs"]
     for key, value in (("k", "\udc00"), ("\udc00", "v"), ("k", "a\x00b")):

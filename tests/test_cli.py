@@ -32,9 +32,12 @@ def api(settings, tmp_path, monkeypatch, micro_model):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for_port(port)
-    for name, value in {"PREFQ_API_URL": f"http://127.0.0.1:{port}", "PREFQ_DATA_DIR": str(settings.data_dir),
-                        "PREFQ_API_KEY": make_key(settings.database_url, "default", admin=True),
-                        "XDG_CONFIG_HOME": str(tmp_path / "config")}.items():  # fmt: skip
+    for name, value in {
+        "PREFQ_API_URL": f"http://127.0.0.1:{port}",
+        "PREFQ_DATA_DIR": str(settings.data_dir),
+        "PREFQ_API_KEY": make_key(settings.database_url, "default", admin=True),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }.items():
         monkeypatch.setenv(name, value)
     yield settings
     server.should_exit = True
@@ -150,9 +153,26 @@ def test_prefq_dev_takes_models_under_the_users_roots_and_its_folder_and_is_read
     env = {k: v for k, v in python_env().items() if not k.startswith("PREFQ_")}
     env.update(PREFQ_MODEL_ROOTS=str(shared), XDG_CONFIG_HOME=str(tmp_path / "config"))
     prefq_bin = str(Path(sys.executable).parent / "prefq")
-    dev = subprocess.Popen([prefq_bin, "dev", "--port", str(free_port()), "--flower-port", "0", "--data-dir",
-                            str(tmp_path / "dev"), "--cpu-devices", "1"], cwd=project, env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    dev = subprocess.Popen(
+        [
+            prefq_bin,
+            "dev",
+            "--port",
+            str(free_port()),
+            "--flower-port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "dev"),
+            "--cpu-devices",
+            "1",
+        ],
+        cwd=project,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         for line in dev.stdout:
             if line.startswith("prefq dev: API"):
@@ -161,8 +181,14 @@ def test_prefq_dev_takes_models_under_the_users_roots_and_its_folder_and_is_read
             pytest.fail(f"prefq dev exited ({dev.wait()}); logs in {tmp_path / 'dev' / 'logs'}")
         ids = []
         for model in (shared / "base", "./my-model"):
-            out = subprocess.run([prefq_bin, "submit", "pairs.jsonl", "--model", str(model), "--method", "dpo"],
-                                 cwd=project, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+            out = subprocess.run(
+                [prefq_bin, "submit", "pairs.jsonl", "--model", str(model), "--method", "dpo"],
+                cwd=project,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert out.returncode == 0, out.stdout + out.stderr
             assert "warning:" not in out.stdout + out.stderr, out.stdout
             ids.append(next(line for line in out.stdout.splitlines() if line.startswith("job_")))

@@ -21,8 +21,12 @@ def _python_files() -> list[Path]:
 
 
 def test_the_import_contracts_hold():
-    out = subprocess.run([Path(sys.executable).parent / "lint-imports", "--no-cache", "--no-logo"], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [Path(sys.executable).parent / "lint-imports", "--no-cache", "--no-logo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 broken" in out.stdout
 
@@ -33,14 +37,16 @@ def test_no_private_name_is_imported_from_another_module():
     for path in _python_files():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in OURS:
-                found += [f"{path.relative_to(ROOT)}: from {node.module} import {a.name}" for a in node.names
-                          if a.name.startswith("_") and not a.name.startswith("__")]
+                found += [
+                    f"{path.relative_to(ROOT)}: from {node.module} import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert not found, "\n".join(found)
 
 
 def test_settings_and_the_cli_start_without_celery_or_torch():
-    code = ("import sys, settings, cli.app; bad = {'celery', 'kombu', 'torch'} & set(sys.modules); "
-            "assert not bad, bad")
+    code = "import sys, settings, cli.app; bad = {'celery', 'kombu', 'torch'} & set(sys.modules); assert not bad, bad"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 

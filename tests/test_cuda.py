@@ -30,8 +30,10 @@ def test_varlen_attention_matches_causal_sdpa_per_sequence():
     upstream = torch.randn_like(out)
     grads = torch.autograd.grad((out * upstream).float().sum(), (q, k, v))
 
-    parts = [F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=True, enable_gqa=True)
-             for qs, ks, vs in zip(*(x.split(lengths, dim=2) for x in (q, k, v)), strict=True)]  # fmt: skip
+    parts = [
+        F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=True, enable_gqa=True)
+        for qs, ks, vs in zip(*(x.split(lengths, dim=2) for x in (q, k, v)), strict=True)
+    ]
     expected = torch.cat(parts, dim=2).transpose(1, 2)
     expected_grads = torch.autograd.grad((expected * upstream.float()).sum(), (q, k, v))
     assert (out.float() - expected).abs().max() < 2e-2

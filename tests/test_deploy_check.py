@@ -15,8 +15,22 @@ import pytest
 
 from tests.conftest import ROOT
 
-FILES = ["deploy", "compose.yaml", "README.md", "pyproject.toml", ".dockerignore", "queue_config.py",
-         "settings.py", "api", "cli", "jobs", "serve", "storage", "training", "worker"]  # fmt: skip
+FILES = [
+    "deploy",
+    "compose.yaml",
+    "README.md",
+    "pyproject.toml",
+    ".dockerignore",
+    "queue_config.py",
+    "settings.py",
+    "api",
+    "cli",
+    "jobs",
+    "serve",
+    "storage",
+    "training",
+    "worker",
+]
 
 
 def edit(path: str, old: str, new: str):
@@ -120,8 +134,12 @@ def results(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
                 shutil.copy(source, root / item)
         for apply in edits:
             apply(root)
-        procs[group] = subprocess.Popen([str(ROOT / "deploy" / "check"), "--root", str(root)], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        procs[group] = subprocess.Popen(
+            [str(ROOT / "deploy" / "check"), "--root", str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     return {
         group: subprocess.CompletedProcess(p.args, p.wait(timeout=300), p.stdout.read()) for group, p in procs.items()
     }

@@ -37,15 +37,24 @@ def test_object_store_takes_the_services_credentials(services, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | objects["environment"]
     weed = shutil.which("weed", path=str(Path(sys.executable).parent))
     log = open(tmp_path / "weed.log", "wb")  # noqa: SIM115 - the child holds it
-    proc = subprocess.Popen([weed, *args, "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false",
-                             *flags], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [weed, *args, "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false", *flags],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log.close()
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     bucket = api["PREFQ_STORAGE_URL"].removeprefix("s3://").split("/")[0]
 
     def signed_list(secret: str) -> list:
-        return open_storage(f"s3://{bucket}", endpoint_url=endpoint, access_key_id=api["PREFQ_S3_ACCESS_KEY_ID"],
-                            secret_access_key=secret).list("")  # fmt: skip
+        return open_storage(
+            f"s3://{bucket}",
+            endpoint_url=endpoint,
+            access_key_id=api["PREFQ_S3_ACCESS_KEY_ID"],
+            secret_access_key=secret,
+        ).list("")
 
     try:
         deadline = time.monotonic() + 60

@@ -26,8 +26,17 @@ def test_concurrent_upgrades_all_succeed_and_migrate_once():
     url, name = create_pg_database()
     try:
         start = time.time() + 4  # after the imports of every process
-        procs = [subprocess.Popen([sys.executable, "-c", UPGRADE, str(start), url], cwd=ROOT, env=python_env(),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(RUNS)]  # fmt: skip
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", UPGRADE, str(start), url],
+                cwd=ROOT,
+                env=python_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for _ in range(RUNS)
+        ]
         outputs = [p.communicate(timeout=120)[0] for p in procs]
         assert [p.returncode for p in procs] == [0] * RUNS, "\n".join(outputs)
         with psycopg.connect(PG_ADMIN.rsplit("/", 1)[0] + f"/{name}") as conn:

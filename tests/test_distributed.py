@@ -15,8 +15,9 @@ TRAINERS = [("fsdp", 4), ("deepspeed-tp", 8)]  # (trainer, per-process batch giv
 @pytest.fixture(scope="module")
 def basic_run(tmp_path_factory, micro_model, toy_dpo):
     out = tmp_path_factory.mktemp("basic") / "run"
-    rc, events = run_training(dpo_spec(micro_model, toy_dpo, max_steps=4, batch_size=8, eval_fraction=0,
-                                       precision="fp32"), out)  # fmt: skip
+    rc, events = run_training(
+        dpo_spec(micro_model, toy_dpo, max_steps=4, batch_size=8, eval_fraction=0, precision="fp32"), out
+    )
     assert rc == EXIT_OK
     return out, events
 
@@ -28,8 +29,16 @@ def test_distributed_trainer_matches_basic(trainer, batch_size, reference, basic
     examples, fp32: the step-0 log-probs agree within 1e-4 and the first 4 losses within 1e-5, with a reference
     forward per step or with the reference log-probs precomputed (and cached) before training, against basic with
     a reference forward per step."""
-    spec = dpo_spec(micro_model, toy_dpo, max_steps=4, batch_size=batch_size, eval_fraction=0, precision="fp32",
-                    trainer=trainer, gpus=2)  # fmt: skip
+    spec = dpo_spec(
+        micro_model,
+        toy_dpo,
+        max_steps=4,
+        batch_size=batch_size,
+        eval_fraction=0,
+        precision="fp32",
+        trainer=trainer,
+        gpus=2,
+    )
     if reference == "precomputed":
         spec.update(precompute_ref_log_probs=True, ref_cache_dir=str(tmp_path / "cache"))
     rc, events = run_training(spec, tmp_path / "run")
@@ -46,8 +55,9 @@ def test_distributed_trainer_matches_basic(trainer, batch_size, reference, basic
 
     from safetensors.torch import load_file
 
-    final, reference = load_file(tmp_path / "run" / "final" / "model.safetensors"), load_file(
-        basic_out / "final" / "model.safetensors"
+    final, reference = (
+        load_file(tmp_path / "run" / "final" / "model.safetensors"),
+        load_file(basic_out / "final" / "model.safetensors"),
     )
     assert set(final) == set(reference)
     assert max((final[k] - reference[k]).abs().max().item() for k in final) < 1e-4
@@ -67,8 +77,12 @@ def test_deepspeed_tp_splits_attention_and_mlp_but_not_the_lm_head(micro_model, 
     rc, events = run_training(spec, tmp_path / "run")
     assert rc == EXIT_OK
     p = events[0]["parallelism"]
-    assert p["layer_classes"] == {"self_attn.q_proj": "LinearLayer", "self_attn.o_proj": "LinearAllreduce",
-                                  "mlp.up_proj": "LinearLayer", "mlp.down_proj": "LinearAllreduce"}  # fmt: skip
+    assert p["layer_classes"] == {
+        "self_attn.q_proj": "LinearLayer",
+        "self_attn.o_proj": "LinearAllreduce",
+        "mlp.up_proj": "LinearLayer",
+        "mlp.down_proj": "LinearAllreduce",
+    }
     vocab = json.loads((micro_model / "config.json").read_text())["vocab_size"]
     assert p["lm_head"] == {"class": "Linear", "rows": vocab}, "log-softmax over the whole vocabulary"
 
@@ -90,8 +104,21 @@ def run_processes(job_id: str) -> list[psutil.Process]:
 
 @pytest.mark.parametrize(("trainer", "batch_size"), TRAINERS)
 def test_through_the_queue_cancel_then_retry_resumes_and_learns(stack, micro_model, toy_dpo, trainer, batch_size):
-    job_id = submit(stack, micro_model, toy_dpo, "--trainer", trainer, "--gpus", "2", "--set", "max_steps=60",
-                    "--set", "save_steps=10", "--set", f"batch_size={batch_size}")  # fmt: skip
+    job_id = submit(
+        stack,
+        micro_model,
+        toy_dpo,
+        "--trainer",
+        trainer,
+        "--gpus",
+        "2",
+        "--set",
+        "max_steps=60",
+        "--set",
+        "save_steps=10",
+        "--set",
+        f"batch_size={batch_size}",
+    )
     stack.wait_for_event(job_id, "started")
     workers = prefq(stack, "workers").stdout
     assert job_id in workers and "CPU x2" in workers, workers

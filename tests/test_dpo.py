@@ -13,9 +13,21 @@ def make_trainer(tmp_path, model, data, **overrides):
     from training.data import load_splits
     from training.run import _make_callback, _Stop, build_trainer
 
-    spec = parse_spec({"method": "dpo", "model": str(model), "train_file": str(data), "eval_fraction": 0,
-                       "max_steps": 2, "batch_size": 8, "learning_rate": 1e-2, "max_length": 64,
-                       "save_steps": 100, "precision": "fp32", **overrides})  # fmt: skip
+    spec = parse_spec(
+        {
+            "method": "dpo",
+            "model": str(model),
+            "train_file": str(data),
+            "eval_fraction": 0,
+            "max_steps": 2,
+            "batch_size": 8,
+            "learning_rate": 1e-2,
+            "max_length": 64,
+            "save_steps": 100,
+            "precision": "fp32",
+            **overrides,
+        }
+    )
     train_ds, _ = load_splits(spec)
     trainer, _ = build_trainer(spec, tmp_path, train_ds, None, _make_callback(spec, _Stop(), len(train_ds), 0))
     return trainer
@@ -45,9 +57,13 @@ def fixed_outputs(per_token: list[list[float]]):
 def by_hand_inputs():
     # sequences of 5 tokens: 3 prompt, 2 completion; rows are [chosen_1, chosen_2, rejected_1, rejected_2]
     mask = torch.tensor([[0, 0, 0, 1, 1]] * 4)
-    return {"input_ids": torch.ones(4, 5, dtype=torch.long), "attention_mask": torch.ones(4, 5, dtype=torch.long),
-            "completion_mask": mask, "ref_chosen_logps": torch.tensor([-11.0, -8.0]),
-            "ref_rejected_logps": torch.tensor([-11.0, -9.0])}  # fmt: skip
+    return {
+        "input_ids": torch.ones(4, 5, dtype=torch.long),
+        "attention_mask": torch.ones(4, 5, dtype=torch.long),
+        "completion_mask": mask,
+        "ref_chosen_logps": torch.tensor([-11.0, -8.0]),
+        "ref_rejected_logps": torch.tensor([-11.0, -9.0]),
+    }
 
 
 def test_sigmoid_and_ipo_losses_match_hand_computation(tmp_path, micro_model, toy_dpo):
@@ -88,8 +104,7 @@ def test_max_prompt_length_keeps_the_end_of_the_prompt(tmp_path, micro_model, to
 
 
 def test_risk_schedule_raises_beta_when_too_many_margins_pass_tau():
-    schedule = RiskBetaSchedule(beta=0.1, warmup_steps=2, quantile=0.5, target=0.2, alpha=0.1, gamma=5.0,
-                                tau_ema=0.9)  # fmt: skip
+    schedule = RiskBetaSchedule(beta=0.1, warmup_steps=2, quantile=0.5, target=0.2, alpha=0.1, gamma=5.0, tau_ema=0.9)
     schedule.observe([0.0, 1.0, 2.0, 3.0])
     schedule.observe([1.0, 2.0])
     assert schedule.beta == 0.1 and schedule.tau == pytest.approx(quantile([0, 1, 2, 3, 1, 2], 0.5)) == 1.5
@@ -192,8 +207,17 @@ def test_models_with_sliding_windows_stay_padded():
     from training.packing import use_varlen_attention
 
     def qwen(**window) -> Qwen2ForCausalLM:
-        return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                            num_key_value_heads=1, intermediate_size=32, **window))  # fmt: skip
+        return Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=64,
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                intermediate_size=32,
+                **window,
+            )
+        )
 
     assert use_varlen_attention(qwen())
     assert not use_varlen_attention(qwen(use_sliding_window=True, sliding_window=8, max_window_layers=0))

@@ -30,25 +30,36 @@ def only_error(rows, method="dpo"):
             {"prompt": [MSG("user", "Q")], "chosen": [MSG("assistant", "A")], "rejected": [MSG("assistant", "B")]},
         ),
         (
-            {"chosen": [MSG("user", "Q"), MSG("assistant", "A")], "rejected": [MSG("user", "Q"), MSG("assistant", "B")]},
+            {
+                "chosen": [MSG("user", "Q"), MSG("assistant", "A")],
+                "rejected": [MSG("user", "Q"), MSG("assistant", "B")],
+            },
             "dpo_conversational",
             {"prompt": [MSG("user", "Q")], "chosen": [MSG("assistant", "A")], "rejected": [MSG("assistant", "B")]},
         ),
         (
-            {"input": {"messages": [MSG("user", "Q")]}, "preferred_output": [MSG("assistant", "A")],
-             "non_preferred_output": [MSG("assistant", "B")]},
+            {
+                "input": {"messages": [MSG("user", "Q")]},
+                "preferred_output": [MSG("assistant", "A")],
+                "non_preferred_output": [MSG("assistant", "B")],
+            },
             "openai_dpo",
             {"prompt": [MSG("user", "Q")], "chosen": [MSG("assistant", "A")], "rejected": [MSG("assistant", "B")]},
         ),
         (
-            {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: sum 2+2?\n\nAssistant: 4",
-             "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: sum 2+2?\n\nAssistant: 5"},
+            {
+                "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: sum 2+2?\n\nAssistant: 4",
+                "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: sum 2+2?\n\nAssistant: 5",
+            },
             "hh_rlhf",
-            {"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: sum 2+2?\n\nAssistant:", "chosen": " 4",
-             "rejected": " 5"},
+            {
+                "prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: sum 2+2?\n\nAssistant:",
+                "chosen": " 4",
+                "rejected": " 5",
+            },
         ),
     ],
-)  # fmt: skip
+)
 def test_dpo_formats_are_detected_and_normalised(row, fmt, expected):
     report, rows = check_lines(lines(row), "dpo")
     assert report.ok and report.format == fmt and report.method == "dpo"
@@ -81,8 +92,11 @@ def test_wrong_type_names_the_field():
 
 
 def test_wrong_type_inside_messages_names_the_path():
-    row = {"input": {"messages": [MSG("user", "Q"), {"role": "user", "content": 7}]},
-           "preferred_output": [MSG("assistant", "A")], "non_preferred_output": [MSG("assistant", "B")]}  # fmt: skip
+    row = {
+        "input": {"messages": [MSG("user", "Q"), {"role": "user", "content": 7}]},
+        "preferred_output": [MSG("assistant", "A")],
+        "non_preferred_output": [MSG("assistant", "B")],
+    }
     err = only_error([row])
     assert (err.field, err.reason) == ("input.messages[1].content", "expected a string, got number")
 
@@ -131,8 +145,9 @@ def test_warnings_for_duplicates_and_identical_answers():
     report, rows = check_lines(lines(row, row, {"prompt": "Q", "chosen": "A", "rejected": "A"}), "dpo")
     assert report.ok and len(rows) == 3
     assert [(w.line, w.reason) for w in report.warnings] == [
-        (2, "duplicate of line 1"), (3, "identical to chosen: the pair carries no preference"),
-    ]  # fmt: skip
+        (2, "duplicate of line 1"),
+        (3, "identical to chosen: the pair carries no preference"),
+    ]
 
 
 def test_errors_are_counted_beyond_the_listed_fifty():
@@ -144,11 +159,18 @@ def test_validate_command_reports_and_fails_on_errors(tmp_path, micro_model, toy
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt": "Q", "chosen": "A", "rejected": "B"}\n{"prompt": 1, "chosen": "A", "rejected": "B"}\n')
     cmd = [sys.executable, "-m", "training", "validate"]
-    out = subprocess.run([*cmd, str(bad), "--method", "dpo"], capture_output=True, text=True, env=python_env(), cwd=ROOT)
+    out = subprocess.run(
+        [*cmd, str(bad), "--method", "dpo"], capture_output=True, text=True, env=python_env(), cwd=ROOT
+    )
     assert out.returncode == 2
     assert "line 2: prompt: expected a string, got number" in out.stdout
-    out = subprocess.run([*cmd, str(toy_dpo), "--model", str(micro_model), "--max-length", "12", "--json"],
-                         capture_output=True, text=True, env=python_env(), cwd=ROOT)  # fmt: skip
+    out = subprocess.run(
+        [*cmd, str(toy_dpo), "--model", str(micro_model), "--max-length", "12", "--json"],
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["rows"] == 400 and report["format"] == "dpo_pairs"

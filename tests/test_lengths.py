@@ -13,8 +13,11 @@ def _rows(path, n: int, prompt_words: int, *, sft: bool = False, start: int = 0,
         for i in range(start, start + n):
             prompt = " ".join(FILLER[(i + k) % len(FILLER)] for k in range(prompt_words)) + "?"
             answer = " " + " ".join(FILLER[(i + k) % len(FILLER)] for k in range(answer_words))
-            row = {"prompt": prompt, "completion": answer + "."} if sft else {"prompt": prompt, "chosen": answer + ".",
-                                                                               "rejected": answer + "!"}
+            row = (
+                {"prompt": prompt, "completion": answer + "."}
+                if sft
+                else {"prompt": prompt, "chosen": answer + ".", "rejected": answer + "!"}
+            )
             out.write(json.dumps(row) + "\n")
 
 
@@ -47,8 +50,16 @@ def test_an_sft_run_reports_rows_cut_to_max_length(tmp_path, micro_model):
     data = tmp_path / "sft.jsonl"
     _rows(data, 30, prompt_words=4, sft=True)
     _rows(data, 10, prompt_words=80, sft=True, start=30)  # the completion lies past max_length: nothing to train
-    spec = {"method": "sft", "model": str(micro_model), "train_file": str(data), "eval_fraction": 0, "max_steps": 2,
-            "batch_size": 8, "max_length": 32, "save_steps": 100}
+    spec = {
+        "method": "sft",
+        "model": str(micro_model),
+        "train_file": str(data),
+        "eval_fraction": 0,
+        "max_steps": 2,
+        "batch_size": 8,
+        "max_length": 32,
+        "save_steps": 100,
+    }
     rc, events = run_training(spec, tmp_path / "run")
     assert rc == EXIT_OK, of_type(events, "error")
     [train] = of_type(events, "lengths")

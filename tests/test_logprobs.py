@@ -64,8 +64,9 @@ def test_peak_memory_stays_bounded_at_qwens_vocabulary():
     """Qwen's 151,936-token vocabulary, 2,304 completion tokens in one step: the whole fp32 log-softmax would be
     1.3 GiB, above what the backward keeps (1 GiB). The untiled head peaked at 4.6 GiB more RSS here; in tiles of
     128 MiB recomputed in the backward, 0.84 GiB (freed blocks kept in the heap, as a basic run does)."""
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, env=python_env(), cwd=ROOT,
-                         timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, env=python_env(), cwd=ROOT, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["tokens"] == 6 * 384 and result["finite"]

@@ -15,23 +15,39 @@ from tests.test_jobs_store import create, pg_store_url, store  # noqa: F401 - fi
 JOB = "job_0192a3b4c5d6e7f8a9b0c"
 
 
-@pytest.mark.parametrize(("ref", "expected"), [
-    ("Qwen/Qwen2.5-0.5B-Instruct", modelref.ModelRef("hub", "Qwen/Qwen2.5-0.5B-Instruct")),
-    ("gpt2", modelref.ModelRef("hub", "gpt2")),
-    ("org/name@v1.0", modelref.ModelRef("hub", "org/name", revision="v1.0")),
-    ("org/name@refs/pr/3", modelref.ModelRef("hub", "org/name", revision="refs/pr/3")),
-    (JOB, modelref.ModelRef("job", JOB)),
-    (f"ft:org/name:alpha:chat:{JOB}", modelref.ModelRef("job", JOB)),
-    (f"ft:org/name:alpha::{JOB}:ckpt-step-40", modelref.ModelRef("job", JOB, step=40)),
-    ("s3://bucket/tenants/a/m/", modelref.ModelRef("path", "s3://bucket/tenants/a/m/")),
-    ("/models/base", modelref.ModelRef("path", "/models/base")),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        ("Qwen/Qwen2.5-0.5B-Instruct", modelref.ModelRef("hub", "Qwen/Qwen2.5-0.5B-Instruct")),
+        ("gpt2", modelref.ModelRef("hub", "gpt2")),
+        ("org/name@v1.0", modelref.ModelRef("hub", "org/name", revision="v1.0")),
+        ("org/name@refs/pr/3", modelref.ModelRef("hub", "org/name", revision="refs/pr/3")),
+        (JOB, modelref.ModelRef("job", JOB)),
+        (f"ft:org/name:alpha:chat:{JOB}", modelref.ModelRef("job", JOB)),
+        (f"ft:org/name:alpha::{JOB}:ckpt-step-40", modelref.ModelRef("job", JOB, step=40)),
+        ("s3://bucket/tenants/a/m/", modelref.ModelRef("path", "s3://bucket/tenants/a/m/")),
+        ("/models/base", modelref.ModelRef("path", "/models/base")),
+    ],
+)
 def test_what_a_model_names(ref, expected):
     assert modelref.parse(ref) == expected
 
 
-@pytest.mark.parametrize("ref", ["a/b/c", "org/na--me", "org/../x", "./base", "org/name@", "-org/name", "ft:x:y",
-                                 f"ft:b:Alpha:s:{JOB}", "org name", "org/name@rev with space"])  # fmt: skip
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "a/b/c",
+        "org/na--me",
+        "org/../x",
+        "./base",
+        "org/name@",
+        "-org/name",
+        "ft:x:y",
+        f"ft:b:Alpha:s:{JOB}",
+        "org name",
+        "org/name@rev with space",
+    ],
+)
 def test_what_names_nothing_is_refused_with_the_reason(ref):
     with pytest.raises(modelref.BadModelRef, match="not a"):
         modelref.parse(ref)
@@ -40,7 +56,9 @@ def test_what_names_nothing_is_refused_with_the_reason(ref):
 def test_fine_tuned_names_keep_the_first_base():
     first = modelref.fine_tuned_name("Qwen/Qwen2.5-0.5B@main", "alpha", "sft", JOB)
     assert first == f"ft:Qwen/Qwen2.5-0.5B:alpha:sft:{JOB}"
-    assert modelref.fine_tuned_name(first, "alpha", None, "job_2", 10) == "ft:Qwen/Qwen2.5-0.5B:alpha::job_2:ckpt-step-10"
+    assert (
+        modelref.fine_tuned_name(first, "alpha", None, "job_2", 10) == "ft:Qwen/Qwen2.5-0.5B:alpha::job_2:ckpt-step-10"
+    )
     assert modelref.fine_tuned_name("s3://b/tenants/alpha/models/base/", "alpha", "x", JOB).startswith("ft:base:")
 
 
@@ -183,8 +201,12 @@ def test_the_api_asks_the_hub_where_it_can_and_checks_syntax_only_where_it_canno
 
     server = HTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    settings = Settings(data_dir=tmp_path, auth="off", broker_url=broker_url.rsplit("/", 1)[0] + "/6",
-                        hf_endpoint=f"http://127.0.0.1:{server.server_port}")  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path,
+        auth="off",
+        broker_url=broker_url.rsplit("/", 1)[0] + "/6",
+        hf_endpoint=f"http://127.0.0.1:{server.server_port}",
+    )
     upgrade(settings.database_url)
     c = TestClient(create_app(settings))
     ds = c.post("/datasets", files={"file": ("p.jsonl", b'{"prompt": "Q", "chosen": "A", "rejected": "B"}\n')}).json()
@@ -193,11 +215,16 @@ def test_the_api_asks_the_hub_where_it_can_and_checks_syntax_only_where_it_canno
         assert c.post("/jobs", json={**body, "model": model}).status_code == 202, model
     for model in ("prefq-test/absent", "prefq-test/there@nope"):
         r = c.post("/jobs", json={**body, "model": model})
-        assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["field"]) == (422, "model_not_found",
-                                                                                          "model"), model
+        assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["field"]) == (
+            422,
+            "model_not_found",
+            "model",
+        ), model
         assert model in r.json()["error"]["message"]
-    r = c.post("/v1/fine_tuning/jobs", json={"model": "prefq-test/absent", "training_file": ds["id"],
-                                             "method": {"type": "dpo"}})  # fmt: skip
+    r = c.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "prefq-test/absent", "training_file": ds["id"], "method": {"type": "dpo"}},
+    )
     assert (r.status_code, r.json()["error"]["param"]) == (400, "model")
     assert FakeHub.asked[-1] == "/api/models/prefq-test/absent"
     server.shutdown()

@@ -16,8 +16,10 @@ def test_a_worker_takes_jobs_up_to_its_device_count():
 
 def test_gpu_inventory_reads_nvidia_smi_for_the_workers_gpus(tmp_path, monkeypatch):
     fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 81559'\necho '1, NVIDIA H100 80GB HBM3, 81559'\n"
-                    "echo '2, NVIDIA A10G, 23028'\n")  # fmt: skip
+    fake.write_text(
+        "#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 81559'\necho '1, NVIDIA H100 80GB HBM3, 81559'\n"
+        "echo '2, NVIDIA A10G, 23028'\n"
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     assert gpu_inventory(["1", "2"]) == [

@@ -20,10 +20,21 @@ from tests.test_api import job_body, keyed
 
 def succeeded_job(engine, tenant: str, model: str = "/models/base", suffix: str | None = None) -> Job:
     """A job row as a worker leaves it when the job succeeded (the registry reads nothing else of it)."""
-    job = Job(id=new_id("job"), tenant=tenant, method="dpo", trainer="basic", gpus=1,
-              model=model, dataset_id="ds_x", hyperparameters={}, status=JobStatus.succeeded, suffix=suffix,
-              result_uri=f"file:///store/tenants/{tenant}/jobs/x/model/", eval_metrics={"eval_loss": 0.5},
-              metrics={"loss": 0.6})  # fmt: skip
+    job = Job(
+        id=new_id("job"),
+        tenant=tenant,
+        method="dpo",
+        trainer="basic",
+        gpus=1,
+        model=model,
+        dataset_id="ds_x",
+        hyperparameters={},
+        status=JobStatus.succeeded,
+        suffix=suffix,
+        result_uri=f"file:///store/tenants/{tenant}/jobs/x/model/",
+        eval_metrics={"eval_loss": 0.5},
+        metrics={"loss": 0.6},
+    )
     with session(engine) as s:
         s.add(job)
         s.commit()
@@ -31,19 +42,23 @@ def succeeded_job(engine, tenant: str, model: str = "/models/base", suffix: str 
     return job
 
 
-@pytest.mark.parametrize("ref, kind, value, alias, version", [
-    ("models:/tiny", "registered", "tiny", None, None),
-    ("models:/tiny/12", "registered", "tiny", None, 12),
-    ("models:/tiny@production", "registered", "tiny", "production", None),
-    ("tiny", "hub", "tiny", None, None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "ref, kind, value, alias, version",
+    [
+        ("models:/tiny", "registered", "tiny", None, None),
+        ("models:/tiny/12", "registered", "tiny", None, 12),
+        ("models:/tiny@production", "registered", "tiny", "production", None),
+        ("tiny", "hub", "tiny", None, None),
+    ],
+)
 def test_registered_references_parse(ref, kind, value, alias, version):
     parsed = modelref.parse(ref)
     assert (parsed.kind, parsed.value, parsed.revision, parsed.step) == (kind, value, alias, version)
 
 
-@pytest.mark.parametrize("ref", ["models:/", "models:/a/0", "models:/a@Prod", "models:/a/b/c", "models:/../x",
-                                 "models:/a@"])  # fmt: skip
+@pytest.mark.parametrize(
+    "ref", ["models:/", "models:/a/0", "models:/a@Prod", "models:/a/b/c", "models:/../x", "models:/a@"]
+)
 def test_bad_registered_references_say_the_forms(ref):
     with pytest.raises(modelref.BadModelRef, match="models:/NAME"):
         modelref.parse(ref)
@@ -102,8 +117,9 @@ def acme(settings):
 def test_promote_list_show_and_alias_over_http(settings, acme):
     engine = make_engine(settings.database_url)
     job = succeeded_job(engine, "acme", suffix="v1")
-    answer = acme.post("/models/tiny-dpo/versions", json={"job_id": job.id, "aliases": ["production"],
-                                                          "description": "first"})  # fmt: skip
+    answer = acme.post(
+        "/models/tiny-dpo/versions", json={"job_id": job.id, "aliases": ["production"], "description": "first"}
+    )
     assert answer.status_code == 201, answer.text
     v1 = answer.json()
     assert (v1["version"], v1["model"], v1["aliases"]) == (1, "models:/tiny-dpo/1", ["production"])
@@ -124,8 +140,16 @@ def test_promote_list_show_and_alias_over_http(settings, acme):
 def test_registry_refusals_name_the_field(settings, acme):
     engine = make_engine(settings.database_url)
     mine, theirs = succeeded_job(engine, "acme"), succeeded_job(engine, "globex")
-    queued = Job(id="job_queued1", tenant="acme", method="dpo", trainer="basic", gpus=1, model="/m", dataset_id="d",
-                 hyperparameters={})  # fmt: skip
+    queued = Job(
+        id="job_queued1",
+        tenant="acme",
+        method="dpo",
+        trainer="basic",
+        gpus=1,
+        model="/m",
+        dataset_id="d",
+        hyperparameters={},
+    )
     with session(engine) as s:
         s.add(queued)
         s.commit()
@@ -156,16 +180,24 @@ def test_a_registered_name_is_a_jobs_model_pinned_to_its_version(settings, acme,
     acme.post("/models/tiny/versions", json={"job_id": second.id})
     ds = acme.post("/datasets", files={"file": ("p.jsonl", b'{"prompt": "Q", "chosen": "A", "rejected": "B"}\n')})
     ds = ds.json()["id"]
-    for ref, expected in [("models:/tiny@production", ft[0]), ("tiny@production", ft[0]), ("models:/tiny/2", ft[1]),
-                          ("tiny", ft[1]), ("models:/tiny", ft[1])]:  # fmt: skip
+    for ref, expected in [
+        ("models:/tiny@production", ft[0]),
+        ("tiny@production", ft[0]),
+        ("models:/tiny/2", ft[1]),
+        ("tiny", ft[1]),
+        ("models:/tiny", ft[1]),
+    ]:
         answer = acme.post("/jobs", json=job_body(ref, ds))
         assert answer.status_code == 202, answer.text
         job = answer.json()
         assert job["model"] == expected, ref
         events = {e.type: e.data for e in JobStore(engine).events_after(job["id"])}
         assert events["registered_model"]["requested"] == ref
-    for ref, message in [("models:/nosuch", "not a registered model"), ("tiny@canary", "no alias 'canary'"),
-                         ("models:/tiny/9", "no version 9")]:  # fmt: skip
+    for ref, message in [
+        ("models:/nosuch", "not a registered model"),
+        ("tiny@canary", "no alias 'canary'"),
+        ("models:/tiny/9", "no version 9"),
+    ]:
         answer = acme.post("/jobs", json=job_body(ref, ds))
         assert answer.status_code == 422 and answer.json()["error"]["field"] == "model", answer.text
         assert message in answer.json()["error"]["message"]

@@ -49,17 +49,46 @@ def test_loss_types_are_those_of_the_installed_trl():
 
 
 def test_schema_command_prints_every_field():
-    out = subprocess.run([sys.executable, "-m", "training", "schema"], capture_output=True, text=True,
-                         env=python_env(), cwd=ROOT, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "schema"],
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        cwd=ROOT,
+        check=True,
+    )
     schema = json.loads(out.stdout)
-    for name in ("method", "model", "train_file", "eval_file", "eval_fraction", "learning_rate", "max_steps",
-                 "epochs", "batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length", "seed",
-                 "save_steps", "eval_steps", "trainer", "beta", "loss_type", "label_smoothing", "reference_free",
-                 "precompute_ref_log_probs", "beta_schedule", "lora"):  # fmt: skip
+    for name in (
+        "method",
+        "model",
+        "train_file",
+        "eval_file",
+        "eval_fraction",
+        "learning_rate",
+        "max_steps",
+        "epochs",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "max_length",
+        "max_prompt_length",
+        "seed",
+        "save_steps",
+        "eval_steps",
+        "trainer",
+        "beta",
+        "loss_type",
+        "label_smoothing",
+        "reference_free",
+        "precompute_ref_log_probs",
+        "beta_schedule",
+        "lora",
+    ):
         assert name in schema["properties"], name
 
 
 def test_spec_formats_and_validate_import_no_torch():
-    code = ("import sys, training.spec, training.formats, training.events, training.beta; "
-            "import training.launch, training.__main__; assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
+    code = (
+        "import sys, training.spec, training.formats, training.events, training.beta; "
+        "import training.launch, training.__main__; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], env=python_env(), cwd=ROOT, check=True)

@@ -86,8 +86,12 @@ def test_uri_names_the_key_and_opens_again(storage, options):
 
 
 def test_s3_checks_signatures(s3):
-    bad = open_storage(f"s3://{s3['bucket']}", endpoint_url=s3["endpoint_url"], access_key_id=s3["access_key_id"],
-                       secret_access_key="not-the-secret")  # fmt: skip
+    bad = open_storage(
+        f"s3://{s3['bucket']}",
+        endpoint_url=s3["endpoint_url"],
+        access_key_id=s3["access_key_id"],
+        secret_access_key="not-the-secret",
+    )
     with pytest.raises(StorageError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
         bad.put_bytes(b"x", "intruder")
 

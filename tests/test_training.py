@@ -20,14 +20,22 @@ def test_dpo_raises_held_out_reward_accuracy(tmp_path, micro_model, toy_dpo):
 
     progress = of_type(events, "progress")
     assert [e["step"] for e in progress] == list(range(1, 31))
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "beta"):  # fmt: skip
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "beta",
+    ):
         assert key in progress[-1]["metrics"], key
     assert progress[-1]["total_steps"] == 30 and progress[-1]["learning_rate"] == 3e-3
 
     assert [(e["step"], e["path"]) for e in of_type(events, "checkpoint")] == [
-        (15, str(out / "checkpoint-15")), (30, str(out / "checkpoint-30")),
-    ]  # fmt: skip
+        (15, str(out / "checkpoint-15")),
+        (30, str(out / "checkpoint-30")),
+    ]
     ckpt = out / "checkpoint-15"
     manifest = json.loads((ckpt / MANIFEST_NAME).read_text())
     assert manifest["step"] == 15 and manifest["spec"]["method"] == "dpo"
@@ -52,8 +60,17 @@ def test_dpo_raises_held_out_reward_accuracy(tmp_path, micro_model, toy_dpo):
 
 
 def test_sft_halves_the_eval_loss(tmp_path, micro_model, toy_sft):
-    spec = {"method": "sft", "model": str(micro_model), "train_file": str(toy_sft), "eval_fraction": 0.15,
-            "max_steps": 30, "batch_size": 16, "learning_rate": 3e-3, "max_length": 64, "save_steps": 100}  # fmt: skip
+    spec = {
+        "method": "sft",
+        "model": str(micro_model),
+        "train_file": str(toy_sft),
+        "eval_fraction": 0.15,
+        "max_steps": 30,
+        "batch_size": 16,
+        "learning_rate": 3e-3,
+        "max_length": 64,
+        "save_steps": 100,
+    }
     rc, events = run_training(spec, tmp_path / "run")
     assert rc == EXIT_OK
     losses = [e["metrics"]["eval_loss"] for e in of_type(events, "eval")]
@@ -101,8 +118,13 @@ def test_resuming_from_the_last_steps_checkpoint_trains_no_more_steps(tmp_path, 
 
 
 def test_lora_trains_without_a_reference_model(tmp_path, micro_model, toy_dpo):
-    spec = dpo_spec(micro_model, toy_dpo, max_steps=6, eval_fraction=0,
-                    lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})  # fmt: skip
+    spec = dpo_spec(
+        micro_model,
+        toy_dpo,
+        max_steps=6,
+        eval_fraction=0,
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    )
     rc, events = run_training(spec, tmp_path / "run")
     assert rc == EXIT_OK
     losses = [e["loss"] for e in of_type(events, "progress")]
@@ -118,8 +140,14 @@ def test_lora_trains_without_a_reference_model(tmp_path, micro_model, toy_dpo):
 
 
 def test_risk_schedule_moves_beta_and_keeps_it_positive(tmp_path, micro_model, toy_dpo):
-    spec = dpo_spec(micro_model, toy_dpo, max_steps=20, eval_fraction=0, beta_schedule="risk",
-                    risk={"warmup_steps": 4, "quantile": 0.5, "target": 0.2, "alpha": 0.1})  # fmt: skip
+    spec = dpo_spec(
+        micro_model,
+        toy_dpo,
+        max_steps=20,
+        eval_fraction=0,
+        beta_schedule="risk",
+        risk={"warmup_steps": 4, "quantile": 0.5, "target": 0.2, "alpha": 0.1},
+    )
     rc, events = run_training(spec, tmp_path / "run")
     assert rc == EXIT_OK
     betas = [e["metrics"]["beta"] for e in of_type(events, "progress")]

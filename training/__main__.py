@@ -33,16 +33,20 @@ def _validate(args) -> int:
         print(json.dumps(report.to_dict(), indent=1))
     else:
         print(f"file: {args.file}\nrows: {report.rows}\nformat: {report.format or '-'} ({report.method or '-'})")
-        for title, items, total in (("errors", report.errors, report.error_count),
-                                    ("warnings", report.warnings, report.warning_count)):  # fmt: skip
+        for title, items, total in (
+            ("errors", report.errors, report.error_count),
+            ("warnings", report.warnings, report.warning_count),
+        ):
             more = f" (first {len(items)} listed)" if total > len(items) else ""
             print(f"{title}: {total}{more}")
             for p in items:
                 print(f"  line {p.line}: {p.field}: {p.reason}")
         if report.token_lengths:
             t = report.token_lengths
-            print(f"tokens: p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; "
-                  f"{t['truncated_rows']} rows longer than max_length {t['max_length']}")  # fmt: skip
+            print(
+                f"tokens: p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; "
+                f"{t['truncated_rows']} rows longer than max_length {t['max_length']}"
+            )
     return EXIT_OK if report.ok else EXIT_USER_ERROR
 
 
@@ -79,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("spec")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--stop-grace-s", type=float, help="if the process that started this run dies, the run gets "
-                   "this long to checkpoint, then is killed (the lease it trained under expires soon after)")
+    p.add_argument(
+        "--stop-grace-s",
+        type=float,
+        help="if the process that started this run dies, the run gets "
+        "this long to checkpoint, then is killed (the lease it trained under expires soon after)",
+    )
     p = sub.add_parser("generate", help="answer generation requests (JSON lines on stdin) with one loaded model")
     p.add_argument("model", help="a model folder")
     p = sub.add_parser("make-tiny-model", help="build a small random Llama and a local tokenizer")

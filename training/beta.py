@@ -41,8 +41,9 @@ def quantile(values: list[float], q: float) -> float:
 class RiskBetaSchedule:
     """beta from the share of pair margins above a tracked quantile (see the module docstring)."""
 
-    def __init__(self, beta: float, warmup_steps: int, quantile: float, target: float, alpha: float,
-                 gamma: float, tau_ema: float):  # fmt: skip
+    def __init__(
+        self, beta: float, warmup_steps: int, quantile: float, target: float, alpha: float, gamma: float, tau_ema: float
+    ):
         self.beta = beta
         self.warmup_steps, self.q, self.target = warmup_steps, quantile, target
         self.alpha, self.gamma, self.tau_ema = alpha, gamma, tau_ema

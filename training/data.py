@@ -35,6 +35,7 @@ def load_splits(spec: TrainingSpec) -> tuple[Dataset, Dataset | None]:
 
 def _texts(example: dict, tokenizer) -> list[str]:
     """The full sequences a row trains on, rendered as text."""
+
     def render(messages: list[dict]) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False)
 

@@ -206,4 +206,3 @@ def finish_rank(out_dir: str, code: int) -> int:
             dist.barrier()
         dist.destroy_process_group()
     return code
-

@@ -54,11 +54,11 @@ def make_beta_schedule(spec: TrainingSpec) -> RiskBetaSchedule | BatchBetaSchedu
     raise ValueError(f"Unknown beta schedule: {spec.beta_schedule}")
 
 
-
 def _with_reference_columns(dataset, chosen: torch.Tensor, rejected: torch.Tensor):
     """The split with its reference log-probs as float32 columns, in memory."""
     dataset = dataset.add_column("ref_chosen_logps", chosen.float().numpy())
     return dataset.add_column("ref_rejected_logps", rejected.float().numpy())
+
 
 class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
     def __init__(self, *args, model, spec: TrainingSpec, **kwargs):
@@ -89,8 +89,9 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
     @property
     def fast(self) -> bool:
         """One process, no LoRA, no MoE auxiliary loss: log-probs from `training.logprobs`, not TRL's fused head."""
-        return (self.accelerator.num_processes == 1 and not isinstance(self.model, PeftModel)
-                and not self.aux_loss_enabled)  # fmt: skip
+        return (
+            self.accelerator.num_processes == 1 and not isinstance(self.model, PeftModel) and not self.aux_loss_enabled
+        )
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # TRL drops the rows whose prompt fills max_length without a word (and, when all are, the run dies later on
@@ -123,17 +124,29 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
 
     def _cache_settings(self) -> dict:
         """What besides the reference model and the token ids decides the reference log-probs (`training.refcache`)."""
-        return {"max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode,
-                "precision": self.spec.precision, "device": self.accelerator.device.type,
-                "logprobs": "prefq-completion-head" if self.fast else "trl-fused-head", "packed": self.packed}  # fmt: skip
+        return {
+            "max_length": self.args.max_length,
+            "truncation_mode": self.args.truncation_mode,
+            "precision": self.spec.precision,
+            "device": self.accelerator.device.type,
+            "logprobs": "prefq-completion-head" if self.fast else "trl-fused-head",
+            "packed": self.packed,
+        }
 
     def _reference_pass(self, dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference log-probs of a split, (chosen, rejected), as TRL's precompute pass scores them, but kept in
         memory: TRL writes them to a cache file beside the split's Arrow files, which ranks of one job only share
         when the split is saved on disk, and ranks reading Arrow files that another rank writes is a race."""
-        loader = self.accelerator.prepare(DataLoader(
-            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
-            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))  # fmt: skip
+        loader = self.accelerator.prepare(
+            DataLoader(
+                dataset,
+                batch_size=batch_size,
+                collate_fn=self.data_collator,
+                shuffle=False,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
+        )
         if self.ref_model is None and self.is_deepspeed_enabled:  # one inference engine for every pass, as TRL's
             if self._precompute_engine is None:
                 self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
@@ -157,8 +170,9 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
         started = time.perf_counter()
         decision = [None, None]
         if self.accelerator.is_main_process:  # one hash of the model folder and the data, shared by every rank
-            key = refcache.cache_key(refcache.key_document(self.reference_fingerprint, refcache.rows_digest(dataset),
-                                                           self._cache_settings()))  # fmt: skip
+            key = refcache.cache_key(
+                refcache.key_document(self.reference_fingerprint, refcache.rows_digest(dataset), self._cache_settings())
+            )
             decision = [key, refcache.cache_path(self.spec.ref_cache_dir, key).is_file()]
         broadcast_object_list(decision, from_process=0)
         key, hit = decision
@@ -172,9 +186,16 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
             if self.accelerator.is_main_process:
                 refcache.store(path, key, chosen, rejected)
         dataset = _with_reference_columns(dataset, chosen, rejected)
-        emit("ref_logprobs", split=name, key=key, cached=cached is not None, rows=len(dataset), path=str(path),
-             forward_passes=self.reference_forward_passes - passes_before,
-             seconds=round(time.perf_counter() - started, 3))  # fmt: skip
+        emit(
+            "ref_logprobs",
+            split=name,
+            key=key,
+            cached=cached is not None,
+            rows=len(dataset),
+            path=str(path),
+            forward_passes=self.reference_forward_passes - passes_before,
+            seconds=round(time.perf_counter() - started, 3),
+        )
         return dataset
 
     def _with_reference(self, inputs: dict) -> dict:
@@ -191,8 +212,9 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
         self.reference_forward_passes += 1
         if self.fast:
             with torch.inference_mode():
-                outputs = completion_outputs(self.accelerator.unwrap_model(model), inputs, self.accelerator.autocast(),
-                                             self.packed)  # fmt: skip
+                outputs = completion_outputs(
+                    self.accelerator.unwrap_model(model), inputs, self.accelerator.autocast(), self.packed
+                )
             return outputs.log_probs.sum(dim=1).clone().chunk(2, dim=0)  # out of inference mode, usable in the loss
         if not self.packed:
             return super().compute_ref_log_probs(model, inputs)
@@ -213,8 +235,9 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
         scored = inputs["attention_mask"][:, 1:].bool()  # positions whose next token is in the same sequence
         shift_labels = labels.new_full(row.input_ids.shape, -100)
         shift_labels[0, row.offsets[scored]] = labels[:, 1:][scored]
-        outputs = model(**row.model_kwargs(), **model_kwargs, shift_labels=shift_labels, fused_lm_head=True,
-                        use_cache=False)  # fmt: skip
+        outputs = model(
+            **row.model_kwargs(), **model_kwargs, shift_labels=shift_labels, fused_lm_head=True, use_cache=False
+        )
         for name in _PER_TOKEN_OUTPUTS:
             if (values := getattr(outputs, name)) is not None:
                 outputs[name] = row.spread(values[0], scored)
@@ -222,8 +245,9 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
 
     def _policy_outputs(self, model, inputs: dict):
         if self.fast:
-            return completion_outputs(self.accelerator.unwrap_model(model), inputs, self.accelerator.autocast(),
-                                      self.packed)  # fmt: skip
+            return completion_outputs(
+                self.accelerator.unwrap_model(model), inputs, self.accelerator.autocast(), self.packed
+            )
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
         return self.fused_head_outputs(model, inputs, **router)
 

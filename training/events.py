@@ -142,8 +142,12 @@ def metrics_of(kind: str, data: dict) -> tuple[int, dict[str, float]] | None:
     """(step, metrics) of a `progress` event (`loss`, `learning_rate`, `epoch` and TRL's metrics) or an `eval` event
     (TRL's `eval_` metrics); None for other events. Values that are not numbers (null: a NaN) are left out."""
     if kind == "progress":
-        values = {"loss": data.get("loss"), "learning_rate": data.get("learning_rate"), "epoch": data.get("epoch"),
-                  **(data.get("metrics") or {})}  # fmt: skip
+        values = {
+            "loss": data.get("loss"),
+            "learning_rate": data.get("learning_rate"),
+            "epoch": data.get("epoch"),
+            **(data.get("metrics") or {}),
+        }
     elif kind == "eval":
         values = data.get("metrics") or {}
     else:

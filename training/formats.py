@@ -306,8 +306,9 @@ def bounded_lines(fh, max_line_bytes: int) -> Iterator[bytes | LongLine]:
         yield LongLine(length)
 
 
-def check_lines(lines: Iterable[bytes | LongLine], method: str | None = None, limits: Limits = Limits(),
-                keep: bool = True) -> tuple[Report, list[dict]]:  # fmt: skip
+def check_lines(
+    lines: Iterable[bytes | LongLine], method: str | None = None, limits: Limits = Limits(), keep: bool = True
+) -> tuple[Report, list[dict]]:
     """Validate JSONL lines (bytes, without caring for line endings); return the report and, with `keep`, the
     normalised rows. Memory stays bounded without `keep`: 12 bytes per distinct row for duplicates
     (`training.fingerprints`), 50 listed problems.

@@ -50,8 +50,9 @@ def render_messages(tokenizer, messages: list[dict]) -> list[int]:
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template raises (jinja's raise_exception) on what it refuses
-            raise RequestError(400, "invalid_messages", f"the model's chat template refuses these messages: {exc}",
-                               "messages") from None  # fmt: skip
+            raise RequestError(
+                400, "invalid_messages", f"the model's chat template refuses these messages: {exc}", "messages"
+            ) from None
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return tokenizer(text)["input_ids"]
@@ -94,8 +95,12 @@ class Generator:
             return []
         bad = [k for k in bias if not 0 <= k < self.vocab_size]
         if bad:
-            raise RequestError(400, "invalid_logit_bias", f"logit_bias: token id {bad[0]} is not in the model's "
-                               f"vocabulary (0 to {self.vocab_size - 1})", "logit_bias")  # fmt: skip
+            raise RequestError(
+                400,
+                "invalid_logit_bias",
+                f"logit_bias: token id {bad[0]} is not in the model's vocabulary (0 to {self.vocab_size - 1})",
+                "logit_bias",
+            )
         ids = self.torch.tensor(list(bias), device=self.device)
         values = self.torch.tensor(list(bias.values()), device=self.device)
 
@@ -115,8 +120,13 @@ class Generator:
         if not prompt:
             raise RequestError(400, "invalid_request", f"{param}: empty (no tokens to continue)", param)
         if self.max_positions and len(prompt) + max_tokens > self.max_positions:
-            raise RequestError(400, "context_length_exceeded", f"this model's context is {self.max_positions} tokens; "
-                               f"{param} is {len(prompt)} tokens and max_tokens asks for {max_tokens} more", param)  # fmt: skip
+            raise RequestError(
+                400,
+                "context_length_exceeded",
+                f"this model's context is {self.max_positions} tokens; "
+                f"{param} is {len(prompt)} tokens and max_tokens asks for {max_tokens} more",
+                param,
+            )
         stops = [s for s in req.get("stop") or [] if s]
         stopped = threading.Event()
 
@@ -125,8 +135,11 @@ class Generator:
                 return stopped.is_set()
 
         temperature = float(req.get("temperature", 1.0))
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": float(req.get("top_p", 1.0))} if (
-            temperature > 0) else {"do_sample": False, "temperature": None, "top_p": None}  # fmt: skip
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": float(req.get("top_p", 1.0))}
+            if (temperature > 0)
+            else {"do_sample": False, "temperature": None, "top_p": None}
+        )
         if req.get("seed") is not None:
             self.torch.manual_seed(int(req["seed"]))
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -136,11 +149,17 @@ class Generator:
             try:
                 with self.torch.inference_mode():
                     result["ids"] = self.model.generate(
-                        self.torch.tensor([prompt], device=self.device), max_new_tokens=max_tokens, streamer=streamer,
-                        eos_token_id=self.eos, pad_token_id=self.tokenizer.pad_token_id or self.eos[0],
-                        logits_processor=self._processors(req), stopping_criteria=[Stopped()], top_k=None,
+                        self.torch.tensor([prompt], device=self.device),
+                        max_new_tokens=max_tokens,
+                        streamer=streamer,
+                        eos_token_id=self.eos,
+                        pad_token_id=self.tokenizer.pad_token_id or self.eos[0],
+                        logits_processor=self._processors(req),
+                        stopping_criteria=[Stopped()],
+                        top_k=None,
                         attention_mask=self.torch.ones(1, len(prompt), dtype=self.torch.long, device=self.device),
-                        **sampling)[0, len(prompt):].tolist()  # fmt: skip
+                        **sampling,
+                    )[0, len(prompt) :].tolist()
             except BaseException as exc:  # noqa: BLE001 - reported as the request's error below
                 result["error"] = exc
                 streamer.end()
@@ -165,8 +184,15 @@ class Generator:
             write({"id": rid, "delta": text[sent:]})
         ids = result["ids"]
         ended = stopped.is_set() or (ids and ids[-1] in self.eos)
-        write({"id": rid, "done": True, "finish_reason": "stop" if ended or len(ids) < max_tokens else "length",
-               "prompt_tokens": len(prompt), "completion_tokens": len(ids)})  # fmt: skip
+        write(
+            {
+                "id": rid,
+                "done": True,
+                "finish_reason": "stop" if ended or len(ids) < max_tokens else "length",
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(ids),
+            }
+        )
 
 
 def main(folder: str) -> int:
@@ -179,8 +205,14 @@ def main(folder: str) -> int:
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a folder it cannot load
         write({"error": {"status": 500, "code": "model_unavailable", "message": f"the model does not load: {exc}"}})
         return 2
-    write({"ready": True, "device": gen.device, "max_positions": gen.max_positions,
-           "chat_template": bool(gen.tokenizer.chat_template)})  # fmt: skip
+    write(
+        {
+            "ready": True,
+            "device": gen.device,
+            "max_positions": gen.max_positions,
+            "chat_template": bool(gen.tokenizer.chat_template),
+        }
+    )
     for line in sys.stdin:
         rid = None
         try:
@@ -188,12 +220,29 @@ def main(folder: str) -> int:
             rid = req.get("id")
             gen.answer(req)
         except json.JSONDecodeError as exc:
-            write({"id": None, "error": {"status": 400, "code": "invalid_request", "message": f"not JSON: {exc}",
-                                         "param": None}})  # fmt: skip
+            write(
+                {
+                    "id": None,
+                    "error": {"status": 400, "code": "invalid_request", "message": f"not JSON: {exc}", "param": None},
+                }
+            )
         except RequestError as exc:
-            write({"id": rid, "error": {"status": exc.status, "code": exc.code, "message": exc.message,
-                                        "param": exc.param}})  # fmt: skip
+            write(
+                {
+                    "id": rid,
+                    "error": {"status": exc.status, "code": exc.code, "message": exc.message, "param": exc.param},
+                }
+            )
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the process
-            write({"id": rid, "error": {"status": 500, "code": "generation_failed", "message": f"{type(exc).__name__}: "
-                                        f"{exc}", "param": None}})  # fmt: skip
+            write(
+                {
+                    "id": rid,
+                    "error": {
+                        "status": 500,
+                        "code": "generation_failed",
+                        "message": f"{type(exc).__name__}: {exc}",
+                        "param": None,
+                    },
+                }
+            )
     return 0

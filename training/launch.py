@@ -57,8 +57,7 @@ ZERO_STAGE = 1  # AutoTP is not implemented with ZeRO-3; with TP over all proces
 def run_env(environ: dict, gpu_ids: list[str], gpus: int) -> dict:
     """A training process's environment: its parent's, without secrets (see ENV_PREFIXES), on the first `gpus`
     of `gpu_ids`."""
-    env = {k: v for k, v in environ.items()
-           if (k in ENV_NAMES or k.startswith(ENV_PREFIXES)) and k not in ENV_SECRETS}  # fmt: skip
+    env = {k: v for k, v in environ.items() if (k in ENV_NAMES or k.startswith(ENV_PREFIXES)) and k not in ENV_SECRETS}
     env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(gpu_ids[:gpus]))
     return env
 
@@ -78,8 +77,11 @@ def deepspeed_config(spec: TrainingSpec) -> dict:
         "bf16": {"enabled": spec.precision == "bf16"},
         # the gather flag lets the final save consolidate the tensor-parallel shards
         "zero_optimization": {"stage": ZERO_STAGE, "stage3_gather_16bit_weights_on_model_save": True},
-        "tensor_parallel": {"autotp_size": spec.gpus, "vocab_parallel_lm_head": False,
-                            "partition_config": LLAMA_LIKE_PARTITION},  # fmt: skip
+        "tensor_parallel": {
+            "autotp_size": spec.gpus,
+            "vocab_parallel_lm_head": False,
+            "partition_config": LLAMA_LIKE_PARTITION,
+        },
         "steps_per_print": 1_000_000,
         "wall_clock_breakdown": False,
     }
@@ -155,8 +157,18 @@ def command(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool) -> 
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "prefq" / "torch_extensions"))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--config_file", str(config), "-m", "training", "run", str(spec_path),
-           "--out", str(out_dir)] + (["--resume"] if resume else [])  # fmt: skip
+    cmd = [
+        accelerate,
+        "launch",
+        "--config_file",
+        str(config),
+        "-m",
+        "training",
+        "run",
+        str(spec_path),
+        "--out",
+        str(out_dir),
+    ] + (["--resume"] if resume else [])
     return cmd, env
 
 
@@ -171,8 +183,14 @@ def launch(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool) -> i
     cmd, env = command(spec, spec_path, out_dir, resume)
     code_file = out_dir / "launch" / "exit-code"
     code_file.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=partial(die_with_parent, signal.SIGKILL))  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=partial(die_with_parent, signal.SIGKILL),
+    )
     received: list[int] = []
 
     def forward(signum, frame):

@@ -30,6 +30,8 @@ def account(split: str, lengths: list[int], kept: list[bool], max_length: int) -
     truncated = sum(1 for n, k in zip(lengths, kept, strict=True) if k and n > max_length)
     emit("lengths", split=split, rows=rows, truncated=truncated, dropped=rows - left, max_length=max_length, **stats)
     if rows and not left:
-        raise TooLong(f"max_length: no {split} row fits in max_length={max_length} tokens (after the chat template, "
-                      f"rows take {ordered[0]} to {ordered[-1]} tokens, median {stats['p50']}): raise max_length "
-                      "above the prompts' length, or shorten the prompts")
+        raise TooLong(
+            f"max_length: no {split} row fits in max_length={max_length} tokens (after the chat template, "
+            f"rows take {ordered[0]} to {ordered[-1]} tokens, median {stats['p50']}): raise max_length "
+            "above the prompts' length, or shorten the prompts"
+        )

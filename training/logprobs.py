@@ -98,8 +98,9 @@ def completion_outputs(model, inputs: dict, autocast, packed: bool) -> FusedCaus
             hidden = model.get_decoder()(**row.model_kwargs(), use_cache=False).last_hidden_state[0]
             hidden = hidden[row.offsets[mask]]
         else:
-            hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                         use_cache=False).last_hidden_state[:, :-1][mask]  # fmt: skip
+            hidden = model.get_decoder()(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            ).last_hidden_state[:, :-1][mask]
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         logp, entropy, is_top1, mean_logits = CompletionLogProbs.apply(
@@ -109,8 +110,13 @@ def completion_outputs(model, inputs: dict, autocast, packed: bool) -> FusedCaus
     def spread(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
-    return FusedCausalLMOutput(log_probs=spread(logp), entropy=spread(entropy), is_top1=spread(is_top1),
-                               mean_logits=spread(mean_logits), label_mask=mask)  # fmt: skip
+    return FusedCausalLMOutput(
+        log_probs=spread(logp),
+        entropy=spread(entropy),
+        is_top1=spread(is_top1),
+        mean_logits=spread(mean_logits),
+        label_mask=mask,
+    )
 
 
 def keep_freed_memory() -> bool:
@@ -125,5 +131,6 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)
-                and libc.mallopt(m_top_pad, 256 << 20))  # fmt: skip
+    return bool(
+        libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 256 << 20)
+    )

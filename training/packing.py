@@ -27,13 +27,24 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 VARLEN = "prefq_varlen"
 
 
-def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
-                     max_length_q=None, **kwargs):  # fmt: skip
+def varlen_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    cu_seq_lens_q=None,
+    max_length_q=None,
+    **kwargs,
+):
     """Causal attention within each packed sequence. query (1, heads, N, d), key and value (1, kv_heads, N, d);
     returns (1, N, heads, d) and no weights, as transformers' sdpa does."""
     if cu_seq_lens_q is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)  # fmt: skip
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     gqa = query.size(1) != key.size(1)
     # RoPE's fp32 cos/sin promote q and k to fp32 under autocast; sdpa casts them back itself, the varlen kernel not
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
@@ -41,13 +52,25 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         from torch.nn.attention.varlen import varlen_attn
 
         q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (query, key, value))  # (N, heads, d)
-        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
-                          window_size=(-1, 0), enable_gqa=gqa)  # fmt: skip
+        out = varlen_attn(
+            q,
+            k,
+            v,
+            cu_seq_lens_q,
+            cu_seq_lens_q,
+            max_length_q,
+            max_length_q,
+            scale=scaling,
+            window_size=(-1, 0),
+            enable_gqa=gqa,
+        )
         return out[None], None
     # split, not slices: the backward of a slice writes into zeros of the whole row, once per sequence
     lengths = cu_seq_lens_q.diff().tolist()
-    parts = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-             for q, k, v in zip(*(x.split(lengths, dim=2) for x in (query, key, value)), strict=True)]  # fmt: skip
+    parts = [
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        for q, k, v in zip(*(x.split(lengths, dim=2) for x in (query, key, value)), strict=True)
+    ]
     return torch.cat(parts, dim=2).transpose(1, 2), None
 
 
@@ -65,7 +88,9 @@ def use_varlen_attention(model) -> bool:
     if model.config._attn_implementation not in ("sdpa", "eager", VARLEN):
         return False  # flash or flex attention chosen at load time, or a custom implementation: leave it
     text = model.config.get_text_config()
-    if "sliding_attention" in (getattr(text, "layer_types", None) or ()) or getattr(text, "attn_logit_softcapping", None):
+    if "sliding_attention" in (getattr(text, "layer_types", None) or ()) or getattr(
+        text, "attn_logit_softcapping", None
+    ):
         return False  # neither varlen path here knows sliding windows or soft-capped scores
     model.set_attn_implementation(VARLEN)
     return model.config._attn_implementation == VARLEN
@@ -82,8 +107,14 @@ class Packed:
     offsets: torch.Tensor  # (2B, T-1): row offset of padded position (i, t); valid where t < length_i
 
     def model_kwargs(self) -> dict:
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seq_lens,
-                "cu_seq_lens_k": self.cu_seq_lens, "max_length_q": self.max_length, "max_length_k": self.max_length}  # fmt: skip
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "cu_seq_lens_q": self.cu_seq_lens,
+            "cu_seq_lens_k": self.cu_seq_lens,
+            "max_length_q": self.max_length,
+            "max_length_k": self.max_length,
+        }
 
     def spread(self, values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Per-token values of the row, (N,), into the padded layout (2B, T-1) at `where`; zero elsewhere."""

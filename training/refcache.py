@@ -50,8 +50,11 @@ def _file_sha256(path: Path) -> str:
 def folder_fingerprint(folder: str | Path) -> str:
     """sha256 over the relative path, size and sha256 of every file under `folder` (hidden ones skipped)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))  # fmt: skip
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
         digests = list(pool.map(_file_sha256, files))
     listing = [[str(p.relative_to(folder)), p.stat().st_size, d] for p, d in zip(files, digests, strict=True)]

@@ -33,7 +33,7 @@ from training.spec import (
     SpecError,
     TrainingSpec,
     load_spec,
-)  # fmt: skip
+)
 
 log = logging.getLogger("training")
 SCHEDULE_STATE = "beta-schedule.json"
@@ -72,9 +72,7 @@ def newest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def _write_manifest(ckpt: Path, step: int, epoch: float | None, spec: TrainingSpec) -> None:
-    files = {
-        str(p.relative_to(ckpt)): p.stat().st_size for p in sorted(ckpt.rglob("*")) if p.is_file()
-    }
+    files = {str(p.relative_to(ckpt)): p.stat().st_size for p in sorted(ckpt.rglob("*")) if p.is_file()}
     manifest = {
         "step": step,
         "epoch": epoch,
@@ -158,9 +156,16 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, p
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             from training.distributed import describe_parallelism
 
-            emit("started", total_steps=state.max_steps, examples=n_train, eval_examples=n_eval,
-                 epochs=spec.epochs if spec.max_steps is None else None, resumed_from_step=state.global_step,
-                 trainer=spec.trainer, parallelism=describe_parallelism(model))  # fmt: skip
+            emit(
+                "started",
+                total_steps=state.max_steps,
+                examples=n_train,
+                eval_examples=n_eval,
+                epochs=spec.epochs if spec.max_steps is None else None,
+                resumed_from_step=state.global_step,
+                trainer=spec.trainer,
+                parallelism=describe_parallelism(model),
+            )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
@@ -171,8 +176,15 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, p
                 loss, lr = logs.pop("loss"), logs.pop("learning_rate", None)
                 logs.pop("epoch", None)
                 self.last_train = {"loss": loss, **logs}
-                emit("progress", step=state.global_step, total_steps=state.max_steps, epoch=state.epoch,
-                     loss=loss, learning_rate=lr, metrics=logs)  # fmt: skip
+                emit(
+                    "progress",
+                    step=state.global_step,
+                    total_steps=state.max_steps,
+                    epoch=state.epoch,
+                    loss=loss,
+                    learning_rate=lr,
+                    metrics=logs,
+                )
 
         def on_step_begin(self, args, state, control, **kwargs):
             # Resumed from a checkpoint at the last step, the Trainer would still run one more (its loop checks
@@ -266,28 +278,52 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
     if spec.lora is not None:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                                 target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+        peft_config = LoraConfig(
+            r=spec.lora.r,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
     common = _trainer_args(spec, out_dir, eval_ds is not None)
     if spec.method == "dpo":
         from trl import DPOConfig
 
         from training.dpo import PrefqDPOTrainer
 
-        args = DPOConfig(**common, beta=spec.beta, loss_type=spec.loss_types, loss_weights=spec.loss_weights,
-                         label_smoothing=spec.label_smoothing,
-                         precompute_ref_log_probs=spec.precomputes_reference)  # fmt: skip
-        trainer = PrefqDPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
-                                  spec=spec)  # fmt: skip
+        args = DPOConfig(
+            **common,
+            beta=spec.beta,
+            loss_type=spec.loss_types,
+            loss_weights=spec.loss_weights,
+            label_smoothing=spec.label_smoothing,
+            precompute_ref_log_probs=spec.precomputes_reference,
+        )
+        trainer = PrefqDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[callback],
+            spec=spec,
+        )
     elif spec.method == "sft":
         from trl import SFTConfig
 
         from training.sft import PrefqSFTTrainer
 
         args = SFTConfig(**common)
-        trainer = PrefqSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])  # fmt: skip
+        trainer = PrefqSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[callback],
+        )
     else:
         raise ValueError(f"Unknown method: {spec.method}")
     trainer.remove_callback(PrinterCallback)
@@ -387,8 +423,9 @@ def main(spec_path: str, out_dir: str, resume: bool) -> int:
     except SpecError as exc:
         emit("error", code="invalid_spec", message=str(exc), user_error=True)
     except DataError as exc:
-        emit("error", code="invalid_data", message=str(exc), user_error=True,
-             errors=[vars(p) for p in exc.report.errors])  # fmt: skip
+        emit(
+            "error", code="invalid_data", message=str(exc), user_error=True, errors=[vars(p) for p in exc.report.errors]
+        )
     except ModelError as exc:
         emit("error", code=exc.code, message=str(exc), user_error=True)
     except TooLong as exc:

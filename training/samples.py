@@ -110,14 +110,26 @@ class Sampler:
         return done
 
     def _rows(self, done: list[tuple], rewards: list[float | None]) -> list[dict]:
-        return [{"index": index, "prompt": text if len(text) <= PROMPT_CHARS else "…" + text[-PROMPT_CHARS:],
-                 "completion": self.tokenizer.decode(completion, skip_special_tokens=True),
-                 "tokens": int(completion.numel()), "reward": None if r is None else round(r, 6)}
-                for (index, text, _, completion), r in zip(done, rewards, strict=True)]  # fmt: skip
+        return [
+            {
+                "index": index,
+                "prompt": text if len(text) <= PROMPT_CHARS else "…" + text[-PROMPT_CHARS:],
+                "completion": self.tokenizer.decode(completion, skip_special_tokens=True),
+                "tokens": int(completion.numel()),
+                "reward": None if r is None else round(r, 6),
+            }
+            for (index, text, _, completion), r in zip(done, rewards, strict=True)
+        ]
 
     def _emit(self, step: int, which: str, samples: list[dict], started: float) -> None:
-        emit("samples", step=step, model=which, samples=samples, prompts=len(self.prompts),
-             seconds=round(time.monotonic() - started, 3))  # fmt: skip
+        emit(
+            "samples",
+            step=step,
+            model=which,
+            samples=samples,
+            prompts=len(self.prompts),
+            seconds=round(time.monotonic() - started, 3),
+        )
 
     def run(self, trainer, step: int) -> None:
         if not self.enabled:
@@ -144,8 +156,10 @@ class Sampler:
                 rewards = [beta * lp for lp in mine]
             with self._reference(trainer, model, device) as reference:
                 if dpo and reference is not None:
-                    rewards = [beta * (lp - _completion_logp(reference, ids, c, autocast))
-                               for lp, (_, _, ids, c) in zip(mine, policy, strict=True)]  # fmt: skip
+                    rewards = [
+                        beta * (lp - _completion_logp(reference, ids, c, autocast))
+                        for lp, (_, _, ids, c) in zip(mine, policy, strict=True)
+                    ]
                 self._emit(step, "policy", self._rows(policy, rewards), started)
                 if not self.reference_done and reference is not None:  # SFT: the policy's step-0 samples are it
                     ref_started = time.monotonic()

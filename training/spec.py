@@ -14,9 +14,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # The DPO loss types of the pinned TRL (1.16), `DPOConfig.loss_type`. A test checks this list against TRL.
 DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)  # fmt: skip
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 
 Method = Literal["dpo", "sft"]
 TrainerName = Literal["basic", "fsdp", "deepspeed-tp"]
@@ -101,7 +114,10 @@ class TrainingSpec(BaseModel):
     eval_steps: int | None = Field(None, ge=1, description="Steps between evaluations; always at start and end.")
     logging_steps: int = Field(1, ge=1, description="Steps between progress events.")
     sample_prompts: int = Field(
-        4, ge=0, le=64, description="Held-out prompts completed by the policy at each evaluation (and once by the "
+        4,
+        ge=0,
+        le=64,
+        description="Held-out prompts completed by the policy at each evaluation (and once by the "
         "reference), kept as the job's samples; 0 turns samples off. Single-process runs only (`basic`).",
     )
     sample_max_tokens: int = Field(48, ge=1, le=1024, description="New tokens per sample completion.")
@@ -147,7 +163,9 @@ class TrainingSpec(BaseModel):
             raise ValueError("give at least one loss type")
         unknown = [n for n in names if n not in DPO_LOSS_TYPES]
         if unknown:
-            raise ValueError(f"unknown loss type {', '.join(map(repr, unknown))}; choose from {', '.join(DPO_LOSS_TYPES)}")
+            raise ValueError(
+                f"unknown loss type {', '.join(map(repr, unknown))}; choose from {', '.join(DPO_LOSS_TYPES)}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -182,11 +200,15 @@ class TrainingSpec(BaseModel):
         if self.trainer == "basic" and self.gpus != 1:
             raise ValueError(f"gpus: the 'basic' trainer runs on one device, not {self.gpus}; use 'fsdp' or 1")
         if self.trainer != "basic" and self.gpus < 2:
-            raise ValueError(f"gpus: '{self.trainer}' splits the model over several devices; give 2 or more, or use "
-                             "the 'basic' trainer for one")  # fmt: skip
+            raise ValueError(
+                f"gpus: '{self.trainer}' splits the model over several devices; give 2 or more, or use "
+                "the 'basic' trainer for one"
+            )
         if self.trainer == "deepspeed-tp" and self.lora is not None:
-            raise ValueError("lora: not supported with 'deepspeed-tp' (DeepSpeed's optimizer cannot map the "
-                             "adapters); use 'fsdp' or 'basic'")  # fmt: skip
+            raise ValueError(
+                "lora: not supported with 'deepspeed-tp' (DeepSpeed's optimizer cannot map the "
+                "adapters); use 'fsdp' or 'basic'"
+            )
         return self
 
     @property
@@ -243,7 +265,6 @@ def load_spec(path: str | Path) -> TrainingSpec:
 
 def spec_json_schema() -> dict:
     return TrainingSpec.model_json_schema()
-
 
 
 # The run's exit codes, part of its contract with whoever launched it (the worker).

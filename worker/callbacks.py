@@ -35,8 +35,9 @@ def _pinned(url: str, address: str) -> tuple[str, dict, dict]:
     return urlunsplit(parts._replace(netloc=netloc)), {"Host": parts.netloc}, {"sni_hostname": parts.hostname}
 
 
-def post_signed(url: str, body: bytes, secret: str, event: str, delivery_id: str, timeout_s: float,
-                address: str | None = None) -> int:  # fmt: skip
+def post_signed(
+    url: str, body: bytes, secret: str, event: str, delivery_id: str, timeout_s: float, address: str | None = None
+) -> int:
     """POST the callback; with `address`, to that address (checked by `jobs.perimeter.check_callback_url`)."""
     timestamp = str(int(time.time()))
     headers = {

@@ -28,8 +28,9 @@ def write(settings: Settings, name: str, kind: str, problems: list[str]) -> None
     target = path(settings, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"name": name, "kind": kind, "pid": os.getpid(), "time": time.time(),
-                               "problems": problems}))  # fmt: skip
+    tmp.write_text(
+        json.dumps({"name": name, "kind": kind, "pid": os.getpid(), "time": time.time(), "problems": problems})
+    )
     os.replace(tmp, target)
 
 

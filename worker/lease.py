@@ -31,8 +31,16 @@ class LeaseLost(Exception):
 
 
 class Lease:
-    def __init__(self, store: JobStore, job_id: str, attempt: int, owner: str, ttl_s: float, heartbeat_s: float,
-                 claim_sent: float):  # fmt: skip
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        attempt: int,
+        owner: str,
+        ttl_s: float,
+        heartbeat_s: float,
+        claim_sent: float,
+    ):
         """`claim_sent`: the monotonic time at which the claim that took the lease was sent."""
         self.store, self.job_id, self.attempt, self.owner = store, job_id, attempt, owner
         self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
@@ -97,7 +105,7 @@ class Lease:
             self.lost.set()
             return
         with self._wake:
-            del self._events[:len(events)]
+            del self._events[: len(events)]
             for key, value in fields.items():
                 if self._fields.get(key) is value:
                     del self._fields[key]
@@ -109,8 +117,13 @@ class Lease:
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         if state.attempt_number in (1, 10) or state.attempt_number % 50 == 0:
-            log.warning("Job %s: lease write failed (try %s, %.1fs of the lease left): %s", self.job_id,
-                        state.attempt_number, self.remaining_s(), exc)  # fmt: skip
+            log.warning(
+                "Job %s: lease write failed (try %s, %.1fs of the lease left): %s",
+                self.job_id,
+                state.attempt_number,
+                self.remaining_s(),
+                exc,
+            )
 
     def _loop(self) -> None:
         retrying = Retrying(
@@ -121,7 +134,7 @@ class Lease:
             before_sleep=self._log_retry,
             reraise=False,
             retry_error_callback=lambda state: None,
-        )  # fmt: skip
+        )
         next_beat = time.monotonic() + self.heartbeat_s
         while not self._closing.is_set() and not self.lost.is_set():
             with self._wake:

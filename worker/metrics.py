@@ -37,8 +37,9 @@ class DatabaseCollector:
 
     def collect(self):
         active = self.leases.acquire(LEASE, self.holder, ttl_s=max(60.0, 4 * self.settings.heartbeat_s))
-        yield GaugeMetricFamily("prefq_exporter_active", "1 in the one process that exports database-wide metrics",
-                                value=int(active))  # fmt: skip
+        yield GaugeMetricFamily(
+            "prefq_exporter_active", "1 in the one process that exports database-wide metrics", value=int(active)
+        )
         if not active:
             return
         counts = count_by_status(self.store.engine)
@@ -50,8 +51,9 @@ class DatabaseCollector:
         for queue, n in queue_depths(self.settings.broker_url).items():
             depth.add_metric([queue], n)
         yield depth
-        hist = HistogramMetricFamily("prefq_job_duration_seconds", "Run time (first start to end) of finished jobs",
-                                     labels=["status"])  # fmt: skip
+        hist = HistogramMetricFamily(
+            "prefq_job_duration_seconds", "Run time (first start to end) of finished jobs", labels=["status"]
+        )
         rows: dict[str, list] = {}
         for row in duration_buckets(self.store.engine):
             rows.setdefault(row.status, []).append(row)
@@ -72,7 +74,8 @@ def start_exporter(settings: Settings, store: JobStore, holder: str) -> None:
     try:
         start_http_server(settings.metrics_port, registry=registry)
     except OSError as exc:
-        log.warning("Metrics: cannot listen on port %s (%s); this service worker exports no metrics",
-                    settings.metrics_port, exc)  # fmt: skip
+        log.warning(
+            "Metrics: cannot listen on port %s (%s); this service worker exports no metrics", settings.metrics_port, exc
+        )
         return
     log.info("Metrics: database-wide metrics on :%s/metrics", settings.metrics_port)

@@ -132,8 +132,11 @@ def _service_problems(controller, leases: ServiceLeases, settings: Settings, sta
     beat = getattr(controller, "beat", None)
     if beat is None or not beat.is_alive():
         code = getattr(beat, "exitcode", None)
-        log.critical("Reconciler: the embedded beat has exited (exit code %s); stopping this service worker so "
-                     "that it is restarted", code)  # fmt: skip
+        log.critical(
+            "Reconciler: the embedded beat has exited (exit code %s); stopping this service worker so "
+            "that it is restarted",
+            code,
+        )
         worker_state.should_stop = 1
         return [f"beat exited (exit code {code})"]
     try:
@@ -155,8 +158,14 @@ def _register(sender=None, **_):
     queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
     service = not (set(queues) - {SERVICE_QUEUE})
     devices = 0 if service else settings.devices  # the service worker trains nothing
-    row = Worker(name=name, hostname=socket.gethostname(), pid=os.getpid(), queues=queues, devices=devices,
-                 inventory=inventory(settings))  # fmt: skip
+    row = Worker(
+        name=name,
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        queues=queues,
+        devices=devices,
+        inventory=inventory(settings),
+    )
     store.add(row)
     if not service:
         sweep(settings.work_dir)
@@ -165,8 +174,9 @@ def _register(sender=None, **_):
 
         start_exporter(settings, store, name)
     health.write(settings, name, "service" if service else "worker", [])
-    threading.Thread(target=_heartbeat, args=(store, row, settings, sender.controller, service), daemon=True,
-                     name="prefq-heartbeat").start()  # fmt: skip
+    threading.Thread(
+        target=_heartbeat, args=(store, row, settings, sender.controller, service), daemon=True, name="prefq-heartbeat"
+    ).start()
     log.info("Worker %s: serving %s with %s device(s)", name, ",".join(queues), devices)
 
 

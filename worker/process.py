@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from training.launch import run_env
-from worker.attempt import Attempt
 from training.parent import confine_child
+from worker.attempt import Attempt
 
 _EOF = object()
 

@@ -57,9 +57,14 @@ def _expired(settings: Settings, store: JobStore, app: Celery, counts: dict) -> 
             _send(app, f"job {job.id}", enqueue_job, job.id, job.attempt + 1, job.gpus)
             continue
         else:
-            done = store.fail_expired(job, JobStatus.failed, error_code="lease_expired", error_is_user=False,
-                                      error_message=f"the worker of attempt {job.attempt} stopped heartbeating "
-                                                    f"(attempt {job.attempt} of {job.max_attempts})")  # fmt: skip
+            done = store.fail_expired(
+                job,
+                JobStatus.failed,
+                error_code="lease_expired",
+                error_is_user=False,
+                error_message=f"the worker of attempt {job.attempt} stopped heartbeating "
+                f"(attempt {job.attempt} of {job.max_attempts})",
+            )
         if done:
             counts["ended"] += 1
             if done.callback_id:
@@ -83,8 +88,9 @@ def _unclaimed(settings: Settings, store: JobStore, app: Celery, counts: dict) -
                 continue  # just delivered: its worker is claiming it
             forget_unacked(client, tag)  # the worker that took it died; its copy must not come back later
             reason = "held by a worker that did not claim it"
-        if store.mark_enqueued(job.id, job.attempt) and _send(app, f"job {job.id}", enqueue_job, job.id,
-                                                               job.attempt, job.gpus):  # fmt: skip
+        if store.mark_enqueued(job.id, job.attempt) and _send(
+            app, f"job {job.id}", enqueue_job, job.id, job.attempt, job.gpus
+        ):
             log.warning("Job %s: attempt %s was queued but its task was %s; sent again", job.id, job.attempt, reason)
             store.add_event(job.id, job.attempt, "resent", {"reason": reason})
             counts["resent"] += 1

@@ -46,8 +46,16 @@ def run_job(self, job_id: str, attempt: int) -> None:
     pool.set_current_job(self.request.hostname, job_id)
     try:
         with pool.handing_back_on_sigterm(self.request.hostname):
-            result = run_attempt(settings, store(), storage(), job, owner, pool.pid_file(self.request.hostname),
-                                 claim_sent, pool.stopping)  # fmt: skip
+            result = run_attempt(
+                settings,
+                store(),
+                storage(),
+                job,
+                owner,
+                pool.pid_file(self.request.hostname),
+                claim_sent,
+                pool.stopping,
+            )
     finally:
         pool.set_current_job(self.request.hostname, None)
     if result.requeued is not None:
@@ -72,17 +80,35 @@ def deliver_callback(self, callback_id: str) -> None:
         outbox.gave_up(callback, str(exc))
         return
     try:
-        post_signed(callback.url, body, settings.callback_secret.get_secret_value(), callback.event, callback.id,
-                    settings.callback_timeout_s, address)  # fmt: skip
+        post_signed(
+            callback.url,
+            body,
+            settings.callback_secret.get_secret_value(),
+            callback.event,
+            callback.id,
+            settings.callback_timeout_s,
+            address,
+        )
     except CallbackError as exc:
         if callback.tries >= settings.callback_max_retries:
-            log.warning("Job %s: callback %s failed for good after %s tries: %s", callback.job_id, callback.id,
-                        callback.tries, exc)  # fmt: skip
+            log.warning(
+                "Job %s: callback %s failed for good after %s tries: %s",
+                callback.job_id,
+                callback.id,
+                callback.tries,
+                exc,
+            )
             outbox.gave_up(callback, str(exc))
             return
         countdown = get_exponential_backoff_interval(2, callback.tries, CALLBACK_BACKOFF_MAX_S, full_jitter=True)
-        log.info("Job %s: callback %s failed (%s); try %s in %ss", callback.job_id, callback.id, exc,
-                 callback.tries + 1, countdown)  # fmt: skip
+        log.info(
+            "Job %s: callback %s failed (%s); try %s in %ss",
+            callback.job_id,
+            callback.id,
+            exc,
+            callback.tries + 1,
+            countdown,
+        )
         outbox.try_failed(callback, str(exc), retry_in_s=countdown)
         raise self.retry(countdown=countdown) from exc
     outbox.delivered(callback)
@@ -97,10 +123,23 @@ def reconcile(self) -> None:
         log.info("Reconciler: %s", counts)
 
 
-@app.task(name=MIRROR_MODEL_VERSION, autoretry_for=(Exception,), retry_backoff=5, retry_backoff_max=600,
-          retry_jitter=True, max_retries=12)  # fmt: skip
-def mirror_model_version(tenant: str, name: str, version: int, source_uri: str, aliases: list[str],
-                         metrics: dict[str, float], job_id: str | None = None) -> None:  # fmt: skip
+@app.task(
+    name=MIRROR_MODEL_VERSION,
+    autoretry_for=(Exception,),
+    retry_backoff=5,
+    retry_backoff_max=600,
+    retry_jitter=True,
+    max_retries=12,
+)
+def mirror_model_version(
+    tenant: str,
+    name: str,
+    version: int,
+    source_uri: str,
+    aliases: list[str],
+    metrics: dict[str, float],
+    job_id: str | None = None,
+) -> None:
     """Mirror a version of a tenant's registered model, and its aliases, into MLflow's registry (see
     `worker.tracking.mirror_model_version`); retried with jittered backoff while MLflow is away. Without
     `PREFQ_MLFLOW_TRACKING_URI` it does nothing."""

@@ -136,11 +136,17 @@ class WandbSink:
 
         opts = wandb_options(self.job)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(mode="offline", dir=self.folder, id=self.job.id, name=opts.get("name") or self.job.id,
-                              project=opts.get("project") or f"prefq-{self.job.tenant}", entity=opts.get("entity"),
-                              tags=opts.get("tags"), reinit="create_new",
-                              settings=wandb.Settings(silent=True, console="off", save_code=False,
-                                                      x_disable_stats=True))  # fmt: skip
+        self.run = wandb.init(
+            mode="offline",
+            dir=self.folder,
+            id=self.job.id,
+            name=opts.get("name") or self.job.id,
+            project=opts.get("project") or f"prefq-{self.job.tenant}",
+            entity=opts.get("entity"),
+            tags=opts.get("tags"),
+            reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True),
+        )
         self.run.config.update({JOB_TAG: self.job.id, "prefq.attempt": self.job.attempt}, allow_val_change=True)
 
     def params(self, params: dict[str, str]) -> None:
@@ -151,8 +157,9 @@ class WandbSink:
 
         if kind == "samples":
             rows = [[data["step"], data["model"], *(s.get(c) for c in SAMPLE_COLUMNS[2:])] for s in data["samples"]]
-            self.run.log({f"samples/{data['model']}": wandb.Table(columns=SAMPLE_COLUMNS, data=rows)},
-                         step=data["step"])  # fmt: skip
+            self.run.log(
+                {f"samples/{data['model']}": wandb.Table(columns=SAMPLE_COLUMNS, data=rows)}, step=data["step"]
+            )
         elif found := metrics_of(kind, data):
             step, values = found
             self.run.log(values, step=step)
@@ -248,8 +255,16 @@ def registered_model_name(tenant: str, name: str) -> str:
     return f"{tenant}.{name}"
 
 
-def mirror_model_version(settings: Settings, tenant: str, name: str, version: int, source_uri: str,
-                         aliases: list[str], metrics: dict[str, float], job_id: str | None) -> str:  # fmt: skip
+def mirror_model_version(
+    settings: Settings,
+    tenant: str,
+    name: str,
+    version: int,
+    source_uri: str,
+    aliases: list[str],
+    metrics: dict[str, float],
+    job_id: str | None,
+) -> str:
     """Create (or find again) the MLflow model version that mirrors version `version` of the tenant's model `name`:
     source `source_uri`, the run of job `job_id` when it has one, tags `prefq.version`, `prefq.job_id` and a
     `metric.<name>` per metric; then make its aliases exactly `aliases` (an alias set here moves from another version).
@@ -269,14 +284,23 @@ def mirror_model_version(settings: Settings, tenant: str, name: str, version: in
         mirrored = found[0]
     else:
         run_id = find_run(client, experiment_name(settings, tenant), job_id) if job_id else None
-        tags = {"prefq.version": str(version), **({"prefq.job_id": job_id} if job_id else {}),
-                **{f"metric.{k}": str(v) for k, v in (metrics or {}).items()}}  # fmt: skip
+        tags = {
+            "prefq.version": str(version),
+            **({"prefq.job_id": job_id} if job_id else {}),
+            **{f"metric.{k}": str(v) for k, v in (metrics or {}).items()},
+        }
         mirrored = client.create_model_version(model, source_uri, run_id=run_id, tags=tags)
     for alias in aliases:
         client.set_registered_model_alias(model, alias, mirrored.version)
     for alias in set(mirrored.aliases or []) - set(aliases):  # still on this version: a later one may have taken it
         if client.get_model_version_by_alias(model, alias).version == mirrored.version:
             client.delete_registered_model_alias(model, alias)
-    log.info("Model %s version %s: mirrored to MLflow as %s version %s, aliases %s", name, version, model,
-             mirrored.version, aliases)  # fmt: skip
+    log.info(
+        "Model %s version %s: mirrored to MLflow as %s version %s, aliases %s",
+        name,
+        version,
+        model,
+        mirrored.version,
+        aliases,
+    )
     return mirrored.version

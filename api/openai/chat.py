@@ -84,8 +84,12 @@ class CompletionCreate(Sampling):
 def _max_tokens(svc: Services, value: int | None, param: str, default: int) -> int:
     cap = svc.settings.serve_max_tokens
     if value is not None and value > cap:
-        raise APIError(422, "invalid_request", f"{param}: at most {cap} on this server (PREFQ_SERVE_MAX_TOKENS), got "
-                       f"{value}", field=param)  # fmt: skip
+        raise APIError(
+            422,
+            "invalid_request",
+            f"{param}: at most {cap} on this server (PREFQ_SERVE_MAX_TOKENS), got {value}",
+            field=param,
+        )
     return min(value or default, cap)
 
 
@@ -125,10 +129,21 @@ async def _events(first: dict, lines: AsyncIterator[dict], close, chunk, usage_c
 
 async def _generate(svc: Services, tenant: str, req: Sampling, kind: str, inputs: dict, max_tokens: int):
     created = int(time.time())
-    gen = await playground.start(svc, tenant, req.model, kind, {
-        **inputs, "max_tokens": max_tokens, "stop": req.stop or [],
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p, "seed": req.seed, "logit_bias": req.logit_bias or {}})
+    gen = await playground.start(
+        svc,
+        tenant,
+        req.model,
+        kind,
+        {
+            **inputs,
+            "max_tokens": max_tokens,
+            "stop": req.stop or [],
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "seed": req.seed,
+            "logit_bias": req.logit_bias or {},
+        },
+    )
     head = {"id": gen.id, "created": created, "model": req.model, "system_fingerprint": None}
 
     def choice(text: str | None, finish: str | None) -> dict:
@@ -155,17 +170,26 @@ async def _generate(svc: Services, tenant: str, req: Sampling, kind: str, inputs
         return EventSourceResponse(events(), headers={"Cache-Control": "no-store"})
     text, done = await playground.collect(gen)
     if kind == "chat":
-        answer = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                  "logprobs": None, "finish_reason": done["finish_reason"]}  # fmt: skip
+        answer = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": done["finish_reason"],
+        }
         return {**head, "object": "chat.completion", "choices": [answer], "usage": _usage(done)}
     answer = {"index": 0, "text": text, "logprobs": None, "finish_reason": done["finish_reason"]}
     return {**head, "object": "text_completion", "choices": [answer], "usage": _usage(done)}
 
 
 def _responses(model: type) -> dict:
-    return {**openai_responses(401, 404, 502, 503, 504),
-            200: {"model": model, "content": {"text/event-stream": {}},
-                  "description": "The completion; with `stream: true`, Server-Sent Events of chunks, then [DONE]"}}
+    return {
+        **openai_responses(401, 404, 502, 503, 504),
+        200: {
+            "model": model,
+            "content": {"text/event-stream": {}},
+            "description": "The completion; with `stream: true`, Server-Sent Events of chunks, then [DONE]",
+        },
+    }
 
 
 @router.post("/chat/completions", responses=_responses(types.ChatCompletion), response_model=None)
@@ -173,9 +197,13 @@ async def create_chat_completion(req: ChatCompletionCreate, who: Caller, svc: Se
     """A reply of a tenant's fine-tuned model to a conversation (the tokenizer's chat template renders it)."""
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _max_tokens(svc, req.max_completion_tokens or req.max_tokens, param, svc.settings.serve_max_tokens)
-    messages = [{"role": "system" if m.role == "developer" else m.role,  # OpenAI's new name; templates know system
-                 "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                for m in req.messages]  # fmt: skip
+    messages = [
+        {
+            "role": "system" if m.role == "developer" else m.role,  # OpenAI's new name; templates know system
+            "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content),
+        }
+        for m in req.messages
+    ]
     return await _generate(svc, who.tenant, req, "chat", {"messages": messages}, max_tokens)
 
 

@@ -42,35 +42,63 @@ def _results_csv(svc: Services, job: Job) -> bytes:
 
 
 @router.post("/files", response_model=types.FileObject, responses=openai_responses(401, 413))
-def create_file(who: Caller, file: UploadFile = File(description="JSONL, one example per line"),
-                purpose: str = Form(description='"fine-tune"'), svc: Services = Depends(services)) -> dict:  # fmt: skip
+def create_file(
+    who: Caller,
+    file: UploadFile = File(description="JSONL, one example per line"),
+    purpose: str = Form(description='"fine-tune"'),
+    svc: Services = Depends(services),
+) -> dict:
     """Upload a training or validation file (`purpose` "fine-tune"); it is validated at once."""
     if purpose != "fine-tune":
-        raise APIError(400, "invalid_purpose", f"purpose: {purpose!r} is not supported; this server takes "
-                       "'fine-tune' files", field="purpose")  # fmt: skip
+        raise APIError(
+            400,
+            "invalid_purpose",
+            f"purpose: {purpose!r} is not supported; this server takes 'fine-tune' files",
+            field="purpose",
+        )
     filename = (file.filename or "data.jsonl")[:255]
     try:
         dataset = datasets.store(svc, who, file.file, filename, None)
     except Invalid as exc:
         file.file.seek(0, 2)
-        dataset = Dataset(id=new_id("ds"), tenant=who.tenant, filename=filename, uri="", bytes=file.file.tell(),
-                          sha256="", rows=0, format="unknown", method="unknown", status="error",
-                          errors=exc.details or [])  # fmt: skip
+        dataset = Dataset(
+            id=new_id("ds"),
+            tenant=who.tenant,
+            filename=filename,
+            uri="",
+            bytes=file.file.tell(),
+            sha256="",
+            rows=0,
+            format="unknown",
+            method="unknown",
+            status="error",
+            errors=exc.details or [],
+        )
         svc.store.add(dataset)
     return shapes.file_object(dataset)
 
 
 @router.get("/files", response_model=types.FileList, responses=openai_responses(401))
-def list_files(who: Caller, purpose: str | None = None, limit: int = Query(10_000, ge=1, le=10_000),
-               order: str = Query("desc", pattern="^desc$", description="newest first (only)"),
-               after: Cursor | None = None, svc: Services = Depends(services)) -> dict:  # fmt: skip
+def list_files(
+    who: Caller,
+    purpose: str | None = None,
+    limit: int = Query(10_000, ge=1, le=10_000),
+    order: str = Query("desc", pattern="^desc$", description="newest first (only)"),
+    after: Cursor | None = None,
+    svc: Services = Depends(services),
+) -> dict:
     """The tenant's files, newest first; pass the last id as `after` for the next page."""
     if purpose not in (None, "fine-tune"):
         return {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
     rows, more = svc.store.list_datasets(who.tenant, min(limit, 100), after)
     data = [shapes.file_object(d) for d in rows]
-    return {"object": "list", "data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None}  # fmt: skip
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 @router.get("/files/{file_id}", response_model=types.FileObject, responses=openai_responses(401, 404))

@@ -109,8 +109,9 @@ class FineTuningJobCreate(BaseModel):
     metadata: dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]] | None = Field(
         None, max_length=16
     )
-    integrations: list[Integration] | None = Field(None, max_length=5, description="W&B runs, where the server "
-                                                   "reports to W&B (`PREFQ_WANDB_MODE`).")  # fmt: skip
+    integrations: list[Integration] | None = Field(
+        None, max_length=5, description="W&B runs, where the server reports to W&B (`PREFQ_WANDB_MODE`)."
+    )
     prefq: PrefqExtension | None = Field(None, description="prefq's own fields (the SDK's `extra_body`).")
 
 
@@ -133,8 +134,16 @@ def _native(req: FineTuningJobCreate) -> tuple[JobCreate, str]:
         native["seed"] = req.seed
     ext = req.prefq or PrefqExtension()
     native.update(ext.hyperparameters)
-    job = JobCreate(model=req.model, dataset=req.training_file, eval_dataset=req.validation_file, method=method,
-                    trainer=ext.trainer, gpus=ext.gpus, hyperparameters=native, metadata=req.metadata or {})  # fmt: skip
+    job = JobCreate(
+        model=req.model,
+        dataset=req.training_file,
+        eval_dataset=req.validation_file,
+        method=method,
+        trainer=ext.trainer,
+        gpus=ext.gpus,
+        hyperparameters=native,
+        metadata=req.metadata or {},
+    )
     return job, where
 
 
@@ -166,19 +175,27 @@ face("/v1/", _named)
 
 
 @router.post("/jobs", response_model=types.FineTuningJob, responses=openai_responses(401, 429, 503))
-async def create_job(req: FineTuningJobCreate, who: Caller,
-                     idempotency_key: str | None = Header(None, max_length=200, pattern=r"^[\x21-\x7e]+$"),
-                     svc: Services = Depends(services)) -> dict:  # fmt: skip
+async def create_job(
+    req: FineTuningJobCreate,
+    who: Caller,
+    idempotency_key: str | None = Header(None, max_length=200, pattern=r"^[\x21-\x7e]+$"),
+    svc: Services = Depends(services),
+) -> dict:
     """Create a fine-tuning job. A repeated `Idempotency-Key` (the SDK's `extra_headers`) returns the same job."""
     if req.integrations and svc.settings.wandb_mode == "off":
-        raise APIError(400, "integrations_not_configured", "integrations: this server does not report to Weights & "
-                       "Biases; send no integrations", field="integrations")  # fmt: skip
+        raise APIError(
+            400,
+            "integrations_not_configured",
+            "integrations: this server does not report to Weights & Biases; send no integrations",
+            field="integrations",
+        )
     integrations = [i.model_dump(exclude_none=True) for i in req.integrations or []]
     native, where = _native(req)
     ext_keys = set((req.prefq.hyperparameters if req.prefq else {}).keys())
     try:
-        done = await service.submit(svc, who, native, idempotency_key, suffix=req.suffix or None,
-                                    integrations=integrations)
+        done = await service.submit(
+            svc, who, native, idempotency_key, suffix=req.suffix or None, integrations=integrations
+        )
     except ServiceError as exc:
         if exc.field is None:
             raise
@@ -190,8 +207,13 @@ async def create_job(req: FineTuningJobCreate, who: Caller,
 
 
 @router.get("/jobs", response_model=types.FineTuningJobList, responses=openai_responses(401))
-def list_jobs(request: Request, who: Caller, after: Cursor | None = None,
-              limit: int = Query(20, ge=1, le=100), svc: Services = Depends(services)) -> dict:  # fmt: skip
+def list_jobs(
+    request: Request,
+    who: Caller,
+    after: Cursor | None = None,
+    limit: int = Query(20, ge=1, le=100),
+    svc: Services = Depends(services),
+) -> dict:
     """The tenant's jobs, newest first; `metadata[key]=value` keeps the jobs whose metadata holds that pair."""
     metadata = {}
     for key, value in request.query_params.multi_items():
@@ -222,15 +244,22 @@ def pause_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> 
     return shapes.fine_tuning_job(service.pause(svc, who, job_id))
 
 
-@router.post("/jobs/{job_id}/resume", response_model=types.FineTuningJob, responses=openai_responses(401, 404, 409, 503))
+@router.post(
+    "/jobs/{job_id}/resume", response_model=types.FineTuningJob, responses=openai_responses(401, 404, 409, 503)
+)
 def resume_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> dict:
     """Resume a paused job: a new attempt, from its newest checkpoint."""
     return shapes.fine_tuning_job(service.resume(svc, who, job_id))
 
 
 @router.get("/jobs/{job_id}/events", response_model=types.FineTuningJobEventList, responses=openai_responses(401, 404))
-def list_events(job_id: JobId, who: Caller, after: str | None = Query(None, max_length=200),
-                limit: int = Query(20, ge=1, le=1000), svc: Services = Depends(services)) -> dict:  # fmt: skip
+def list_events(
+    job_id: JobId,
+    who: Caller,
+    after: str | None = Query(None, max_length=200),
+    limit: int = Query(20, ge=1, le=1000),
+    svc: Services = Depends(services),
+) -> dict:
     """The job's events, newest first; pass the last id as `after` for older ones."""
     service.owned(svc, who, job_id)
     before = None
@@ -250,20 +279,33 @@ def _checkpoints(svc: Services, job: Job) -> list[dict]:
     for c in artifacts.checkpoints(svc, job):
         m = metrics.get(c.step) or metrics.get(max((s for s in metrics if s <= c.step), default=-1), {})
         accuracy = m.get("rewards/accuracies", m.get("mean_token_accuracy"))  # DPO: the reward accuracy
-        out.append(shapes.checkpoint(job, c.step, saved.get(c.step, job.updated_at), {
-            "step": c.step,
-            "train_loss": m.get("loss"),
-            "train_mean_token_accuracy": accuracy,
-            "valid_loss": m.get("eval_loss"),
-            "valid_mean_token_accuracy": m.get("eval_rewards/accuracies", m.get("eval_mean_token_accuracy")),
-        }))
+        out.append(
+            shapes.checkpoint(
+                job,
+                c.step,
+                saved.get(c.step, job.updated_at),
+                {
+                    "step": c.step,
+                    "train_loss": m.get("loss"),
+                    "train_mean_token_accuracy": accuracy,
+                    "valid_loss": m.get("eval_loss"),
+                    "valid_mean_token_accuracy": m.get("eval_rewards/accuracies", m.get("eval_mean_token_accuracy")),
+                },
+            )
+        )
     return out
 
 
-@router.get("/jobs/{job_id}/checkpoints", response_model=types.FineTuningJobCheckpointList,
-            responses=openai_responses(401, 404))
-async def list_checkpoints(job_id: JobId, who: Caller, after: str | None = Query(None, max_length=200),
-                           limit: int = Query(10, ge=1, le=100), svc: Services = Depends(services)) -> dict:  # fmt: skip
+@router.get(
+    "/jobs/{job_id}/checkpoints", response_model=types.FineTuningJobCheckpointList, responses=openai_responses(401, 404)
+)
+async def list_checkpoints(
+    job_id: JobId,
+    who: Caller,
+    after: str | None = Query(None, max_length=200),
+    limit: int = Query(10, ge=1, le=100),
+    svc: Services = Depends(services),
+) -> dict:
     """The job's complete checkpoints, newest first; each names a model that a new job can start from."""
     job = await run_in_threadpool(service.owned, svc, who, job_id)
     data = await run_in_threadpool(_checkpoints, svc, job)
@@ -273,5 +315,10 @@ async def list_checkpoints(job_id: JobId, who: Caller, after: str | None = Query
             raise APIError(400, "invalid_request", f"after: {after!r} is not a checkpoint of this job", field="after")
         data = data[ids.index(after) + 1 :]
     page = data[:limit]
-    return {"object": "list", "data": page, "has_more": len(data) > limit,
-            "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}  # fmt: skip
+    return {
+        "object": "list",
+        "data": page,
+        "has_more": len(data) > limit,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+    }

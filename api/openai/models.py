@@ -19,16 +19,32 @@ MAX_LISTED = 1000  # fine-tuned models listed, newest first
 def _models(svc: Services, who: Principal) -> list[dict]:
     base = [{"id": m, "object": "model", "created": 0, "owned_by": "system"} for m in svc.settings.base_models]
     jobs, _ = svc.store.list_jobs(JobStatus.succeeded, limit=MAX_LISTED, tenant=who.tenant)
-    tuned = [{"id": shapes.fine_tuned_model(j), "object": "model", "created": int(j.finished_at or j.created_at),
-              "owned_by": j.tenant} for j in jobs]  # fmt: skip
+    tuned = [
+        {
+            "id": shapes.fine_tuned_model(j),
+            "object": "model",
+            "created": int(j.finished_at or j.created_at),
+            "owned_by": j.tenant,
+        }
+        for j in jobs
+    ]
     registered = []
     for m in svc.registry.models(who.tenant)[:MAX_LISTED]:
         versions = svc.registry.versions(m.tenant, m.name)
         created = {v.version: int(v.created_at) for v in versions}
-        registered += [{"id": modelref.registered_name(m.name, v.version), "object": "model", "created": int(v.created_at),
-                        "owned_by": m.tenant} for v in versions]  # fmt: skip
-        registered += [{"id": f"models:/{m.name}@{alias}", "object": "model", "created": created.get(n, 0),
-                        "owned_by": m.tenant} for alias, n in sorted(svc.registry.aliases(m.tenant, m.name).items())]  # fmt: skip
+        registered += [
+            {
+                "id": modelref.registered_name(m.name, v.version),
+                "object": "model",
+                "created": int(v.created_at),
+                "owned_by": m.tenant,
+            }
+            for v in versions
+        ]
+        registered += [
+            {"id": f"models:/{m.name}@{alias}", "object": "model", "created": created.get(n, 0), "owned_by": m.tenant}
+            for alias, n in sorted(svc.registry.aliases(m.tenant, m.name).items())
+        ]
     return base + tuned + registered
 
 

@@ -33,14 +33,31 @@ def file_object(d: Dataset) -> dict:
     details = None
     if d.status == "error":
         details = "; ".join(f"line {e['line']}, {e['field']}: {e['reason']}" for e in d.errors)
-    return {"id": d.id, "object": "file", "bytes": d.bytes, "created_at": int(d.created_at), "filename": d.filename,
-            "purpose": "fine-tune", "status": d.status, "status_details": details, "expires_at": None}  # fmt: skip
+    return {
+        "id": d.id,
+        "object": "file",
+        "bytes": d.bytes,
+        "created_at": int(d.created_at),
+        "filename": d.filename,
+        "purpose": "fine-tune",
+        "status": d.status,
+        "status_details": details,
+        "expires_at": None,
+    }
 
 
 def results_file(job: Job, size: int) -> dict:
-    return {"id": RESULTS_PREFIX + job.id, "object": "file", "bytes": size, "created_at": int(job.finished_at or 0),
-            "filename": f"{job.id}-results.csv", "purpose": "fine-tune-results", "status": "processed",
-            "status_details": None, "expires_at": None}  # fmt: skip
+    return {
+        "id": RESULTS_PREFIX + job.id,
+        "object": "file",
+        "bytes": size,
+        "created_at": int(job.finished_at or 0),
+        "filename": f"{job.id}-results.csv",
+        "purpose": "fine-tune-results",
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
 
 
 def status(job: Job) -> str:
@@ -52,8 +69,11 @@ def status(job: Job) -> str:
 def hyperparameters(job: Job) -> dict:
     hp = job.hyperparameters
     base = DEFAULT_LEARNING_RATE[job.method]
-    out = {"n_epochs": hp.get("epochs", DEFAULTS["epochs"]), "batch_size": hp.get("batch_size", DEFAULTS["batch_size"]),
-           "learning_rate_multiplier": round(hp.get("learning_rate", base) / base, 6)}  # fmt: skip
+    out = {
+        "n_epochs": hp.get("epochs", DEFAULTS["epochs"]),
+        "batch_size": hp.get("batch_size", DEFAULTS["batch_size"]),
+        "learning_rate_multiplier": round(hp.get("learning_rate", base) / base, 6),
+    }
     if job.method == "dpo":
         out["beta"] = hp.get("beta", DEFAULTS["beta"])
     return out
@@ -79,21 +99,38 @@ def fine_tuning_job(job: Job) -> dict:
         param = "model" if job.error_code == "model_not_found" else None
         error = {"code": job.error_code, "message": job.error_message or "", "param": param}
     return {
-        "id": job.id, "object": "fine_tuning.job", "created_at": int(job.created_at),
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "created_at": int(job.created_at),
         "finished_at": int(job.finished_at) if job.finished_at and job.status.finished else None,
-        "model": job.model, "fine_tuned_model": fine_tuned_model(job), "organization_id": job.tenant,
-        "status": status(job), "training_file": job.dataset_id, "validation_file": job.eval_dataset_id,
+        "model": job.model,
+        "fine_tuned_model": fine_tuned_model(job),
+        "organization_id": job.tenant,
+        "status": status(job),
+        "training_file": job.dataset_id,
+        "validation_file": job.eval_dataset_id,
         "hyperparameters": {k: v for k, v in hp.items() if k != "beta"},
         "method": {"type": METHOD_TYPE[job.method], METHOD_TYPE[job.method]: {"hyperparameters": hp}},
         "result_files": [RESULTS_PREFIX + job.id] if job.status.finished and job.started_at else [],
-        "trained_tokens": int(job.metrics["num_tokens"]) if job.status.finished and "num_tokens" in job.metrics
+        "trained_tokens": int(job.metrics["num_tokens"])
+        if job.status.finished and "num_tokens" in job.metrics
         else None,
-        "estimated_finish": _estimated_finish(job), "seed": job.hyperparameters.get("seed", 42),
-        "suffix": job.suffix, "metadata": job.user_metadata or None, "integrations": job.integrations or None,
+        "estimated_finish": _estimated_finish(job),
+        "seed": job.hyperparameters.get("seed", 42),
+        "suffix": job.suffix,
+        "metadata": job.user_metadata or None,
+        "integrations": job.integrations or None,
         "error": error,
-        "prefq": {"status": job.status.value, "trainer": job.trainer, "gpus": job.gpus, "attempt": job.attempt,
-                  "step": job.step, "total_steps": job.total_steps, "hyperparameters": job.hyperparameters},
-    }  # fmt: skip
+        "prefq": {
+            "status": job.status.value,
+            "trainer": job.trainer,
+            "gpus": job.gpus,
+            "attempt": job.attempt,
+            "step": job.step,
+            "total_steps": job.total_steps,
+            "hyperparameters": job.hyperparameters,
+        },
+    }
 
 
 def event_id(job_id: str, seq: int) -> str:
@@ -119,32 +156,60 @@ def _message(e: JobEvent) -> tuple[str, str, str]:
         return "error", "message", f"Fine-tuning job failed: {d.get('error', {}).get('message', '')}"
     if e.type in ("error", "unschedulable"):
         return "warn" if e.type == "unschedulable" else "error", "message", str(d.get("message", e.type))
-    text = {"queued": "Fine-tuning job queued", "claimed": "Fine-tuning job started", "succeeded":
-            "The job has successfully completed", "cancelled": "Fine-tuning job cancelled"}.get(e.type)  # fmt: skip
+    text = {
+        "queued": "Fine-tuning job queued",
+        "claimed": "Fine-tuning job started",
+        "succeeded": "The job has successfully completed",
+        "cancelled": "Fine-tuning job cancelled",
+    }.get(e.type)
     return "info", "message", text or e.type.replace("_", " ").capitalize()
 
 
 def fine_tuning_event(job_id: str, e: JobEvent) -> dict:
     level, kind, message = _message(e)
-    data = {"step": e.data.get("step"), "train_loss": e.data.get("loss"), **e.data.get("metrics", {})} if (
-        e.type == "progress") else {"prefq_type": e.type, **{k: v for k, v in e.data.items() if k not in LOCAL}}  # fmt: skip
-    return {"id": event_id(job_id, e.seq), "object": "fine_tuning.job.event", "created_at": int(e.created_at),
-            "level": level, "message": message, "type": kind, "data": data}  # fmt: skip
+    data = (
+        {"step": e.data.get("step"), "train_loss": e.data.get("loss"), **e.data.get("metrics", {})}
+        if (e.type == "progress")
+        else {"prefq_type": e.type, **{k: v for k, v in e.data.items() if k not in LOCAL}}
+    )
+    return {
+        "id": event_id(job_id, e.seq),
+        "object": "fine_tuning.job.event",
+        "created_at": int(e.created_at),
+        "level": level,
+        "message": message,
+        "type": kind,
+        "data": data,
+    }
 
 
 def checkpoint(job: Job, step: int, created_at: float, metrics: dict) -> dict:
-    return {"id": f"ftckpt-{job.id}-{step}", "object": "fine_tuning.job.checkpoint", "created_at": int(created_at),
-            "fine_tuned_model_checkpoint": modelref.fine_tuned_name(job.model, job.tenant, job.suffix, job.id, step),
-            "fine_tuning_job_id": job.id, "step_number": step, "metrics": metrics}  # fmt: skip
+    return {
+        "id": f"ftckpt-{job.id}-{step}",
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": int(created_at),
+        "fine_tuned_model_checkpoint": modelref.fine_tuned_name(job.model, job.tenant, job.suffix, job.id, step),
+        "fine_tuning_job_id": job.id,
+        "step_number": step,
+        "metrics": metrics,
+    }
 
 
 COLUMNS = {
-    "sft": [("train_loss", "loss"), ("train_accuracy", "mean_token_accuracy"), ("valid_loss", "eval_loss"),
-            ("valid_mean_token_accuracy", "eval_mean_token_accuracy")],
-    "dpo": [("train_loss", "loss"), ("train_rewards_accuracy", "rewards/accuracies"),
-            ("train_rewards_margin", "rewards/margins"), ("valid_loss", "eval_loss"),
-            ("valid_rewards_accuracy", "eval_rewards/accuracies")],
-}  # fmt: skip
+    "sft": [
+        ("train_loss", "loss"),
+        ("train_accuracy", "mean_token_accuracy"),
+        ("valid_loss", "eval_loss"),
+        ("valid_mean_token_accuracy", "eval_mean_token_accuracy"),
+    ],
+    "dpo": [
+        ("train_loss", "loss"),
+        ("train_rewards_accuracy", "rewards/accuracies"),
+        ("train_rewards_margin", "rewards/margins"),
+        ("valid_loss", "eval_loss"),
+        ("valid_rewards_accuracy", "eval_rewards/accuracies"),
+    ],
+}
 
 
 def metrics_csv(method: str, events: list[JobEvent]) -> bytes:

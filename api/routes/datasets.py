@@ -14,9 +14,12 @@ router = APIRouter(tags=["datasets"])
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetPublic, responses=responses(400, 401, 413, 422))
-def create_dataset(who: Caller, file: UploadFile = File(description="JSONL, one example per line"),
-                   method: str | None = Form(None, pattern="^(dpo|sft)$"),
-                   svc: Services = Depends(services)) -> DatasetPublic:  # fmt: skip
+def create_dataset(
+    who: Caller,
+    file: UploadFile = File(description="JSONL, one example per line"),
+    method: str | None = Form(None, pattern="^(dpo|sft)$"),
+    svc: Services = Depends(services),
+) -> DatasetPublic:
     """Validate a JSONL file and store it; a bad file gets every error (line, field, reason) and nothing is stored."""
     filename = (file.filename or "data.jsonl")[:255]
     return DatasetPublic.of(datasets.store(svc, who, file.file, filename, method))
@@ -31,12 +34,16 @@ def get_dataset(dataset_id: DatasetId, who: Caller, svc: Services = Depends(serv
 
 
 @router.get("/datasets", response_model=DatasetsPublic, responses=responses(401, 422))
-def list_datasets(who: Caller, limit: int = Query(20, ge=1, le=100), after: Cursor | None = None,
-                  tenant: str | None = Query(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
-                                             description="admin keys: one tenant's"),
-                  svc: Services = Depends(services)) -> DatasetsPublic:  # fmt: skip
+def list_datasets(
+    who: Caller,
+    limit: int = Query(20, ge=1, le=100),
+    after: Cursor | None = None,
+    tenant: str | None = Query(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="admin keys: one tenant's"),
+    svc: Services = Depends(services),
+) -> DatasetsPublic:
     """The tenant's datasets, newest first (an admin key sees every tenant's, or `tenant`'s)."""
-    scope = (tenant if who.admin else who.tenant)
+    scope = tenant if who.admin else who.tenant
     rows, more = svc.store.list_datasets(scope, limit, after)
-    return DatasetsPublic(data=[DatasetPublic.of(d) for d in rows], has_more=more,
-                          next_cursor=rows[-1].id if more else None)  # fmt: skip
+    return DatasetsPublic(
+        data=[DatasetPublic.of(d) for d in rows], has_more=more, next_cursor=rows[-1].id if more else None
+    )

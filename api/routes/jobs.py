@@ -36,8 +36,9 @@ IdempotencyKey = Header(None, max_length=200, pattern=r"^[\x21-\x7e]+$")
 
 
 @router.post("/jobs", status_code=202, response_model=JobPublic, responses=responses(400, 401, 422, 429, 503))
-async def create_job(req: JobCreate, who: Caller, idempotency_key: str | None = IdempotencyKey,
-                     svc: Services = Depends(services)) -> JobPublic:
+async def create_job(
+    req: JobCreate, who: Caller, idempotency_key: str | None = IdempotencyKey, svc: Services = Depends(services)
+) -> JobPublic:
     """Queue a training job. A repeated `Idempotency-Key` returns the job it created the first time."""
     done = await service.submit(svc, who, req, idempotency_key)
     public = JobPublic.of(done.job)
@@ -47,10 +48,15 @@ async def create_job(req: JobCreate, who: Caller, idempotency_key: str | None = 
 
 
 @router.get("/jobs", response_model=JobsPublic, responses=responses(401, 422))
-def list_jobs(who: Caller, status: JobStatus | None = None, created_after: Timestamp | None = None,
-              limit: int = Query(20, ge=1, le=100), after: Cursor | None = None,
-              tenant: str | None = Query(None, pattern=TENANT_PATTERN, description="admin keys: one tenant's"),
-              svc: Services = Depends(services)) -> JobsPublic:
+def list_jobs(
+    who: Caller,
+    status: JobStatus | None = None,
+    created_after: Timestamp | None = None,
+    limit: int = Query(20, ge=1, le=100),
+    after: Cursor | None = None,
+    tenant: str | None = Query(None, pattern=TENANT_PATTERN, description="admin keys: one tenant's"),
+    svc: Services = Depends(services),
+) -> JobsPublic:
     """The tenant's jobs, newest first (an admin key sees every tenant's, or `tenant`'s). Pass `next_cursor` as
     `after` for the next page."""
     rows, more = service.list_jobs(svc, who, status, created_after, limit, after, tenant)
@@ -75,10 +81,22 @@ async def _sse(stream: AsyncIterator[JobEvent | None]) -> AsyncIterator[bytes]:
             yield format_sse_event(data_str=json.dumps(_event(e).model_dump()), event=e.type, id=str(e.seq))
 
 
-@router.get("/jobs/{job_id}/events", response_model=EventsPublic, responses={
-    **responses(401, 404, 422), 200: {"content": {"text/event-stream": {}}, "description": "JSON, or an SSE stream"}})
-def job_events(job_id: JobId, who: Caller, request: Request, after: int = Query(0, ge=0, le=events.MAX_SEQ),
-               limit: int = Query(1000, ge=1, le=1000), svc: Services = Depends(services)):
+@router.get(
+    "/jobs/{job_id}/events",
+    response_model=EventsPublic,
+    responses={
+        **responses(401, 404, 422),
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or an SSE stream"},
+    },
+)
+def job_events(
+    job_id: JobId,
+    who: Caller,
+    request: Request,
+    after: int = Query(0, ge=0, le=events.MAX_SEQ),
+    limit: int = Query(1000, ge=1, le=1000),
+    svc: Services = Depends(services),
+):
     """Events with a sequence number above `after`; a live stream with `Accept: text/event-stream` (resumed after
     `Last-Event-ID`), which ends with the job."""
     service.owned(svc, who, job_id)
@@ -97,8 +115,12 @@ def _files(storage: Storage, prefix: str, keys: list[str]) -> list[FilePublic]:
 def job_checkpoints(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> CheckpointsPublic:
     """Complete checkpoints (manifest uploaded), newest first, with download URLs."""
     found = artifacts.checkpoints(svc, service.owned(svc, who, job_id))
-    return CheckpointsPublic(data=[CheckpointPublic(step=c.step, uri=svc.storage.uri(c.prefix),
-                                                    files=_files(svc.storage, c.prefix, c.keys)) for c in found])
+    return CheckpointsPublic(
+        data=[
+            CheckpointPublic(step=c.step, uri=svc.storage.uri(c.prefix), files=_files(svc.storage, c.prefix, c.keys))
+            for c in found
+        ]
+    )
 
 
 @router.get("/jobs/{job_id}/model", response_model=ModelFilesPublic, responses=responses(401, 404, 409, 422))
@@ -130,8 +152,9 @@ def cancel_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) ->
     return JobPublic.of(service.cancel(svc, who, job_id))
 
 
-@router.post("/jobs/{job_id}/retry", status_code=202, response_model=JobPublic,
-             responses=responses(401, 404, 409, 422, 503))
+@router.post(
+    "/jobs/{job_id}/retry", status_code=202, response_model=JobPublic, responses=responses(401, 404, 409, 422, 503)
+)
 def retry_job(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> JobPublic:
     """A failed or cancelled job runs again as a new attempt, resuming from its newest checkpoint."""
     return JobPublic.of(service.retry(svc, who, job_id))

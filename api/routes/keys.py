@@ -55,14 +55,16 @@ def create_key(req: KeyCreate, who: Admin, svc: Services = Depends(services)) ->
 
 
 @router.get("/keys", response_model=KeysPublic, responses=ADMIN_ERRORS)
-def list_keys(who: Admin, tenant: str | None = Query(None, pattern=TENANT_PATTERN),
-              svc: Services = Depends(services)) -> KeysPublic:  # fmt: skip
+def list_keys(
+    who: Admin, tenant: str | None = Query(None, pattern=TENANT_PATTERN), svc: Services = Depends(services)
+) -> KeysPublic:
     return KeysPublic(data=[KeyPublic.of(k) for k in KeyStore(svc.store.engine).list(tenant)])
 
 
 @router.post("/keys/{key_id}/revoke", response_model=KeyPublic, responses=responses(401, 403, 404, 422))
-def revoke_key(who: Admin, key_id: str = Path(pattern=r"^[0-9a-f]{12}$"),
-               svc: Services = Depends(services)) -> KeyPublic:  # fmt: skip
+def revoke_key(
+    who: Admin, key_id: str = Path(pattern=r"^[0-9a-f]{12}$"), svc: Services = Depends(services)
+) -> KeyPublic:
     """The key stops working at once in this API process, and within a few seconds in the others."""
     row = KeyStore(svc.store.engine).revoke(key_id)
     if row is None:

@@ -40,25 +40,32 @@ def get_model(name: ModelName, who: Caller, svc: Services = Depends(services)) -
     return registry.public(svc, registry.owned(svc, who, name), True)
 
 
-@router.post("/models/{name}/versions", status_code=201, response_model=ModelVersionPublic,
-             responses=responses(400, 401, 404, 409, 422))
-async def promote(name: ModelName, req: PromoteRequest, who: Caller,
-                  svc: Services = Depends(services)) -> ModelVersionPublic:
+@router.post(
+    "/models/{name}/versions",
+    status_code=201,
+    response_model=ModelVersionPublic,
+    responses=responses(400, 401, 404, 409, 422),
+)
+async def promote(
+    name: ModelName, req: PromoteRequest, who: Caller, svc: Services = Depends(services)
+) -> ModelVersionPublic:
     """Register a succeeded job's model as the next version of `name` (created on first use)."""
     return await run_in_threadpool(registry.promote, svc, who, name, req.job_id, req.aliases, req.description)
 
 
-@router.get("/models/{name}/versions/{version}", response_model=ModelVersionPublic,
-            responses=responses(401, 404, 422))
-def get_version(name: ModelName, version: VersionNumber, who: Caller,
-                svc: Services = Depends(services)) -> ModelVersionPublic:
+@router.get("/models/{name}/versions/{version}", response_model=ModelVersionPublic, responses=responses(401, 404, 422))
+def get_version(
+    name: ModelName, version: VersionNumber, who: Caller, svc: Services = Depends(services)
+) -> ModelVersionPublic:
     return registry.version(svc, who, name, version)
 
 
-@router.put("/models/{name}/aliases/{alias}", response_model=RegisteredModelPublic,
-            responses=responses(400, 401, 404, 422))
-def set_alias(name: ModelName, alias: AliasName, req: AliasRequest, who: Caller,
-              svc: Services = Depends(services)) -> RegisteredModelPublic:
+@router.put(
+    "/models/{name}/aliases/{alias}", response_model=RegisteredModelPublic, responses=responses(400, 401, 404, 422)
+)
+def set_alias(
+    name: ModelName, alias: AliasName, req: AliasRequest, who: Caller, svc: Services = Depends(services)
+) -> RegisteredModelPublic:
     """Point `alias` at a version (moving it from the version it named)."""
     return registry.set_alias(svc, who, name, alias, req.version)
 

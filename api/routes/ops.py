@@ -84,12 +84,18 @@ def readyz(response: Response, svc: Services = Depends(services)) -> ReadyPublic
         last = round(time.time() - lease.last_run_at, 1) if lease and lease.last_run_at else None
     ready = all(v == "ok" for v in checks.values())
     response.status_code = 200 if ready else 503
-    return ReadyPublic(status="ok" if ready else "unavailable", checks=checks, broker=broker,
-                       reconciler_last_run_s_ago=last)  # fmt: skip
+    return ReadyPublic(
+        status="ok" if ready else "unavailable", checks=checks, broker=broker, reconciler_last_run_s_ago=last
+    )
 
 
-@router.get("/metrics", response_class=Response, responses={
-    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}
+    },
+)
 def metrics() -> Response:
     """This API process's metrics in Prometheus text format (`prefq_api_requests_total{route,status}`). The
     database-wide ones are on the service worker's `PREFQ_METRICS_PORT`."""

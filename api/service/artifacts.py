@@ -40,9 +40,16 @@ def artifact_files(svc: Services, job: Job) -> tuple[str, list[str]]:
 def samples(svc: Services, job_id: str) -> list[SamplesAtStep]:
     """The sample generations of each evaluation, oldest first."""
     events = svc.store.events_before(job_id, None, MAX_SAMPLE_EVENTS, types={"samples"})
-    return [SamplesAtStep(step=e.data.get("step", 0), attempt=e.attempt, model=e.data.get("model", "policy"),
-                          seconds=e.data.get("seconds"), samples=e.data.get("samples") or [])
-            for e in reversed(events)]
+    return [
+        SamplesAtStep(
+            step=e.data.get("step", 0),
+            attempt=e.attempt,
+            model=e.data.get("model", "policy"),
+            seconds=e.data.get("seconds"),
+            samples=e.data.get("samples") or [],
+        )
+        for e in reversed(events)
+    ]
 
 
 def metrics(svc: Services, job_id: str) -> dict[int, dict]:

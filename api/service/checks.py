@@ -30,8 +30,9 @@ RESERVED = TOP_LEVEL | {"model", "train_file", "eval_file"}
 def _confine(svc: Services, who: Principal, ref: str, field: str, models: bool) -> str:
     s = svc.settings
     try:
-        return confine(ref, field, who.tenant, s.storage_url, s.shared_models, s.model_roots, models,
-                       s.allowed_hub_models)  # fmt: skip
+        return confine(
+            ref, field, who.tenant, s.storage_url, s.shared_models, s.model_roots, models, s.allowed_hub_models
+        )
     except Refused as exc:
         message = exc.message
         if who.admin and models and ref.startswith("/"):  # an operator may be told the server's own folders
@@ -48,11 +49,18 @@ async def dataset(svc: Services, who: Principal, ref: str, method: str, field: s
             raise Invalid("dataset_not_found", f"no dataset with id {ref!r}", field)
         if found.status != "processed":
             first = found.errors[0] if found.errors else {"line": "-", "field": "-", "reason": "invalid"}
-            raise Invalid("invalid_dataset", f"{ref} did not validate (line {first['line']}, {first['field']}: "
-                          f"{first['reason']}); upload a corrected file", field)
+            raise Invalid(
+                "invalid_dataset",
+                f"{ref} did not validate (line {first['line']}, {first['field']}: "
+                f"{first['reason']}); upload a corrected file",
+                field,
+            )
         if found.method != method:
-            raise Invalid("dataset_method_mismatch",
-                          f"{ref} holds {found.method} data ({found.format}); the job's method is {method}", field)
+            raise Invalid(
+                "dataset_method_mismatch",
+                f"{ref} holds {found.method} data ({found.format}); the job's method is {method}",
+                field,
+            )
         return ref
     if ref.startswith("job_"):
         raise Invalid("dataset_not_found", f"{ref} is a job, not a dataset", field)
@@ -80,8 +88,9 @@ async def model(svc: Services, who: Principal, ref: str) -> modelref.Resolved:
         _confine(svc, who, ref, "model", models=True)  # says why, as for any reference it refuses
         raise Invalid("reference_not_allowed", str(exc), "model") from None
     try:
-        resolved = await run_in_threadpool(modelref.resolve, ref, who.tenant, svc.store, svc.registry, svc.storage,
-                                           MANIFEST_NAME)
+        resolved = await run_in_threadpool(
+            modelref.resolve, ref, who.tenant, svc.store, svc.registry, svc.storage, MANIFEST_NAME
+        )
     except modelref.ModelNotFound as exc:
         raise Invalid("model_not_found", exc.message, exc.field) from None
     name = _confine(svc, who, resolved.name, "model", models=True)
@@ -119,14 +128,18 @@ async def _on_the_hub(svc: Services, ref: modelref.ModelRef, name: str) -> None:
         svc.hub_down_until = time.monotonic() + HUB_RETRY_S
         return
     if answer.status_code == 404 or answer.headers.get("x-error-code") in ("RepositoryNotFound", "RevisionNotFound"):
-        raise Invalid("model_not_found", f"{name} is not on the hub ({s.hf_endpoint}), or not readable with this "
-                      "server's token", "model")
+        raise Invalid(
+            "model_not_found",
+            f"{name} is not on the hub ({s.hf_endpoint}), or not readable with this server's token",
+            "model",
+        )
 
 
 async def callback_url(svc: Services, url: str) -> None:
     if svc.settings.callback_secret is None:
-        raise Invalid("callbacks_disabled", "this server has no PREFQ_CALLBACK_SECRET to sign callbacks with",
-                      "callback_url")
+        raise Invalid(
+            "callbacks_disabled", "this server has no PREFQ_CALLBACK_SECRET to sign callbacks with", "callback_url"
+        )
     try:
         await run_in_threadpool(check_callback_url, url, svc.settings.callback_allow_private)
     except Refused as exc:
@@ -137,15 +150,22 @@ async def room_for(svc: Services, who: Principal) -> None:
     """A tenant with `PREFQ_TENANT_MAX_ACTIVE_JOBS` unfinished jobs gets 429 until some finish."""
     limit = svc.settings.tenant_max_active_jobs
     if await run_in_threadpool(svc.store.count_unfinished, who.tenant) >= limit:
-        raise TooMany("too_many_active_jobs", f"tenant {who.tenant} has {limit} unfinished jobs, the limit "
-                      "(PREFQ_TENANT_MAX_ACTIVE_JOBS); retry when some have finished", retry_after_s=60)
+        raise TooMany(
+            "too_many_active_jobs",
+            f"tenant {who.tenant} has {limit} unfinished jobs, the limit "
+            "(PREFQ_TENANT_MAX_ACTIVE_JOBS); retry when some have finished",
+            retry_after_s=60,
+        )
 
 
 def _bounds(svc: Services) -> dict[str, tuple[float, str]]:
     s = svc.settings
-    return {"max_steps": (s.max_job_steps, "PREFQ_MAX_JOB_STEPS"), "max_length": (s.max_job_length, "PREFQ_MAX_JOB_LENGTH"),
-            "epochs": (s.max_job_epochs, "PREFQ_MAX_JOB_EPOCHS"),
-            "batch_size": (s.max_job_batch_size, "PREFQ_MAX_JOB_BATCH_SIZE")}  # fmt: skip
+    return {
+        "max_steps": (s.max_job_steps, "PREFQ_MAX_JOB_STEPS"),
+        "max_length": (s.max_job_length, "PREFQ_MAX_JOB_LENGTH"),
+        "epochs": (s.max_job_epochs, "PREFQ_MAX_JOB_EPOCHS"),
+        "batch_size": (s.max_job_batch_size, "PREFQ_MAX_JOB_BATCH_SIZE"),
+    }
 
 
 def spec(svc: Services, req: JobCreate) -> None:
@@ -153,16 +173,28 @@ def spec(svc: Services, req: JobCreate) -> None:
     for name, (limit, setting) in _bounds(svc).items():
         value = req.hyperparameters.get(name)
         if isinstance(value, int | float) and not isinstance(value, bool) and value > limit:
-            raise Invalid("over_limit", f"{value} is above this server's limit of {limit:g} ({setting})",
-                          f"hyperparameters.{name}")
+            raise Invalid(
+                "over_limit",
+                f"{value} is above this server's limit of {limit:g} ({setting})",
+                f"hyperparameters.{name}",
+            )
     if "ref_cache_dir" in req.hyperparameters:
-        raise Invalid("invalid_hyperparameters", "the worker sets it (reference log-probs are cached for the tenant's "
-                      "jobs)", "hyperparameters.ref_cache_dir")
+        raise Invalid(
+            "invalid_hyperparameters",
+            "the worker sets it (reference log-probs are cached for the tenant's jobs)",
+            "hyperparameters.ref_cache_dir",
+        )
     clash = sorted(RESERVED & req.hyperparameters.keys())
     if clash:
         raise Invalid("invalid_hyperparameters", "set it at the top level of the job", f"hyperparameters.{clash[0]}")
-    data = {**req.hyperparameters, "method": req.method, "trainer": req.trainer, "gpus": max(1, req.gpus),
-            "model": req.model, "train_file": "-"}  # fmt: skip
+    data = {
+        **req.hyperparameters,
+        "method": req.method,
+        "trainer": req.trainer,
+        "gpus": max(1, req.gpus),
+        "model": req.model,
+        "train_file": "-",
+    }
     try:
         TrainingSpec.model_validate(data)
     except ValidationError as exc:

@@ -34,15 +34,29 @@ def store(svc: Services, who: Principal, fh, filename: str, method: str | None) 
         lines = _lines_and_hash(bounded_lines(fh, s.max_line_bytes), copy, digest)
         report, _ = check_lines(lines, method, limits, keep=False)
         if not report.ok:
-            raise Invalid("invalid_dataset", f"{report.error_count} error(s) in {filename}", "file",
-                          [vars(p) for p in report.errors])
+            raise Invalid(
+                "invalid_dataset",
+                f"{report.error_count} error(s) in {filename}",
+                "file",
+                [vars(p) for p in report.errors],
+            )
         copy.flush()
         dataset_id = new_id("ds")
         key = layout.dataset_key(who.tenant, dataset_id)
         svc.storage.put_file(Path(copy.name), key)
         size = copy.tell()
-    dataset = Dataset(id=dataset_id, tenant=who.tenant, filename=filename, uri=svc.storage.uri(key), bytes=size,
-                      sha256=digest.hexdigest(), rows=report.rows, format=report.format, method=report.method,
-                      warnings=[vars(p) for p in report.warnings], warning_count=report.warning_count)
+    dataset = Dataset(
+        id=dataset_id,
+        tenant=who.tenant,
+        filename=filename,
+        uri=svc.storage.uri(key),
+        bytes=size,
+        sha256=digest.hexdigest(),
+        rows=report.rows,
+        format=report.format,
+        method=report.method,
+        warnings=[vars(p) for p in report.warnings],
+        warning_count=report.warning_count,
+    )
     svc.store.add(dataset)
     return dataset

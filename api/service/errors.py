@@ -42,7 +42,7 @@ class NotFound(ServiceError):
 
 
 def no_such(what: str, ident: str, field: str | None = None) -> NotFound:
-    """"no job with id 'x'" (code `job_not_found`)."""
+    """ "no job with id 'x'" (code `job_not_found`)."""
     return NotFound(f"{what.replace(' ', '_')}_not_found", f"no {what} with id {ident!r}", field, what, ident)
 
 

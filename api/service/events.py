@@ -19,8 +19,9 @@ def start_after(last_event_id: str | None, default: int) -> int:
     return int(last) if last.isdigit() and int(last) <= MAX_SEQ else default
 
 
-async def follow(svc: Services, job_id: str, after: int,
-                 disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[JobEvent | None]:
+async def follow(
+    svc: Services, job_id: str, after: int, disconnected: Callable[[], Awaitable[bool]]
+) -> AsyncIterator[JobEvent | None]:
     """The job's events with a sequence number above `after` as they are written, until the job has finished and its
     terminal event (written in the transaction of the status change) has been yielded; None after each `IDLE_S`
     without one. Stops early when `disconnected()` says the client left."""

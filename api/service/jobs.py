@@ -35,17 +35,24 @@ def owned(svc: Services, who: Principal, job_id: str) -> Job:
     return job
 
 
-def list_jobs(svc: Services, who: Principal, status: JobStatus | None = None, created_after: float | None = None,
-              limit: int = 20, after: str | None = None, tenant: str | None = None, search: str | None = None,
-              metadata: dict | None = None) -> tuple[list[Job], bool]:
+def list_jobs(
+    svc: Services,
+    who: Principal,
+    status: JobStatus | None = None,
+    created_after: float | None = None,
+    limit: int = 20,
+    after: str | None = None,
+    tenant: str | None = None,
+    search: str | None = None,
+    metadata: dict | None = None,
+) -> tuple[list[Job], bool]:
     """A page of jobs, newest first, and whether more follow: the caller's tenant's, or for an admin every tenant's
     (or `tenant`'s)."""
     scope = tenant if who.admin else who.tenant
     return svc.store.list_jobs(status, created_after, limit, after, scope, search=search, metadata=metadata)
 
 
-async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key: str | None = None,
-                 **row) -> Submitted:
+async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key: str | None = None, **row) -> Submitted:
     """Check a job, insert its row and send its task. `row`: further columns of the job row (the OpenAI face's
     `suffix` and `integrations`)."""
     dataset_id = await checks.dataset(svc, who, req.dataset, req.method, "dataset")
@@ -57,15 +64,36 @@ async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key:
     await checks.room_for(svc, who)
     if idempotency_key:  # keys are per tenant: another tenant's key names nothing here
         idempotency_key = f"{who.tenant}:{idempotency_key}"
-    job = Job(id=new_id("job"), tenant=who.tenant, method=req.method, trainer=req.trainer, gpus=req.gpus, model=model.name,
-              dataset_id=dataset_id, eval_dataset_id=eval_id, hyperparameters=req.hyperparameters,
-              callback_url=str(req.callback_url) if req.callback_url else None, user_metadata=req.metadata,
-              idempotency_key=idempotency_key, max_attempts=svc.settings.max_attempts, **row)
+    job = Job(
+        id=new_id("job"),
+        tenant=who.tenant,
+        method=req.method,
+        trainer=req.trainer,
+        gpus=req.gpus,
+        model=model.name,
+        dataset_id=dataset_id,
+        eval_dataset_id=eval_id,
+        hyperparameters=req.hyperparameters,
+        callback_url=str(req.callback_url) if req.callback_url else None,
+        user_metadata=req.metadata,
+        idempotency_key=idempotency_key,
+        max_attempts=svc.settings.max_attempts,
+        **row,
+    )
     warnings = unschedulable(await svc.live_workers(), job.gpus)
     events = [("queued", {"queue": gpu_queue(job.gpus)})] + [("unschedulable", {"message": w}) for w in warnings]
     if (version := model.version) is not None:  # pinned: moving the alias later changes nothing for this job
-        events.append(("registered_model", {"requested": req.model, "name": version.name, "version": version.version,
-                                            "model": version.fine_tuned_model}))
+        events.append(
+            (
+                "registered_model",
+                {
+                    "requested": req.model,
+                    "name": version.name,
+                    "version": version.version,
+                    "model": version.fine_tuned_model,
+                },
+            )
+        )
     try:
         job, created = await asyncio.wrap_future(svc.submitter.submit(job, events))
     except EnqueueFailed as exc:
@@ -79,8 +107,10 @@ def unschedulable(live: list[Worker], gpus: int) -> list[str]:
     if any(queue in w.queues for w in live):
         return []
     largest = max((w.devices for w in live), default=0)
-    return [f"no live worker takes {gpus}-device jobs (queue {queue}; the largest live worker has {largest} "
-            "devices): the job waits until such a worker joins"]
+    return [
+        f"no live worker takes {gpus}-device jobs (queue {queue}; the largest live worker has {largest} "
+        "devices): the job waits until such a worker joins"
+    ]
 
 
 def cancel(svc: Services, who: Principal, job_id: str) -> Job:
@@ -105,8 +135,9 @@ def retry(svc: Services, who: Principal, job_id: str) -> Job:
     job = owned(svc, who, job_id)
     attempt = svc.store.retry(job_id, svc.settings.max_attempts)
     if attempt is None:
-        raise Conflict("not_retryable", f"job {job_id} is {job.status.value}; only failed or cancelled jobs can be "
-                       "retried")
+        raise Conflict(
+            "not_retryable", f"job {job_id} is {job.status.value}; only failed or cancelled jobs can be retried"
+        )
     svc.store.add_event(job_id, attempt, "retried", {"from_attempt": job.attempt})
     _enqueue(svc, job_id, attempt, job.gpus)
     return owned(svc, who, job_id)
@@ -121,8 +152,11 @@ def pause(svc: Services, who: Principal, job_id: str) -> Job:
     """The run saves a checkpoint and stops, freeing its devices; `resume` queues it again from there."""
     job = owned(svc, who, job_id)
     if job.status not in (JobStatus.queued, JobStatus.running):
-        raise Conflict("not_pausable", f"job {job_id} is {'paused' if paused(job) else job.status.value}; only "
-                       "queued or running jobs can be paused")
+        raise Conflict(
+            "not_pausable",
+            f"job {job_id} is {'paused' if paused(job) else job.status.value}; only "
+            "queued or running jobs can be paused",
+        )
     svc.store.set_paused(job_id, now())
     svc.store.add_event(job_id, job.attempt, "pause_requested", {})
     return cancel(svc, who, job_id)
@@ -133,8 +167,7 @@ def resume(svc: Services, who: Principal, job_id: str) -> Job:
     job = owned(svc, who, job_id)
     if job.paused_at is None or job.status != JobStatus.cancelled:
         state = "paused" if paused(job) else job.status.value
-        raise Conflict("not_paused", f"job {job_id} is {state}; only a paused job whose run has stopped can be "
-                       "resumed")
+        raise Conflict("not_paused", f"job {job_id} is {state}; only a paused job whose run has stopped can be resumed")
     attempt = svc.store.retry(job_id, svc.settings.max_attempts)
     if attempt is None:
         raise Conflict("not_paused", f"job {job_id} changed meanwhile; retrieve it and try again")

@@ -33,8 +33,9 @@ class Generation:
 
 def upstream(error: dict) -> Upstream:
     """The serve's `error` line."""
-    return Upstream(error.get("status", 502), error.get("code") or "serve_error", error.get("message", ""),
-                    error.get("param"))
+    return Upstream(
+        error.get("status", 502), error.get("code") or "serve_error", error.get("message", ""), error.get("param")
+    )
 
 
 def broke_off(why: str = "") -> Upstream:
@@ -50,12 +51,21 @@ async def start(svc: Services, tenant: str, model: str, kind: str, request: dict
     headers = {"Authorization": f"Bearer {s.serve_token.get_secret_value()}"} if s.serve_token else {}
     timeout = httpx.Timeout(30.0, read=s.serve_timeout_s + FETCH_AND_LOAD_S)
     try:
-        response = await svc.http.send(svc.http.build_request(
-            "POST", f"{s.serve_url.rstrip('/')}/generate", json={"id": rid, "model_uri": uri, **request},
-            headers=headers, timeout=timeout), stream=True)
+        response = await svc.http.send(
+            svc.http.build_request(
+                "POST",
+                f"{s.serve_url.rstrip('/')}/generate",
+                json={"id": rid, "model_uri": uri, **request},
+                headers=headers,
+                timeout=timeout,
+            ),
+            stream=True,
+        )
     except httpx.TransportError as exc:
-        raise Unavailable("serve_unavailable", f"the generation service (prefq serve) is not reachable: "
-                          f"{type(exc).__name__}; retry later") from None
+        raise Unavailable(
+            "serve_unavailable",
+            f"the generation service (prefq serve) is not reachable: {type(exc).__name__}; retry later",
+        ) from None
     try:
         if response.status_code == 401:
             raise Unavailable("serve_unavailable", "the generation service refused this API's PREFQ_SERVE_TOKEN")
@@ -95,7 +105,19 @@ async def collect(gen: Generation) -> tuple[str, dict]:
 
 async def reply(svc: Services, tenant: str, model: str, text: str, max_tokens: int) -> tuple[str, dict]:
     """One greedy reply of `model` to a user message: (text, the `done` line)."""
-    gen = await start(svc, tenant, model, "chat", {"messages": [{"role": "user", "content": text}],
-                                                    "max_tokens": max_tokens, "stop": [], "temperature": 0.0,
-                                                    "top_p": 1.0, "seed": None, "logit_bias": {}})
+    gen = await start(
+        svc,
+        tenant,
+        model,
+        "chat",
+        {
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+            "stop": [],
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "seed": None,
+            "logit_bias": {},
+        },
+    )
     return await collect(gen)

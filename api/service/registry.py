@@ -31,8 +31,13 @@ def public(svc: Services, m: RegisteredModel, with_versions: bool) -> Registered
     versions = svc.registry.versions(m.tenant, m.name)
     aliases = svc.registry.aliases(m.tenant, m.name)
     return RegisteredModelPublic(
-        name=m.name, tenant=m.tenant, description=m.description, created_at=m.created_at, updated_at=m.updated_at,
-        latest_version=versions[0].version if versions else None, aliases=aliases,
+        name=m.name,
+        tenant=m.tenant,
+        description=m.description,
+        created_at=m.created_at,
+        updated_at=m.updated_at,
+        latest_version=versions[0].version if versions else None,
+        aliases=aliases,
         versions=[ModelVersionPublic.of(v, aliases) for v in versions] if with_versions else None,
     )
 
@@ -42,15 +47,19 @@ def listed(svc: Services, who: Principal) -> list[RegisteredModelPublic]:
     return [public(svc, m, False) for m in svc.registry.models(who.tenant)]
 
 
-def promote(svc: Services, who: Principal, name: str, job_id: str, aliases: list[str],
-            description: str | None = None) -> ModelVersionPublic:
+def promote(
+    svc: Services, who: Principal, name: str, job_id: str, aliases: list[str], description: str | None = None
+) -> ModelVersionPublic:
     """Register a succeeded job's model as the next version of `name` (created on first use). Blocking."""
     job = svc.store.get_job(job_id)
     if job is None or job.tenant != who.tenant:
         raise no_such("job", job_id, field="job_id")
     if job.status != JobStatus.succeeded or not job.result_uri:
-        raise Conflict("job_not_succeeded", f"job {job.id} is {job.status.value}; only a succeeded job's model can "
-                       "be promoted", "job_id")
+        raise Conflict(
+            "job_not_succeeded",
+            f"job {job.id} is {job.status.value}; only a succeeded job's model can be promoted",
+            "job_id",
+        )
     ft_name = modelref.fine_tuned_name(job.model, job.tenant, job.suffix, job.id)
     try:
         version = svc.registry.promote(job, name, ft_name, aliases, description)
@@ -95,7 +104,15 @@ def _mirror(svc: Services, version: ModelVersion, aliases: dict[str, int]) -> No
         return
     metrics = {k: v for k, v in ((version.metrics or {}).get("eval") or {}).items() if isinstance(v, int | float)}
     try:
-        send_model_mirror(svc.celery, version.tenant, version.name, version.version, version.source_uri,
-                          sorted(a for a, n in aliases.items() if n == version.version), metrics, version.job_id)
+        send_model_mirror(
+            svc.celery,
+            version.tenant,
+            version.name,
+            version.version,
+            version.source_uri,
+            sorted(a for a, n in aliases.items() if n == version.version),
+            metrics,
+            version.job_id,
+        )
     except Exception as exc:  # noqa: BLE001 - the registry row is what counts; the broker may be away
         log.warning("Model %s version %s: not mirrored to MLflow (%s)", version.name, version.version, exc)

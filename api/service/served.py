@@ -12,8 +12,12 @@ from training.spec import MANIFEST_NAME
 
 
 def _not_found(name: str) -> NotFound:
-    return NotFound("model_not_found", f"The model {name!r} does not exist or you do not have access to it: name a "
-                    "fine-tuned model, a checkpoint of one, a succeeded job's id, or a registered model", "model")
+    return NotFound(
+        "model_not_found",
+        f"The model {name!r} does not exist or you do not have access to it: name a "
+        "fine-tuned model, a checkpoint of one, a succeeded job's id, or a registered model",
+        "model",
+    )
 
 
 def resolve_served_model(store: JobStore, storage: Storage, tenant: str, name: str) -> str:

@@ -17,10 +17,17 @@ from api.ui.session import BadCsrf, SignInNeeded
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 # Scripts only from /ui/static (no inline script runs); uPlot and htmx set inline styles.
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-       "connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'")
-HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": CSP, "Referrer-Policy": "same-origin",
-           "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}  # fmt: skip
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'"
+)
+HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": CSP,
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
 
 
 class PageError(Exception):
@@ -35,7 +42,15 @@ def _ago(ts: float | None) -> str:
     if not ts:
         return "—"
     s = max(0, int(time.time() - ts))
-    return f"{s}s ago" if s < 90 else f"{s // 60}m ago" if s < 5400 else f"{s // 3600}h ago" if s < 172800 else f"{s // 86400}d ago"
+    return (
+        f"{s}s ago"
+        if s < 90
+        else f"{s // 60}m ago"
+        if s < 5400
+        else f"{s // 3600}h ago"
+        if s < 172800
+        else f"{s // 86400}d ago"
+    )
 
 
 def _when(ts: float | None) -> str:
@@ -48,8 +63,9 @@ templates.env.filters.update(ago=_ago, when=_when)
 def render(request: Request, name: str, code: int = 200, **context) -> HTMLResponse:
     """A page (or fragment) with the viewer, its CSRF token and the security headers."""
     viewer = context.get("viewer")
-    return templates.TemplateResponse(request, name, {"csrf": viewer.csrf if viewer else "", **context},
-                                      status_code=code, headers=HEADERS)  # fmt: skip
+    return templates.TemplateResponse(
+        request, name, {"csrf": viewer.csrf if viewer else "", **context}, status_code=code, headers=HEADERS
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -69,8 +85,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(BadCsrf)
     async def _bad_csrf(request: Request, exc: BadCsrf) -> Response:
-        return render(request, "error.html", 403, title="Refused", message="This form has expired or did not come "
-                      "from this dashboard (CSRF token missing or wrong). Reload the page and try again.")  # fmt: skip
+        return render(
+            request,
+            "error.html",
+            403,
+            title="Refused",
+            message="This form has expired or did not come "
+            "from this dashboard (CSRF token missing or wrong). Reload the page and try again.",
+        )
 
     @app.exception_handler(PageError)
     async def _page_error(request: Request, exc: PageError) -> Response:

@@ -24,8 +24,18 @@ from training.spec import TrainingSpec
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 # Set by the form's own fields, nested, or refused by the API: not offered as plain hyperparameters.
-NOT_OFFERED = {"method", "model", "train_file", "eval_file", "trainer", "gpus", "ref_cache_dir", "risk",
-               "batch_beta", "lora"}  # fmt: skip
+NOT_OFFERED = {
+    "method",
+    "model",
+    "train_file",
+    "eval_file",
+    "trainer",
+    "gpus",
+    "ref_cache_dir",
+    "risk",
+    "batch_beta",
+    "lora",
+}
 
 
 def _kind(annotation) -> tuple[str, list[str]]:
@@ -48,9 +58,17 @@ def hyperparameter_fields() -> list[dict]:
             continue
         kind, choices = _kind(info.annotation)
         default = info.get_default(call_default_factory=True)
-        fields.append({"name": name, "kind": kind, "choices": choices, "help": info.description or "",
-                       "default": "per method" if default is None and name == "learning_rate" else
-                       ("unset" if default is None else str(default).lower() if kind == "bool" else str(default))})  # fmt: skip
+        fields.append(
+            {
+                "name": name,
+                "kind": kind,
+                "choices": choices,
+                "help": info.description or "",
+                "default": "per method"
+                if default is None and name == "learning_rate"
+                else ("unset" if default is None else str(default).lower() if kind == "bool" else str(default)),
+            }
+        )
     return fields
 
 
@@ -74,7 +92,10 @@ def _value(name: str, raw: str):
         if kind == "float":
             raise ValueError(raw)
     except ValueError:
-        raise FormError(f"hyperparameters.{name}", f"hyperparameters.{name}: {raw!r} is not a{'n integer' if kind == 'int' else ' number'}") from None  # fmt: skip
+        raise FormError(
+            f"hyperparameters.{name}",
+            f"hyperparameters.{name}: {raw!r} is not a{'n integer' if kind == 'int' else ' number'}",
+        ) from None
     if kind == "bool":
         return raw == "true"
     if name == "loss_type" and "," in raw:
@@ -83,7 +104,9 @@ def _value(name: str, raw: str):
         try:
             return [float(p) for p in raw.split(",")]
         except ValueError:
-            raise FormError("hyperparameters.loss_weights", "hyperparameters.loss_weights: numbers separated by commas") from None
+            raise FormError(
+                "hyperparameters.loss_weights", "hyperparameters.loss_weights: numbers separated by commas"
+            ) from None
     return raw
 
 
@@ -112,20 +135,38 @@ async def _models(svc: Services, viewer) -> list[str]:
 
 @router.get("/new")
 async def new_job(request: Request, viewer: Signed, svc: Services = Depends(services)):
-    return render(request, "new.html", viewer=viewer, fields=FIELDS, datasets=await _datasets(svc, viewer), form={},
-                  models=await _models(svc, viewer))  # fmt: skip
+    return render(
+        request,
+        "new.html",
+        viewer=viewer,
+        fields=FIELDS,
+        datasets=await _datasets(svc, viewer),
+        form={},
+        models=await _models(svc, viewer),
+    )
 
 
 @router.post("/datasets")
-def upload(request: Request, viewer: Checked, file: UploadFile = File(...),
-           method: str = Form("", pattern="^(|dpo|sft)$"), svc: Services = Depends(services)):  # fmt: skip
+def upload(
+    request: Request,
+    viewer: Checked,
+    file: UploadFile = File(...),
+    method: str = Form("", pattern="^(|dpo|sft)$"),
+    svc: Services = Depends(services),
+):
     """Validate and store an upload; the fragment shows its report (a bad file: every line's error, nothing kept)."""
     filename = (file.filename or "")[:255] or "data.jsonl"  # a NUL never gets here (`api.text`)
     try:
         dataset = datasets.store(svc, viewer.who, file.file, filename, method or None)
     except ServiceError as exc:
-        return render(request, "_upload_report.html", viewer=viewer, filename=filename, error=exc.message,
-                      problems=exc.details or [])  # fmt: skip
+        return render(
+            request,
+            "_upload_report.html",
+            viewer=viewer,
+            filename=filename,
+            error=exc.message,
+            problems=exc.details or [],
+        )
     rows, _ = svc.store.list_datasets(viewer.who.tenant, 100)
     return render(request, "_upload_report.html", viewer=viewer, filename=filename, dataset=dataset, datasets=rows)
 
@@ -137,9 +178,14 @@ async def submit(request: Request, viewer: Checked, svc: Services = Depends(serv
     values = {k: v for k, v in form.items() if isinstance(v, str)}
     try:
         hyper = {n: _value(n, values[f"hp.{n}"].strip()) for n in KINDS if values.get(f"hp.{n}", "").strip()}
-        body = {"model": values.get("model", "").strip(), "dataset": values.get("dataset", ""),
-                "method": values.get("method", ""), "trainer": values.get("trainer", "basic"),
-                "hyperparameters": hyper, "metadata": _metadata(values.get("metadata", ""))}  # fmt: skip
+        body = {
+            "model": values.get("model", "").strip(),
+            "dataset": values.get("dataset", ""),
+            "method": values.get("method", ""),
+            "trainer": values.get("trainer", "basic"),
+            "hyperparameters": hyper,
+            "metadata": _metadata(values.get("metadata", "")),
+        }
         if values.get("eval_dataset"):
             body["eval_dataset"] = values["eval_dataset"]
         gpus = values.get("gpus", "1").strip() or "1"
@@ -160,5 +206,15 @@ async def submit(request: Request, viewer: Checked, svc: Services = Depends(serv
 
 
 async def _refused(request: Request, svc: Services, viewer, values: dict, field: str, message: str):
-    return render(request, "new.html", 422, viewer=viewer, fields=FIELDS, datasets=await _datasets(svc, viewer),
-                  form=values, error=message, error_field=field, models=await _models(svc, viewer))  # fmt: skip
+    return render(
+        request,
+        "new.html",
+        422,
+        viewer=viewer,
+        fields=FIELDS,
+        datasets=await _datasets(svc, viewer),
+        form=values,
+        error=message,
+        error_field=field,
+        models=await _models(svc, viewer),
+    )

@@ -48,8 +48,12 @@ def login_form(request: Request, next: str | None = None):
 
 
 @router.post("/login")
-def login(request: Request, key: str = Form("", max_length=200), next: str = Form("/ui/jobs", max_length=2000),
-          svc: Services = Depends(services)):  # fmt: skip
+def login(
+    request: Request,
+    key: str = Form("", max_length=200),
+    next: str = Form("/ui/jobs", max_length=2000),
+    svc: Services = Depends(services),
+):
     """Exchange an API key for a session cookie; the key is not kept anywhere else."""
     if svc.settings.auth == "off":
         return RedirectResponse(_safe_next(next), status_code=303)
@@ -57,8 +61,9 @@ def login(request: Request, key: str = Form("", max_length=200), next: str = For
         raise PageError(403, "Refused", "A sign-in must come from this dashboard's own page.")
     row = KeyStore(svc.store.engine).authenticate(key.strip())
     if row is None:
-        return render(request, "login.html", 401, next=_safe_next(next),
-                      error="This API key is not valid (unknown or revoked).")  # fmt: skip
+        return render(
+            request, "login.html", 401, next=_safe_next(next), error="This API key is not valid (unknown or revoked)."
+        )
     forget(row.id)
     response = RedirectResponse(_safe_next(next), status_code=303)
     set_cookie(response, request, session_value(row))
@@ -91,16 +96,37 @@ def _job_list(svc: Services, viewer, status: str | None, q: str | None, after: s
 
 
 @router.get("/jobs")
-def jobs_page(request: Request, viewer: Signed, status: str | None = None, q: str | None = None,
-              after: str | None = None, svc: Services = Depends(services)):  # fmt: skip
+def jobs_page(
+    request: Request,
+    viewer: Signed,
+    status: str | None = None,
+    q: str | None = None,
+    after: str | None = None,
+    svc: Services = Depends(services),
+):
     rows, next_after = _job_list(svc, viewer, status, q, after)
-    return render(request, "jobs.html", viewer=viewer, jobs=rows, next_after=next_after, status=status or "",
-                  q=q or "", after=after or "", statuses=[s.value for s in JobStatus])  # fmt: skip
+    return render(
+        request,
+        "jobs.html",
+        viewer=viewer,
+        jobs=rows,
+        next_after=next_after,
+        status=status or "",
+        q=q or "",
+        after=after or "",
+        statuses=[s.value for s in JobStatus],
+    )
 
 
 @router.get("/jobs/rows")
-def jobs_rows(request: Request, viewer: Signed, status: str | None = None, q: str | None = None,
-              after: str | None = None, svc: Services = Depends(services)):  # fmt: skip
+def jobs_rows(
+    request: Request,
+    viewer: Signed,
+    status: str | None = None,
+    q: str | None = None,
+    after: str | None = None,
+    svc: Services = Depends(services),
+):
     """The table's rows alone: the list polls them for live status."""
     rows, _ = _job_list(svc, viewer, status, q, after)
     return render(request, "_job_rows.html", viewer=viewer, jobs=rows)
@@ -123,8 +149,10 @@ def owned_job(svc: Services, viewer, job_id: str) -> Job:
 
 def _checkpoints(svc: Services, job: Job) -> list[dict]:
     base = layout.checkpoints_prefix(job.tenant, job.id)
-    return [{"step": c.step, "uri": svc.storage.uri(c.prefix), "files": [k[len(base) :] for k in c.keys]}
-            for c in artifacts.checkpoints(svc, job)]
+    return [
+        {"step": c.step, "uri": svc.storage.uri(c.prefix), "files": [k[len(base) :] for k in c.keys]}
+        for c in artifacts.checkpoints(svc, job)
+    ]
 
 
 def _panel(request: Request, svc: Services, viewer, job: Job, name: str):
@@ -136,8 +164,15 @@ def _panel(request: Request, svc: Services, viewer, job: Job, name: str):
             model_files = [k[len(prefix) :] for k in keys]
     except StorageError as exc:  # the page still shows the job; its files when storage answers again
         storage_error = str(exc)
-    return render(request, name, viewer=viewer, job=JobPublic.of(job), checkpoints=checkpoints,
-                  model_files=model_files, storage_error=storage_error)  # fmt: skip
+    return render(
+        request,
+        name,
+        viewer=viewer,
+        job=JobPublic.of(job),
+        checkpoints=checkpoints,
+        model_files=model_files,
+        storage_error=storage_error,
+    )
 
 
 @router.get("/jobs/{job_id}")
@@ -156,8 +191,9 @@ async def _viewed_job(job_id: JobId, viewer: Signed, svc: Services = Depends(ser
 
 
 @router.get("/jobs/{job_id}/stream", response_class=EventSourceResponse)
-async def job_stream(request: Request, job: Annotated[Job, Depends(_viewed_job)],
-                     svc: Services = Depends(services)) -> AsyncIterator[ServerSentEvent]:
+async def job_stream(
+    request: Request, job: Annotated[Job, Depends(_viewed_job)], svc: Services = Depends(services)
+) -> AsyncIterator[ServerSentEvent]:
     """The job's events as Server-Sent Events (plain messages, the event's JSON as data), from the first or after
     `Last-Event-ID`."""
     start = events.start_after(request.headers.get("last-event-id"), 0)
@@ -213,8 +249,14 @@ def compare(request: Request, viewer: Signed, ids: list[str] = Query([]), svc: S
             raise PageError(422, "Bad job id", f"ids: {job_id[:80]!r} is not a job id")
     jobs = [owned_job(svc, viewer, j) for j in dict.fromkeys(wanted)]
     curves = {j.id: artifacts.curves(svc, j.id) for j in jobs}
-    return render(request, "compare.html", viewer=viewer, jobs=[JobPublic.of(j) for j in jobs], curves=curves,
-                  ids=" ".join(j.id for j in jobs))  # fmt: skip
+    return render(
+        request,
+        "compare.html",
+        viewer=viewer,
+        jobs=[JobPublic.of(j) for j in jobs],
+        curves=curves,
+        ids=" ".join(j.id for j in jobs),
+    )
 
 
 @router.get("/datasets")

@@ -26,8 +26,9 @@ def by_prompt(steps: list) -> list[dict]:
     for at in steps:
         for s in at.samples:
             entry = prompts.setdefault(s.index, {"index": s.index, "prompt": s.prompt, "rows": []})
-            entry["rows"].append({"step": at.step, "model": at.model, "completion": s.completion,
-                                  "tokens": s.tokens, "reward": s.reward})  # fmt: skip
+            entry["rows"].append(
+                {"step": at.step, "model": at.model, "completion": s.completion, "tokens": s.tokens, "reward": s.reward}
+            )
     return [prompts[i] for i in sorted(prompts)]
 
 
@@ -39,14 +40,22 @@ def job_samples(request: Request, job_id: JobId, viewer: Signed, svc: Services =
 
 
 @router.post("/jobs/{job_id}/promote")
-def promote(job_id: JobId, viewer: Checked, name: str = Form("", max_length=64), alias: str = Form("", max_length=32),
-            svc: Services = Depends(services)):  # fmt: skip
+def promote(
+    job_id: JobId,
+    viewer: Checked,
+    name: str = Form("", max_length=64),
+    alias: str = Form("", max_length=32),
+    svc: Services = Depends(services),
+):
     owned_job(svc, viewer, job_id)
     try:
         req = PromoteRequest(job_id=job_id, aliases=[alias.strip()] if alias.strip() else [])
     except ValidationError:
-        raise PageError(422, "Not promoted", f"alias: {alias!r} is not an alias (lowercase letters, digits, '_', "
-                        "'-', starting with a letter)") from None  # fmt: skip
+        raise PageError(
+            422,
+            "Not promoted",
+            f"alias: {alias!r} is not an alias (lowercase letters, digits, '_', '-', starting with a letter)",
+        ) from None
     if not NAME.fullmatch(name.strip()):
         raise PageError(422, "Not promoted", f"name: {name!r} is not a model name (letters, digits, '.', '_', '-')")
     try:
@@ -61,24 +70,41 @@ CHAT_TOKENS = 64  # new tokens of a reply in the dashboard's chat box
 
 
 @router.post("/models/{name}/chat")
-async def chat(request: Request, name: str, viewer: Checked, message: str = Form("", max_length=4000),
-               version: str = Form("", max_length=40), svc: Services = Depends(services)):  # fmt: skip
+async def chat(
+    request: Request,
+    name: str,
+    viewer: Checked,
+    message: str = Form("", max_length=4000),
+    version: str = Form("", max_length=40),
+    svc: Services = Depends(services),
+):
     """One reply of a version of the model (the newest by default) to the message, through the playground."""
     if not NAME.fullmatch(name) or svc.registry.get(viewer.who.tenant, name) is None:
         raise PageError(404, "Not found", f"No registered model {name[:80]!r}.")
-    ref = f"models:/{name}/{version}" if version.isdigit() else f"models:/{name}@{version}" if version else f"models:/{name}"
+    ref = (
+        f"models:/{name}/{version}"
+        if version.isdigit()
+        else f"models:/{name}@{version}"
+        if version
+        else f"models:/{name}"
+    )
     text = message.strip()
     if not text:
         return render(request, "_chat_reply.html", message="", error="Write a message first.")
     try:
-        reply, done = await playground.reply(svc, viewer.who.tenant, ref, text,
-                                             min(CHAT_TOKENS, svc.settings.serve_max_tokens))
+        reply, done = await playground.reply(
+            svc, viewer.who.tenant, ref, text, min(CHAT_TOKENS, svc.settings.serve_max_tokens)
+        )
     except ServiceError as exc:
         return render(request, "_chat_reply.html", message=text, error=f"{exc.code}: {exc.message}")
-    usage = {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
-             "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
-    return render(request, "_chat_reply.html", message=text, reply=reply, model=ref, finish=done["finish_reason"],
-                  usage=usage)
+    usage = {
+        "prompt_tokens": done["prompt_tokens"],
+        "completion_tokens": done["completion_tokens"],
+        "total_tokens": done["prompt_tokens"] + done["completion_tokens"],
+    }
+    return render(
+        request, "_chat_reply.html", message=text, reply=reply, model=ref, finish=done["finish_reason"], usage=usage
+    )
 
 
 @router.get("/models")

@@ -106,7 +106,8 @@ async def csrf_checked(request: Request, who: Annotated[Viewer, Depends(viewer)]
         return who
     sent = request.headers.get("x-csrf-token")
     if sent is None and request.headers.get("content-type", "").startswith(
-            ("application/x-www-form-urlencoded", "multipart/form-data")):  # fmt: skip
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
         sent = (await request.form()).get("csrf")
     if not isinstance(sent, str) or not hmac.compare_digest(sent, who.csrf):
         raise BadCsrf()
@@ -123,8 +124,15 @@ def same_origin(request: Request) -> bool:
 
 
 def set_cookie(response, request: Request, value: str) -> None:
-    response.set_cookie(COOKIE, value, max_age=SESSION_S, path="/ui", httponly=True, samesite="lax",
-                        secure=request.url.scheme == "https")  # fmt: skip
+    response.set_cookie(
+        COOKIE,
+        value,
+        max_age=SESSION_S,
+        path="/ui",
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+    )
 
 
 def clear_cookie(response) -> None:

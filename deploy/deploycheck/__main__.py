@@ -29,8 +29,10 @@ def main() -> int:
     if problems.items:
         print(f"deploy/check: {len(problems.items)} problem(s)")
         return 1
-    print(f"deploy/check: ok: {', '.join(rendered)} rendered ({objects} objects; kubernetes-validate --strict "
-          f"{k8s.KUBERNETES_VERSION}, KEDA schema); compose.yaml (Compose {compose_version}); images")  # fmt: skip
+    print(
+        f"deploy/check: ok: {', '.join(rendered)} rendered ({objects} objects; kubernetes-validate --strict "
+        f"{k8s.KUBERNETES_VERSION}, KEDA schema); compose.yaml (Compose {compose_version}); images"
+    )
     return 0
 
 

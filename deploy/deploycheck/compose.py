@@ -22,8 +22,13 @@ def compose(root: Path, *args: str) -> subprocess.CompletedProcess:
     `:?` messages are for the operator; here they would hide every other problem)."""
     text = (root / "compose.yaml").read_text()
     env = {name: f"check-{name.lower()}" for name in re.findall(r"\$\{(\w+)", text)}
-    return subprocess.run([str(COMPOSE), "-f", str(root / "compose.yaml"), "--project-name", "prefq", *args],
-                          capture_output=True, text=True, env=env, cwd=root)  # fmt: skip
+    return subprocess.run(
+        [str(COMPOSE), "-f", str(root / "compose.yaml"), "--project-name", "prefq", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+    )
 
 
 def check(root: Path, problems: Problems) -> str:
@@ -34,8 +39,12 @@ def check(root: Path, problems: Problems) -> str:
         return ""
     model = json.loads(compose(root, "config", "--format", "json").stdout)
     services = model["services"]
-    one_shot = {name for s in services.values() for name, dep in (s.get("depends_on") or {}).items()
-                if dep.get("condition") == "service_completed_successfully"}  # fmt: skip
+    one_shot = {
+        name
+        for s in services.values()
+        for name, dep in (s.get("depends_on") or {}).items()
+        if dep.get("condition") == "service_completed_successfully"
+    }
     prefq_env = {}
     for name, service in services.items():
         where = f"compose.yaml: service {name}"
@@ -71,9 +80,13 @@ def check_object_store(services: dict, prefq_env: dict[str, dict], problems: Pro
         if "seaweedfs" not in service.get("image", ""):
             continue
         env = service.get("environment") or {}
-        for server_var, client_var in (("AWS_ACCESS_KEY_ID", "PREFQ_S3_ACCESS_KEY_ID"),
-                                       ("AWS_SECRET_ACCESS_KEY", "PREFQ_S3_SECRET_ACCESS_KEY")):  # fmt: skip
+        for server_var, client_var in (
+            ("AWS_ACCESS_KEY_ID", "PREFQ_S3_ACCESS_KEY_ID"),
+            ("AWS_SECRET_ACCESS_KEY", "PREFQ_S3_SECRET_ACCESS_KEY"),
+        ):
             for client, client_env in prefq_env.items():
                 if client_var in client_env and client_env[client_var] != env.get(server_var):
-                    problems.add(f"compose.yaml: service {name}", f"{server_var} is not the {client_var} that "
-                                                                  f"service {client} signs with")  # fmt: skip
+                    problems.add(
+                        f"compose.yaml: service {name}",
+                        f"{server_var} is not the {client_var} that service {client} signs with",
+                    )

@@ -22,8 +22,14 @@ IMAGES = {
     "deploy/Dockerfile.worker": "deploy/requirements-worker.txt",
 }
 EXTRAS = {"deploy/Dockerfile.api": [], "deploy/Dockerfile.worker": ["train", "deepspeed"]}
-PYTHON = {"python_version": "3.11", "python_full_version": "3.11.18", "sys_platform": "linux",
-          "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython"}  # fmt: skip
+PYTHON = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.18",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "implementation_name": "cpython",
+}
 
 
 def read_lock(path: Path) -> dict[str, str]:
@@ -40,8 +46,11 @@ def read_lock(path: Path) -> dict[str, str]:
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order, continuation lines joined."""
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
-    return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)
-            if not m.group(0).lstrip().startswith("#")]  # fmt: skip
+    return [
+        (m.group(1).upper(), m.group(2).strip())
+        for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)
+        if not m.group(0).lstrip().startswith("#")
+    ]
 
 
 def pip_installs(run: str) -> list[list[str]]:
@@ -99,12 +108,18 @@ def check_lock(dockerfile: str, lock: str, project: dict, pins: dict[str, str], 
     for req in requirements:
         name = canonicalize_name(req.name)
         if name in pins and pins[name] not in req.specifier:
-            problems.add(lock, f"pins {req.name}=={pins[name]}, pyproject.toml wants {req}: regenerate it with the "
-                               "command in its header")  # fmt: skip
+            problems.add(
+                lock,
+                f"pins {req.name}=={pins[name]}, pyproject.toml wants {req}: regenerate it with the "
+                "command in its header",
+            )
     closure(requirements, pins, lock, problems)
     if not EXTRAS[dockerfile]:  # the API image: nothing of the training stack
-        training = {canonicalize_name(Requirement(r).name) for extra in ("train", "deepspeed")
-                    for r in project["optional-dependencies"][extra]} | {"torch"}  # fmt: skip
+        training = {
+            canonicalize_name(Requirement(r).name)
+            for extra in ("train", "deepspeed")
+            for r in project["optional-dependencies"][extra]
+        } | {"torch"}
         for name, version in sorted(pins.items()):
             if name in training or name.startswith(("nvidia-", "triton")):
                 problems.add(lock, f"{name}=={version} would put the training stack (torch) into the API image")
@@ -113,8 +128,9 @@ def check_lock(dockerfile: str, lock: str, project: dict, pins: dict[str, str], 
 def check_dockerfile(root: Path, dockerfile: str, lock: str, project: dict, problems: Problems) -> None:
     steps = instructions(root / dockerfile)
     packages = [p.name for p in root.iterdir() if (p / "__init__.py").is_file() and p.name != "tests"]
-    first_code = next((i for i, (op, args) in enumerate(steps)
-                       if op == "COPY" and set(copy_sources(args)) & set(packages)), None)  # fmt: skip
+    first_code = next(
+        (i for i, (op, args) in enumerate(steps) if op == "COPY" and set(copy_sources(args)) & set(packages)), None
+    )
     deps_at = None
     for i, (op, args) in enumerate(steps):
         if op != "RUN":
@@ -122,8 +138,11 @@ def check_dockerfile(root: Path, dockerfile: str, lock: str, project: dict, prob
         for install in pip_installs(args):
             targets = [a for a in install if not a.startswith("-")]
             if "--no-deps" not in install:
-                problems.add(dockerfile, f"`pip install {shlex.join(install)}` resolves dependencies itself: with "
-                                         f"--no-deps the image holds exactly {lock}")  # fmt: skip
+                problems.add(
+                    dockerfile,
+                    f"`pip install {shlex.join(install)}` resolves dependencies itself: with "
+                    f"--no-deps the image holds exactly {lock}",
+                )
             if "-r" in install:
                 deps_at = i if deps_at is None else deps_at
             for target in targets:
@@ -131,17 +150,27 @@ def check_dockerfile(root: Path, dockerfile: str, lock: str, project: dict, prob
                     problems.add(dockerfile, f"installs {target}: the API image takes no extras")
                 if target == "." and "-e" not in install:
                     declared = set(project.get("tool", {}).get("setuptools", {}).get("packages", []))
-                    missing = sorted({".".join(p.parent.relative_to(root).parts) for pkg in packages
-                                      for p in (root / pkg).rglob("__init__.py")} - declared)  # fmt: skip
+                    missing = sorted(
+                        {
+                            ".".join(p.parent.relative_to(root).parts)
+                            for pkg in packages
+                            for p in (root / pkg).rglob("__init__.py")
+                        }
+                        - declared
+                    )
                     if missing:
-                        problems.add(dockerfile, f"`pip install .` leaves out {', '.join(missing)} (pyproject's "
-                                                 "[tool.setuptools] packages): install it editable (-e .)")  # fmt: skip
+                        problems.add(
+                            dockerfile,
+                            f"`pip install .` leaves out {', '.join(missing)} (pyproject's "
+                            "[tool.setuptools] packages): install it editable (-e .)",
+                        )
     copied = [src for op, args in steps if op == "COPY" and "--from" not in args for src in copy_sources(args)]
     if not any(Path(src).name == Path(lock).name for src in copied) or deps_at is None:
         problems.add(dockerfile, f"does not install its dependencies from {lock}")
     elif first_code is not None and deps_at > first_code:
-        problems.add(dockerfile, "copies the code before it installs the dependencies: every code change would "
-                                 "reinstall them")  # fmt: skip
+        problems.add(
+            dockerfile, "copies the code before it installs the dependencies: every code change would reinstall them"
+        )
     users = [args for op, args in steps if op == "USER"]
     if not users or users[-1].split(":")[0] in ("0", "root"):
         problems.add(dockerfile, "runs as root: end with a USER that is not root (a numeric uid)")
@@ -185,5 +214,7 @@ def check(root: Path, problems: Problems) -> None:
     api, worker = locks.values()
     for name in sorted(set(api) & set(worker)):
         if api[name] != worker[name]:
-            problems.add("deploy/requirements-worker.txt", f"{name}=={worker[name]}, the API image has {api[name]}: "
-                                                           "both images run the same code")  # fmt: skip
+            problems.add(
+                "deploy/requirements-worker.txt",
+                f"{name}=={worker[name]}, the API image has {api[name]}: both images run the same code",
+            )

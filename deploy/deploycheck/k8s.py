@@ -153,16 +153,22 @@ def check_rendering(where: str, objects: list[dict], example: dict, problems: Pr
 
     # Secrets: referenced, never defined; every key referenced is in the example (and the README).
     for name in by_kind.get("Secret", {}):
-        problems.add(where, f"Secret/{name} is defined in the manifests: `kubectl apply -k` would reset the real one; "
-                            f"keep it out ({SECRET_EXAMPLE} shows it)")  # fmt: skip
+        problems.add(
+            where,
+            f"Secret/{name} is defined in the manifests: `kubectl apply -k` would reset the real one; "
+            f"keep it out ({SECRET_EXAMPLE} shows it)",
+        )
     example_keys = set(example.get("stringData", {})) | set(example.get("data", {}))
     for obj in objects:
         for secret, key, who in secret_refs(obj):
             if secret != example["metadata"]["name"]:
                 problems.add(where, f"{name_of(obj)}: {who}: Secret {secret!r} is not the one in {SECRET_EXAMPLE}")
             elif key is not None and key not in example_keys:
-                problems.add(where, f"{name_of(obj)}: {who}: Secret {secret} has no key {key!r} "
-                                    f"({SECRET_EXAMPLE} has {', '.join(sorted(example_keys))})")  # fmt: skip
+                problems.add(
+                    where,
+                    f"{name_of(obj)}: {who}: Secret {secret} has no key {key!r} "
+                    f"({SECRET_EXAMPLE} has {', '.join(sorted(example_keys))})",
+                )
 
     pools: dict[str, list[str]] = {}  # Deployment name -> the queues its training worker serves
     migrates = False
@@ -191,8 +197,11 @@ def check_rendering(where: str, objects: list[dict], example: dict, problems: Pr
             if command == "db upgrade":
                 migrates = migrates or (obj["kind"] == "Deployment" and container in spec.get("initContainers", []))
                 if obj["kind"] == "Job":
-                    problems.add(where, f"{name_of(obj)}: a migration Job keeps its name from release to release, and a "
-                                        "Job's template cannot change: run `prefq db upgrade` in the API's init container")  # fmt: skip
+                    problems.add(
+                        where,
+                        f"{name_of(obj)}: a migration Job keeps its name from release to release, and a "
+                        "Job's template cannot change: run `prefq db upgrade` in the API's init container",
+                    )
             if command in ("api", "flower"):
                 check_ports(where, obj, container, params["port"], labels, services, problems)
             if command == "worker" and params.get("service"):  # its exporter of database-wide metrics
@@ -239,13 +248,17 @@ def check_pod_security(where: str, obj: dict, spec: dict, problems: Problems) ->
                     problems.add(where, f"{who}: has no {probe}")
 
 
-def check_ports(where: str, obj: dict, container: dict, port: int, labels: dict, services: dict,
-                problems: Problems) -> None:  # fmt: skip
+def check_ports(
+    where: str, obj: dict, container: dict, port: int, labels: dict, services: dict, problems: Problems
+) -> None:
     """What the command listens on is the container's port, its probes' port and the annotations' port."""
     who = f"{name_of(obj)}: container {container['name']}"
     if container_port(container, port) != port:
-        problems.add(where, f"{who}: listens on {port} (its command) but declares ports "
-                            f"{[p['containerPort'] for p in container.get('ports', [])]}")  # fmt: skip
+        problems.add(
+            where,
+            f"{who}: listens on {port} (its command) but declares ports "
+            f"{[p['containerPort'] for p in container.get('ports', [])]}",
+        )
     for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
         http = container.get(kind, {}).get("httpGet")
         if http and container_port(container, http["port"]) != port:
@@ -258,16 +271,22 @@ def check_ports(where: str, obj: dict, container: dict, port: int, labels: dict,
 def check_service(where: str, service: dict, objects: list[dict], problems: Problems) -> None:
     """A Service selects some pods, and each of its ports reaches a port that their container declares."""
     selector = service["spec"].get("selector", {})
-    pods = [c for o in objects if pod_spec(o) and selects(selector, pod_labels(o))
-            for c in pod_spec(o).get("containers", [])]  # fmt: skip
+    pods = [
+        c
+        for o in objects
+        if pod_spec(o) and selects(selector, pod_labels(o))
+        for c in pod_spec(o).get("containers", [])
+    ]
     if not pods:
         problems.add(where, f"{name_of(service)}: its selector {selector} matches no pods")
         return
     for port in service["spec"]["ports"]:
         target = port.get("targetPort", port["port"])
         if not any(container_port(c, target) for c in pods):
-            problems.add(where, f"{name_of(service)}: port {port['port']} targets {target!r}, which no selected "
-                                "container declares")  # fmt: skip
+            problems.add(
+                where,
+                f"{name_of(service)}: port {port['port']} targets {target!r}, which no selected container declares",
+            )
 
 
 def service_port(services: dict, host: str, port: int | None) -> str | None:
@@ -292,12 +311,22 @@ def check_data_volume(where: str, obj: dict, container: dict, folder: str, probl
     """A worker writes its data folder (beat's schedule, work folders, the health file): a volume is there."""
     mounts = [m["mountPath"].rstrip("/") for m in container.get("volumeMounts", [])]
     if not any(folder == m or folder.startswith(m + "/") for m in mounts):
-        problems.add(where, f"{name_of(obj)}: container {container['name']}: no volume at its data folder {folder} "
-                            "(PREFQ_DATA_DIR): the root filesystem is read-only")  # fmt: skip
+        problems.add(
+            where,
+            f"{name_of(obj)}: container {container['name']}: no volume at its data folder {folder} "
+            "(PREFQ_DATA_DIR): the root filesystem is read-only",
+        )
 
 
-def check_scaling(where: str, scaled: dict, pools: dict[str, list[str]], by_kind: dict, namespace: str | None,
-                  services: dict, problems: Problems) -> None:  # fmt: skip
+def check_scaling(
+    where: str,
+    scaled: dict,
+    pools: dict[str, list[str]],
+    by_kind: dict,
+    namespace: str | None,
+    services: dict,
+    problems: Problems,
+) -> None:
     """KEDA watches every queue that the target's worker serves, no other, sums them with the running jobs."""
     who = name_of(scaled)
     target = scaled["spec"]["scaleTargetRef"]["name"]
@@ -310,9 +339,13 @@ def check_scaling(where: str, scaled: dict, pools: dict[str, list[str]], by_kind
     for trigger in triggers:
         meta = trigger["metadata"]
         if "authenticationRef" in trigger and trigger["authenticationRef"]["name"] not in by_kind.get(
-                "TriggerAuthentication", {}):  # fmt: skip
-            problems.add(where, f"{who}: trigger {trigger.get('name')}: no TriggerAuthentication "
-                                f"{trigger['authenticationRef']['name']!r}")  # fmt: skip
+            "TriggerAuthentication", {}
+        ):
+            problems.add(
+                where,
+                f"{who}: trigger {trigger.get('name')}: no TriggerAuthentication "
+                f"{trigger['authenticationRef']['name']!r}",
+            )
         host, _, port = (meta.get("address") or f"{meta.get('host')}:{meta.get('port')}").partition(":")
         short, _, rest = host.partition(".")
         if rest and rest.split(".")[:2] != [namespace, "svc"]:
@@ -324,35 +357,51 @@ def check_scaling(where: str, scaled: dict, pools: dict[str, list[str]], by_kind
             queue = meta["listName"]
             watched.append(queue)
             if queue not in KNOWN_QUEUES:
-                problems.add(where, f"{who}: trigger {trigger.get('name')} watches {queue!r}, which is not a queue "
-                                    "that queue_config makes (cpu, gpu1, gpu2, ..., service)")  # fmt: skip
+                problems.add(
+                    where,
+                    f"{who}: trigger {trigger.get('name')} watches {queue!r}, which is not a queue "
+                    "that queue_config makes (cpu, gpu1, gpu2, ..., service)",
+                )
             elif queue not in served:
-                problems.add(where, f"{who}: watches queue {queue!r}, which {target} does not serve "
-                                    f"(it serves {', '.join(served)})")  # fmt: skip
+                problems.add(
+                    where,
+                    f"{who}: watches queue {queue!r}, which {target} does not serve (it serves {', '.join(served)})",
+                )
         if trigger["type"] == "postgresql":
             check_running_query(where, who, meta["query"], served, problems)
     for queue in served:
         if queue not in watched:
-            problems.add(where, f"{who}: does not watch queue {queue!r} that {target} serves: its jobs would not "
-                                "scale the pool up")  # fmt: skip
+            problems.add(
+                where,
+                f"{who}: does not watch queue {queue!r} that {target} serves: its jobs would not scale the pool up",
+            )
     names = [t.get("name") for t in triggers]
     formula = scaled["spec"].get("advanced", {}).get("scalingModifiers", {}).get("formula")
     if len(triggers) > 1:
         terms = [t.strip() for t in (formula or "").split("+")]
         if sorted(terms) != sorted(names):
-            problems.add(where, f"{who}: scalingModifiers.formula {formula!r} must be the sum of its triggers "
-                                f"({' + '.join(map(str, names))}): KEDA otherwise takes their maximum")  # fmt: skip
+            problems.add(
+                where,
+                f"{who}: scalingModifiers.formula {formula!r} must be the sum of its triggers "
+                f"({' + '.join(map(str, names))}): KEDA otherwise takes their maximum",
+            )
 
 
 def check_running_query(where: str, who: str, query: str, served: list[str], problems: Problems) -> None:
     from jobs.models import Job, JobStatus
 
     devices = sorted(QUEUE_DEVICES[q] for q in served)
-    match = re.search(r"FROM\s+(\w+)\s+WHERE\s+status\s+IN\s*\(([^)]*)\)\s+AND\s+gpus\s+BETWEEN\s+(\d+)\s+AND\s+(\d+)",
-                      query, re.IGNORECASE)  # fmt: skip
+    match = re.search(
+        r"FROM\s+(\w+)\s+WHERE\s+status\s+IN\s*\(([^)]*)\)\s+AND\s+gpus\s+BETWEEN\s+(\d+)\s+AND\s+(\d+)",
+        query,
+        re.IGNORECASE,
+    )
     if not match:
-        problems.add(where, f"{who}: the postgresql trigger's query is not `SELECT count(*) FROM jobs WHERE status IN "
-                            "(...) AND gpus BETWEEN a AND b`")  # fmt: skip
+        problems.add(
+            where,
+            f"{who}: the postgresql trigger's query is not `SELECT count(*) FROM jobs WHERE status IN "
+            "(...) AND gpus BETWEEN a AND b`",
+        )
         return
     table, statuses, low, high = match.groups()
     if table != Job.__tablename__:
@@ -361,8 +410,9 @@ def check_running_query(where: str, who: str, query: str, served: list[str], pro
         if status not in {s.value for s in JobStatus}:
             problems.add(where, f"{who}: the query counts status {status!r}, which is not a JobStatus")
     if (int(low), int(high)) != (devices[0], devices[-1]):
-        problems.add(where, f"{who}: the query counts jobs of {low}..{high} devices; the pool serves "
-                            f"{devices[0]}..{devices[-1]}")  # fmt: skip
+        problems.add(
+            where, f"{who}: the query counts jobs of {low}..{high} devices; the pool serves {devices[0]}..{devices[-1]}"
+        )
 
 
 def readme_secret_keys(readme: str) -> set[str] | None:
@@ -379,8 +429,10 @@ def check(root: Path, problems: Problems) -> tuple[list[str], int]:
     keys = readme_secret_keys((root / "README.md").read_text())
     example_keys = set(example.get("stringData", {})) | set(example.get("data", {}))
     if keys != example_keys:
-        problems.add("README.md", f"`kubectl create secret generic` sets {sorted(keys or [])}, {SECRET_EXAMPLE} "
-                                  f"has {sorted(example_keys)}")  # fmt: skip
+        problems.add(
+            "README.md",
+            f"`kubectl create secret generic` sets {sorted(keys or [])}, {SECRET_EXAMPLE} has {sorted(example_keys)}",
+        )
     k8s = root / "deploy" / "k8s"
     directories = [k8s / "base"] + sorted(p.parent for p in (k8s / "overlays").glob("*/kustomization.yaml"))
     with ThreadPoolExecutor() as pool:  # kubectl runs side by side

@@ -16,8 +16,9 @@ MIGRATION_LOCK = 0x70726566716D6967  # b"prefqmig": the advisory lock key of `pr
 config = context.config
 target_metadata = SQLModel.metadata
 
-connectable = engine_from_config(config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.",
-                                 poolclass=pool.NullPool)  # fmt: skip
+connectable = engine_from_config(
+    config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
+)
 with connectable.connect() as connection:
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
     with context.begin_transaction():

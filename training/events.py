@@ -4,6 +4,7 @@ Every event has `event` (its type) and `time` (Unix seconds). The types and thei
 
 | event | fields |
 | --- | --- |
+| `lengths` | `split` (`train`, `eval`), `rows`, `truncated` (rows cut to `max_length`), `dropped` (rows left with nothing to train on), `max_length`, `p50`, `p95`, `max` (the rows' tokens after the chat template); once per split, before `started` (`training.lengths`) |
 | `started` | `total_steps`, `examples` (training rows), `eval_examples`, `epochs`, `resumed_from_step` |
 | `progress` | `step`, `total_steps`, `epoch`, `loss`, `learning_rate`, `metrics` (TRL's names: DPO `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, `beta`; SFT `mean_token_accuracy`) |
 | `ref_logprobs` | `split` (`train`, `eval`), `key` (the cache key, see `training.refcache`), `cached` (true: read from `ref_cache_dir`), `forward_passes` (reference forward passes, batches, this process ran for the split: 0 when cached), `rows`, `path` (the cache file), `seconds`; once per split when `ref_cache_dir` is set, before `started` |
@@ -29,7 +30,20 @@ import time
 from collections.abc import Iterable
 from typing import Literal, NotRequired, TypedDict
 
-EventType = Literal["started", "progress", "ref_logprobs", "eval", "samples", "checkpoint", "stopped", "done", "error"]
+EventType = Literal[
+    "lengths", "started", "progress", "ref_logprobs", "eval", "samples", "checkpoint", "stopped", "done", "error"
+]
+
+
+class Lengths(TypedDict):
+    split: str
+    rows: int
+    truncated: int
+    dropped: int
+    max_length: int
+    p50: NotRequired[int]
+    p95: NotRequired[int]
+    max: NotRequired[int]
 
 
 class Started(TypedDict):

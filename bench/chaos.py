@@ -52,8 +52,14 @@ from training.toy_data import write_toy_data  # noqa: E402
 RUN = re.compile(r"/(job_[0-9a-f]+)/attempt-(\d+)/spec\.json")
 WORKERS = ("w1", "w2", "w3")
 FINISHED = {"succeeded", "failed", "cancelled"}
-HYPER = {"batch_size": 16, "learning_rate": 3e-3, "lr_scheduler": "constant", "max_length": 64, "save_steps": 5,
-         "eval_fraction": 0}  # fmt: skip
+HYPER = {
+    "batch_size": 16,
+    "learning_rate": 3e-3,
+    "lr_scheduler": "constant",
+    "max_length": 64,
+    "save_steps": 5,
+    "eval_fraction": 0,
+}
 
 
 class Sampler:
@@ -96,14 +102,28 @@ class Chaos:
         from tests.services import S3_BUCKET, S3_KEY, S3_SECRET
 
         self.db_proxy = Proxy("127.0.0.1", 5432)
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), PREFQ_DATA_DIR=str(self.root),
-                   PREFQ_DATABASE_URL=self.pg_url, PREFQ_BROKER_URL=f"redis://127.0.0.1:{self.broker_port}/0",
-                   PREFQ_STORAGE_URL=f"s3://{S3_BUCKET}/chaos-{secrets.token_hex(3)}", PREFQ_S3_ENDPOINT_URL=endpoint,
-                   PREFQ_S3_ACCESS_KEY_ID=S3_KEY, PREFQ_S3_SECRET_ACCESS_KEY=S3_SECRET,
-                   PREFQ_CALLBACK_SECRET="chaos", PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="10",
-                   PREFQ_RECONCILE_INTERVAL_S="1", PREFQ_RESEND_AFTER_S="3", PREFQ_CANCEL_GRACE_S="15",
-                   PREFQ_CPU_DEVICES="1", PREFQ_WORKER_LIVE_S="10", PREFQ_MAX_ATTEMPTS="20",
-                   PREFQ_METRICS_PORT="0", PREFQ_MODEL_ROOTS=str(self.root))  # fmt: skip
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+            PREFQ_DATA_DIR=str(self.root),
+            PREFQ_DATABASE_URL=self.pg_url,
+            PREFQ_BROKER_URL=f"redis://127.0.0.1:{self.broker_port}/0",
+            PREFQ_STORAGE_URL=f"s3://{S3_BUCKET}/chaos-{secrets.token_hex(3)}",
+            PREFQ_S3_ENDPOINT_URL=endpoint,
+            PREFQ_S3_ACCESS_KEY_ID=S3_KEY,
+            PREFQ_S3_SECRET_ACCESS_KEY=S3_SECRET,
+            PREFQ_CALLBACK_SECRET="chaos",
+            PREFQ_HEARTBEAT_S="0.5",
+            PREFQ_LEASE_TTL_S="10",
+            PREFQ_RECONCILE_INTERVAL_S="1",
+            PREFQ_RESEND_AFTER_S="3",
+            PREFQ_CANCEL_GRACE_S="15",
+            PREFQ_CPU_DEVICES="1",
+            PREFQ_WORKER_LIVE_S="10",
+            PREFQ_MAX_ATTEMPTS="20",
+            PREFQ_METRICS_PORT="0",
+            PREFQ_MODEL_ROOTS=str(self.root),
+        )
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
         (self.root / "logs").mkdir()
         self.stack = Stack(env, self.root / "logs")
@@ -133,8 +153,12 @@ class Chaos:
         proc.wait(timeout=120)
 
     def submit(self, steps: int, n: int = 1) -> list[str]:
-        body = {"model": str(self.model), "dataset": self.dataset, "method": "dpo",
-                "hyperparameters": {**HYPER, "max_steps": steps}}  # fmt: skip
+        body = {
+            "model": str(self.model),
+            "dataset": self.dataset,
+            "method": "dpo",
+            "hyperparameters": {**HYPER, "max_steps": steps},
+        }
         return [self.http.post("/jobs", json=body).json()["id"] for _ in range(n)]
 
     def job(self, job_id: str) -> dict:
@@ -193,7 +217,7 @@ class Chaos:
         ids = self.submit(20 if self.short else 50, 2 if self.short else 4)
         self.wait_running(ids)
         time.sleep(4)
-        for outage in ([6] if self.short else [5, 30, 12]):
+        for outage in [6] if self.short else [5, 30, 12]:
             self.db_proxy.cut()
             time.sleep(outage)
             self.db_proxy.restore()
@@ -211,8 +235,12 @@ class Chaos:
 
     def api_kill(self) -> list[str]:
         n = 20 if self.short else 100
-        body = {"model": str(self.model), "dataset": self.dataset, "method": "dpo",
-                "hyperparameters": {**HYPER, "max_steps": 2}}  # fmt: skip
+        body = {
+            "model": str(self.model),
+            "dataset": self.dataset,
+            "method": "dpo",
+            "hyperparameters": {**HYPER, "max_steps": 2},
+        }
         before = {j["id"] for j in self._all_jobs()}
 
         def post(_):
@@ -290,8 +318,11 @@ class Chaos:
         time.sleep(3)
         managed = {p.pid for p in [*self.stack.procs.values(), self.valkey, self.weed] if p.poll() is None}
         managed |= {c.pid for pid in list(managed) for c in _children(pid)}
-        orphans = [p for p in psutil.process_iter(["cmdline"])
-                   if str(self.root) in " ".join(p.info["cmdline"] or []) and p.pid not in managed]  # fmt: skip
+        orphans = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if str(self.root) in " ".join(p.info["cmdline"] or []) and p.pid not in managed
+        ]
         folders = list(self.root.glob("work-*/job_*/attempt-*"))
         deadline = time.monotonic() + 30
         while folders and time.monotonic() < deadline:  # a run that was told to stop may still be exiting
@@ -304,11 +335,18 @@ class Chaos:
         jobs = [self.job(j) for j in ids]
         attempts = [j["attempt"] for j in jobs] or [0]
         orphans, folders = self.leftovers()
-        return {"scenario": name, "succeeded": sum(j["status"] == "succeeded" for j in jobs), "submitted": len(ids),
-                "attempts_mean": sum(attempts) / len(attempts), "attempts_max": max(attempts),
-                "most_at_once": max((self.sampler.most[j] for j in ids), default=0),
-                "retrained_steps": sum(self.retrained_steps(j) for j in ids), "stuck": len(stuck),
-                "orphans": orphans, "leftover_folders": folders}  # fmt: skip
+        return {
+            "scenario": name,
+            "succeeded": sum(j["status"] == "succeeded" for j in jobs),
+            "submitted": len(ids),
+            "attempts_mean": sum(attempts) / len(attempts),
+            "attempts_max": max(attempts),
+            "most_at_once": max((self.sampler.most[j] for j in ids), default=0),
+            "retrained_steps": sum(self.retrained_steps(j) for j in ids),
+            "stuck": len(stuck),
+            "orphans": orphans,
+            "leftover_folders": folders,
+        }
 
     def close(self) -> None:
         self.sampler.close()
@@ -325,8 +363,14 @@ def _children(pid: int) -> list[psutil.Process]:
         return []
 
 
-SCENARIOS = {"worker-kill": Chaos.worker_kill, "db-outage": Chaos.db_outage, "broker-restart": Chaos.broker_restart,
-             "api-kill": Chaos.api_kill, "redelivery": Chaos.redelivery, "sigterm-group": Chaos.sigterm_group}  # fmt: skip
+SCENARIOS = {
+    "worker-kill": Chaos.worker_kill,
+    "db-outage": Chaos.db_outage,
+    "broker-restart": Chaos.broker_restart,
+    "api-kill": Chaos.api_kill,
+    "redelivery": Chaos.redelivery,
+    "sigterm-group": Chaos.sigterm_group,
+}
 
 
 def run(names: list[str], short: bool, seed: int) -> list[dict]:
@@ -352,12 +396,17 @@ def run(names: list[str], short: bool, seed: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| scenario | succeeded / submitted | attempts per job (mean, max) | most attempts training at once | "
-            "steps trained twice | stuck | orphans | leftover folders | s | note |\n| --- | --- | --- | --- | --- | "
-            "--- | --- | --- | --- | --- |")  # fmt: skip
-    lines = [f"| {r['scenario']} | {r['succeeded']} / {r['submitted']} | {r['attempts_mean']:.2f}, {r['attempts_max']} "
-             f"| {r['most_at_once']} | {r['retrained_steps']} | {r['stuck']} | {r['orphans']} | {r['leftover_folders']} "
-             f"| {r['seconds']} | {r.get('note', '')} |" for r in rows]  # fmt: skip
+    head = (
+        "| scenario | succeeded / submitted | attempts per job (mean, max) | most attempts training at once | "
+        "steps trained twice | stuck | orphans | leftover folders | s | note |\n| --- | --- | --- | --- | --- | "
+        "--- | --- | --- | --- | --- |"
+    )
+    lines = [
+        f"| {r['scenario']} | {r['succeeded']} / {r['submitted']} | {r['attempts_mean']:.2f}, {r['attempts_max']} "
+        f"| {r['most_at_once']} | {r['retrained_steps']} | {r['stuck']} | {r['orphans']} | {r['leftover_folders']} "
+        f"| {r['seconds']} | {r.get('note', '')} |"
+        for r in rows
+    ]
     return "\n".join([head, *lines])
 
 
@@ -369,8 +418,14 @@ def main() -> None:
     args = parser.parse_args()
     rows = run(args.scenario or list(SCENARIOS), args.short, args.seed)
     print(table(rows))
-    ok = all(r["succeeded"] == r["submitted"] and r["most_at_once"] <= 1 and not r["stuck"] and not r["orphans"]
-             and not r["leftover_folders"] for r in rows)  # fmt: skip
+    ok = all(
+        r["succeeded"] == r["submitted"]
+        and r["most_at_once"] <= 1
+        and not r["stuck"]
+        and not r["orphans"]
+        and not r["leftover_folders"]
+        for r in rows
+    )
     sys.exit(0 if ok else 1)
 
 

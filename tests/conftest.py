@@ -70,8 +70,14 @@ def mixed_dpo(tmp_path_factory) -> Path:
     def words(n: int) -> str:
         return " ".join(rng.choice(FILLER) for _ in range(n))
 
-    rows = [{"prompt": words(rng.randint(1, 40)) + "?", "chosen": " " + words(rng.randint(1, 12)) + ".",
-             "rejected": " " + words(rng.randint(1, 12)) + "."} for _ in range(64)]  # fmt: skip
+    rows = [
+        {
+            "prompt": words(rng.randint(1, 40)) + "?",
+            "chosen": " " + words(rng.randint(1, 12)) + ".",
+            "rejected": " " + words(rng.randint(1, 12)) + ".",
+        }
+        for _ in range(64)
+    ]
     path = tmp_path_factory.mktemp("data") / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -89,10 +95,17 @@ def toy_sft(tmp_path_factory) -> Path:
 def dpo_spec(model: Path, data: Path, **overrides) -> dict:
     """A DPO spec that learns the toy data on the micro model in a few seconds."""
     spec = {
-        "method": "dpo", "model": str(model), "train_file": str(data), "eval_fraction": 0.15,
-        "max_steps": 20, "batch_size": 16, "learning_rate": 3e-3, "lr_scheduler": "constant",
-        "max_length": 64, "save_steps": 100,
-    }  # fmt: skip
+        "method": "dpo",
+        "model": str(model),
+        "train_file": str(data),
+        "eval_fraction": 0.15,
+        "max_steps": 20,
+        "batch_size": 16,
+        "learning_rate": 3e-3,
+        "lr_scheduler": "constant",
+        "max_length": 64,
+        "save_steps": 100,
+    }
     spec.update(overrides)
     return spec
 
@@ -109,8 +122,12 @@ def start_training(spec: dict, out: Path, *extra: str) -> subprocess.Popen:
     spec_path.write_text(json.dumps(spec))
     return subprocess.Popen(
         [sys.executable, "-m", "training", "run", str(spec_path), "--out", str(out), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=python_env(), cwd=ROOT,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=python_env(),
+        cwd=ROOT,
+    )
 
 
 def run_training(spec: dict, out: Path, *extra: str) -> tuple[int, list[dict]]:
@@ -168,13 +185,25 @@ def stack(tmp_path_factory, broker_url, pg_url, s3):
 
     upgrade(pg_url)
     data_dir = tmp_path_factory.mktemp("prefq")
-    env = dict(python_env(), PREFQ_DATA_DIR=str(data_dir), PREFQ_DATABASE_URL=pg_url, PREFQ_BROKER_URL=broker_url,
-               PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/stack-{secrets.token_hex(3)}",
-               PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"], PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
-               PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"], PREFQ_CALLBACK_SECRET="test-secret",
-               PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="10", PREFQ_RECONCILE_INTERVAL_S="2",
-               PREFQ_CANCEL_GRACE_S="30", PREFQ_CPU_DEVICES="2", PREFQ_WORKER_LIVE_S="10",
-               PREFQ_METRICS_PORT=str(free_port()), PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()))  # fmt: skip
+    env = dict(
+        python_env(),
+        PREFQ_DATA_DIR=str(data_dir),
+        PREFQ_DATABASE_URL=pg_url,
+        PREFQ_BROKER_URL=broker_url,
+        PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/stack-{secrets.token_hex(3)}",
+        PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"],
+        PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
+        PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"],
+        PREFQ_CALLBACK_SECRET="test-secret",
+        PREFQ_HEARTBEAT_S="0.5",
+        PREFQ_LEASE_TTL_S="10",
+        PREFQ_RECONCILE_INTERVAL_S="2",
+        PREFQ_CANCEL_GRACE_S="30",
+        PREFQ_CPU_DEVICES="2",
+        PREFQ_WORKER_LIVE_S="10",
+        PREFQ_METRICS_PORT=str(free_port()),
+        PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()),
+    )
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("logs")).up()
     yield stack
@@ -192,16 +221,27 @@ def settings(tmp_path, tmp_path_factory, broker_url):
 
     url = broker_url.rsplit("/", 1)[0] + "/1"  # a keyspace of its own: no worker consumes these messages
     redis.Redis.from_url(url).flushdb()
-    s = Settings(data_dir=tmp_path, broker_url=url, callback_secret="s3cret", callback_allow_private=True,
-                 model_roots=[str(tmp_path_factory.getbasetemp())])  # fmt: skip
+    s = Settings(
+        data_dir=tmp_path,
+        broker_url=url,
+        callback_secret="s3cret",
+        callback_allow_private=True,
+        model_roots=[str(tmp_path_factory.getbasetemp())],
+    )
     upgrade(s.database_url)
     return s
 
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's (scripts/setup.sh installs it); Playwright's download cannot work here
 SHOTS = ROOT / "runs" / "screenshots"  # git ignores runs/
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,16 @@ from training.parent import die_with_parent
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--set", "batch_size=16", "--set", "learning_rate=3e-3", "--set", "lr_scheduler=constant",
-        "--set", "max_length=64"]  # fmt: skip
+FAST = [
+    "--set",
+    "batch_size=16",
+    "--set",
+    "learning_rate=3e-3",
+    "--set",
+    "lr_scheduler=constant",
+    "--set",
+    "max_length=64",
+]
 S3_KEY, S3_SECRET, S3_BUCKET = "prefq-test", secrets.token_hex(16), "prefq"
 
 
@@ -43,18 +51,41 @@ def start_seaweedfs(data_dir: Path) -> tuple[subprocess.Popen, str]:
     """`weed mini` on 127.0.0.1 with credentials, so that S3 signatures are checked; returns (process, endpoint)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "prefq", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "prefq",
+                        "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin", "webdav")}
     flags = [f"-{name}.port={port}" for name, port in ports.items()]
     flags += [f"-{name}.port.grpc={free_port()}" for name in ("master", "volume", "filer", "admin")]
     weed = shutil.which("weed", path=str(Path(os.sys.executable).parent)) or "weed"
     log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 - the child holds it
-    proc = subprocess.Popen([weed, "mini", f"-dir={data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                             f"-s3.config={config}", "-webdav=false", "-admin.ui=false", f"-bucket={S3_BUCKET}",
-                             *flags], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            weed,
+            "mini",
+            f"-dir={data_dir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.config={config}",
+            "-webdav=false",
+            "-admin.ui=false",
+            f"-bucket={S3_BUCKET}",
+            *flags,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log.close()
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     deadline = time.monotonic() + 60
@@ -62,8 +93,9 @@ def start_seaweedfs(data_dir: Path) -> tuple[subprocess.Popen, str]:
         try:
             from storage import open_storage
 
-            open_storage(f"s3://{S3_BUCKET}", endpoint_url=endpoint, access_key_id=S3_KEY,
-                         secret_access_key=S3_SECRET).list("")  # fmt: skip
+            open_storage(
+                f"s3://{S3_BUCKET}", endpoint_url=endpoint, access_key_id=S3_KEY, secret_access_key=S3_SECRET
+            ).list("")
             return proc, endpoint
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(0.3)
@@ -85,15 +117,22 @@ class Stack:
         self.env.setdefault("XDG_CONFIG_HOME", str(log_dir / "config"))  # never the user's CLI config
         if "PREFQ_API_KEY" not in self.env:
             self.env["PREFQ_API_KEY"] = make_key(self.env["PREFQ_DATABASE_URL"], "default", admin=True)
-        self.http = httpx.Client(base_url=self.url, timeout=30,
-                                 headers={"Authorization": f"Bearer {self.env['PREFQ_API_KEY']}"})  # fmt: skip
+        self.http = httpx.Client(
+            base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {self.env['PREFQ_API_KEY']}"}
+        )
 
     def start(self, name: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
         """`prefq ARGS` as the process `name`; `env` overrides some of the stack's variables for it alone."""
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
-        proc = subprocess.Popen(["prefq", *args], env={**self.env, **(env or {})}, stdout=log, cwd=cwd,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=die_with_parent)  # fmt: skip
+        proc = subprocess.Popen(
+            ["prefq", *args],
+            env={**self.env, **(env or {})},
+            stdout=log,
+            cwd=cwd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         log.close()
         self.procs[name] = proc
         return proc

@@ -19,8 +19,9 @@ def pg_client(tmp_path_factory, broker_url):
 
     url, name = create_pg_database()
     upgrade(url)
-    settings = Settings(data_dir=tmp_path_factory.mktemp("edges"), database_url=url,
-                        broker_url=broker_url.rsplit("/", 1)[0] + "/2")  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("edges"), database_url=url, broker_url=broker_url.rsplit("/", 1)[0] + "/2"
+    )
     from tests.services import make_key
 
     key = make_key(url, "default", admin=True)
@@ -31,22 +32,36 @@ def pg_client(tmp_path_factory, broker_url):
     drop_pg_database(name)
 
 
-@pytest.mark.parametrize(("method", "path", "kwargs"), [
-    ("GET", f"/jobs/{EXISTING}/events?after=33784276212", {}),
-    ("GET", "/jobs/job_%00x", {}),
-    ("GET", "/jobs/job_%00x/events", {}),
-    ("POST", "/jobs/job_%00x/cancel", {}),
-    ("GET", "/jobs?after=job_%00", {}),
-    ("GET", "/jobs?created_after=1e400", {}),
-    ("GET", "/jobs?created_after=nan", {}),
-    ("GET", "/datasets/ds_%00", {}),
-    ("POST", "/jobs", {"json": {"model": "/m\u0000", "dataset": "ds_x", "method": "dpo"}}),
-    ("POST", "/jobs", {"json": {"model": "/m", "dataset": "ds_x", "method": "dpo", "metadata": {"k": "v\u0000"}}}),
-    ("POST", "/jobs", {"content": '{"model": "/m", "dataset": "ds_x", "method": "dpo", "hyperparameters": {"a": '
-                       + DEEP + "}}", "headers": {"content-type": "application/json"}}),
-    ("POST", "/datasets", {"files": {"file": ("deep.jsonl", b'{"prompt": %s, "chosen": "a", "rejected": "b"}\n'
-                                              % DEEP.encode())}}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs"),
+    [
+        ("GET", f"/jobs/{EXISTING}/events?after=33784276212", {}),
+        ("GET", "/jobs/job_%00x", {}),
+        ("GET", "/jobs/job_%00x/events", {}),
+        ("POST", "/jobs/job_%00x/cancel", {}),
+        ("GET", "/jobs?after=job_%00", {}),
+        ("GET", "/jobs?created_after=1e400", {}),
+        ("GET", "/jobs?created_after=nan", {}),
+        ("GET", "/datasets/ds_%00", {}),
+        ("POST", "/jobs", {"json": {"model": "/m\u0000", "dataset": "ds_x", "method": "dpo"}}),
+        ("POST", "/jobs", {"json": {"model": "/m", "dataset": "ds_x", "method": "dpo", "metadata": {"k": "v\u0000"}}}),
+        (
+            "POST",
+            "/jobs",
+            {
+                "content": '{"model": "/m", "dataset": "ds_x", "method": "dpo", "hyperparameters": {"a": '
+                + DEEP
+                + "}}",
+                "headers": {"content-type": "application/json"},
+            },
+        ),
+        (
+            "POST",
+            "/datasets",
+            {"files": {"file": ("deep.jsonl", b'{"prompt": %s, "chosen": "a", "rejected": "b"}\n' % DEEP.encode())}},
+        ),
+    ],
+)
 def test_bad_input_is_a_4xx_in_the_one_shape(pg_client, method, path, kwargs):
     r = pg_client.request(method, path, **kwargs)
     assert 400 <= r.status_code < 500, r.text

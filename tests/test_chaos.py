@@ -8,11 +8,23 @@ from tests.conftest import ROOT, python_env
 
 
 def test_chaos_short_every_job_succeeds_once_and_nothing_is_left_behind():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--short"], capture_output=True, text=True,
-                         timeout=1800, env=python_env(), cwd=ROOT)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "chaos.py"), "--short"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=python_env(),
+        cwd=ROOT,
+    )
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert [r["scenario"] for r in rows] == ["worker-kill", "db-outage", "broker-restart", "api-kill", "redelivery",
-                                             "sigterm-group"], out.stdout + out.stderr[-3000:]  # fmt: skip
+    assert [r["scenario"] for r in rows] == [
+        "worker-kill",
+        "db-outage",
+        "broker-restart",
+        "api-kill",
+        "redelivery",
+        "sigterm-group",
+    ], out.stdout + out.stderr[-3000:]
     for r in rows:
         assert r["succeeded"] == r["submitted"] > 0, r
         assert r["most_at_once"] == 1, r

@@ -50,19 +50,35 @@ def faulty(tmp_path_factory, s3):
     s3_proxy = Proxy(endpoint.hostname, endpoint.port)
     data = tmp_path_factory.mktemp("faults")
     prefix = f"faults-{secrets.token_hex(3)}"
-    env = dict(python_env(), PREFQ_DATA_DIR=str(data), PREFQ_DATABASE_URL=pg_url,
-               PREFQ_BROKER_URL=f"redis://127.0.0.1:{broker_port}/0", PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/{prefix}",
-               PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"], PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
-               PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"], PREFQ_CALLBACK_SECRET="test-secret",
-               PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S=str(LEASE_TTL_S), PREFQ_RECONCILE_INTERVAL_S="1",
-               PREFQ_RESEND_AFTER_S="3", PREFQ_CANCEL_GRACE_S="20", PREFQ_CPU_DEVICES="1", PREFQ_WORKER_LIVE_S="10",
-               PREFQ_CALLBACK_TIMEOUT_S="2", PREFQ_METRICS_PORT=str(free_port()),
-               PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()),
-               PREFQ_SHARED_MODELS=f"s3://{s3['bucket']}/{prefix}/models")  # fmt: skip
+    env = dict(
+        python_env(),
+        PREFQ_DATA_DIR=str(data),
+        PREFQ_DATABASE_URL=pg_url,
+        PREFQ_BROKER_URL=f"redis://127.0.0.1:{broker_port}/0",
+        PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/{prefix}",
+        PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"],
+        PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
+        PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"],
+        PREFQ_CALLBACK_SECRET="test-secret",
+        PREFQ_HEARTBEAT_S="0.5",
+        PREFQ_LEASE_TTL_S=str(LEASE_TTL_S),
+        PREFQ_RECONCILE_INTERVAL_S="1",
+        PREFQ_RESEND_AFTER_S="3",
+        PREFQ_CANCEL_GRACE_S="20",
+        PREFQ_CPU_DEVICES="1",
+        PREFQ_WORKER_LIVE_S="10",
+        PREFQ_CALLBACK_TIMEOUT_S="2",
+        PREFQ_METRICS_PORT=str(free_port()),
+        PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()),
+        PREFQ_SHARED_MODELS=f"s3://{s3['bucket']}/{prefix}/models",
+    )
     env["PATH"] = str(os.path.dirname(sys.executable)) + os.pathsep + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("faults-logs"))
-    a_env = {"PREFQ_DATABASE_URL": pg_url.replace(":5432/", f":{pg_proxy.port}/"),
-             "PREFQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_proxy.port}", "PREFQ_WORK_DIR": str(data / "work-a")}
+    a_env = {
+        "PREFQ_DATABASE_URL": pg_url.replace(":5432/", f":{pg_proxy.port}/"),
+        "PREFQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_proxy.port}",
+        "PREFQ_WORK_DIR": str(data / "work-a"),
+    }
     b_env = {"PREFQ_WORK_DIR": str(data / "work-b")}
     stack.start("api", "api", "--port", str(stack.port))
     stack.start("service", "worker", "--service", "--name", "faults-service@%h")
@@ -71,9 +87,19 @@ def faulty(tmp_path_factory, s3):
 
     wait_for_port(stack.port, 60)
     stack.wait_for_worker("faults-a@")
-    yield SimpleNamespace(stack=stack, pg_proxy=pg_proxy, s3_proxy=s3_proxy, pg_url=pg_url, a_env=a_env, b_env=b_env,
-                          data=data, store=JobStore(make_engine(pg_url)), broker=redis.Redis.from_url(env["PREFQ_BROKER_URL"]),
-                          s3=s3, prefix=prefix)  # fmt: skip
+    yield SimpleNamespace(
+        stack=stack,
+        pg_proxy=pg_proxy,
+        s3_proxy=s3_proxy,
+        pg_url=pg_url,
+        a_env=a_env,
+        b_env=b_env,
+        data=data,
+        store=JobStore(make_engine(pg_url)),
+        broker=redis.Redis.from_url(env["PREFQ_BROKER_URL"]),
+        s3=s3,
+        prefix=prefix,
+    )
     stack.down()
     pg_proxy.close()
     s3_proxy.close()
@@ -86,20 +112,26 @@ def events(stack: Stack, job_id: str) -> list[dict]:
 
 
 def attempt_pid(stack: Stack, job_id: str, attempt: int) -> int | None:
-    return next((e["data"]["pid"] for e in events(stack, job_id) if e["type"] == "launched" and e["attempt"] == attempt),
-                None)  # fmt: skip
+    return next(
+        (e["data"]["pid"] for e in events(stack, job_id) if e["type"] == "launched" and e["attempt"] == attempt), None
+    )
 
 
 def test_fetches_and_uploads_keep_the_lease(faulty, micro_model, toy_dpo):
     """A model download longer than the lease: the attempt heartbeats while it fetches, so it is not lost."""
-    storage = open_storage(f"s3://{faulty.s3['bucket']}/{faulty.prefix}", endpoint_url=faulty.s3["endpoint_url"],
-                           access_key_id=faulty.s3["access_key_id"], secret_access_key=faulty.s3["secret_access_key"])  # fmt: skip
+    storage = open_storage(
+        f"s3://{faulty.s3['bucket']}/{faulty.prefix}",
+        endpoint_url=faulty.s3["endpoint_url"],
+        access_key_id=faulty.s3["access_key_id"],
+        secret_access_key=faulty.s3["secret_access_key"],
+    )
     put_dir(storage, micro_model, "models/micro/")
     size = sum(f.stat().st_size for f in micro_model.iterdir())
     faulty.s3_proxy.bytes_per_s = size / (1.6 * LEASE_TTL_S)  # the fetch takes about 1.6 leases
     try:
-        job_id = submit(faulty.stack, storage.uri("models/micro/"), toy_dpo, "--set", "max_steps=6",
-                        "--set", "eval_fraction=0")  # fmt: skip
+        job_id = submit(
+            faulty.stack, storage.uri("models/micro/"), toy_dpo, "--set", "max_steps=6", "--set", "eval_fraction=0"
+        )
         wait(lambda: attempt_pid(faulty.stack, job_id, 1) or attempt_pid(faulty.stack, job_id, 2), 120, "launched")
     finally:
         faulty.s3_proxy.bytes_per_s = None
@@ -112,24 +144,37 @@ def test_fetches_and_uploads_keep_the_lease(faulty, micro_model, toy_dpo):
 def test_sigterm_to_the_worker_process_group_hands_the_job_back_from_a_fresh_checkpoint(faulty, micro_model, toy_dpo):
     """How `prefq dev` and process managers stop a worker: every process of its group gets SIGTERM. The run saves a
     checkpoint, it is uploaded, and the job is queued again at once; the next attempt resumes from that step."""
-    job_id = submit(faulty.stack, micro_model, toy_dpo, "--set", "max_steps=5000", "--set", "save_steps=1000",
-                    "--set", "eval_fraction=0")  # fmt: skip
+    job_id = submit(
+        faulty.stack,
+        micro_model,
+        toy_dpo,
+        "--set",
+        "max_steps=5000",
+        "--set",
+        "save_steps=1000",
+        "--set",
+        "eval_fraction=0",
+    )
     run_pid = wait(lambda: attempt_pid(faulty.stack, job_id, 1), 60, "launched")
     faulty.stack.wait_for_event(job_id, "progress")
     worker = faulty.stack.procs["a"]
     signalled = time.monotonic()
     os.killpg(worker.pid, signal.SIGTERM)
     worker.wait(timeout=60)
-    requeued = wait(lambda: next((e for e in events(faulty.stack, job_id) if e["type"] == "requeued"), None), 30,
-                    "requeued")  # fmt: skip
+    requeued = wait(
+        lambda: next((e for e in events(faulty.stack, job_id) if e["type"] == "requeued"), None), 30, "requeued"
+    )
     assert requeued["data"] == {"interrupted_attempt": 1} and time.monotonic() - signalled < 20
     assert not alive(run_pid)
     stopped = next(e for e in events(faulty.stack, job_id) if e["type"] == "stopped")["data"]["step"]
     checkpoints = [c["step"] for c in faulty.stack.get(f"/jobs/{job_id}/checkpoints")["data"]]
     assert checkpoints == [stopped], "the checkpoint of the stop was uploaded"
     faulty.stack.start("a", "worker", "--name", "faults-a@%h", env=faulty.a_env)
-    started = wait(lambda: next((e for e in events(faulty.stack, job_id) if e["type"] == "started" and e["attempt"] == 2),
-                                None), 90, "attempt 2 started")  # fmt: skip
+    started = wait(
+        lambda: next((e for e in events(faulty.stack, job_id) if e["type"] == "started" and e["attempt"] == 2), None),
+        90,
+        "attempt 2 started",
+    )
     assert started["data"]["resumed_from_step"] == stopped
     faulty.stack.http.post(f"/jobs/{job_id}/cancel")
     faulty.stack.wait_for(job_id, {"cancelled"}, timeout_s=60)
@@ -138,8 +183,17 @@ def test_sigterm_to_the_worker_process_group_hands_the_job_back_from_a_fresh_che
 def test_a_database_outage_never_lets_two_attempts_train_at_once(faulty, micro_model, toy_dpo):
     """Worker A loses PostgreSQL while it trains; worker B and the reconciler keep it. A must stop its run before its
     lease can expire, so that B's attempt never trains beside it."""
-    job_id = submit(faulty.stack, micro_model, toy_dpo, "--set", "max_steps=5000", "--set", "save_steps=5",
-                    "--set", "eval_fraction=0")  # fmt: skip
+    job_id = submit(
+        faulty.stack,
+        micro_model,
+        toy_dpo,
+        "--set",
+        "max_steps=5000",
+        "--set",
+        "save_steps=5",
+        "--set",
+        "eval_fraction=0",
+    )
     pid1 = wait(lambda: attempt_pid(faulty.stack, job_id, 1), 60, "attempt 1 launched")
     faulty.stack.wait_for_event(job_id, "checkpoint")
     faulty.stack.start("b", "worker", "--name", "faults-b@%h", env=faulty.b_env)
@@ -170,8 +224,17 @@ def test_a_database_outage_never_lets_two_attempts_train_at_once(faulty, micro_m
 
 
 def test_a_killed_workers_folders_are_swept_when_it_starts_again(faulty, micro_model, toy_dpo):
-    job_id = submit(faulty.stack, micro_model, toy_dpo, "--set", "max_steps=5000", "--set", "save_steps=5",
-                    "--set", "eval_fraction=0")  # fmt: skip
+    job_id = submit(
+        faulty.stack,
+        micro_model,
+        toy_dpo,
+        "--set",
+        "max_steps=5000",
+        "--set",
+        "save_steps=5",
+        "--set",
+        "eval_fraction=0",
+    )
     pid = wait(lambda: attempt_pid(faulty.stack, job_id, 1), 60, "launched")
     claimed = next(e for e in events(faulty.stack, job_id) if e["type"] == "claimed")["data"]["worker"]
     worker = "a" if claimed.startswith("faults-a@") else "b"
@@ -181,8 +244,9 @@ def test_a_killed_workers_folders_are_swept_when_it_starts_again(faulty, micro_m
     faulty.stack.procs[worker].wait()
     wait(lambda: not alive(pid), 30, "the orphaned run stops itself")
     assert list(work.glob("job_*/attempt-*")), "the dead attempt's folder is left behind"
-    faulty.stack.start(worker, "worker", "--name", f"faults-{worker}@%h",
-                       env=faulty.a_env if worker == "a" else faulty.b_env)  # fmt: skip
+    faulty.stack.start(
+        worker, "worker", "--name", f"faults-{worker}@%h", env=faulty.a_env if worker == "a" else faulty.b_env
+    )
     wait(lambda: not list(work.glob("job_*/attempt-*")), 60, "the folder of the dead attempt removed")
     faulty.stack.http.post(f"/jobs/{job_id}/cancel")
     faulty.stack.wait_for(job_id, {"cancelled"}, timeout_s=90)
@@ -195,8 +259,13 @@ def _unschedulable_job(faulty, toy_dpo, micro_model) -> str:
 
 
 def _resent(faulty, job_id: str, reason: str) -> dict:
-    return wait(lambda: next((e for e in events(faulty.stack, job_id) if e["type"] == "resent"
-                              and e["data"]["reason"] == reason), None), 30, f"resent: {reason}")  # fmt: skip
+    return wait(
+        lambda: next(
+            (e for e in events(faulty.stack, job_id) if e["type"] == "resent" and e["data"]["reason"] == reason), None
+        ),
+        30,
+        f"resent: {reason}",
+    )
 
 
 def test_queued_jobs_whose_message_is_lost_are_sent_again_once(faulty, micro_model, toy_dpo):
@@ -207,12 +276,16 @@ def test_queued_jobs_whose_message_is_lost_are_sent_again_once(faulty, micro_mod
     _resent(faulty, job_id, "not in the broker")
     assert faulty.broker.llen("gpu8") == 1
     time.sleep(4 * 3)  # several resend periods: the one message waits, no copies pile up
-    assert faulty.broker.llen("gpu8") == 1 and len([e for e in events(faulty.stack, job_id) if e["type"] == "resent"]) == 1
+    assert (
+        faulty.broker.llen("gpu8") == 1 and len([e for e in events(faulty.stack, job_id) if e["type"] == "resent"]) == 1
+    )
 
     # a worker that took the message and died before it claimed the job
-    code = ("import sys, os; from kombu import Connection\n"
-            f"with Connection({faulty.stack.env['PREFQ_BROKER_URL']!r}) as c:\n"
-            "    q = c.SimpleQueue('gpu8'); m = q.get(timeout=10); print(m.headers['id'], flush=True); os._exit(0)\n")
+    code = (
+        "import sys, os; from kombu import Connection\n"
+        f"with Connection({faulty.stack.env['PREFQ_BROKER_URL']!r}) as c:\n"
+        "    q = c.SimpleQueue('gpu8'); m = q.get(timeout=10); print(m.headers['id'], flush=True); os._exit(0)\n"
+    )
     took = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=python_env())
     assert took.stdout.strip() == f"{job_id}.1", took.stderr
     assert faulty.broker.llen("gpu8") == 0 and faulty.broker.hlen("unacked") == 1
@@ -232,14 +305,25 @@ def test_every_end_is_told_once(faulty, micro_model, toy_dpo):
     """Every terminal transition has its terminal event and its callback, delivered even when its task is lost."""
     server, url = serve_callbacks()
     try:
-        cancelled = submit(faulty.stack, micro_model, toy_dpo, "--gpus", "8", "--trainer", "fsdp", "--callback-url", url)
+        cancelled = submit(
+            faulty.stack, micro_model, toy_dpo, "--gpus", "8", "--trainer", "fsdp", "--callback-url", url
+        )
         faulty.stack.http.post(f"/jobs/{cancelled}/cancel")
-        lost = Job(id=new_id("job"), method="dpo", trainer="basic", gpus=8, model="/m", dataset_id="ds_x",
-                   callback_url=url)  # fmt: skip
+        lost = Job(
+            id=new_id("job"), method="dpo", trainer="basic", gpus=8, model="/m", dataset_id="ds_x", callback_url=url
+        )
         faulty.store.create_jobs([(lost, [])])
         faulty.store.request_cancel(lost.id)  # as an API process that died before it sent the callback's task
-        expired = Job(id=new_id("job"), method="dpo", trainer="basic", gpus=8, model="/m", dataset_id="ds_x",
-                      callback_url=url, max_attempts=1)  # fmt: skip
+        expired = Job(
+            id=new_id("job"),
+            method="dpo",
+            trainer="basic",
+            gpus=8,
+            model="/m",
+            dataset_id="ds_x",
+            callback_url=url,
+            max_attempts=1,
+        )
         faulty.store.create_jobs([(expired, [])])
         faulty.store.claim(expired.id, 1, "gone", ttl_s=0.1)  # a worker that died, on its last attempt
 
@@ -256,8 +340,9 @@ def test_every_end_is_told_once(faulty, micro_model, toy_dpo):
         for jid, status in ((cancelled, "cancelled"), (lost.id, "cancelled"), (expired.id, "failed")):
             assert events(faulty.stack, jid)[-1]["type"] == status
             wait(lambda j=jid: faulty.stack.get(f"/jobs/{j}")["callback_status"] == "delivered", 10, "delivered")
-        with faulty.stack.http.stream("GET", f"/jobs/{cancelled}/events", headers={"Accept": "text/event-stream"},
-                          timeout=30) as response:  # fmt: skip
+        with faulty.stack.http.stream(
+            "GET", f"/jobs/{cancelled}/events", headers={"Accept": "text/event-stream"}, timeout=30
+        ) as response:
             lines = list(response.iter_lines())
         streamed = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
         assert streamed and streamed[-1] == "cancelled", ("a live follower sees the end", response.status_code, lines)
@@ -271,8 +356,9 @@ def test_the_reconciler_runs_whatever_its_data_folder_and_its_death_stops_the_se
     faulty.stack.procs["service"].send_signal(signal.SIGTERM)
     faulty.stack.procs["service"].wait(timeout=60)
     missing = tmp_path / "no" / "such" / "folder"
-    proc = faulty.stack.start("service2", "worker", "--service", "--name", "faults-service2@%h",
-                              env={"PREFQ_DATA_DIR": str(missing)})  # fmt: skip
+    proc = faulty.stack.start(
+        "service2", "worker", "--service", "--name", "faults-service2@%h", env={"PREFQ_DATA_DIR": str(missing)}
+    )
     job = Job(id=new_id("job"), method="dpo", trainer="basic", gpus=8, model="/m", dataset_id="ds_x")
     faulty.store.create_jobs([(job, [])])
     faulty.store.claim(job.id, 1, "gone", ttl_s=0.1)
@@ -280,9 +366,19 @@ def test_the_reconciler_runs_whatever_its_data_folder_and_its_death_stops_the_se
     ready = faulty.stack.get("/readyz")
     assert ready["reconciler_last_run_s_ago"] is not None and ready["reconciler_last_run_s_ago"] < 10
     env = {**faulty.stack.env, "PREFQ_DATA_DIR": str(missing)}
-    check = subprocess.run(["prefq", "check", "service", "--name", next(
-        w["name"] for w in faulty.stack.get("/workers")["data"] if w["name"].startswith("faults-service2@"))],
-        env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    check = subprocess.run(
+        [
+            "prefq",
+            "check",
+            "service",
+            "--name",
+            next(w["name"] for w in faulty.stack.get("/workers")["data"] if w["name"].startswith("faults-service2@")),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
 
     import psutil

@@ -108,8 +108,11 @@ def test_a_batch_is_one_commit_and_twins_by_key_share_one_job(store):
     jobs = [Job(id=new_id("job"), **base, idempotency_key=key) for key in ("held", "twin", None, "twin")]
     results = store.create_jobs([(job, [("queued", {"queue": "gpu1"})]) for job in jobs])
     assert [(job.id, created) for job, created in results] == [
-        (held.id, False), (jobs[1].id, True), (jobs[2].id, True), (jobs[1].id, False),
-    ]  # fmt: skip
+        (held.id, False),
+        (jobs[1].id, True),
+        (jobs[2].id, True),
+        (jobs[1].id, False),
+    ]
     assert count_by_status(store.engine) == {"queued": 3}
     assert [e.type for e in store.events_after(jobs[2].id, 0)] == ["queued"]
 
@@ -166,8 +169,17 @@ def test_events_are_numbered_per_job_and_read_after_a_sequence(store):
 
 
 def test_datasets_round_trip(store):
-    ds = Dataset(id=new_id("ds"), filename="a.jsonl", uri="s3://b/a", bytes=10, sha256="00", rows=2,
-                 format="dpo_pairs", method="dpo", warnings=[{"line": 2, "field": "-", "reason": "dup"}])  # fmt: skip
+    ds = Dataset(
+        id=new_id("ds"),
+        filename="a.jsonl",
+        uri="s3://b/a",
+        bytes=10,
+        sha256="00",
+        rows=2,
+        format="dpo_pairs",
+        method="dpo",
+        warnings=[{"line": 2, "field": "-", "reason": "dup"}],
+    )
     store.add(ds)
     assert store.get_dataset(ds.id).warnings == ds.warnings
     assert store.get_dataset("ds_missing") is None

@@ -18,8 +18,14 @@ from tests.services import Stack, make_key, prefq
 
 HUB_ID = "prefq-test/micro-llama"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-FAST = {"max_steps": 4, "save_steps": 2, "max_length": 64, "eval_fraction": 0, "learning_rate": 3e-3,
-        "lr_scheduler": "constant"}  # fmt: skip
+FAST = {
+    "max_steps": 4,
+    "save_steps": 2,
+    "max_length": 64,
+    "eval_fraction": 0,
+    "learning_rate": 3e-3,
+    "lr_scheduler": "constant",
+}
 TERMINAL = {"succeeded", "failed", "cancelled"}
 PARKED = {"prefq": {"trainer": "fsdp", "gpus": 8}}  # no worker here takes 8-device jobs: they stay queued
 
@@ -45,13 +51,25 @@ def hub(tmp_path_factory, broker_url, s3, micro_model):
     fill_hub_cache(cache, micro_model)
     url, name = create_pg_database()
     upgrade(url)
-    env = dict(python_env(), PREFQ_DATA_DIR=str(tmp_path_factory.mktemp("prefq-openai")), PREFQ_DATABASE_URL=url,
-               PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/7", PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/oai-"
-               f"{secrets.token_hex(3)}", PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"],
-               PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"], PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"],
-               PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="10", PREFQ_RECONCILE_INTERVAL_S="2",
-               PREFQ_CPU_DEVICES="1", PREFQ_METRICS_PORT=str(free_port()), PREFQ_ALLOWED_HUB_MODELS="prefq-test/*",
-               PREFQ_BASE_MODELS=HUB_ID, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")  # fmt: skip
+    env = dict(
+        python_env(),
+        PREFQ_DATA_DIR=str(tmp_path_factory.mktemp("prefq-openai")),
+        PREFQ_DATABASE_URL=url,
+        PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/7",
+        PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/oai-{secrets.token_hex(3)}",
+        PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"],
+        PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
+        PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"],
+        PREFQ_HEARTBEAT_S="0.5",
+        PREFQ_LEASE_TTL_S="10",
+        PREFQ_RECONCILE_INTERVAL_S="2",
+        PREFQ_CPU_DEVICES="1",
+        PREFQ_METRICS_PORT=str(free_port()),
+        PREFQ_ALLOWED_HUB_MODELS="prefq-test/*",
+        PREFQ_BASE_MODELS=HUB_ID,
+        HF_HUB_CACHE=str(cache),
+        HF_HUB_OFFLINE="1",
+    )
     env["PATH"] = str(Path(sys.executable).parent) + ":" + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("logs-openai")).up()
     keys = {t: make_key(url, t) for t in ("alpha", "beta", "gamma", "delta")}
@@ -62,18 +80,38 @@ def hub(tmp_path_factory, broker_url, s3, micro_model):
 
 def openai_dpo_file(toy_dpo: Path, path: Path, rows: int = 64) -> Path:
     lines = [json.loads(line) for line in toy_dpo.read_text().splitlines()[:rows]]
-    path.write_text("".join(json.dumps({
-        "input": {"messages": [{"role": "user", "content": r["prompt"]}]},
-        "preferred_output": [{"role": "assistant", "content": r["chosen"]}],
-        "non_preferred_output": [{"role": "assistant", "content": r["rejected"]}]}) + "\n" for r in lines))  # fmt: skip
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "input": {"messages": [{"role": "user", "content": r["prompt"]}]},
+                    "preferred_output": [{"role": "assistant", "content": r["chosen"]}],
+                    "non_preferred_output": [{"role": "assistant", "content": r["rejected"]}],
+                }
+            )
+            + "\n"
+            for r in lines
+        )
+    )
     return path
 
 
 def messages_file(toy_sft: Path, path: Path, rows: int = 64) -> Path:
     lines = [json.loads(line) for line in toy_sft.read_text().splitlines()[:rows]]
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
-                                                     {"role": "assistant", "content": r["completion"]}]}) + "\n"
-                            for r in lines))  # fmt: skip
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": r["prompt"]},
+                        {"role": "assistant", "content": r["completion"]},
+                    ]
+                }
+            )
+            + "\n"
+            for r in lines
+        )
+    )
     return path
 
 
@@ -92,18 +130,34 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(hub, toy_dpo, toy_s
     client = clients["alpha"]
     with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl").open("rb") as fh:
         pairs = client.files.create(file=fh, purpose="fine-tune")
-    assert (pairs.object, pairs.status, pairs.purpose, pairs.filename) == ("file", "processed", "fine-tune",
-                                                                         "pairs.jsonl")  # fmt: skip
+    assert (pairs.object, pairs.status, pairs.purpose, pairs.filename) == (
+        "file",
+        "processed",
+        "fine-tune",
+        "pairs.jsonl",
+    )
     assert client.files.retrieve(pairs.id).bytes == (tmp_path / "pairs.jsonl").stat().st_size
     assert client.files.content(pairs.id).read() == (tmp_path / "pairs.jsonl").read_bytes()
 
-    create = dict(model=HUB_ID, training_file=pairs.id, suffix="pairs", seed=7, metadata={"team": "search"},
-                  method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 16, "n_epochs": "auto"}}},
-                  extra_body={"prefq": {"gpus": 1, "hyperparameters": FAST}},
-                  extra_headers={"Idempotency-Key": "dpo-1"})  # fmt: skip
+    create = dict(
+        model=HUB_ID,
+        training_file=pairs.id,
+        suffix="pairs",
+        seed=7,
+        metadata={"team": "search"},
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 16, "n_epochs": "auto"}}},
+        extra_body={"prefq": {"gpus": 1, "hyperparameters": FAST}},
+        extra_headers={"Idempotency-Key": "dpo-1"},
+    )
     job = client.fine_tuning.jobs.create(**create)
     assert client.fine_tuning.jobs.create(**create).id == job.id, "Idempotency-Key: the same job"
-    assert (job.object, job.model, job.status, job.seed, job.suffix) == ("fine_tuning.job", HUB_ID, "queued", 7, "pairs")
+    assert (job.object, job.model, job.status, job.seed, job.suffix) == (
+        "fine_tuning.job",
+        HUB_ID,
+        "queued",
+        7,
+        "pairs",
+    )
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
     assert job.method.dpo.hyperparameters.n_epochs == 1, "auto is the documented default"
     assert job.metadata == {"team": "search"} and job.organization_id == "alpha"
@@ -127,26 +181,39 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(hub, toy_dpo, toy_s
     assert checkpoints[0].metrics.train_mean_token_accuracy >= 0.9, "DPO: the reward accuracy of the toy pairs"
     (results,) = done.result_files
     csv_rows = client.files.content(results).text.splitlines()
-    assert csv_rows[0] == "step,train_loss,train_rewards_accuracy,train_rewards_margin,valid_loss,valid_rewards_accuracy"
+    assert (
+        csv_rows[0] == "step,train_loss,train_rewards_accuracy,train_rewards_margin,valid_loss,valid_rewards_accuracy"
+    )
     assert [r.split(",")[0] for r in csv_rows[1:]] == ["1", "2", "3", "4"]
     assert client.files.retrieve(results).purpose == "fine-tune-results"
 
     with messages_file(toy_sft, tmp_path / "chat.jsonl").open("rb") as fh:
         chat = client.files.create(file=fh, purpose="fine-tune")
-    sft = client.fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=chat.id, suffix="chat",
-                                         method={"type": "supervised", "supervised": {"hyperparameters": {
-                                             "batch_size": 16, "learning_rate_multiplier": 2}}},
-                                         extra_body={"prefq": {"hyperparameters": {**FAST, "learning_rate": 1e-3}}})  # fmt: skip
+    sft = client.fine_tuning.jobs.create(
+        model=done.fine_tuned_model,
+        training_file=chat.id,
+        suffix="chat",
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"batch_size": 16, "learning_rate_multiplier": 2}},
+        },
+        extra_body={"prefq": {"hyperparameters": {**FAST, "learning_rate": 1e-3}}},
+    )
     assert sft.model == done.fine_tuned_model and sft.method.supervised.hyperparameters.learning_rate_multiplier == 50
     sft_done = wait(client, sft.id)
     assert sft_done.status == "succeeded", sft_done.error
     assert sft_done.fine_tuned_model == f"ft:{HUB_ID}:alpha:chat:{sft.id}", "the base stays the hub model"
     assert client.files.content(sft_done.result_files[0]).text.startswith(
-        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n")
+        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
+    )
 
     # a checkpoint is a model too; cancel answers cancelled
-    third = client.fine_tuning.jobs.create(model=checkpoints[1].fine_tuned_model_checkpoint, training_file=pairs.id,
-                                           method={"type": "dpo"}, extra_body=PARKED)  # fmt: skip
+    third = client.fine_tuning.jobs.create(
+        model=checkpoints[1].fine_tuned_model_checkpoint,
+        training_file=pairs.id,
+        method={"type": "dpo"},
+        extra_body=PARKED,
+    )
     assert client.fine_tuning.jobs.cancel(third.id).status == "cancelled"
     with messages_file(toy_sft, tmp_path / "theirs.jsonl", rows=8).open("rb") as fh:
         theirs = clients["beta"].files.create(file=fh, purpose="fine-tune")
@@ -164,12 +231,16 @@ def test_errors_in_openais_shape(hub, toy_dpo, tmp_path):
     alpha, beta = clients["alpha"], clients["beta"]
     with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl", rows=8).open("rb") as fh:
         pairs = alpha.files.create(file=fh, purpose="fine-tune")
-    job = alpha.fine_tuning.jobs.create(model=HUB_ID, training_file=pairs.id, method={"type": "dpo"},
-                                        extra_body=PARKED)  # fmt: skip
-    for call in (lambda: beta.fine_tuning.jobs.retrieve(job.id), lambda: beta.fine_tuning.jobs.cancel(job.id),
-                 lambda: list(beta.fine_tuning.jobs.list_events(job.id)), lambda: beta.files.retrieve(pairs.id),
-                 lambda: beta.fine_tuning.jobs.checkpoints.list(job.id), lambda: beta.files.content(pairs.id),
-                 lambda: beta.fine_tuning.jobs.retrieve("job_0000000000000")):  # fmt: skip
+    job = alpha.fine_tuning.jobs.create(model=HUB_ID, training_file=pairs.id, method={"type": "dpo"}, extra_body=PARKED)
+    for call in (
+        lambda: beta.fine_tuning.jobs.retrieve(job.id),
+        lambda: beta.fine_tuning.jobs.cancel(job.id),
+        lambda: list(beta.fine_tuning.jobs.list_events(job.id)),
+        lambda: beta.files.retrieve(pairs.id),
+        lambda: beta.fine_tuning.jobs.checkpoints.list(job.id),
+        lambda: beta.files.content(pairs.id),
+        lambda: beta.fine_tuning.jobs.retrieve("job_0000000000000"),
+    ):
         with pytest.raises(openai.NotFoundError) as err:
             call()
         assert err.value.body["type"] == "invalid_request_error" and err.value.code.endswith("_not_found")
@@ -181,15 +252,18 @@ def test_errors_in_openais_shape(hub, toy_dpo, tmp_path):
     bad = {
         "method.dpo.hyperparameters.n_epochs": {"method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 0}}}},
         "method.dpo.hyperparameters.beta": {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "big"}}}},
-        "method.dpo.hyperparameters.batch_size": {"method": {"type": "dpo", "dpo": {"hyperparameters": {
-            "batch_size": 10**6}}}},
+        "method.dpo.hyperparameters.batch_size": {
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 10**6}}}
+        },
         "method.type": {"method": {"type": "reinforcement"}},
-        "prefq.hyperparameters.loss_type": {"method": {"type": "dpo"}, "extra_body": {"prefq": {"hyperparameters": {
-            "loss_type": "nope"}}}},
+        "prefq.hyperparameters.loss_type": {
+            "method": {"type": "dpo"},
+            "extra_body": {"prefq": {"hyperparameters": {"loss_type": "nope"}}},
+        },
         "model": {"model": "other-org/model", "method": {"type": "dpo"}},
         "suffix": {"suffix": "has spaces", "method": {"type": "dpo"}},
         "integrations": {"integrations": [{"type": "wandb", "wandb": {"project": "p"}}], "method": {"type": "dpo"}},
-    }  # fmt: skip
+    }
     for param, kwargs in bad.items():
         with pytest.raises(openai.BadRequestError) as err:
             alpha.fine_tuning.jobs.create(**{"model": HUB_ID, "training_file": pairs.id, **kwargs})
@@ -213,8 +287,12 @@ def test_errors_in_openais_shape(hub, toy_dpo, tmp_path):
     assert stack.http.get("/jobs/job_0000000000000").json()["error"]["code"] == "job_not_found", "native shape stays"
 
     # a hub model that is not in the offline cache fails the job as the user's error, naming the model
-    missing = alpha.fine_tuning.jobs.create(model="prefq-test/absent@v2", training_file=pairs.id, method={"type": "dpo"},
-                                            extra_body={"prefq": {"hyperparameters": FAST}})  # fmt: skip
+    missing = alpha.fine_tuning.jobs.create(
+        model="prefq-test/absent@v2",
+        training_file=pairs.id,
+        method={"type": "dpo"},
+        extra_body={"prefq": {"hyperparameters": FAST}},
+    )
     failed = wait(alpha, missing.id)
     assert failed.status == "failed" and failed.error.code == "model_not_found" and failed.error.param == "model"
     assert "prefq-test/absent@v2" in failed.error.message and stack.get(f"/jobs/{missing.id}")["error"]["user_error"]
@@ -226,9 +304,16 @@ def test_pagination_metadata_filter_pause_and_resume(hub, toy_dpo, tmp_path):
     gamma = clients["gamma"]
     with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl", rows=8).open("rb") as fh:
         pairs = gamma.files.create(file=fh, purpose="fine-tune")
-    ids = [gamma.fine_tuning.jobs.create(model=HUB_ID, training_file=pairs.id, method={"type": "dpo"},
-                                         metadata={"batch": "odd" if i % 2 else "even"},
-                                         extra_body=PARKED).id for i in range(5)]  # fmt: skip
+    ids = [
+        gamma.fine_tuning.jobs.create(
+            model=HUB_ID,
+            training_file=pairs.id,
+            method={"type": "dpo"},
+            metadata={"batch": "odd" if i % 2 else "even"},
+            extra_body=PARKED,
+        ).id
+        for i in range(5)
+    ]
     first = gamma.fine_tuning.jobs.list(limit=2)
     assert [j.id for j in first.data] == ids[::-1][:2] and first.has_more
     assert [j.id for j in gamma.fine_tuning.jobs.list(limit=2)] == ids[::-1], "the SDK follows `after` across pages"
@@ -261,8 +346,22 @@ def test_pagination_metadata_filter_pause_and_resume(hub, toy_dpo, tmp_path):
 def test_the_cli_runs_a_hub_model_and_an_sft_then_dpo_pipeline(hub, toy_dpo, toy_sft):
     stack, _ = hub
     sets = [arg for k, v in FAST.items() for arg in ("--set", f"{k}={v}")] + ["--set", "batch_size=16"]
-    out = prefq(stack, "submit", str(toy_sft), "--model", f"{HUB_ID}@v1", "--method", "sft", *sets,
-                "--then", "dpo", str(toy_dpo), "--wait", "--gpus", "1")  # fmt: skip
+    out = prefq(
+        stack,
+        "submit",
+        str(toy_sft),
+        "--model",
+        f"{HUB_ID}@v1",
+        "--method",
+        "sft",
+        *sets,
+        "--then",
+        "dpo",
+        str(toy_dpo),
+        "--wait",
+        "--gpus",
+        "1",
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     first, second = dict.fromkeys(w for w in out.stdout.split() if w.startswith("job_"))
     sft, dpo = stack.get(f"/jobs/{first}"), stack.get(f"/jobs/{second}")
@@ -278,8 +377,9 @@ def test_pause_checkpoints_and_frees_the_worker_and_resume_goes_on_from_there(hu
     with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl").open("rb") as fh:
         pairs = delta.files.create(file=fh, purpose="fine-tune")
     long = {**FAST, "max_steps": 5000, "save_steps": 5000}
-    job = delta.fine_tuning.jobs.create(model=HUB_ID, training_file=pairs.id, method={"type": "dpo"},
-                                        extra_body={"prefq": {"hyperparameters": long}})  # fmt: skip
+    job = delta.fine_tuning.jobs.create(
+        model=HUB_ID, training_file=pairs.id, method={"type": "dpo"}, extra_body={"prefq": {"hyperparameters": long}}
+    )
     deadline = time.monotonic() + 120
     while delta.fine_tuning.jobs.retrieve(job.id).prefq["step"] < 3:
         assert time.monotonic() < deadline, "the run did not start"

@@ -26,9 +26,26 @@ def test_the_dev_stack_dies_with_its_parent_even_by_sigkill(tmp_path):
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFQ_")}
-    dev = subprocess.Popen([sys.executable, "-m", "cli.app", "dev", "--port", str(port), "--flower-port", "0",
-                            "--data-dir", str(tmp_path / "dev"), "--cpu-devices", "0"], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    dev = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cli.app",
+            "dev",
+            "--port",
+            str(port),
+            "--flower-port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "dev"),
+            "--cpu-devices",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 90
     children = []
     while time.monotonic() < deadline:
@@ -60,9 +77,18 @@ def test_no_prefq_process_imports_from_its_working_folder(tmp_path, broker_url):
     env.update(PREFQ_DATA_DIR=str(data), PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/3", PREFQ_METRICS_PORT="0")
     upgrade(Settings(data_dir=data).database_url)
     port = free_port()
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True, preexec_fn=die_with_parent)
-             for cmd in ([PREFQ, "worker", "--service", "--name", "cwd-test@%h"], [PREFQ, "api", "--port", str(port)])]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        for cmd in ([PREFQ, "worker", "--service", "--name", "cwd-test@%h"], [PREFQ, "api", "--port", str(port)])
+    ]
     try:
         wait_for_port(port, 60)
         deadline = time.monotonic() + 60

@@ -13,8 +13,19 @@ from tests.services import prefq, submit
 
 
 def test_samples_change_as_training_goes_and_a_promoted_model_trains_by_its_name(stack, micro_model, toy_dpo):
-    job_id = submit(stack, micro_model, toy_dpo, "--set", "max_steps=16", "--set", "eval_steps=8",
-                    "--set", "sample_prompts=3", "--set", "sample_max_tokens=24")  # fmt: skip
+    job_id = submit(
+        stack,
+        micro_model,
+        toy_dpo,
+        "--set",
+        "max_steps=16",
+        "--set",
+        "eval_steps=8",
+        "--set",
+        "sample_prompts=3",
+        "--set",
+        "sample_max_tokens=24",
+    )
     job = stack.wait_for(job_id, {"succeeded", "failed"})
     assert job["status"] == "succeeded", job["error"]
 
@@ -33,7 +44,9 @@ def test_samples_change_as_training_goes_and_a_promoted_model_trains_by_its_name
     artifacts = {f["name"]: f["url"] for f in stack.get(f"/jobs/{job_id}/artifacts")["data"]}
     assert set(artifacts) == {"samples.json"}
     kept = httpx.get(artifacts["samples.json"], timeout=30).json()
-    assert [(k["step"], k["model"], k["samples"]) for k in kept] == [(d["step"], d["model"], d["samples"]) for d in data]
+    assert [(k["step"], k["model"], k["samples"]) for k in kept] == [
+        (d["step"], d["model"], d["samples"]) for d in data
+    ]
     shown = prefq(stack, "samples", job_id)
     assert shown.returncode == 0 and "reference" in shown.stdout, shown.stdout + shown.stderr
 
@@ -49,8 +62,12 @@ def test_samples_change_as_training_goes_and_a_promoted_model_trains_by_its_name
     assert second["status"] == "succeeded", second["error"]
     assert second["model"] == modelref.fine_tuned_name(job["model"], job["tenant"], None, job_id)
     events = {e["type"]: e["data"] for e in stack.get(f"/jobs/{second_id}/events")["data"]}
-    assert events["registered_model"] == {"requested": "toy-dpo@production", "name": "toy-dpo", "version": 1,
-                                          "model": second["model"]}  # fmt: skip
+    assert events["registered_model"] == {
+        "requested": "toy-dpo@production",
+        "name": "toy-dpo",
+        "version": 1,
+        "model": second["model"],
+    }
     assert "samples" not in events  # sample_prompts=0 turns them off
 
 
@@ -58,8 +75,16 @@ def test_sft_samples_and_the_time_budget(micro_model, toy_sft, toy_dpo, tmp_path
     """SFT samples have no reward and no reference; a budget that runs out skips the prompts left."""
     from tests.conftest import dpo_spec, of_type, run_training
 
-    spec = dpo_spec(micro_model, toy_sft, method="sft", max_steps=4, eval_steps=4, sample_prompts=2,
-                    sample_max_tokens=8, learning_rate=1e-3)  # fmt: skip
+    spec = dpo_spec(
+        micro_model,
+        toy_sft,
+        method="sft",
+        max_steps=4,
+        eval_steps=4,
+        sample_prompts=2,
+        sample_max_tokens=8,
+        learning_rate=1e-3,
+    )
     code, events = run_training(spec, tmp_path / "sft")
     assert code == 0
     samples = of_type(events, "samples")

@@ -43,20 +43,42 @@ def served(tmp_path_factory, broker_url, s3, micro_model, toy_dpo):
     url, name = create_pg_database()
     upgrade(url)
     serve_port = free_port()
-    env = dict(python_env(), PREFQ_DATA_DIR=str(tmp_path_factory.mktemp("prefq-serve")), PREFQ_DATABASE_URL=url,
-               PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/8", PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/serve-"
-               f"{secrets.token_hex(3)}", PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"],
-               PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"], PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"],
-               PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="10", PREFQ_RECONCILE_INTERVAL_S="2", PREFQ_CPU_DEVICES="1",
-               PREFQ_METRICS_PORT=str(free_port()), PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()),
-               PREFQ_SERVE_URL=f"http://127.0.0.1:{serve_port}", PREFQ_SERVE_TOKEN=TOKEN,
-               PREFQ_SERVE_MAX_TOKENS=str(CAP), PREFQ_SERVE_TIMEOUT_S=str(LIMIT_S))  # fmt: skip
+    env = dict(
+        python_env(),
+        PREFQ_DATA_DIR=str(tmp_path_factory.mktemp("prefq-serve")),
+        PREFQ_DATABASE_URL=url,
+        PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/8",
+        PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/serve-{secrets.token_hex(3)}",
+        PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"],
+        PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
+        PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"],
+        PREFQ_HEARTBEAT_S="0.5",
+        PREFQ_LEASE_TTL_S="10",
+        PREFQ_RECONCILE_INTERVAL_S="2",
+        PREFQ_CPU_DEVICES="1",
+        PREFQ_METRICS_PORT=str(free_port()),
+        PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()),
+        PREFQ_SERVE_URL=f"http://127.0.0.1:{serve_port}",
+        PREFQ_SERVE_TOKEN=TOKEN,
+        PREFQ_SERVE_MAX_TOKENS=str(CAP),
+        PREFQ_SERVE_TIMEOUT_S=str(LIMIT_S),
+    )
     env["PATH"] = str(Path(sys.executable).parent) + ":" + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("logs-serve"))
     start_serve(stack, serve_port)
     stack.up()
-    job_id = submit(stack, micro_model, toy_dpo, "--set", "max_steps=4", "--set", "save_steps=2", "--set",
-                    "eval_fraction=0", "--wait")  # fmt: skip
+    job_id = submit(
+        stack,
+        micro_model,
+        toy_dpo,
+        "--set",
+        "max_steps=4",
+        "--set",
+        "save_steps=2",
+        "--set",
+        "eval_fraction=0",
+        "--wait",
+    )
     client = OpenAI(base_url=f"{stack.url}/v1", api_key=env["PREFQ_API_KEY"], max_retries=0)
     other = OpenAI(base_url=f"{stack.url}/v1", api_key=make_key(url, "alpha"), max_retries=0)
     job = client.fine_tuning.jobs.retrieve(job_id)
@@ -77,13 +99,22 @@ def test_the_sdk_gets_chat_completions_streamed_or_not(served):
 
     again = client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=12, seed=1)
     assert again.choices[0].message.content == done.choices[0].message.content, "a seed makes sampling repeatable"
-    greedy = client.chat.completions.create(model=job.id, messages=messages, max_completion_tokens=8, temperature=0,
-                                            stop="\n\n\n")  # fmt: skip
+    greedy = client.chat.completions.create(
+        model=job.id, messages=messages, max_completion_tokens=8, temperature=0, stop="\n\n\n"
+    )
     assert greedy.usage.completion_tokens <= 8, "a job id names its model too"
 
-    chunks = list(client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=24,
-                                                 temperature=1, seed=2, stream=True,
-                                                 stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model=job.fine_tuned_model,
+            messages=messages,
+            max_tokens=24,
+            temperature=1,
+            seed=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -100,8 +131,9 @@ def test_text_completions_and_a_checkpoint(served):
     text = done.choices[0].text
     assert len(text) >= 2, text
     stop = text[len(text) // 2]
-    stopped = client.completions.create(model=job.fine_tuned_model, prompt="What is 4 + 1?", max_tokens=10, seed=3,
-                                        stop=[stop])  # fmt: skip
+    stopped = client.completions.create(
+        model=job.fine_tuned_model, prompt="What is 4 + 1?", max_tokens=10, seed=3, stop=[stop]
+    )
     assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == text[: text.find(stop)]
     pieces = list(client.completions.create(model=job.fine_tuned_model, prompt="Hello", max_tokens=8, stream=True))
     assert "".join(p.choices[0].text for p in pieces) and pieces[-1].choices[0].finish_reason
@@ -114,12 +146,18 @@ def test_text_completions_and_a_checkpoint(served):
 def test_invalid_requests_are_400s_naming_the_param(served):
     _, client, _, job, _ = served
     model, hi = job.fine_tuned_model, [{"role": "user", "content": "hi"}]
-    for kwargs, param in [({"max_tokens": CAP + 1}, "max_tokens"), ({"max_completion_tokens": CAP + 1},
-                          "max_completion_tokens"), ({"n": 2}, "n"), ({"temperature": 3}, "temperature"),
-                          ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
-                          ({"messages": []}, "messages"), ({"logit_bias": {"x": 1}}, "logit_bias.x.[key]"),
-                          ({"stop": ["a"] * 5}, "stop"), ({"tools": [{"type": "function"}]}, "tools"),
-                          ({"logit_bias": {"99999": 1}}, "logit_bias")]:  # fmt: skip
+    for kwargs, param in [
+        ({"max_tokens": CAP + 1}, "max_tokens"),
+        ({"max_completion_tokens": CAP + 1}, "max_completion_tokens"),
+        ({"n": 2}, "n"),
+        ({"temperature": 3}, "temperature"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"messages": []}, "messages"),
+        ({"logit_bias": {"x": 1}}, "logit_bias.x.[key]"),
+        ({"stop": ["a"] * 5}, "stop"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias"),
+    ]:
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(**{"model": model, "messages": hi, **kwargs})
         assert err.value.status_code == 400 and err.value.param == param, (kwargs, err.value.body)
@@ -131,9 +169,15 @@ def test_invalid_requests_are_400s_naming_the_param(served):
 def test_other_tenants_and_unknown_models_are_not_found(served):
     _, client, other, job, _ = served
     hi = [{"role": "user", "content": "hi"}]
-    for who, model in [(other, job.fine_tuned_model), (other, job.id), (client, "job_doesnotexist"),
-                       (client, job.fine_tuned_model.replace(":default:", ":alpha:")), (client, "gpt-4o-mini"),
-                       (client, f"{job.fine_tuned_model}:ckpt-step-3"), (client, "s3://prefq/anything")]:  # fmt: skip
+    for who, model in [
+        (other, job.fine_tuned_model),
+        (other, job.id),
+        (client, "job_doesnotexist"),
+        (client, job.fine_tuned_model.replace(":default:", ":alpha:")),
+        (client, "gpt-4o-mini"),
+        (client, f"{job.fine_tuned_model}:ckpt-step-3"),
+        (client, "s3://prefq/anything"),
+    ]:
         with pytest.raises(openai.NotFoundError) as err:
             who.chat.completions.create(model=model, messages=hi, max_tokens=4)
         assert err.value.code == "model_not_found" and model in err.value.message, err.value.body
@@ -159,15 +203,21 @@ def test_a_generation_past_the_time_limit_is_an_error_and_the_next_one_is_answer
     assert time.monotonic() - started < LIMIT_S + 3
     assert client.completions.create(model=job.fine_tuned_model, prompt="Hi", max_tokens=4).usage.completion_tokens
 
-    stream = client.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}],
-                                            max_tokens=CAP - 40, logit_bias=_no_eos(micro_model), stream=True)  # fmt: skip
+    stream = client.chat.completions.create(
+        model=job.fine_tuned_model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=CAP - 40,
+        logit_bias=_no_eos(micro_model),
+        stream=True,
+    )
     text = []
     with pytest.raises(openai.APIError, match="time limit"):
         for chunk in stream:
             text.append(chunk.choices[0].delta.content or "")
     assert "".join(text), "the text before the limit was streamed"
-    answer = client.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}],
-                                            max_tokens=4)  # fmt: skip
+    answer = client.chat.completions.create(
+        model=job.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
     assert answer.usage.completion_tokens > 0
 
 
@@ -180,8 +230,9 @@ def test_a_reader_that_leaves_mid_stream_costs_no_reload(served, micro_model):
     hi = [{"role": "user", "content": "Hi"}]
     client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=2)
     before = pid()
-    stream = client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=60,
-                                            logit_bias=_no_eos(micro_model), stream=True)  # fmt: skip
+    stream = client.chat.completions.create(
+        model=job.fine_tuned_model, messages=hi, max_tokens=60, logit_bias=_no_eos(micro_model), stream=True
+    )
     next(iter(stream))
     stream.close()
     assert client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=4).choices
@@ -190,13 +241,31 @@ def test_a_reader_that_leaves_mid_stream_costs_no_reload(served, micro_model):
 
 def test_prefq_chat_prints_a_reply(served):
     stack, _, _, job, _ = served
-    out = prefq(stack, "chat", job.fine_tuned_model, "--message", "What is 2 + 3?", "--max-tokens", "16",
-                "--temperature", "1", "--seed", "4", timeout=120)  # fmt: skip
+    out = prefq(
+        stack,
+        "chat",
+        job.fine_tuned_model,
+        "--message",
+        "What is 2 + 3?",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "1",
+        "--seed",
+        "4",
+        timeout=120,
+    )
     assert out.returncode == 0 and out.stdout.strip(), out.stdout + out.stderr
     out = prefq(stack, "chat", "job_doesnotexist", "--message", "hi", timeout=120)
     assert out.returncode == 1 and "model_not_found" in out.stderr, out.stdout + out.stderr
-    repl = subprocess.run(["prefq", "chat", job.fine_tuned_model, "--max-tokens", "8"], input="hi\n/reset\nhello\n",
-                          env=stack.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    repl = subprocess.run(
+        ["prefq", "chat", job.fine_tuned_model, "--max-tokens", "8"],
+        input="hi\n/reset\nhello\n",
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert repl.returncode == 0 and repl.stdout.count("> ") == 4, repl.stdout + repl.stderr
 
 
@@ -220,8 +289,9 @@ def test_neither_the_api_nor_the_serve_process_imports_torch(served):
     stack, _, _, _, port = served
     from tests.conftest import python_env
 
-    subprocess.run([sys.executable, "-c", "import api.app, sys; assert 'torch' not in sys.modules"], check=True,
-                   env=python_env())  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", "import api.app, sys; assert 'torch' not in sys.modules"], check=True, env=python_env()
+    )
     assert httpx.post(f"http://127.0.0.1:{port}/generate", json={}).status_code == 401, "the token is required"
     health = httpx.get(f"http://127.0.0.1:{port}/healthz").json()
     assert health["torch_imported"] is False and health["models_loaded"], health
@@ -258,8 +328,9 @@ def test_a_registered_model_answers_by_its_name_and_in_the_dashboards_chat_box(s
     promoted = stack.http.post("/models/served-dpo/versions", json={"job_id": job.id, "aliases": ["production"]})
     assert promoted.status_code == 201, promoted.text
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
-    by_alias = client.chat.completions.create(model="models:/served-dpo@production", messages=messages, max_tokens=8,
-                                              temperature=0)  # fmt: skip
+    by_alias = client.chat.completions.create(
+        model="models:/served-dpo@production", messages=messages, max_tokens=8, temperature=0
+    )
     direct = client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=8, temperature=0)
     assert by_alias.model == "models:/served-dpo@production"
     assert by_alias.choices[0].message.content == direct.choices[0].message.content, "the same model answers"
@@ -280,8 +351,14 @@ def test_a_registered_model_answers_by_its_name_and_in_the_dashboards_chat_box(s
     assert page.locator("#chat-log .chat-error").count() == 0, page.inner_text("#chat-log")
     assert "models:/served-dpo@production" in page.inner_text("#chat-log .chat-reply")
     reply = page.inner_text("#chat-log .chat-reply .reply-text")
-    assert reply == client.chat.completions.create(model="models:/served-dpo@production", messages=messages,
-                                                   max_tokens=64, temperature=0).choices[0].message.content  # fmt: skip
+    assert (
+        reply
+        == client.chat.completions.create(
+            model="models:/served-dpo@production", messages=messages, max_tokens=64, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
     shot(page, "15-model-chat")
     assert ui.errors == [], ui.errors
     ui.context.close()
@@ -298,8 +375,9 @@ def test_serve_healthz_tells_no_model_tenant_or_job(settings):
 
     app = create_app(settings)
     uri = "s3://b/tenants/acme/jobs/job_01abc/model/"
-    app.state.pool.children[uri] = SimpleNamespace(uri=uri, proc=SimpleNamespace(pid=4242), lock=SimpleNamespace(
-        locked=lambda: False))  # fmt: skip
+    app.state.pool.children[uri] = SimpleNamespace(
+        uri=uri, proc=SimpleNamespace(pid=4242), lock=SimpleNamespace(locked=lambda: False)
+    )
     health = TestClient(app).get("/healthz")
     assert health.status_code == 200 and health.json()["models_loaded"] == 1, health.text
     assert "acme" not in health.text and "job_01abc" not in health.text and "4242" not in health.text

@@ -13,9 +13,25 @@ from tests.services import FAST, Receiver, alive, prefq, submit
 
 
 def test_dpo_job_end_to_end(stack, micro_model, toy_dpo, callback_url, tmp_path):
-    out = prefq(stack, "submit", str(toy_dpo), "--model", str(micro_model), "--method", "dpo", *FAST,
-                "--set", "max_steps=30", "--set", "save_steps=10", "--set", "eval_steps=15",
-                "--callback-url", callback_url, "--wait")  # fmt: skip
+    out = prefq(
+        stack,
+        "submit",
+        str(toy_dpo),
+        "--model",
+        str(micro_model),
+        "--method",
+        "dpo",
+        *FAST,
+        "--set",
+        "max_steps=30",
+        "--set",
+        "save_steps=10",
+        "--set",
+        "eval_steps=15",
+        "--callback-url",
+        callback_url,
+        "--wait",
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("dataset ds_") and lines[1].startswith("job_"), "the job id comes first"
@@ -72,8 +88,19 @@ def test_dpo_job_end_to_end(stack, micro_model, toy_dpo, callback_url, tmp_path)
 
 
 def test_a_job_no_worker_can_take_is_told_so_and_cancelled_at_once(stack, micro_model, toy_dpo):
-    out = prefq(stack, "submit", str(toy_dpo), "--model", str(micro_model), "--method", "dpo", "--gpus", "8",
-                "--trainer", "fsdp")  # fmt: skip
+    out = prefq(
+        stack,
+        "submit",
+        str(toy_dpo),
+        "--model",
+        str(micro_model),
+        "--method",
+        "dpo",
+        "--gpus",
+        "8",
+        "--trainer",
+        "fsdp",
+    )
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.splitlines()[1].strip()
     assert "warning: no live worker takes 8-device jobs (queue gpu8; the largest live worker has 2 devices)" in (
@@ -85,8 +112,9 @@ def test_a_job_no_worker_can_take_is_told_so_and_cancelled_at_once(stack, micro_
 
 
 def test_cancel_running_job_stops_every_process(stack, micro_model, toy_dpo):
-    job_id = submit(stack, micro_model, toy_dpo, "--set", "max_steps=5000", "--set", "save_steps=1000",
-                    "--set", "eval_fraction=0")  # fmt: skip
+    job_id = submit(
+        stack, micro_model, toy_dpo, "--set", "max_steps=5000", "--set", "save_steps=1000", "--set", "eval_fraction=0"
+    )
     pid = stack.wait_for_event(job_id, "launched")["data"]["pid"]
     stack.wait_for_event(job_id, "progress")
     assert alive(pid)
@@ -101,8 +129,9 @@ def test_cancel_running_job_stops_every_process(stack, micro_model, toy_dpo):
 
 
 def test_retry_of_a_failed_job_resumes_from_its_newest_checkpoint(stack, micro_model, toy_dpo):
-    job_id = submit(stack, micro_model, toy_dpo, "--set", "max_steps=60", "--set", "save_steps=5",
-                    "--set", "eval_fraction=0")  # fmt: skip
+    job_id = submit(
+        stack, micro_model, toy_dpo, "--set", "max_steps=60", "--set", "save_steps=5", "--set", "eval_fraction=0"
+    )
     pid = stack.wait_for_event(job_id, "launched")["data"]["pid"]
     stack.wait_for_event(job_id, "checkpoint")
     os.killpg(pid, signal.SIGKILL)  # the run dies mid-training
@@ -138,8 +167,9 @@ def test_workers_show_the_pool(stack):
 def test_a_dead_worker_is_replaced_and_its_job_resumes(stack, micro_model, toy_dpo):
     """The worker dies (SIGKILL, no goodbye): its lease expires, the reconciler queues a new attempt, and
     another worker resumes from the newest uploaded checkpoint. Runs last: it kills the stack's worker."""
-    job_id = submit(stack, micro_model, toy_dpo, "--set", "max_steps=80", "--set", "save_steps=10",
-                    "--set", "eval_fraction=0")  # fmt: skip
+    job_id = submit(
+        stack, micro_model, toy_dpo, "--set", "max_steps=80", "--set", "save_steps=10", "--set", "eval_fraction=0"
+    )
     run_pid = stack.wait_for_event(job_id, "launched")["data"]["pid"]
     stack.wait_for_event(job_id, "checkpoint")
     deadline = time.monotonic() + 60

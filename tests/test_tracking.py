@@ -20,8 +20,17 @@ from tests.conftest import python_env
 from tests.services import Stack, submit
 
 WANDB = {"type": "wandb", "wandb": {"project": "toy-project", "name": "toy-run", "tags": ["toy", "dpo"]}}
-HYPER = {"max_steps": 6, "eval_steps": 2, "logging_steps": 1, "batch_size": 16, "learning_rate": 3e-3,
-         "lr_scheduler": "constant", "max_length": 64, "eval_fraction": 0.15, "save_steps": 100}  # fmt: skip
+HYPER = {
+    "max_steps": 6,
+    "eval_steps": 2,
+    "logging_steps": 1,
+    "batch_size": 16,
+    "learning_rate": 3e-3,
+    "lr_scheduler": "constant",
+    "max_length": 64,
+    "eval_fraction": 0.15,
+    "save_steps": 100,
+}
 
 
 def wait_until(check, timeout_s: float, what: str):
@@ -43,10 +52,26 @@ def mlflow_server(tmp_path_factory):
     root, port = tmp_path_factory.mktemp("mlflow"), free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     log = open(root / "server.log", "wb")  # noqa: SIM115 - the child holds it
-    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
     log.close()
     uri = f"http://127.0.0.1:{port}"
 
@@ -70,15 +95,26 @@ def tracked(tmp_path_factory, broker_url, s3, mlflow_server):
 
     url, name = create_pg_database()
     upgrade(url)
-    env = dict(python_env(), PREFQ_DATA_DIR=str(tmp_path_factory.mktemp("prefq-tracking")), PREFQ_DATABASE_URL=url,
-               PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/9",
-               PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/trk-{secrets.token_hex(3)}",
-               PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"], PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
-               PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"], PREFQ_HEARTBEAT_S="0.5", PREFQ_LEASE_TTL_S="10",
-               PREFQ_RECONCILE_INTERVAL_S="2", PREFQ_CPU_DEVICES="1", PREFQ_METRICS_PORT=str(free_port()),
-               PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()), PREFQ_MLFLOW_TRACKING_URI=mlflow_server[0],
-               PREFQ_WANDB_MODE="offline", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
-               MLFLOW_HTTP_REQUEST_TIMEOUT="5")  # fmt: skip
+    env = dict(
+        python_env(),
+        PREFQ_DATA_DIR=str(tmp_path_factory.mktemp("prefq-tracking")),
+        PREFQ_DATABASE_URL=url,
+        PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/9",
+        PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/trk-{secrets.token_hex(3)}",
+        PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"],
+        PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
+        PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"],
+        PREFQ_HEARTBEAT_S="0.5",
+        PREFQ_LEASE_TTL_S="10",
+        PREFQ_RECONCILE_INTERVAL_S="2",
+        PREFQ_CPU_DEVICES="1",
+        PREFQ_METRICS_PORT=str(free_port()),
+        PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()),
+        PREFQ_MLFLOW_TRACKING_URI=mlflow_server[0],
+        PREFQ_WANDB_MODE="offline",
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="5",
+    )
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("logs-tracking")).up()
     yield stack
@@ -98,9 +134,16 @@ def toy_file(tracked, toy_dpo, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def trained(tracked, micro_model, toy_file) -> dict:
     """One short DPO job through the OpenAI face with a W&B integration, trained to the end."""
-    answer = tracked.http.post("/v1/fine_tuning/jobs", json={
-        "model": str(micro_model), "training_file": toy_file, "method": {"type": "dpo"}, "integrations": [WANDB],
-        "prefq": {"hyperparameters": HYPER}})  # fmt: skip
+    answer = tracked.http.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": str(micro_model),
+            "training_file": toy_file,
+            "method": {"type": "dpo"},
+            "integrations": [WANDB],
+            "prefq": {"hyperparameters": HYPER},
+        },
+    )
     assert answer.status_code == 200, answer.text
     job = tracked.wait_for(answer.json()["id"], {"succeeded", "failed", "cancelled"}, timeout_s=240)
     assert job["status"] == "succeeded", job
@@ -122,16 +165,23 @@ def the_run(client, job_id: str):
 
 def test_worker_stays_torch_free_and_keeps_tracking_secrets(tmp_path):
     """The worker process imports mlflow and wandb without torch; their credentials never reach the training run."""
-    code = ("import sys, worker.app, worker.tracking, mlflow, wandb, mlflow.entities; "
-            "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')]")  # fmt: skip
+    code = (
+        "import sys, worker.app, worker.tracking, mlflow, wandb, mlflow.entities; "
+        "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')]"
+    )
     env = dict(python_env(), PREFQ_DATA_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
     from training.launch import run_env
 
-    secret = {"MLFLOW_TRACKING_TOKEN": "t", "MLFLOW_TRACKING_PASSWORD": "p", "WANDB_API_KEY": "k",
-              "PREFQ_MLFLOW_TRACKING_URI": "https://user:pass@mlflow.example", "PATH": "/bin"}  # fmt: skip
+    secret = {
+        "MLFLOW_TRACKING_TOKEN": "t",
+        "MLFLOW_TRACKING_PASSWORD": "p",
+        "WANDB_API_KEY": "k",
+        "PREFQ_MLFLOW_TRACKING_URI": "https://user:pass@mlflow.example",
+        "PATH": "/bin",
+    }
     assert run_env(secret, [], 1).keys() == {"PATH", "PYTHONUNBUFFERED", "CUDA_VISIBLE_DEVICES"}
 
 
@@ -148,12 +198,18 @@ def test_mlflow_run_of_a_job(tracked, trained, mlflow_server, toy_file, micro_mo
     events = tracked.get(f"/jobs/{trained['id']}/events")["data"]
     steps = {kind: [e["data"]["step"] for e in events if e["type"] == kind] for kind in ("progress", "eval")}
     assert len(steps["progress"]) == 6 and len(steps["eval"]) >= 3, steps
-    for metric, kind in (("loss", "progress"), ("rewards/accuracies", "progress"), ("learning_rate", "progress"),
-                         ("eval_loss", "eval"), ("eval_rewards/accuracies", "eval")):  # fmt: skip
+    for metric, kind in (
+        ("loss", "progress"),
+        ("rewards/accuracies", "progress"),
+        ("learning_rate", "progress"),
+        ("eval_loss", "eval"),
+        ("eval_rewards/accuracies", "eval"),
+    ):
         history = client.get_metric_history(run.info.run_id, metric)
         assert sorted(m.step for m in history) == sorted(steps[kind]), (metric, history)
     assert client.get_metric_history(run.info.run_id, "eval_loss")[-1].value == pytest.approx(
-        [e for e in events if e["type"] == "eval"][-1]["data"]["metrics"]["eval_loss"])
+        [e for e in events if e["type"] == "eval"][-1]["data"]["metrics"]["eval_loss"]
+    )
     samples = {f"samples/step-{e['data']['step']}-{e['data']['model']}.json" for e in events if e["type"] == "samples"}
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "samples")} if samples else set()
     assert samples <= logged
@@ -163,9 +219,12 @@ def test_wandb_offline_run_kept_with_the_job(tracked, trained):
     from jobs import layout
     from storage import open_storage
 
-    storage = open_storage(tracked.env["PREFQ_STORAGE_URL"], endpoint_url=tracked.env["PREFQ_S3_ENDPOINT_URL"],
-                           access_key_id=tracked.env["PREFQ_S3_ACCESS_KEY_ID"],
-                           secret_access_key=tracked.env["PREFQ_S3_SECRET_ACCESS_KEY"])  # fmt: skip
+    storage = open_storage(
+        tracked.env["PREFQ_STORAGE_URL"],
+        endpoint_url=tracked.env["PREFQ_S3_ENDPOINT_URL"],
+        access_key_id=tracked.env["PREFQ_S3_ACCESS_KEY_ID"],
+        secret_access_key=tracked.env["PREFQ_S3_SECRET_ACCESS_KEY"],
+    )
     prefix = layout.artifacts_prefix("default", trained["id"]) + "wandb/"
     runs = [k for k in storage.list(prefix) if k.endswith(".wandb")]
     assert len(runs) == 1 and "/offline-run-" in runs[0], storage.list(prefix)
@@ -180,12 +239,17 @@ def test_openai_integrations(tracked, micro_model, toy_file):
     """Shapes are checked; a server without W&B refuses any integration, naming the field."""
     from cli.stack import free_port, wait_for_port
 
-    base = {"model": str(micro_model), "training_file": toy_file, "method": {"type": "dpo"},
-            "prefq": {"trainer": "fsdp", "gpus": 8}}  # fmt: skip - no worker here takes 8-device jobs
-    for integration, param in (({"type": "comet", "comet": {}}, "integrations.0.type"),
-                               ({"type": "wandb", "wandb": {"name": "x"}}, "integrations.0.wandb.project"),
-                               ({"type": "wandb", "wandb": {"project": "p", "colour": "red"}},
-                                "integrations.0.wandb.colour")):  # fmt: skip
+    base = {
+        "model": str(micro_model),
+        "training_file": toy_file,
+        "method": {"type": "dpo"},
+        "prefq": {"trainer": "fsdp", "gpus": 8},
+    }  # no worker here takes 8-device jobs
+    for integration, param in (
+        ({"type": "comet", "comet": {}}, "integrations.0.type"),
+        ({"type": "wandb", "wandb": {"name": "x"}}, "integrations.0.wandb.project"),
+        ({"type": "wandb", "wandb": {"project": "p", "colour": "red"}}, "integrations.0.wandb.colour"),
+    ):
         answer = tracked.http.post("/v1/fine_tuning/jobs", json={**base, "integrations": [integration]})
         assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
     answer = tracked.http.post("/v1/fine_tuning/jobs", json={**base, "integrations": [WANDB]})
@@ -195,8 +259,12 @@ def test_openai_integrations(tracked, micro_model, toy_file):
     port = free_port()
     tracked.start("api-no-wandb", "api", "--port", str(port), env={"PREFQ_WANDB_MODE": "off"})
     wait_for_port(port, 60)
-    answer = httpx.post(f"http://127.0.0.1:{port}/v1/fine_tuning/jobs", json={**base, "integrations": [WANDB]},
-                        headers=tracked.http.headers, timeout=30)  # fmt: skip
+    answer = httpx.post(
+        f"http://127.0.0.1:{port}/v1/fine_tuning/jobs",
+        json={**base, "integrations": [WANDB]},
+        headers=tracked.http.headers,
+        timeout=30,
+    )
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == "integrations" and "integrations" in answer.json()["error"]["message"]
 
@@ -209,10 +277,16 @@ def test_samples_become_artifacts(mlflow_server, tmp_path):
     from worker.tracking import Tracker
 
     settings = Settings(data_dir=tmp_path, mlflow_tracking_uri=mlflow_server[0], wandb_mode="offline")
-    job = Job(id=f"job_samples{secrets.token_hex(4)}", method="dpo", trainer="basic", gpus=1, model="m",
-              dataset_id="ds_x")  # fmt: skip
-    samples = {"step": 3, "model": "policy", "seconds": 0.1, "time": time.time(), "samples": [
-        {"index": 0, "prompt": "Q?", "completion": " A.", "tokens": 2, "reward": 0.5}]}  # fmt: skip
+    job = Job(
+        id=f"job_samples{secrets.token_hex(4)}", method="dpo", trainer="basic", gpus=1, model="m", dataset_id="ds_x"
+    )
+    samples = {
+        "step": 3,
+        "model": "policy",
+        "seconds": 0.1,
+        "time": time.time(),
+        "samples": [{"index": 0, "prompt": "Q?", "completion": " A.", "tokens": 2, "reward": 0.5}],
+    }
     storage = open_storage(f"file://{tmp_path / 'storage'}")
     tracker = Tracker(settings, job, tmp_path / "work", storage)
     tracker.start({"method": "dpo", "beta": 0.1})
@@ -246,19 +320,26 @@ def test_mirror_model_version(tracked, trained, mlflow_server):
         except MlflowException:
             return None
 
-    send_model_mirror(app, "default", name, 1, trained["result_uri"], ["production", "staging"],
-                      {"eval_loss": 0.5}, trained["id"])  # fmt: skip
+    send_model_mirror(
+        app, "default", name, 1, trained["result_uri"], ["production", "staging"], {"eval_loss": 0.5}, trained["id"]
+    )
     first = wait_until(lambda: version_with("staging"), 60, "version 1 was not mirrored")
     assert first.source == trained["result_uri"] and first.run_id == run.info.run_id
     assert first.tags["prefq.version"] == "1" and first.tags["metric.eval_loss"] == "0.5"
     assert version_with("production").version == first.version
 
     send_model_mirror(app, "default", name, 2, trained["result_uri"], ["production"], {}, None)
-    wait_until(lambda: (v := version_with("production")) and v.tags["prefq.version"] == "2", 60,
-               "production did not move to version 2")  # fmt: skip
+    wait_until(
+        lambda: (v := version_with("production")) and v.tags["prefq.version"] == "2",
+        60,
+        "production did not move to version 2",
+    )
     send_model_mirror(app, "default", name, 1, trained["result_uri"], ["staging"], {"eval_loss": 0.5}, trained["id"])
-    wait_until(lambda: not (set(client.get_model_version(f"default.{name}", first.version).aliases) - {"staging"}),
-               60, "version 1 kept production")  # fmt: skip
+    wait_until(
+        lambda: not (set(client.get_model_version(f"default.{name}", first.version).aliases) - {"staging"}),
+        60,
+        "version 1 kept production",
+    )
     assert len(client.search_model_versions(f"name = 'default.{name}'")) == 2
 
 
@@ -315,4 +396,3 @@ def test_job_succeeds_while_mlflow_is_down(tracked, mlflow_server, micro_model, 
     assert job["status"] == "succeeded", job
     log = (Path(tracked.log_dir) / "worker.log").read_text()
     assert f"Job {job_id}: MLflow tracking is off for this attempt" in log, log[-3000:]
-

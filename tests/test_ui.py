@@ -82,8 +82,14 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     assert page.input_value("#dataset") == dataset_id
     page.fill("#model", str(micro_model))
     page.fill("#metadata", "run=ui-test")
-    hyper = {"max_steps": "200", "batch_size": "16", "learning_rate": "3e-3", "max_length": "64", "save_steps": "10",
-             "eval_steps": "10"}  # fmt: skip
+    hyper = {
+        "max_steps": "200",
+        "batch_size": "16",
+        "learning_rate": "3e-3",
+        "max_length": "64",
+        "save_steps": "10",
+        "eval_steps": "10",
+    }
     for name, value in hyper.items():
         page.fill(f"#hp-{name}", value)
     page.select_option("#hp-lr_scheduler", "constant")
@@ -104,8 +110,9 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     # live: progress and the loss curve advance on the open page
     page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points >= 3", timeout=180_000)
     before, bar = points(page, "loss"), float(page.get_attribute("#progress", "value"))
-    page.wait_for_function(f"() => +document.querySelector('#chart-loss').dataset.points > {before + 2}",
-                           timeout=60_000)  # fmt: skip
+    page.wait_for_function(
+        f"() => +document.querySelector('#chart-loss').dataset.points > {before + 2}", timeout=60_000
+    )
     assert float(page.get_attribute("#progress", "value")) > bar
     assert points(page, "accuracy") > 0 and points(page, "lr") > 0
     assert page.locator("#events tr.ev-progress").count() >= before
@@ -143,10 +150,21 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     shot(page, "06-job-succeeded")
 
     # a second, shorter job of alpha's (through the API), then both ticked in the list and compared
-    second = httpx.post(f"{stack.url}/jobs", headers={"Authorization": f"Bearer {keys['alpha']}"}, json={
-        "model": str(micro_model), "dataset": dataset_id, "method": "dpo", "metadata": {"run": "ui-second"},
-        "hyperparameters": {**{k: float(v) if "e-" in v else int(v) for k, v in hyper.items()}, "max_steps": 20,
-                            "beta": 0.3}}).json()["id"]  # fmt: skip
+    second = httpx.post(
+        f"{stack.url}/jobs",
+        headers={"Authorization": f"Bearer {keys['alpha']}"},
+        json={
+            "model": str(micro_model),
+            "dataset": dataset_id,
+            "method": "dpo",
+            "metadata": {"run": "ui-second"},
+            "hyperparameters": {
+                **{k: float(v) if "e-" in v else int(v) for k, v in hyper.items()},
+                "max_steps": 20,
+                "beta": 0.3,
+            },
+        },
+    ).json()["id"]
     stack.wait_for(second, {"succeeded"}, timeout_s=180)
     page.goto("/ui/jobs")
     shot(page, "07-jobs")
@@ -165,7 +183,9 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     page.set_viewport_size({"width": 380, "height": 800})
     page.goto(f"/ui/jobs/{job_id}")
     page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points > 0")
-    wide = page.evaluate("""() => [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > window.innerWidth + 1 && !e.closest('.scroll')).map(e => e.tagName + '#' + e.id + '.' + e.className).slice(0, 12)""")
+    wide = page.evaluate(
+        """() => [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > window.innerWidth + 1 && !e.closest('.scroll')).map(e => e.tagName + '#' + e.id + '.' + e.className).slice(0, 12)"""
+    )
     assert wide == [], f"no sideways scrolling: {wide}"
     shot(page, "10-job-narrow")
 
@@ -204,18 +224,35 @@ def test_samples_step_by_step_and_the_registry_in_a_browser(stack, browser, keys
     headers = {"Authorization": f"Bearer {keys['alpha']}"}
     with open(toy_dpo, "rb") as fh:
         dataset_id = httpx.post(f"{stack.url}/datasets", headers=headers, files={"file": fh}, timeout=60).json()["id"]
-    job_id = httpx.post(f"{stack.url}/jobs", headers=headers, json={
-        "model": str(micro_model), "dataset": dataset_id, "method": "dpo",
-        "hyperparameters": {"max_steps": 16, "eval_steps": 8, "batch_size": 16, "learning_rate": 3e-3,
-                            "lr_scheduler": "constant", "max_length": 64, "sample_prompts": 2,
-                            "sample_max_tokens": 16}}).json()["id"]  # fmt: skip
+    job_id = httpx.post(
+        f"{stack.url}/jobs",
+        headers=headers,
+        json={
+            "model": str(micro_model),
+            "dataset": dataset_id,
+            "method": "dpo",
+            "hyperparameters": {
+                "max_steps": 16,
+                "eval_steps": 8,
+                "batch_size": 16,
+                "learning_rate": 3e-3,
+                "lr_scheduler": "constant",
+                "max_length": 64,
+                "sample_prompts": 2,
+                "sample_max_tokens": 16,
+            },
+        },
+    ).json()["id"]
     alpha = Watched(browser, stack.url, viewport={"width": 1280, "height": 900})
     page = alpha.page()
     sign_in(page, keys["alpha"], f"/ui/jobs/{job_id}")
     # rows arrive live: step 0 (policy and reference), 8, 16 for each of the two prompts
-    page.wait_for_function("() => document.querySelectorAll('#samples details.sample').length === 2 && "
-                           "document.querySelectorAll('#samples details.sample')[0].querySelectorAll('tbody tr').length"
-                           " === 4", timeout=240_000)  # fmt: skip
+    page.wait_for_function(
+        "() => document.querySelectorAll('#samples details.sample').length === 2 && "
+        "document.querySelectorAll('#samples details.sample')[0].querySelectorAll('tbody tr').length"
+        " === 4",
+        timeout=240_000,
+    )
     page.wait_for_selector("#panel[data-status='succeeded']", timeout=120_000)
     rows = page.locator("#samples details.sample").first.locator("tbody tr")
     cells = [rows.nth(i).locator("td").all_inner_texts() for i in range(4)]

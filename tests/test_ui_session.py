@@ -26,13 +26,25 @@ def world(tmp_path_factory):
     (models / "m" / "config.json").write_text("{}")
     url, name = create_pg_database()
     upgrade(url)
-    settings = Settings(data_dir=tmp_path_factory.mktemp("ui"), database_url=url, broker_url="redis://127.0.0.1:9/0",
-                        model_roots=[str(models)])  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("ui"),
+        database_url=url,
+        broker_url="redis://127.0.0.1:9/0",
+        model_roots=[str(models)],
+    )
     keys = {t: make_key(settings.database_url, t) for t in ("alpha", "beta")}
     app = create_app(settings)
     store = app.state.services.store
-    job = Job(id=new_id("job"), tenant="alpha", method="dpo", trainer="basic", gpus=1, model="m", dataset_id="ds_1",
-              user_metadata={"team": "search"})  # fmt: skip
+    job = Job(
+        id=new_id("job"),
+        tenant="alpha",
+        method="dpo",
+        trainer="basic",
+        gpus=1,
+        model="m",
+        dataset_id="ds_1",
+        user_metadata={"team": "search"},
+    )
     store.create_jobs([(job, [("queued", {"queue": "gpu1"})])])
     yield settings, app, keys, job.id, str(models / "m")
     drop_pg_database(name)
@@ -72,8 +84,12 @@ def test_bad_keys_foreign_origins_and_forged_cookies_get_no_session(world):
     assert r.headers["location"] == "/ui/jobs", "no open redirect"
     value = r.cookies["prefq_session"]
     key_id, expires, mac = value.split(".")
-    for forged in (f"{key_id}.{int(expires) + 99}.{mac}", f"{key_id}.{expires}.{'0' * 64}", "garbage",
-                   f"{key_id}.1.{mac}"):  # fmt: skip
+    for forged in (
+        f"{key_id}.{int(expires) + 99}.{mac}",
+        f"{key_id}.{expires}.{'0' * 64}",
+        "garbage",
+        f"{key_id}.1.{mac}",
+    ):
         other = TestClient(app, cookies={"prefq_session": forged})
         assert other.get("/ui/jobs", follow_redirects=False).status_code == 303, forged
     fragment = TestClient(app).get("/ui/jobs/rows", headers={"HX-Request": "true"})
@@ -112,8 +128,13 @@ def test_another_tenants_job_answers_404_everywhere(world):
     _, app, keys, job_id, _ = world
     beta, token = signed_in(app, keys["beta"])
     missing = "job_0000000000000"
-    for path in (f"/ui/jobs/{job_id}", f"/ui/jobs/{job_id}/panel", f"/ui/jobs/{job_id}/stream",
-                 f"/ui/jobs/{job_id}/files/model/config.json", f"/ui/compare?ids={job_id}"):  # fmt: skip
+    for path in (
+        f"/ui/jobs/{job_id}",
+        f"/ui/jobs/{job_id}/panel",
+        f"/ui/jobs/{job_id}/stream",
+        f"/ui/jobs/{job_id}/files/model/config.json",
+        f"/ui/compare?ids={job_id}",
+    ):
         theirs, nothing = beta.get(path), beta.get(path.replace(job_id, missing))
         assert theirs.status_code == 404 == nothing.status_code, path
         assert theirs.text.replace(job_id, missing) == nothing.text, "the same answer as for no job"
@@ -130,22 +151,34 @@ def test_another_tenants_job_answers_404_everywhere(world):
 def test_bad_input_gets_a_page_naming_the_field_never_a_500(world):
     _, app, keys, job_id, model = world
     alpha, token = signed_in(app, keys["alpha"])
-    cases = {"/ui/jobs?status=bogus": (422, "status"), "/ui/jobs?after=a/b": (422, "after"),
-             "/ui/compare?ids=..%2Fx": (422, "ids"), f"/ui/jobs/{job_id}/files/checkpoints/%2e%2e/%2e%2e/x": (404, "No file"),
-             f"/ui/jobs/{job_id}/files/other/x": (404, "No file"), "/ui/datasets?after=%00": (422, "after")}  # fmt: skip
+    cases = {
+        "/ui/jobs?status=bogus": (422, "status"),
+        "/ui/jobs?after=a/b": (422, "after"),
+        "/ui/compare?ids=..%2Fx": (422, "ids"),
+        f"/ui/jobs/{job_id}/files/checkpoints/%2e%2e/%2e%2e/x": (404, "No file"),
+        f"/ui/jobs/{job_id}/files/other/x": (404, "No file"),
+        "/ui/datasets?after=%00": (422, "after"),
+    }
     for path, (status, text) in cases.items():
         r = alpha.get(path)
         assert (r.status_code, text in r.text) == (status, True), path
-    r = alpha.post("/ui/datasets", files={"file": ("bad.jsonl", b'{"prompt": "Q", "chosen": 1}\n')},
-                   data={"csrf": token})  # fmt: skip
+    r = alpha.post(
+        "/ui/datasets", files={"file": ("bad.jsonl", b'{"prompt": "Q", "chosen": 1}\n')}, data={"csrf": token}
+    )
     assert r.status_code == 200 and "nothing was stored" in r.text and "<td>chosen</td>" in r.text
     ds = alpha.post("/ui/datasets", files={"file": ("p.jsonl", GOOD)}, data={"csrf": token})
     dataset_id = re.search(r'id="new-dataset">(ds_\w+)', ds.text).group(1)
     form = {"csrf": token, "dataset": dataset_id, "model": model, "method": "dpo", "gpus": "1"}
-    for extra, field in (({"gpus": "two"}, "gpus"), ({"hp.batch_size": "x"}, "hyperparameters.batch_size"),
-                         ({"hp.beta": "-1"}, "beta"), ({"method": "ppo"}, "method"), ({"metadata": "novalue"}, "metadata"),
-                         ({"model": "/nowhere"}, "model"), ({"hp.max_steps": "0"}, "max_steps"),
-                         ({"hp.learning_rate": "inf"}, "hyperparameters.learning_rate")):  # fmt: skip
+    for extra, field in (
+        ({"gpus": "two"}, "gpus"),
+        ({"hp.batch_size": "x"}, "hyperparameters.batch_size"),
+        ({"hp.beta": "-1"}, "beta"),
+        ({"method": "ppo"}, "method"),
+        ({"metadata": "novalue"}, "metadata"),
+        ({"model": "/nowhere"}, "model"),
+        ({"hp.max_steps": "0"}, "max_steps"),
+        ({"hp.learning_rate": "inf"}, "hyperparameters.learning_rate"),
+    ):
         r = alpha.post("/ui/jobs", data={**form, **extra})
         assert r.status_code == 422 and field in re.search(r'id="form-error"[^>]*>([^<]*)', r.text).group(1), extra
 
@@ -155,9 +188,19 @@ def test_a_failed_job_shows_its_error_whose_fault_and_a_retry_button(world):
     store = app.state.services.store
     failed = {}
     for user_error in (True, False):
-        job = Job(id=new_id("job"), tenant="alpha", method="dpo", trainer="basic", gpus=1, model="m",
-                  dataset_id="ds_1", status=JobStatus.failed, error_code="invalid_data" if user_error else "oom_killed",
-                  error_message="line 3: <chosen> is empty", error_is_user=user_error)  # fmt: skip
+        job = Job(
+            id=new_id("job"),
+            tenant="alpha",
+            method="dpo",
+            trainer="basic",
+            gpus=1,
+            model="m",
+            dataset_id="ds_1",
+            status=JobStatus.failed,
+            error_code="invalid_data" if user_error else "oom_killed",
+            error_message="line 3: <chosen> is empty",
+            error_is_user=user_error,
+        )
         store.create_jobs([(job, [])])
         failed[user_error] = job.id
     alpha, _ = signed_in(app, keys["alpha"])
@@ -166,7 +209,10 @@ def test_a_failed_job_shows_its_error_whose_fault_and_a_retry_button(world):
     assert "Fault: <strong>yours</strong>" in page and 'id="retry"' in page and 'id="cancel"' not in page
     page = alpha.get(f"/ui/jobs/{failed[False]}/panel").text
     assert "the infrastructure" in page and page.startswith('<div id="panel" data-status="failed"')
-    assert "failed" in alpha.get("/ui/jobs?status=failed").text and failed[True] in alpha.get("/ui/jobs?status=failed").text
+    assert (
+        "failed" in alpha.get("/ui/jobs?status=failed").text
+        and failed[True] in alpha.get("/ui/jobs?status=failed").text
+    )
     assert failed[True] not in alpha.get("/ui/jobs?status=running").text
 
 
@@ -175,8 +221,16 @@ def test_the_jobs_list_pages_newest_first(world):
     store = app.state.services.store
     ids = []
     for n in range(27):
-        job = Job(id=new_id("job"), tenant="gamma", method="sft", trainer="basic", gpus=1, model="m", dataset_id="d",
-                  user_metadata={"n": str(n)})  # fmt: skip
+        job = Job(
+            id=new_id("job"),
+            tenant="gamma",
+            method="sft",
+            trainer="basic",
+            gpus=1,
+            model="m",
+            dataset_id="d",
+            user_metadata={"n": str(n)},
+        )
         store.create_jobs([(job, [])])
         ids.append(job.id)
     gamma, _ = signed_in(app, make_key(settings.database_url, "gamma"))

@@ -155,10 +155,24 @@ def broker_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pg_url():
+def pg_template():
+    """The name of a PostgreSQL database upgraded once to the newest migration: `create_pg_database(template=...)`
+    clones it (a file copy on the server), instead of running every migration again for each database."""
+    from jobs.db import upgrade
     from tests.services import create_pg_database, drop_pg_database
 
     url, name = create_pg_database()
+    upgrade(url)
+    yield name
+    drop_pg_database(name)
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_template):
+    """A migrated PostgreSQL database for the session (the stack's)."""
+    from tests.services import create_pg_database, drop_pg_database
+
+    url, name = create_pg_database(template=pg_template)
     yield url
     drop_pg_database(name)
 
@@ -180,10 +194,8 @@ def stack(tmp_path_factory, broker_url, pg_url, s3):
     import secrets
 
     from cli.stack import free_port
-    from jobs.db import upgrade
     from tests.services import Stack
 
-    upgrade(pg_url)
     data_dir = tmp_path_factory.mktemp("prefq")
     env = dict(
         python_env(),
@@ -210,26 +222,45 @@ def stack(tmp_path_factory, broker_url, pg_url, s3):
     stack.down()
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    """A SQLite job table upgraded once to the newest migration; the `settings` fixture copies it."""
+    from jobs.db import upgrade
+
+    path = tmp_path_factory.mktemp("sqlite") / "prefq.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+def copy_sqlite(template: Path, path: Path) -> str:
+    """A copy of the SQLite database `template` at `path` (SQLite's backup: consistent whatever its journal);
+    returns its URL."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(template)) as src, closing(sqlite3.connect(path)) as dst:
+        src.backup(dst)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture
-def settings(tmp_path, tmp_path_factory, broker_url):
-    """Settings of an in-process API (FastAPI TestClient) on SQLite and local storage, whose broker keyspace no
-    worker reads."""
+def settings(tmp_path, tmp_path_factory, broker_url, sqlite_template):
+    """Settings of an in-process API (FastAPI TestClient) on SQLite (a copy of the migrated template) and local
+    storage, whose broker keyspace no worker reads."""
     import redis
 
-    from jobs.db import upgrade
     from settings import Settings
 
     url = broker_url.rsplit("/", 1)[0] + "/1"  # a keyspace of its own: no worker consumes these messages
     redis.Redis.from_url(url).flushdb()
-    s = Settings(
+    return Settings(
         data_dir=tmp_path,
         broker_url=url,
         callback_secret="s3cret",
         callback_allow_private=True,
+        database_url=copy_sqlite(sqlite_template, tmp_path / "prefq.db"),
         model_roots=[str(tmp_path_factory.getbasetemp())],
     )
-    upgrade(s.database_url)
-    return s
 
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's (scripts/setup.sh installs it); Playwright's download cannot work here

@@ -34,11 +34,12 @@ FAST = [
 S3_KEY, S3_SECRET, S3_BUCKET = "prefq-test", secrets.token_hex(16), "prefq"
 
 
-def create_pg_database() -> tuple[str, str]:
-    """A fresh database on the local PostgreSQL; returns (SQLAlchemy URL, name)."""
+def create_pg_database(template: str | None = None) -> tuple[str, str]:
+    """A fresh database on the local PostgreSQL, empty or a copy of `template` (conftest's `pg_template` is one
+    that is migrated); returns (SQLAlchemy URL, name)."""
     name = f"prefq_{secrets.token_hex(4)}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
+        conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", name
 
 

@@ -5,7 +5,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from jobs.db import upgrade
 from jobs.models import Job
 from settings import Settings
 
@@ -14,11 +13,10 @@ EXISTING = "job_00000000000000000000001"
 
 
 @pytest.fixture(scope="module")
-def pg_client(tmp_path_factory, broker_url):
+def pg_client(tmp_path_factory, broker_url, pg_template):
     from tests.services import create_pg_database, drop_pg_database
 
-    url, name = create_pg_database()
-    upgrade(url)
+    url, name = create_pg_database(template=pg_template)
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("edges"), database_url=url, broker_url=broker_url.rsplit("/", 1)[0] + "/2"
     )

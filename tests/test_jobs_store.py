@@ -5,21 +5,20 @@ import time
 import pytest
 from sqlalchemy import text
 
-from jobs.db import make_engine, upgrade
+from jobs.db import make_engine
 from jobs.models import INF_BUCKET, Dataset, Job, JobStatus, new_id
 from jobs.outbox import Outbox
 from jobs.service import ServiceLeases, count_by_status, duration_buckets
 from jobs.store import JobStore
+from tests.conftest import copy_sqlite
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request, tmp_path):
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        upgrade(url)
+        url = copy_sqlite(request.getfixturevalue("sqlite_template"), tmp_path / "jobs.db")
     else:
         url = request.getfixturevalue("pg_store_url")
-        upgrade(url)
         with make_engine(url).begin() as conn:
             conn.execute(text("TRUNCATE job_events, callbacks, jobs, datasets, workers"))
             conn.execute(text("UPDATE job_duration_buckets SET count = 0, sum_s = 0"))
@@ -28,11 +27,11 @@ def store(request, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pg_store_url():
-    """A database of these tests' own: the stack's database must keep its rows."""
+def pg_store_url(pg_template):
+    """A migrated database of these tests' own: the stack's database must keep its rows."""
     from tests.services import create_pg_database, drop_pg_database
 
-    url, name = create_pg_database()
+    url, name = create_pg_database(template=pg_template)
     yield url
     drop_pg_database(name)
 

@@ -20,13 +20,11 @@ SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 
 
 @pytest.fixture(scope="module")
-def live_api(tmp_path_factory, broker_url):
+def live_api(tmp_path_factory, broker_url, pg_template):
     from cli.stack import free_port, stop, wait_for_port
-    from jobs.db import upgrade
     from training.parent import die_with_parent
 
-    url, name = create_pg_database()
-    upgrade(url)
+    url, name = create_pg_database(template=pg_template)
     port = free_port()
     env = dict(
         os.environ,

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from cli.client import Client, ClientError
-from jobs.db import make_engine, upgrade
+from jobs.db import make_engine
 from jobs.models import Job, new_id
 from jobs.store import JobStore
 from queue_config import enqueue_job, make_celery
@@ -21,11 +21,10 @@ GOOD = b'{"prompt": "Q1", "chosen": "A", "rejected": "B"}\n{"prompt": "Q2", "cho
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, broker_url):
+def world(tmp_path_factory, broker_url, pg_template):
     from tests.services import create_pg_database, drop_pg_database
 
-    url, name = create_pg_database()
-    upgrade(url)
+    url, name = create_pg_database(template=pg_template)
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("tenants"),
         database_url=url,

@@ -10,7 +10,6 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.ui import session as ui_session
-from jobs.db import upgrade
 from jobs.keys import KeyStore
 from jobs.models import Job, JobStatus, new_id
 from settings import Settings
@@ -20,12 +19,11 @@ GOOD = b'{"prompt": "Q1", "chosen": "A", "rejected": "B"}\n{"prompt": "Q2", "cho
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, pg_template):
     models = tmp_path_factory.mktemp("models")
     (models / "m").mkdir()
     (models / "m" / "config.json").write_text("{}")
-    url, name = create_pg_database()
-    upgrade(url)
+    url, name = create_pg_database(template=pg_template)
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("ui"),
         database_url=url,

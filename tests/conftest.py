@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny model and toy data built once per session, and a helper to run training.
+"""Shared fixtures: a tiny model and toy data built once per session, a helper to run training, and the real
+services: one stack per session with every feature on (the OpenAI face on an offline hub cache, the playground's
+`prefq serve`, MLflow and W&B tracking), one DPO job trained on it that read-only tests share, and migrated
+databases cloned from one upgrade.
 
 Markers say what a test starts; they are set here from the fixtures a test uses, so they cannot drift:
 `stack` (the session stack), `faults` (the faults stack of tests/test_faults.py, which kills and cuts its
@@ -189,12 +192,42 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, broker_url, pg_url, s3):
-    """The whole service on PostgreSQL, the broker and S3, with short heartbeats and leases."""
+def hub_cache(tmp_path_factory, micro_model) -> Path:
+    """An offline Hugging Face hub cache that holds the micro model as `HUB_ID` (at main and at the tag v1)."""
+    from tests.services import fill_hub_cache
+
+    cache = tmp_path_factory.mktemp("hf") / "hub"
+    fill_hub_cache(cache, micro_model)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` (SQLite store, served artifacts) on a free port, and a proxy in front of it that the stack's
+    workers report through: a test cuts the proxy for an MLflow outage. Yields `uri` (direct), `proxy`, `proc` and
+    `ready()`, which waits until it answers (the stack starts meanwhile)."""
+    from types import SimpleNamespace
+
+    from cli.stack import stop
+    from tests.proxy import Proxy
+    from tests.services import start_mlflow, wait_for_mlflow
+
+    proc, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    proxy = Proxy("127.0.0.1", int(uri.rsplit(":", 1)[1]))
+    yield SimpleNamespace(uri=uri, proxy=proxy, proc=proc, ready=lambda: wait_for_mlflow(proc, uri))
+    proxy.close()
+    stop([proc])
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, broker_url, pg_url, s3, hub_cache, mlflow_server):
+    """The whole service on PostgreSQL, the broker and S3, with short heartbeats and leases, and every feature on:
+    the OpenAI face with a hub model served from an offline cache, the playground's `prefq serve`, tracking to
+    MLflow and W&B (offline). One training worker with 2 CPU devices and the service worker."""
     import secrets
 
     from cli.stack import free_port
-    from tests.services import Stack
+    from tests.services import HUB_ID, SERVE_MAX_TOKENS, SERVE_TIMEOUT_S, Stack
 
     data_dir = tmp_path_factory.mktemp("prefq")
     env = dict(
@@ -215,11 +248,58 @@ def stack(tmp_path_factory, broker_url, pg_url, s3):
         PREFQ_WORKER_LIVE_S="10",
         PREFQ_METRICS_PORT=str(free_port()),
         PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()),
+        # the OpenAI face: hub ids of the tests' own organisation, from an offline cache
+        PREFQ_ALLOWED_HUB_MODELS="prefq-test/*",
+        PREFQ_BASE_MODELS=HUB_ID,
+        HF_HUB_CACHE=str(hub_cache),
+        HF_HUB_OFFLINE="1",
+        # the playground: room for a generation that outlasts the time limit
+        PREFQ_SERVE_URL=f"http://127.0.0.1:{free_port()}",
+        PREFQ_SERVE_TOKEN=secrets.token_hex(8),
+        PREFQ_SERVE_MAX_TOKENS=str(SERVE_MAX_TOKENS),
+        PREFQ_SERVE_TIMEOUT_S=str(SERVE_TIMEOUT_S),
+        # tracking, through the proxy; a tracking server that is gone costs a job little
+        PREFQ_MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_server.proxy.port}",
+        PREFQ_WANDB_MODE="offline",
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="5",
     )
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    stack = Stack(env, tmp_path_factory.mktemp("logs")).up()
+    stack = Stack(env, tmp_path_factory.mktemp("logs")).up(serve=True)
+    mlflow_server.ready()
     yield stack
     stack.down()
+
+
+@pytest.fixture(scope="session")
+def dpo_job(stack, toy_dpo, tmp_path_factory):
+    """One DPO job on the session stack, trained once for the tests that only read a succeeded job (its events,
+    checkpoints, samples, model, tracking runs, playground answers, registry). Created as a user of the OpenAI SDK
+    would (the default tenant): the hub model, a suffix, a seed, metadata, DPO's beta, a W&B integration and an
+    `Idempotency-Key`; 16 steps with a checkpoint, an evaluation and sample generations every 8.
+
+    Returns `created` (the SDK's answer to the create), `sdk` (the finished job as the SDK reads it), `job` (the
+    native view), `file` (the training file's SDK object) and `path` (its local copy), `client` (the SDK client of
+    the default tenant), `create` (the arguments of the create)."""
+    from types import SimpleNamespace
+
+    from openai import OpenAI
+
+    from tests.services import DPO_JOB_HYPER, HUB_ID, WANDB, openai_dpo_file
+
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key=stack.env["PREFQ_API_KEY"], max_retries=0)
+    path = openai_dpo_file(toy_dpo, tmp_path_factory.mktemp("dpo-job") / "pairs.jsonl", rows=400)
+    with path.open("rb") as fh:
+        file = client.files.create(file=fh, purpose="fine-tune")
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 16, "n_epochs": "auto"}}}
+    create = dict(model=HUB_ID, training_file=file.id, suffix="pairs", seed=7, metadata={"team": "search"}, method=dpo)
+    create |= dict(integrations=[WANDB], extra_body={"prefq": {"gpus": 1, "hyperparameters": DPO_JOB_HYPER}})
+    create |= dict(extra_headers={"Idempotency-Key": "dpo-job-1"})
+    created = client.fine_tuning.jobs.create(**create)
+    job = stack.wait_for(created.id, {"succeeded", "failed", "cancelled"}, timeout_s=300)
+    assert job["status"] == "succeeded", job
+    sdk = client.fine_tuning.jobs.retrieve(created.id)
+    return SimpleNamespace(created=created, sdk=sdk, job=job, file=file, client=client, create=create, path=path)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Real services for the tests: a Valkey broker, a PostgreSQL database, a SeaweedFS S3 server, and the prefq
-stack (API, training worker, service worker) as separate processes. Each is started fresh on free ports."""
+"""Real services for the tests: a Valkey broker, a PostgreSQL database, a SeaweedFS S3 server, an MLflow tracking
+server, an offline hub cache, and the prefq stack (API, training worker, service worker, `prefq serve`) as separate
+processes. Each is started fresh on free ports."""
 
 from __future__ import annotations
 
@@ -32,6 +33,23 @@ FAST = [
     "max_length=64",
 ]
 S3_KEY, S3_SECRET, S3_BUCKET = "prefq-test", secrets.token_hex(16), "prefq"
+HUB_ID = "prefq-test/micro-llama"  # the micro model, as the offline hub cache of the session stack holds it
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SERVE_MAX_TOKENS = 2000  # PREFQ_SERVE_MAX_TOKENS of the session stack: room for a generation past the time limit
+SERVE_TIMEOUT_S = 2.0  # PREFQ_SERVE_TIMEOUT_S: 2000 tokens of the micro model take about 4 s here, 16 take 50 ms
+WANDB = {"type": "wandb", "wandb": {"project": "toy-project", "name": "toy-run", "tags": ["toy", "dpo"]}}
+DPO_JOB_HYPER = {
+    "max_steps": 16,
+    "save_steps": 8,
+    "eval_steps": 8,
+    "logging_steps": 1,
+    "max_length": 64,
+    "eval_fraction": 0.15,
+    "learning_rate": 3e-3,
+    "lr_scheduler": "constant",
+    "sample_prompts": 3,
+    "sample_max_tokens": 24,
+}  # the shared `dpo_job` of conftest
 
 
 def create_pg_database(template: str | None = None) -> tuple[str, str]:
@@ -104,8 +122,58 @@ def start_seaweedfs(data_dir: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"SeaweedFS did not start; see {data_dir / 'weed.log'}")
 
 
+def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on a free port with a SQLite store and served artifacts under `root`; returns (process,
+    tracking URI) at once: `wait_for_mlflow` waits until it answers, so that it starts while other things do."""
+    port = free_port()
+    store, artifacts = f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts")
+    command = [str(Path(os.sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store]
+    command += ["--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(root / "server.log", "wb") as log:  # the child holds its own copy
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_for_mlflow(proc: subprocess.Popen, uri: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise RuntimeError(f"mlflow server at {uri} did not answer (exit code {proc.poll()}); see its server.log")
+
+
+def fill_hub_cache(cache: Path, model: Path) -> None:
+    """`model` as the hub cache holds `HUB_ID` at main (and at the tag v1): what a download would have left."""
+    repo = cache / f"models--{HUB_ID.replace('/', '--')}"
+    shutil.copytree(model, repo / "snapshots" / HUB_COMMIT)
+    (repo / "refs").mkdir()
+    for ref in ("main", "v1"):
+        (repo / "refs" / ref).write_text(HUB_COMMIT)
+
+
+def openai_dpo_file(toy_dpo: Path, path: Path, rows: int = 64) -> Path:
+    """The first `rows` pairs of `toy_dpo` in OpenAI's DPO format."""
+
+    def openai_form(row: dict) -> dict:
+        return {
+            "input": {"messages": [{"role": "user", "content": row["prompt"]}]},
+            "preferred_output": [{"role": "assistant", "content": row["chosen"]}],
+            "non_preferred_output": [{"role": "assistant", "content": row["rejected"]}],
+        }
+
+    rows_in = [json.loads(line) for line in toy_dpo.read_text().splitlines()[:rows]]
+    path.write_text("".join(json.dumps(openai_form(r)) + "\n" for r in rows_in))
+    return path
+
+
 class Stack:
-    """API, training worker and service worker processes sharing one environment."""
+    """API, training worker and service worker processes sharing one environment; `prefq serve` too, where the
+    environment names a PREFQ_SERVE_URL."""
 
     def __init__(self, env: dict, log_dir: Path):
         """`env` reaches the services; with a PREFQ_DATABASE_URL in it, an admin key is made there, which the CLI
@@ -138,13 +206,25 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def up(self) -> Stack:
+    def up(self, serve: bool = False) -> Stack:
         self.start("api", "api", "--port", str(self.port))
         self.start("worker", "worker", "--name", "prefq-test-worker@%h")
         self.start("service", "worker", "--service", "--name", "prefq-test-service@%h")
+        if serve:
+            self.start_serve()
         wait_for_port(self.port, 60)
         self.wait_for_worker("prefq-test-worker@")
+        if serve:
+            wait_for_port(self.serve_port, 60)
         return self
+
+    @property
+    def serve_port(self) -> int:
+        return int(self.env["PREFQ_SERVE_URL"].rsplit(":", 1)[1])
+
+    def start_serve(self) -> subprocess.Popen:
+        """`prefq serve` on the port of PREFQ_SERVE_URL, as the process `serve`."""
+        return self.start("serve", "serve", "--port", str(self.serve_port))
 
     def wait_for_worker(self, prefix: str, timeout_s: float = 60) -> dict:
         deadline = time.monotonic() + timeout_s

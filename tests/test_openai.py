@@ -1,11 +1,9 @@
 """The real `openai` SDK against a live prefq (uvicorn, a Celery worker, PostgreSQL, Valkey, SeaweedFS), with only
-`base_url` changed; the base model is a hub id served from an offline hub cache that the test fills. The CLI runs a
-hub-id job and an SFT -> DPO pipeline on the same stack."""
+`base_url` changed; the base model is a hub id served from the session stack's offline hub cache. The CLI runs a
+hub-id job and an SFT -> DPO pipeline on the same stack. Tenants of this file's own (`oai-*`) keep its lists apart
+from the other tests on the stack."""
 
 import json
-import secrets
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -14,10 +12,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.services import Stack, make_key, prefq
+from tests.services import DPO_JOB_HYPER, HUB_ID, make_key, openai_dpo_file, prefq
 
-HUB_ID = "prefq-test/micro-llama"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 FAST = {
     "max_steps": 4,
     "save_steps": 2,
@@ -30,70 +26,12 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 PARKED = {"prefq": {"trainer": "fsdp", "gpus": 8}}  # no worker here takes 8-device jobs: they stay queued
 
 
-def fill_hub_cache(cache: Path, model: Path) -> None:
-    """`model` as the hub cache holds `HUB_ID` at main (and at the tag v1): what a download would have left."""
-    repo = cache / f"models--{HUB_ID.replace('/', '--')}"
-    shutil.copytree(model, repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    for ref in ("main", "v1"):
-        (repo / "refs" / ref).write_text(COMMIT)
-
-
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory, broker_url, s3, micro_model):
-    """A stack of its own (its broker database, PostgreSQL database and hub cache), and a key per tenant."""
-    from cli.stack import free_port
-    from jobs.db import upgrade
-    from tests.conftest import python_env
-    from tests.services import create_pg_database, drop_pg_database
-
-    cache = tmp_path_factory.mktemp("hf") / "hub"
-    fill_hub_cache(cache, micro_model)
-    url, name = create_pg_database()
-    upgrade(url)
-    env = dict(
-        python_env(),
-        PREFQ_DATA_DIR=str(tmp_path_factory.mktemp("prefq-openai")),
-        PREFQ_DATABASE_URL=url,
-        PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/7",
-        PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/oai-{secrets.token_hex(3)}",
-        PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"],
-        PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
-        PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"],
-        PREFQ_HEARTBEAT_S="0.5",
-        PREFQ_LEASE_TTL_S="10",
-        PREFQ_RECONCILE_INTERVAL_S="2",
-        PREFQ_CPU_DEVICES="1",
-        PREFQ_METRICS_PORT=str(free_port()),
-        PREFQ_ALLOWED_HUB_MODELS="prefq-test/*",
-        PREFQ_BASE_MODELS=HUB_ID,
-        HF_HUB_CACHE=str(cache),
-        HF_HUB_OFFLINE="1",
-    )
-    env["PATH"] = str(Path(sys.executable).parent) + ":" + env["PATH"]
-    stack = Stack(env, tmp_path_factory.mktemp("logs-openai")).up()
-    keys = {t: make_key(url, t) for t in ("alpha", "beta", "gamma", "delta")}
-    yield stack, {t: OpenAI(base_url=f"{stack.url}/v1", api_key=k, max_retries=0) for t, k in keys.items()}
-    stack.down()
-    drop_pg_database(name)
-
-
-def openai_dpo_file(toy_dpo: Path, path: Path, rows: int = 64) -> Path:
-    lines = [json.loads(line) for line in toy_dpo.read_text().splitlines()[:rows]]
-    path.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "input": {"messages": [{"role": "user", "content": r["prompt"]}]},
-                    "preferred_output": [{"role": "assistant", "content": r["chosen"]}],
-                    "non_preferred_output": [{"role": "assistant", "content": r["rejected"]}],
-                }
-            )
-            + "\n"
-            for r in lines
-        )
-    )
-    return path
+def clients(stack):
+    """An SDK client per tenant of this file's (`oai-alpha`, ...)."""
+    url = stack.env["PREFQ_DATABASE_URL"]
+    keys = {t: make_key(url, f"oai-{t}") for t in ("alpha", "beta", "gamma", "delta")}
+    return {t: OpenAI(base_url=f"{stack.url}/v1", api_key=k, max_retries=0) for t, k in keys.items()}
 
 
 def messages_file(toy_sft: Path, path: Path, rows: int = 64) -> Path:
@@ -125,46 +63,29 @@ def wait(client: OpenAI, job_id: str, timeout_s: float = 240):
     raise TimeoutError(f"{job_id} is {job.status}")
 
 
-def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(hub, toy_dpo, toy_sft, tmp_path):
-    stack, clients = hub
-    client = clients["alpha"]
-    with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl").open("rb") as fh:
-        pairs = client.files.create(file=fh, purpose="fine-tune")
+def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(dpo_job, clients, toy_sft, tmp_path):
+    """conftest's `dpo_job` (the default tenant's, created through the SDK on the hub model) read through the SDK;
+    then an SFT job on its fine-tuned model."""
+    client, pairs, job = dpo_job.client, dpo_job.file, dpo_job.created
     assert (pairs.object, pairs.status, pairs.purpose, pairs.filename) == (
         "file",
         "processed",
         "fine-tune",
         "pairs.jsonl",
     )
-    assert client.files.retrieve(pairs.id).bytes == (tmp_path / "pairs.jsonl").stat().st_size
-    assert client.files.content(pairs.id).read() == (tmp_path / "pairs.jsonl").read_bytes()
+    assert client.files.retrieve(pairs.id).bytes == dpo_job.path.stat().st_size
+    assert client.files.content(pairs.id).read() == dpo_job.path.read_bytes()
 
-    create = dict(
-        model=HUB_ID,
-        training_file=pairs.id,
-        suffix="pairs",
-        seed=7,
-        metadata={"team": "search"},
-        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 16, "n_epochs": "auto"}}},
-        extra_body={"prefq": {"gpus": 1, "hyperparameters": FAST}},
-        extra_headers={"Idempotency-Key": "dpo-1"},
-    )
-    job = client.fine_tuning.jobs.create(**create)
-    assert client.fine_tuning.jobs.create(**create).id == job.id, "Idempotency-Key: the same job"
-    assert (job.object, job.model, job.status, job.seed, job.suffix) == (
-        "fine_tuning.job",
-        HUB_ID,
-        "queued",
-        7,
-        "pairs",
-    )
+    assert client.fine_tuning.jobs.create(**dpo_job.create).id == job.id, "Idempotency-Key: the same job"
+    assert (job.object, job.model, job.status, job.seed) == ("fine_tuning.job", HUB_ID, "queued", 7)
+    assert job.suffix == "pairs"
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
     assert job.method.dpo.hyperparameters.n_epochs == 1, "auto is the documented default"
-    assert job.metadata == {"team": "search"} and job.organization_id == "alpha"
+    assert job.metadata == {"team": "search"} and job.organization_id == "default"
 
-    done = wait(client, job.id)
+    done, steps, every = dpo_job.sdk, DPO_JOB_HYPER["max_steps"], DPO_JOB_HYPER["save_steps"]
     assert done.status == "succeeded", done.error
-    assert done.fine_tuned_model == f"ft:{HUB_ID}:alpha:pairs:{job.id}"
+    assert done.fine_tuned_model == f"ft:{HUB_ID}:default:pairs:{job.id}"
     assert done.finished_at >= done.created_at and done.estimated_finish is None
     assert done.trained_tokens > 0
 
@@ -173,18 +94,17 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(hub, toy_dpo, toy_s
     assert events[0].message == "The job has successfully completed" and events[-1].message == "Fine-tuning job queued"
     assert not any({"path", "final_path", "pid"} & set(e.data or {}) for e in events), "no worker-local details"
     metrics = [e for e in events if e.type == "metrics"]
-    assert [e.data["step"] for e in metrics if "train_loss" in e.data] == [4, 3, 2, 1]
+    assert [e.data["step"] for e in metrics if "train_loss" in e.data] == list(range(steps, 0, -1))
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
-    assert [c.step_number for c in checkpoints] == [4, 2]
-    assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-4"
+    assert [c.step_number for c in checkpoints] == list(range(steps, 0, -every))
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-{steps}"
     assert checkpoints[1].metrics.train_loss is not None and checkpoints[1].fine_tuning_job_id == job.id
     assert checkpoints[0].metrics.train_mean_token_accuracy >= 0.9, "DPO: the reward accuracy of the toy pairs"
     (results,) = done.result_files
     csv_rows = client.files.content(results).text.splitlines()
-    assert (
-        csv_rows[0] == "step,train_loss,train_rewards_accuracy,train_rewards_margin,valid_loss,valid_rewards_accuracy"
-    )
-    assert [r.split(",")[0] for r in csv_rows[1:]] == ["1", "2", "3", "4"]
+    header = "step,train_loss,train_rewards_accuracy,train_rewards_margin,valid_loss,valid_rewards_accuracy"
+    assert csv_rows[0] == header
+    assert [r.split(",")[0] for r in csv_rows[1:]] == [str(s) for s in range(steps + 1)], "0: the first evaluation"
     assert client.files.retrieve(results).purpose == "fine-tune-results"
 
     with messages_file(toy_sft, tmp_path / "chat.jsonl").open("rb") as fh:
@@ -202,7 +122,7 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(hub, toy_dpo, toy_s
     assert sft.model == done.fine_tuned_model and sft.method.supervised.hyperparameters.learning_rate_multiplier == 50
     sft_done = wait(client, sft.id)
     assert sft_done.status == "succeeded", sft_done.error
-    assert sft_done.fine_tuned_model == f"ft:{HUB_ID}:alpha:chat:{sft.id}", "the base stays the hub model"
+    assert sft_done.fine_tuned_model == f"ft:{HUB_ID}:default:chat:{sft.id}", "the base stays the hub model"
     assert client.files.content(sft_done.result_files[0]).text.startswith(
         "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
     )
@@ -223,11 +143,10 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(hub, toy_dpo, toy_s
     assert done.fine_tuned_model not in {m.id for m in clients["beta"].models.list()}
     models = {m.id for m in client.models.list()}
     assert {HUB_ID, done.fine_tuned_model, sft_done.fine_tuned_model} <= models
-    assert client.models.retrieve(done.fine_tuned_model).owned_by == "alpha"
+    assert client.models.retrieve(done.fine_tuned_model).owned_by == "default"
 
 
-def test_errors_in_openais_shape(hub, toy_dpo, tmp_path):
-    stack, clients = hub
+def test_errors_in_openais_shape(stack, clients, toy_dpo, tmp_path):
     alpha, beta = clients["alpha"], clients["beta"]
     with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl", rows=8).open("rb") as fh:
         pairs = alpha.files.create(file=fh, purpose="fine-tune")
@@ -249,6 +168,7 @@ def test_errors_in_openais_shape(hub, toy_dpo, tmp_path):
         beta.fine_tuning.jobs.create(model=HUB_ID, training_file=pairs.id, method={"type": "dpo"})
     assert err.value.param == "training_file", "another tenant's file is no file"
 
+    # (integrations, refused where the server has no W&B: test_tracking.py::test_openai_integrations)
     bad = {
         "method.dpo.hyperparameters.n_epochs": {"method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 0}}}},
         "method.dpo.hyperparameters.beta": {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "big"}}}},
@@ -262,7 +182,6 @@ def test_errors_in_openais_shape(hub, toy_dpo, tmp_path):
         },
         "model": {"model": "other-org/model", "method": {"type": "dpo"}},
         "suffix": {"suffix": "has spaces", "method": {"type": "dpo"}},
-        "integrations": {"integrations": [{"type": "wandb", "wandb": {"project": "p"}}], "method": {"type": "dpo"}},
     }
     for param, kwargs in bad.items():
         with pytest.raises(openai.BadRequestError) as err:
@@ -299,8 +218,7 @@ def test_errors_in_openais_shape(hub, toy_dpo, tmp_path):
     alpha.fine_tuning.jobs.cancel(job.id)
 
 
-def test_pagination_metadata_filter_pause_and_resume(hub, toy_dpo, tmp_path):
-    stack, clients = hub
+def test_pagination_metadata_filter_pause_and_resume(clients, toy_dpo, tmp_path):
     gamma = clients["gamma"]
     with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl", rows=8).open("rb") as fh:
         pairs = gamma.files.create(file=fh, purpose="fine-tune")
@@ -343,8 +261,7 @@ def test_pagination_metadata_filter_pause_and_resume(hub, toy_dpo, tmp_path):
     assert {j.status for j in gamma.fine_tuning.jobs.list()} == {"cancelled"}
 
 
-def test_the_cli_runs_a_hub_model_and_an_sft_then_dpo_pipeline(hub, toy_dpo, toy_sft):
-    stack, _ = hub
+def test_the_cli_runs_a_hub_model_and_an_sft_then_dpo_pipeline(stack, toy_dpo, toy_sft):
     sets = [arg for k, v in FAST.items() for arg in ("--set", f"{k}={v}")] + ["--set", "batch_size=16"]
     out = prefq(
         stack,
@@ -371,8 +288,7 @@ def test_the_cli_runs_a_hub_model_and_an_sft_then_dpo_pipeline(hub, toy_dpo, toy
     assert f"{second} succeeded" in out.stdout
 
 
-def test_pause_checkpoints_and_frees_the_worker_and_resume_goes_on_from_there(hub, toy_dpo, tmp_path):
-    stack, clients = hub
+def test_pause_checkpoints_and_frees_the_worker_and_resume_goes_on_from_there(stack, clients, toy_dpo, tmp_path):
     delta = clients["delta"]
     with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl").open("rb") as fh:
         pairs = delta.files.create(file=fh, purpose="fine-tune")

@@ -1,9 +1,8 @@
-"""The playground on real processes: the `openai` SDK asks a live API (PostgreSQL, Valkey, SeaweedFS, a Celery
-worker) for chat and text completions by a DPO job's model, which `prefq serve` runs in a child process of its own;
-limits, tenants, the time limit, a serve that is down, and `prefq chat`."""
+"""The playground on real processes: the `openai` SDK asks the session stack's API (PostgreSQL, Valkey, SeaweedFS,
+a Celery worker) for chat and text completions by a DPO job's model, which `prefq serve` runs in a child process of
+its own; limits, tenants, the time limit, a serve that is down, and `prefq chat`."""
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -17,75 +16,19 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from tests.services import Stack, make_key, prefq, submit
+from tests.services import DPO_JOB_HYPER, SERVE_MAX_TOKENS, SERVE_TIMEOUT_S, make_key, prefq
 
-CAP = 2000  # PREFQ_SERVE_MAX_TOKENS here: room for a generation that outlasts the time limit
-LIMIT_S = 2.0  # PREFQ_SERVE_TIMEOUT_S: 2000 tokens of the micro model take about 4 s on this machine, 16 take 50 ms
-TOKEN = secrets.token_hex(8)
-
-
-def start_serve(stack: Stack, port: int) -> None:
-    stack.start("serve", "serve", "--port", str(port))
-    from cli.stack import wait_for_port
-
-    wait_for_port(port, 60)
+CAP, LIMIT_S = SERVE_MAX_TOKENS, SERVE_TIMEOUT_S  # the session stack's PREFQ_SERVE_MAX_TOKENS, PREFQ_SERVE_TIMEOUT_S
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, broker_url, s3, micro_model, toy_dpo):
-    """A stack with `prefq serve`, a DPO job's fine-tuned model (default tenant), and SDK clients for the default
-    tenant and another one."""
-    from cli.stack import free_port
-    from jobs.db import upgrade
-    from tests.conftest import python_env
-    from tests.services import create_pg_database, drop_pg_database
-
-    url, name = create_pg_database()
-    upgrade(url)
-    serve_port = free_port()
-    env = dict(
-        python_env(),
-        PREFQ_DATA_DIR=str(tmp_path_factory.mktemp("prefq-serve")),
-        PREFQ_DATABASE_URL=url,
-        PREFQ_BROKER_URL=broker_url.rsplit("/", 1)[0] + "/8",
-        PREFQ_STORAGE_URL=f"s3://{s3['bucket']}/serve-{secrets.token_hex(3)}",
-        PREFQ_S3_ENDPOINT_URL=s3["endpoint_url"],
-        PREFQ_S3_ACCESS_KEY_ID=s3["access_key_id"],
-        PREFQ_S3_SECRET_ACCESS_KEY=s3["secret_access_key"],
-        PREFQ_HEARTBEAT_S="0.5",
-        PREFQ_LEASE_TTL_S="10",
-        PREFQ_RECONCILE_INTERVAL_S="2",
-        PREFQ_CPU_DEVICES="1",
-        PREFQ_METRICS_PORT=str(free_port()),
-        PREFQ_MODEL_ROOTS=str(tmp_path_factory.getbasetemp()),
-        PREFQ_SERVE_URL=f"http://127.0.0.1:{serve_port}",
-        PREFQ_SERVE_TOKEN=TOKEN,
-        PREFQ_SERVE_MAX_TOKENS=str(CAP),
-        PREFQ_SERVE_TIMEOUT_S=str(LIMIT_S),
+def served(stack, dpo_job):
+    """The session stack (with `prefq serve`), the shared DPO job's fine-tuned model (default tenant), and SDK
+    clients for the default tenant and another one."""
+    other = OpenAI(
+        base_url=f"{stack.url}/v1", api_key=make_key(stack.env["PREFQ_DATABASE_URL"], "serve-other"), max_retries=0
     )
-    env["PATH"] = str(Path(sys.executable).parent) + ":" + env["PATH"]
-    stack = Stack(env, tmp_path_factory.mktemp("logs-serve"))
-    start_serve(stack, serve_port)
-    stack.up()
-    job_id = submit(
-        stack,
-        micro_model,
-        toy_dpo,
-        "--set",
-        "max_steps=4",
-        "--set",
-        "save_steps=2",
-        "--set",
-        "eval_fraction=0",
-        "--wait",
-    )
-    client = OpenAI(base_url=f"{stack.url}/v1", api_key=env["PREFQ_API_KEY"], max_retries=0)
-    other = OpenAI(base_url=f"{stack.url}/v1", api_key=make_key(url, "alpha"), max_retries=0)
-    job = client.fine_tuning.jobs.retrieve(job_id)
-    assert job.status == "succeeded", job.error
-    yield stack, client, other, job, serve_port
-    stack.down()
-    drop_pg_database(name)
+    return stack, dpo_job.client, other, dpo_job.sdk, stack.serve_port
 
 
 def test_the_sdk_gets_chat_completions_streamed_or_not(served):
@@ -139,7 +82,7 @@ def test_text_completions_and_a_checkpoint(served):
     assert "".join(p.choices[0].text for p in pieces) and pieces[-1].choices[0].finish_reason
 
     checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[-1].fine_tuned_model_checkpoint
-    assert checkpoint.endswith(":ckpt-step-2")
+    assert checkpoint.endswith(f":ckpt-step-{DPO_JOB_HYPER['save_steps']}")
     assert client.completions.create(model=checkpoint, prompt="Hello", max_tokens=4).usage.completion_tokens > 0
 
 
@@ -315,7 +258,10 @@ def test_a_serve_that_is_down_is_a_503_until_it_is_back(served):
     while any(_running(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_running(pid) for pid in children), "the model processes died with the serve"
-    start_serve(stack, port)
+    from cli.stack import wait_for_port
+
+    stack.start_serve()
+    wait_for_port(port, 60)
     assert client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=4).choices
 
 
@@ -350,14 +296,14 @@ def test_a_registered_model_answers_by_its_name_and_in_the_dashboards_chat_box(s
     page.wait_for_selector("#chat-log .chat-reply, #chat-log .chat-error", timeout=60_000)
     assert page.locator("#chat-log .chat-error").count() == 0, page.inner_text("#chat-log")
     assert "models:/served-dpo@production" in page.inner_text("#chat-log .chat-reply")
-    reply = page.inner_text("#chat-log .chat-reply .reply-text")
+    reply = page.inner_text("#chat-log .chat-reply .reply-text")  # as shown: without leading or trailing blanks
     assert (
         reply
         == client.chat.completions.create(
             model="models:/served-dpo@production", messages=messages, max_tokens=64, temperature=0
         )
         .choices[0]
-        .message.content
+        .message.content.strip()
     )
     shot(page, "15-model-chat")
     assert ui.errors == [], ui.errors

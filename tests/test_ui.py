@@ -14,6 +14,7 @@ from tests.conftest import CHROMIUM, SHOTS
 from tests.services import make_key
 
 BAD = b'{"prompt": "Q", "chosen": "A", "rejected": "B"}\n{"prompt": "Q", "chosen": 3}\nnot json\n'
+STEPS = 60  # the job cancelled while it runs, then retried to the end
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (scripts/setup.sh)")
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's ch
 @pytest.fixture(scope="module")
 def keys(stack):
     url = stack.env["PREFQ_DATABASE_URL"]
-    return {"alpha": make_key(url, "alpha"), "beta": make_key(url, "beta"), "admin": stack.env["PREFQ_API_KEY"]}
+    return {"alpha": make_key(url, "ui-alpha"), "beta": make_key(url, "ui-beta"), "admin": stack.env["PREFQ_API_KEY"]}
 
 
 class Watched:
@@ -73,7 +74,7 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     assert "2\tchosen\texpected a string" in report and "3\t-\tmalformed JSON" in report, report
     assert "nothing was stored" in page.inner_text("#upload-report")
     shot(page, "02-upload-report")
-    assert stack.http.get("/datasets", params={"tenant": "alpha"}).json()["data"] == []
+    assert stack.http.get("/datasets", params={"tenant": "ui-alpha"}).json()["data"] == []
 
     # a good one, then the job from the form
     page.set_input_files("#file", str(toy_dpo))
@@ -83,7 +84,7 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     page.fill("#model", str(micro_model))
     page.fill("#metadata", "run=ui-test")
     hyper = {
-        "max_steps": "200",
+        "max_steps": str(STEPS),
         "batch_size": "16",
         "learning_rate": "3e-3",
         "max_length": "64",
@@ -99,7 +100,7 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     page.wait_for_url(re.compile(r"/ui/jobs/job_\w+$"))
     job_id = page.url.rsplit("/", 1)[1]
     job = stack.get(f"/jobs/{job_id}")
-    assert job["tenant"] == "alpha" and job["hyperparameters"]["max_steps"] == 200
+    assert job["tenant"] == "ui-alpha" and job["hyperparameters"]["max_steps"] == STEPS
     assert job["metadata"] == {"run": "ui-test"} and job["dataset_id"] == dataset_id
 
     # the jobs list, in another tab, follows the status without a reload
@@ -118,7 +119,13 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     assert page.locator("#events tr.ev-progress").count() >= before
     page.wait_for_selector(".ckpt-file", state="attached", timeout=60_000)
     page.wait_for_function("() => +document.querySelector('#chart-loss').dataset.points >= 12", timeout=60_000)
-    assert points(page, "loss") < 200, "still running when cancelled"
+    # the samples section follows the evaluations too: step 10's samples came after the page opened
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#samples details.sample tbody tr td:first-child')]"
+        ".some(td => td.textContent.trim() === '10')",
+        timeout=60_000,
+    )
+    assert points(page, "loss") < STEPS, "still running when cancelled"
     shot(page, "04-job-running")
 
     # cancel it while it runs; the page and the list follow; then retry it
@@ -146,7 +153,7 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     assert page.locator("#events tr.ev-succeeded").count() == 1
     model_file = page.get_attribute("#model-files a[href$='/config.json']", "href")
     assert page.request.get(model_file).status == 200
-    assert float(page.get_attribute("#progress", "value")) == 200
+    assert float(page.get_attribute("#progress", "value")) == STEPS
     shot(page, "06-job-succeeded")
 
     # a second, shorter job of alpha's (through the API), then both ticked in the list and compared
@@ -172,7 +179,7 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     page.check(f"#sel-{second}")
     page.click("text=Compare selected")
     page.wait_for_url(re.compile(r"/ui/compare\?"))
-    page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points >= 220")
+    page.wait_for_function(f"() => +document.querySelector('#chart-loss')?.dataset.points >= {STEPS + 20}")
     assert job_id in page.inner_text("ul.legend") and second in page.inner_text("ul.legend")
     shot(page, "08-compare")
     page.goto("/ui/new")
@@ -218,42 +225,22 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
         ctx.context.close()
 
 
-def test_samples_step_by_step_and_the_registry_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
-    """A job's page shows its samples as evaluations bring them; its model is promoted from the page and the
+def test_samples_step_by_step_and_the_registry_in_a_browser(stack, browser, keys, dpo_job):
+    """A job's page shows its samples step by step (conftest's `dpo_job`, the default tenant's: 3 prompts at steps 0,
+    8 and 16; samples arriving live: `test_the_dashboard_in_a_browser`); its model is promoted from the page and the
     registry's pages list it; another tenant's model page answers 404."""
-    headers = {"Authorization": f"Bearer {keys['alpha']}"}
-    with open(toy_dpo, "rb") as fh:
-        dataset_id = httpx.post(f"{stack.url}/datasets", headers=headers, files={"file": fh}, timeout=60).json()["id"]
-    job_id = httpx.post(
-        f"{stack.url}/jobs",
-        headers=headers,
-        json={
-            "model": str(micro_model),
-            "dataset": dataset_id,
-            "method": "dpo",
-            "hyperparameters": {
-                "max_steps": 16,
-                "eval_steps": 8,
-                "batch_size": 16,
-                "learning_rate": 3e-3,
-                "lr_scheduler": "constant",
-                "max_length": 64,
-                "sample_prompts": 2,
-                "sample_max_tokens": 16,
-            },
-        },
-    ).json()["id"]
+    job_id = dpo_job.job["id"]
     alpha = Watched(browser, stack.url, viewport={"width": 1280, "height": 900})
     page = alpha.page()
-    sign_in(page, keys["alpha"], f"/ui/jobs/{job_id}")
-    # rows arrive live: step 0 (policy and reference), 8, 16 for each of the two prompts
+    sign_in(page, keys["admin"], f"/ui/jobs/{job_id}")
+    # step 0 (policy and reference), 8, 16 for each of the three prompts
     page.wait_for_function(
-        "() => document.querySelectorAll('#samples details.sample').length === 2 && "
+        "() => document.querySelectorAll('#samples details.sample').length === 3 && "
         "document.querySelectorAll('#samples details.sample')[0].querySelectorAll('tbody tr').length"
         " === 4",
-        timeout=240_000,
+        timeout=60_000,
     )
-    page.wait_for_selector("#panel[data-status='succeeded']", timeout=120_000)
+    page.wait_for_selector("#panel[data-status='succeeded']", timeout=60_000)
     rows = page.locator("#samples details.sample").first.locator("tbody tr")
     cells = [rows.nth(i).locator("td").all_inner_texts() for i in range(4)]
     assert [(c[0], c[1]) for c in cells] == [("0", "policy"), ("0", "reference"), ("8", "policy"), ("16", "policy")]

@@ -53,9 +53,11 @@ async def _lines(pool: Pool, req: GenerateRequest) -> AsyncIterator[bytes]:
             raise ServeError(
                 400, "max_tokens_too_large", f"max_tokens is at most {pool.settings.serve_max_tokens}", "max_tokens"
             )
-        waited_until = time.monotonic() + limit_s
+        waited_until = None
         while True:
-            child = await pool.child(req.model_uri)
+            child = await pool.child(req.model_uri)  # starts the model's process if need be (LOAD_TIMEOUT_S)
+            # the wait for a busy model counts from here: a model's start is no other request's answer
+            waited_until = waited_until or time.monotonic() + limit_s
             try:
                 await asyncio.wait_for(child.lock.acquire(), max(0.0, waited_until - time.monotonic()))
             except TimeoutError:

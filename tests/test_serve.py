@@ -265,6 +265,32 @@ def test_a_serve_that_is_down_is_a_503_until_it_is_back(served):
     assert client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=4).choices
 
 
+def test_a_models_start_does_not_count_as_waiting_for_a_busy_model(served):
+    """The first request for a model waits for its process to start (import torch, load the weights); a serve whose
+    time limit is shorter than that start still answers it, instead of a 503 saying the model answered other
+    requests (there were none)."""
+    import json
+
+    from cli.stack import free_port, stop, wait_for_port
+
+    stack, _, _, job, _ = served
+    port = free_port()
+    quick = stack.start("serve-quick", "serve", "--port", str(port), env={"PREFQ_SERVE_TIMEOUT_S": "0.5"})
+    try:
+        wait_for_port(port, 60)
+        body = {"id": "first", "model_uri": stack.get(f"/jobs/{job.id}")["result_uri"], "prompt": "Hi", "max_tokens": 1}
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/generate",
+            json=body,
+            timeout=120,
+            headers={"Authorization": f"Bearer {stack.env['PREFQ_SERVE_TOKEN']}"},
+        )
+    finally:
+        stop([quick])
+    lines = [json.loads(line) for line in answer.text.splitlines()]
+    assert answer.status_code == 200 and lines[-1].get("done") and not any("error" in line for line in lines), lines
+
+
 def test_a_registered_model_answers_by_its_name_and_in_the_dashboards_chat_box(served, browser):
     """Promoted to the registry, the job's model answers the SDK as models:/NAME@ALIAS and as the bare NAME, and in
     the chat box of its page on the dashboard; another tenant's SDK finds no such model."""

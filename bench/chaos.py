@@ -17,7 +17,8 @@ A process sampler (every 0.1 s) records which attempts of a job have a training 
 jobs succeeded / submitted, attempts per job (mean, max), the most attempts of one job alive at once (must be 1),
 steps trained twice (a new attempt resumed below the last step of the previous one: lost work, beyond the newest
 uploaded checkpoint), jobs stuck (not finished in time), orphan processes and leftover attempt folders once the
-scenario is over. `--short` runs each scenario small (what CI runs, through tests/test_chaos.py).
+scenario is over. `--short` runs each scenario small, for a quick look. `pytest -m chaos` runs it at full size
+(tests/test_chaos.py); the suite runs a short form of each scenario in tests/test_faults.py instead.
 """
 
 from __future__ import annotations
@@ -412,7 +413,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--short", action="store_true", help="each scenario small (CI)")
+    parser.add_argument("--short", action="store_true", help="each scenario small, for a quick look")
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="run only these (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

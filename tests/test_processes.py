@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import psutil
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -46,16 +47,21 @@ def test_the_dev_stack_dies_with_its_parent_even_by_sigkill(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    health = tmp_path / "dev" / "work" / "health"  # written once a worker is ready, its pool started
+
+    def up() -> bool:  # every process started, the API ready, both workers ready
+        try:
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+        return ready and len(list(health.glob("*.json"))) >= 2
+
     deadline = time.monotonic() + 90
-    children = []
-    while time.monotonic() < deadline:
-        children = psutil.Process(dev.pid).children(recursive=True)
-        if len(children) >= 3 and (tmp_path / "dev" / "logs" / "service-worker.log").exists():
-            break
+    while not up() and time.monotonic() < deadline:
+        assert dev.poll() is None, "prefq dev exited"
         time.sleep(0.3)
-    assert len(children) >= 3, [c.cmdline() for c in children]
-    time.sleep(2)
     children = psutil.Process(dev.pid).children(recursive=True)
+    assert up() and len(children) >= 3, [c.cmdline() for c in children]
     dev.send_signal(signal.SIGKILL)
     dev.wait()
     gone, alive = psutil.wait_procs(children, timeout=60)

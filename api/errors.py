@@ -114,20 +114,14 @@ def openai_body(status: int, code: str, message: str, field: str | None) -> tupl
     }
 
 
-def _answer(
-    request: Request,
-    status: int,
-    code: str,
-    message: str,
-    field: str | None = None,
-    details: list | None = None,
-    headers: dict | None = None,
-) -> JSONResponse:
+def _answer(request: Request, error: APIError) -> JSONResponse:
+    """The error in the shape of the face the request went to: OpenAI's under `/v1`, the native one elsewhere."""
+    status = error.status
     if request.url.path.startswith(OPENAI_PREFIX):
-        status, content = openai_body(status, code, message, field)
+        status, content = openai_body(status, error.code, error.message, error.field)
     else:
-        content = body(code, message, field, details)
-    return JSONResponse(content, status_code=status, headers=headers)
+        content = body(error.code, error.message, error.field, error.details)
+    return JSONResponse(content, status_code=status, headers=error.headers)
 
 
 STATUS = {Invalid: 422, NotFound: 404, Conflict: 409, TooMany: 429, Unavailable: 503}  # the service layer's kinds
@@ -154,7 +148,7 @@ def _field(loc: tuple) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return _answer(request, exc.status, exc.code, exc.message, exc.field, exc.details, exc.headers)
+        return _answer(request, exc)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
@@ -163,13 +157,14 @@ def install(app: FastAPI) -> None:
         for prefix, translate in _faces.items():
             if request.url.path.startswith(prefix):
                 code, message, field = translate(exc)
-        return _answer(request, status_of(exc), code, message, field, exc.details, headers)
+        return _answer(request, APIError(status_of(exc), code, message, field, exc.details, headers))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         details = [{"field": _field(e["loc"]), "reason": e["msg"]} for e in exc.errors()]
         first = details[0] if details else {"field": "body", "reason": "invalid request"}
-        return _answer(request, 422, "invalid_request", f"{first['field']}: {first['reason']}", first["field"], details)
+        message = f"{first['field']}: {first['reason']}"
+        return _answer(request, APIError(422, "invalid_request", message, first["field"], details))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -182,12 +177,11 @@ def install(app: FastAPI) -> None:
             413: "upload_too_large",
         }.get(exc.status_code, "http_error")
         headers = exc.headers if exc.status_code != 405 else {**(exc.headers or {}), "Allow": allowed_methods(request)}
-        return _answer(request, exc.status_code, code, str(exc.detail), headers=headers)
+        return _answer(request, APIError(exc.status_code, code, str(exc.detail), headers=headers))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
         request_id = secrets.token_hex(6)
         log.exception("%s %s failed (request %s)", request.method, request.url.path, request_id)
-        return _answer(
-            request, 500, "internal_error", f"internal error (request {request_id}); the server log has the details"
-        )
+        message = f"internal error (request {request_id}); the server log has the details"
+        return _answer(request, APIError(500, "internal_error", message))

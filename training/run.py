@@ -286,6 +286,14 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
             task_type="CAUSAL_LM",
         )
     common = _trainer_args(spec, out_dir, eval_ds is not None)
+    inputs = dict(
+        model=model,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
     if spec.method == "dpo":
         from trl import DPOConfig
 
@@ -299,31 +307,14 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
             label_smoothing=spec.label_smoothing,
             precompute_ref_log_probs=spec.precomputes_reference,
         )
-        trainer = PrefqDPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[callback],
-            spec=spec,
-        )
+        trainer = PrefqDPOTrainer(args=args, spec=spec, **inputs)
     elif spec.method == "sft":
         from trl import SFTConfig
 
         from training.sft import PrefqSFTTrainer
 
         args = SFTConfig(**common)
-        trainer = PrefqSFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[callback],
-        )
+        trainer = PrefqSFTTrainer(args=args, **inputs)
     else:
         raise ValueError(f"Unknown method: {spec.method}")
     trainer.remove_callback(PrinterCallback)

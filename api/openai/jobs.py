@@ -10,17 +10,17 @@ translated from OpenAI's.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Caller
 from api.deps import Cursor, JobId, Services, services
 from api.errors import APIError, face, openai_responses, status_of
 from api.openai import shapes, types
-from api.schemas import JobCreate, Text
+from api.openai.requests import FineTuningJobCreate, PrefqExtension
+from api.schemas import JobCreate
 from api.service import artifacts, events
 from api.service import jobs as service
 from api.service.errors import NotFound, ServiceError
@@ -29,90 +29,6 @@ from training.spec import DEFAULT_LEARNING_RATE
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["openai"])
 NATIVE = {"n_epochs": "epochs", "batch_size": "batch_size", "beta": "beta"}
-
-
-def _auto_or(kind: type, positive: bool = True):
-    def check(value):
-        if value is None or value == "auto":
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-            raise ValueError(f"expected {'a number' if kind is float else 'an integer'} or 'auto', got {value!r}")
-        if positive and value <= 0:
-            raise ValueError(f"must be above 0, got {value!r}")
-        return value
-
-    return Annotated[Any, AfterValidator(check)]
-
-
-class SupervisedHyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    n_epochs: _auto_or(int) = None
-    batch_size: _auto_or(int) = None
-    learning_rate_multiplier: _auto_or(float) = None
-
-
-class DpoHyperparameters(SupervisedHyperparameters):
-    beta: _auto_or(float) = None
-
-
-class SupervisedMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hyperparameters: SupervisedHyperparameters | None = None
-
-
-class DpoMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hyperparameters: DpoHyperparameters | None = None
-
-
-class Method(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised", "dpo"]
-    supervised: SupervisedMethod | None = None
-    dpo: DpoMethod | None = None
-
-
-class PrefqExtension(BaseModel):
-    """What OpenAI's API has no field for: the trainer, the devices, and any training spec field."""
-
-    model_config = ConfigDict(extra="forbid")
-    trainer: Literal["basic", "fsdp", "deepspeed-tp"] = "basic"
-    gpus: int = Field(1, ge=0, le=64)
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
-
-
-class WandbOptions(BaseModel):
-    """The W&B run of the job (OpenAI's `integrations[].wandb`): the worker's offline run takes these."""
-
-    model_config = ConfigDict(extra="forbid")
-    project: Text = Field(min_length=1, max_length=128)
-    name: Text | None = Field(None, max_length=128)
-    entity: Text | None = Field(None, max_length=128)
-    tags: list[Annotated[Text, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=50)
-
-
-class Integration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["wandb"]
-    wandb: WandbOptions
-
-
-class FineTuningJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: Text = Field(min_length=1, max_length=2048, description="A hub id, a fine-tuned model name, a job id, ...")
-    training_file: Text = Field(min_length=1, max_length=200)
-    validation_file: Text | None = Field(None, min_length=1, max_length=200)
-    method: Method | None = None
-    hyperparameters: SupervisedHyperparameters | None = Field(None, description="Deprecated: `method`.")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]*$")
-    metadata: dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]] | None = Field(
-        None, max_length=16
-    )
-    integrations: list[Integration] | None = Field(
-        None, max_length=5, description="W&B runs, where the server reports to W&B (`PREFQ_WANDB_MODE`)."
-    )
-    prefq: PrefqExtension | None = Field(None, description="prefq's own fields (the SDK's `extra_body`).")
 
 
 def _native(req: FineTuningJobCreate) -> tuple[JobCreate, str]:

@@ -8,6 +8,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import unquote, urlsplit
@@ -83,52 +84,51 @@ def home() -> RedirectResponse:
     return RedirectResponse("/ui/jobs", status_code=303)
 
 
-def _job_list(svc: Services, viewer, status: str | None, q: str | None, after: str | None):
-    try:
-        wanted = JobStatus(status) if status else None
-    except ValueError:
-        raise PageError(422, "Bad filter", f"status: no job state {status!r}") from None
-    if after and not _ID.fullmatch(after):
-        raise PageError(422, "Bad page", "after: not a job id")
-    q = (q or "").strip()[:200] or None  # a NUL never gets here (`api.text`)
-    rows, more = service.list_jobs(svc, viewer.who, wanted, None, PAGE, after or None, search=q)
-    return [JobPublic.of(j) for j in rows], (rows[-1].id if more else None)
+@dataclass
+class JobFilter:
+    """The job list's query: a status, a search in ids and metadata, the page after a job id."""
+
+    status: str | None = None
+    q: str | None = None
+    after: str | None = None
+
+    def page(self, svc: Services, viewer) -> tuple[list[JobPublic], str | None]:
+        """The viewer's jobs that match, and the id to ask the next page after."""
+        try:
+            wanted = JobStatus(self.status) if self.status else None
+        except ValueError:
+            raise PageError(422, "Bad filter", f"status: no job state {self.status!r}") from None
+        if self.after and not _ID.fullmatch(self.after):
+            raise PageError(422, "Bad page", "after: not a job id")
+        search = (self.q or "").strip()[:200] or None  # a NUL never gets here (`api.text`)
+        rows, more = service.list_jobs(svc, viewer.who, wanted, None, PAGE, self.after or None, search=search)
+        return [JobPublic.of(j) for j in rows], (rows[-1].id if more else None)
+
+
+Filter = Annotated[JobFilter, Depends()]
 
 
 @router.get("/jobs")
-def jobs_page(
-    request: Request,
-    viewer: Signed,
-    status: str | None = None,
-    q: str | None = None,
-    after: str | None = None,
-    svc: Services = Depends(services),
-):
-    rows, next_after = _job_list(svc, viewer, status, q, after)
+def jobs_page(request: Request, viewer: Signed, wanted: Filter, svc: Services = Depends(services)):
+    rows, next_after = wanted.page(svc, viewer)
+    statuses = [s.value for s in JobStatus]
     return render(
         request,
         "jobs.html",
         viewer=viewer,
         jobs=rows,
         next_after=next_after,
-        status=status or "",
-        q=q or "",
-        after=after or "",
-        statuses=[s.value for s in JobStatus],
+        status=wanted.status or "",
+        q=wanted.q or "",
+        after=wanted.after or "",
+        statuses=statuses,
     )
 
 
 @router.get("/jobs/rows")
-def jobs_rows(
-    request: Request,
-    viewer: Signed,
-    status: str | None = None,
-    q: str | None = None,
-    after: str | None = None,
-    svc: Services = Depends(services),
-):
+def jobs_rows(request: Request, viewer: Signed, wanted: Filter, svc: Services = Depends(services)):
     """The table's rows alone: the list polls them for live status."""
-    rows, _ = _job_list(svc, viewer, status, q, after)
+    rows, _ = wanted.page(svc, viewer)
     return render(request, "_job_rows.html", viewer=viewer, jobs=rows)
 
 

@@ -67,7 +67,7 @@ def test_fsdp_parameters_are_sharded_dtensors(micro_model, toy_dpo, tmp_path):
     spec = dpo_spec(micro_model, toy_dpo, max_steps=1, eval_fraction=0, trainer="fsdp", gpus=2)
     rc, events = run_training(spec, tmp_path / "run")
     assert rc == EXIT_OK
-    p = events[0]["parallelism"]
+    p = of_type(events, "started")[0]["parallelism"]
     assert p["processes"] == 2 and p["parameters"] > 0 and p["dtensor_parameters"] == p["parameters"]
     assert p["lm_head"]["class"] == "FSDPLinear", "FSDP2 units, not DDP replicas"
 
@@ -76,7 +76,7 @@ def test_deepspeed_tp_splits_attention_and_mlp_but_not_the_lm_head(micro_model, 
     spec = dpo_spec(micro_model, toy_dpo, max_steps=1, eval_fraction=0, trainer="deepspeed-tp", gpus=2)
     rc, events = run_training(spec, tmp_path / "run")
     assert rc == EXIT_OK
-    p = events[0]["parallelism"]
+    p = of_type(events, "started")[0]["parallelism"]
     assert p["layer_classes"] == {
         "self_attn.q_proj": "LinearLayer",
         "self_attn.o_proj": "LinearAllreduce",

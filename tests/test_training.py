@@ -13,7 +13,13 @@ def test_dpo_raises_held_out_reward_accuracy(tmp_path, micro_model, toy_dpo):
     out = tmp_path / "run"
     rc, events = run_training(dpo_spec(micro_model, toy_dpo, max_steps=30, save_steps=15, eval_steps=15), out)
     assert rc == EXIT_OK
-    assert events[0]["event"] == "started" and events[0]["total_steps"] == 30 and events[0]["examples"] == 340
+    assert [(e["event"], e.get("split")) for e in events[:3]] == [
+        ("lengths", "train"),
+        ("lengths", "eval"),
+        ("started", None),
+    ], "max_length's effect first"
+    started = events[2]
+    assert started["total_steps"] == 30 and started["examples"] == 340
     accuracies = [e["metrics"]["eval_rewards/accuracies"] for e in of_type(events, "eval")]
     assert [e["step"] for e in of_type(events, "eval")] == [0, 15, 30]
     assert accuracies[0] <= 0.6 and accuracies[-1] >= 0.9, accuracies
@@ -99,7 +105,7 @@ def test_sigterm_then_resume_ends_like_a_straight_run(tmp_path, micro_model, toy
 
     rc, resumed = run_training(spec, out, "--resume")
     assert rc == EXIT_OK
-    assert resumed[0]["event"] == "started" and resumed[0]["resumed_from_step"] == stopped["step"]
+    assert of_type(resumed, "started")[0]["resumed_from_step"] == stopped["step"]
     assert of_type(resumed, "progress")[0]["step"] == stopped["step"] + 1
     last, last_straight = of_type(resumed, "progress")[-1], of_type(straight, "progress")[-1]
     assert last["step"] == last_straight["step"] == 16

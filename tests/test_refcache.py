@@ -55,8 +55,10 @@ def test_a_second_trainer_reads_the_cache_and_runs_no_reference_forward(tmp_path
     second = make_trainer(tmp_path / "second", micro_model, toy_dpo, ref_cache_dir=str(cache))
     assert len(calls) == 400 // 8, "none for the second"
 
-    miss, hit = (json.loads(line) for line in lines.getvalue().splitlines())
-    assert miss["event"] == hit["event"] == "ref_logprobs" and miss["key"] == hit["key"]
+    told = [json.loads(line) for line in lines.getvalue().splitlines()]
+    assert [e["event"] for e in told] == ["lengths", "ref_logprobs", "lengths", "ref_logprobs"]
+    miss, hit = told[1], told[3]
+    assert miss["key"] == hit["key"]
     assert (miss["cached"], miss["forward_passes"], hit["cached"], hit["forward_passes"]) == (False, 50, True, 0)
     assert miss["rows"] == hit["rows"] == 400 and miss["split"] == "train"
     assert [p.name for p in cache.iterdir()] == [f"ref-logps-{miss['key']}.safetensors"]

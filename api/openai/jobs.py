@@ -25,6 +25,7 @@ from api.service import artifacts, events
 from api.service import jobs as service
 from api.service.errors import NotFound, ServiceError
 from jobs.models import Job
+from training.events import metrics_by_step
 from training.spec import DEFAULT_LEARNING_RATE
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["openai"])
@@ -189,8 +190,9 @@ def list_events(
 
 
 def _checkpoints(svc: Services, job: Job) -> list[dict]:
-    saved = {e.data.get("step"): e.created_at for e in events.all_events(svc, job.id, {"checkpoint"})}
-    metrics = artifacts.metrics(svc, job.id)
+    told = events.all_events(svc, job.id, {"checkpoint", "progress", "eval"})  # one read of the job's events
+    saved = {e.data.get("step"): e.created_at for e in told if e.type == "checkpoint"}
+    metrics = metrics_by_step((e.type, e.data) for e in told)
     out = []
     for c in artifacts.checkpoints(svc, job):
         m = metrics.get(c.step) or metrics.get(max((s for s in metrics if s <= c.step), default=-1), {})

@@ -1,4 +1,4 @@
-"""What a job produced: its complete checkpoints, its model's files, its artifacts, its samples, and its metrics by
+"""What a job produced: its complete checkpoints, its model's files, its artifacts, its samples, and its curves by
 step, for the faces to shape. Storage keys come from `jobs.layout`; a checkpoint counts once its manifest (uploaded
 last) is there."""
 
@@ -11,7 +11,7 @@ from api.service.events import all_events
 from jobs import layout
 from jobs.layout import StoredCheckpoint
 from jobs.models import Job, JobStatus
-from training.events import metrics_by_step, metrics_of
+from training.events import metrics_of
 from training.spec import MANIFEST_NAME
 
 MAX_SAMPLE_EVENTS = 1000
@@ -50,11 +50,6 @@ def samples(svc: Services, job_id: str) -> list[SamplesAtStep]:
         )
         for e in reversed(events)
     ]
-
-
-def metrics(svc: Services, job_id: str) -> dict[int, dict]:
-    """{step: the TRL metrics logged at that step}, training and evaluation merged (`training.events`)."""
-    return metrics_by_step((e.type, e.data) for e in all_events(svc, job_id, {"progress", "eval"}))
 
 
 def curves(svc: Services, job_id: str) -> dict:

@@ -37,7 +37,6 @@ class Services:
     storage: Storage
     celery: Celery
     _live: tuple[float, list[Worker]] = (0.0, [])  # (when read, workers): POST /jobs reads it per request
-    _datasets: dict = field(default_factory=dict)  # dataset rows by id (a stored row never changes; it may be deleted)
     hub_down_until: float = 0.0  # monotonic time until which hub ids are checked for syntax only (`checks.model`)
     submitter: Submitter = field(init=False)  # POST /jobs writes and sends through it
     key_cache: KeyCache = field(init=False)
@@ -61,20 +60,9 @@ class Services:
         return workers
 
     async def dataset(self, dataset_id: str) -> Dataset | None:
-        """The dataset, if it exists now. Its row is kept per process, since a stored row never changes; whether it
-        still exists is read each time (a primary-key read of its id), since any API process may have deleted it."""
-        kept = self._datasets.get(dataset_id)
-        if kept is None:
-            found = await run_in_threadpool(self.store.get_dataset, dataset_id)
-            if found is not None:
-                if len(self._datasets) > 10_000:
-                    self._datasets.clear()
-                self._datasets[dataset_id] = found
-            return found
-        if not await run_in_threadpool(self.store.dataset_exists, dataset_id):
-            self._datasets.pop(dataset_id, None)
-            return None
-        return kept
+        """The dataset, if it exists now: read each time (a primary-key read), since any API process may have deleted
+        it; a per-process copy would have to ask the database whether it still exists anyway."""
+        return await run_in_threadpool(self.store.get_dataset, dataset_id)
 
 
 async def services(request: Request) -> Services:

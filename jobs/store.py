@@ -60,10 +60,6 @@ class JobStore:
         with session(self.engine) as s:
             return s.get(Dataset, dataset_id)
 
-    def dataset_exists(self, dataset_id: str) -> bool:
-        with self.engine.connect() as c:
-            return c.execute(select(Dataset.id).where(Dataset.id == dataset_id)).first() is not None
-
     def create_jobs(self, items: list[tuple[Job, Events]]) -> list[tuple[Job, bool]]:
         """Insert queued jobs with their first events, all in one commit (the API's group commit). Per item,
         the job and whether it is new: a job whose idempotency key is already used, in the table or earlier in

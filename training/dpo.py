@@ -109,19 +109,10 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
                 dataset = dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-keep:]}, desc="Capping prompt length")
             if limit is None:
                 return dataset
-            # Two small integer columns, computed batch by batch: never the token columns whole in memory.
-            sizes = dataset.map(
-                lambda prompts, chosen, rejected: {
-                    "prompt": [len(p) for p in prompts],
-                    "row": [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)],
-                },
-                batched=True,
-                input_columns=["prompt_ids", "chosen_ids", "rejected_ids"],
-                remove_columns=dataset.column_names,
-                desc="Measuring lengths",
-            )
-            kept = [p < limit or args.truncation_mode == "keep_end" for p in sizes["prompt"]]
-            lengths.account(dataset_name, sizes["row"], kept, limit)
+            prompts = [len(p) for p in dataset["prompt_ids"]]
+            answers = [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]
+            kept = [p < limit or args.truncation_mode == "keep_end" for p in prompts]
+            lengths.account(dataset_name, [p + a for p, a in zip(prompts, answers, strict=True)], kept, limit)
             if all(kept):
                 return dataset
             return dataset.select([i for i, k in enumerate(kept) if k])

@@ -21,19 +21,9 @@ class PrefqSFTTrainer(DistributedTrainerMixin, SFTTrainer):
             args.max_length = limit
         cut = slice(None, limit) if args.truncation_mode == "keep_start" else slice(-limit, None)
         with global_then_local_main_first():
-            # Two small columns, computed batch by batch: never the token columns whole in memory.
-            sizes = dataset.map(
-                lambda ids, labels: {
-                    "row": [len(i) for i in ids],
-                    "kept": [any(label != -100 for label in row[cut]) for row in labels],
-                },
-                batched=True,
-                input_columns=["input_ids", "labels"],
-                remove_columns=dataset.column_names,
-                desc="Measuring lengths",
-            )
-            kept = sizes["kept"]
-            lengths.account(dataset_name, sizes["row"], kept, limit)
+            sizes = [len(ids) for ids in dataset["input_ids"]]
+            kept = [any(label != -100 for label in labels[cut]) for labels in dataset["labels"]]
+            lengths.account(dataset_name, sizes, kept, limit)
             dataset = dataset.select([i for i, k in enumerate(kept) if k]) if not all(kept) else dataset
             return dataset.map(
                 lambda ex: {"input_ids": ex["input_ids"][cut], "labels": ex["labels"][cut]},

@@ -11,6 +11,7 @@ from api.text import checked
 from jobs import modelref
 from jobs.models import JobPublic, ModelVersion
 from jobs.registry import ALIAS
+from training.spec import Method
 
 Text = Annotated[str, AfterValidator(checked)]  # no NUL, nothing UTF-8 cannot encode (`api.text`)
 Timestamp = Annotated[float, Query(ge=0, le=1e11, description="Unix seconds")]
@@ -33,7 +34,9 @@ class JobCreate(BaseModel):
     eval_dataset: Text | None = Field(
         None, min_length=1, max_length=2048, description="Held-out data; without it a share of `dataset` is held out."
     )
-    method: Literal["dpo", "sft"]
+    method: Method = Field(
+        description="'dpo', 'orpo' or 'simpo' (a dataset of preference pairs) or 'sft' (demonstrations)."
+    )
     trainer: Literal["basic", "fsdp", "deepspeed-tp"] = "basic"
     gpus: int = Field(1, ge=0, le=64, description="Devices of the job; 0 runs it on a CPU worker.")
     hyperparameters: dict[str, Any] = Field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""The DPO trainer in-process: every loss type, losses worked out by hand, beta schedules."""
+"""The DPO trainer in-process: every loss type, ORPO and SimPO, losses worked out by hand, beta schedules."""
 
 import math
 
@@ -9,13 +9,13 @@ from training.beta import BatchBetaSchedule, RiskBetaSchedule, quantile
 from training.spec import DPO_LOSS_TYPES, parse_spec
 
 
-def make_trainer(tmp_path, model, data, **overrides):
+def make_trainer(tmp_path, model, data, method="dpo", **overrides):
     from training.data import load_splits
     from training.run import _make_callback, _Stop, build_trainer
 
     spec = parse_spec(
         {
-            "method": "dpo",
+            "method": method,
             "model": str(model),
             "train_file": str(data),
             "eval_fraction": 0,
@@ -85,6 +85,59 @@ def test_sigmoid_and_ipo_losses_match_hand_computation(tmp_path, micro_model, to
     assert trainer.loss_from_outputs(outputs, by_hand_inputs()).item() == pytest.approx(16.0, abs=1e-6)
     trainer.beta = 0.5
     assert trainer.loss_from_outputs(outputs, by_hand_inputs()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_simpo_and_orpo_losses_match_hand_computation(tmp_path, micro_model, toy_dpo):
+    """The same policy log-probs, as averages per completion token: chosen -5 and -3, rejected -6 and -4.5.
+
+    SimPO, beta 2, gamma 0.5: margins 2 * (-5 + 6) - 0.5 = 1.5 and 2 * (-3 + 4.5) - 0.5 = 2.5, so the loss is
+    (log(1 + e^-1.5) + log(1 + e^-2.5)) / 2. Its rewards are 2 times the averages.
+    ORPO, beta (lambda) 0.1: the chosen answers' NLL per token, (5 + 5 + 3 + 3) / 4 = 4, plus 0.1 times the mean of
+    -log sigmoid(log odds), log odds = (a_w - a_l) - (log(1 - e^a_w) - log(1 - e^a_l)).
+    Neither loads or asks a reference model.
+    """
+    outputs = fixed_outputs([[-5.0, -5.0], [-3.0, -3.0], [-6.0, -6.0], [-4.5, -4.5]])
+    inputs = {k: v for k, v in by_hand_inputs().items() if not k.startswith("ref_")}
+
+    def softplus(x: float) -> float:  # -log sigmoid(-x)
+        return math.log1p(math.exp(x))
+
+    simpo = make_trainer(tmp_path, micro_model, toy_dpo, method="simpo", beta=2.0, simpo_gamma=0.5)
+    assert simpo.ref_model is None
+    loss = simpo.loss_from_outputs(outputs, simpo._with_reference(inputs))
+    assert loss.item() == pytest.approx((softplus(-1.5) + softplus(-2.5)) / 2, abs=1e-6)
+    metrics = simpo._metrics["train" if simpo.model.training else "eval"]
+    assert metrics["rewards/chosen"][-1] == pytest.approx(2 * (-5 - 3) / 2)
+    assert metrics["rewards/margins"][-1] == pytest.approx((2 * 1 + 2 * 1.5) / 2)
+    assert metrics["rewards/accuracies"][-1] == 1.0
+
+    orpo = make_trainer(tmp_path, micro_model, toy_dpo, method="orpo", beta=0.1)
+    assert orpo.ref_model is None
+    loss = orpo.loss_from_outputs(outputs, orpo._with_reference(inputs))
+    log_odds = [
+        (w - lo) - (math.log1p(-math.exp(w)) - math.log1p(-math.exp(lo))) for w, lo in ((-5.0, -6.0), (-3.0, -4.5))
+    ]
+    assert loss.item() == pytest.approx(4.0 + 0.1 * sum(softplus(-x) for x in log_odds) / 2, abs=1e-6)
+    metrics = orpo._metrics["train" if orpo.model.training else "eval"]
+    assert metrics["log_odds_chosen"][-1] == pytest.approx(sum(log_odds) / 2, abs=1e-6)
+    assert metrics["nll_loss"][-1] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(
+    ("method", "field", "value"),
+    [
+        ("orpo", "reference_free", True),
+        ("simpo", "loss_type", "ipo"),
+        ("sft", "simpo_gamma", 1.0),
+        ("orpo", "simpo_gamma", 1.0),
+        ("simpo", "precompute_ref_log_probs", True),
+    ],
+)
+def test_what_a_method_does_not_use_is_refused_naming_the_field(tmp_path, method, field, value):
+    from training.spec import SpecError
+
+    with pytest.raises(SpecError, match=f"^{field}: only applies to method"):
+        parse_spec({"method": method, "model": "m", "train_file": "t.jsonl", field: value})
 
 
 def test_reference_free_uses_zero_reference_log_probs(tmp_path, micro_model, toy_dpo):

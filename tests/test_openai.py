@@ -146,6 +146,39 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(dpo_job, clients, t
     assert client.models.retrieve(done.fine_tuned_model).owned_by == "default"
 
 
+def test_simpo_through_the_sdk_and_orpo_through_the_native_api_train_on_the_dpo_file(dpo_job, stack):
+    """The pair methods without a reference model: `method.type` 'simpo' (prefq's documented extension of OpenAI's
+    types) through the SDK, and `method: "orpo"` through `POST /jobs`, both on the DPO job's pair file."""
+    client = dpo_job.client
+    simpo = client.fine_tuning.jobs.create(
+        model=dpo_job.sdk.fine_tuned_model,
+        training_file=dpo_job.file.id,
+        method={"type": "simpo", "simpo": {"hyperparameters": {"beta": 2.0, "batch_size": 16}}},
+        extra_body={"prefq": {"hyperparameters": {**FAST, "simpo_gamma": 0.8}}},
+    )
+    orpo = stack.http.post(
+        "/jobs",
+        json={
+            "model": dpo_job.sdk.fine_tuned_model,
+            "dataset": dpo_job.file.id,
+            "method": "orpo",
+            "hyperparameters": {**FAST, "beta": 0.2, "batch_size": 16},
+        },
+    )
+    assert orpo.status_code == 202, orpo.text
+    assert simpo.method.type == "simpo" and simpo.method.simpo["hyperparameters"]["beta"] == 2.0
+    done = wait(client, simpo.id)
+    assert done.status == "succeeded", done.error
+    assert client.files.content(done.result_files[0]).text.startswith("step,train_loss,train_rewards_accuracy,")
+    native = stack.wait_for(orpo.json()["id"], TERMINAL, timeout_s=240)
+    assert native["status"] == "succeeded", native
+    assert native["method"] == "orpo" and "log_odds_chosen" in native["metrics"], native["metrics"]
+    types = {e["type"] for e in stack.get(f"/jobs/{native['id']}/events?limit=500")["data"]}
+    assert "ref_logprobs" not in types
+    sft = stack.http.post("/jobs", json={"model": HUB_ID, "dataset": dpo_job.file.id, "method": "sft"})
+    assert sft.status_code == 422 and "trains on sft data" in sft.text, sft.text
+
+
 def test_errors_in_openais_shape(stack, clients, toy_dpo, tmp_path):
     alpha, beta = clients["alpha"], clients["beta"]
     with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl", rows=8).open("rb") as fh:

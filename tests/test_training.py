@@ -65,6 +65,21 @@ def test_dpo_raises_held_out_reward_accuracy(tmp_path, micro_model, toy_dpo):
     assert sum(p.numel() for p in model.parameters()) > 100_000
 
 
+@pytest.mark.parametrize("method", ["simpo", "orpo"])
+def test_reference_free_pair_methods_raise_the_held_out_margin(tmp_path, micro_model, toy_dpo, method):
+    """ORPO and SimPO through `python -m training run`: no reference pass, and the held-out reward margin (beta times
+    the average log-prob of chosen over rejected) and accuracy rise."""
+    spec = dpo_spec(micro_model, toy_dpo, method=method, max_steps=20, eval_steps=20, learning_rate=2e-3)
+    rc, events = run_training(spec, tmp_path / "run")
+    assert rc == EXIT_OK, of_type(events, "error")
+    first, last = (e["metrics"] for e in of_type(events, "eval"))
+    assert last["eval_rewards/margins"] > first["eval_rewards/margins"] + 0.05, (first, last)
+    assert last["eval_rewards/accuracies"] >= 0.9, last
+    assert not of_type(events, "ref_logprobs")
+    if method == "orpo":
+        assert last["eval_log_odds_chosen"] > first["eval_log_odds_chosen"]
+
+
 def test_sft_halves_the_eval_loss(tmp_path, micro_model, toy_sft):
     spec = {
         "method": "sft",

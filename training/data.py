@@ -19,9 +19,9 @@ def _read(path: str, method: str, field: str) -> list[dict]:
 
 def load_splits(spec: TrainingSpec) -> tuple[Dataset, Dataset | None]:
     """Train and eval datasets of normalised rows; eval is split off train when no eval_file is given."""
-    train = _read(spec.train_file, spec.method, "train_file")
+    train = _read(spec.train_file, spec.data_kind, "train_file")
     if spec.eval_file:
-        held_out = _read(spec.eval_file, spec.method, "eval_file")
+        held_out = _read(spec.eval_file, spec.data_kind, "eval_file")
     elif spec.eval_fraction > 0 and len(train) > 1:
         order = list(range(len(train)))
         random.Random(spec.seed).shuffle(order)

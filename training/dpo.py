@@ -1,5 +1,6 @@
 """TRL's DPOTrainer with what prefq adds: a moving beta, reference-free DPO, a prompt-length cap, padding-free
-batches, cached reference log-probs, and a faster single-process path.
+batches, cached reference log-probs, a faster single-process path, and the reference-free pair methods ORPO and
+SimPO.
 
 The losses stay TRL's (`DPOTrainer._compute_loss`, one switch over `loss_type`). This subclass runs the
 policy forward itself, so that it knows the batch's pair margins before the loss is taken, sets `self.beta`
@@ -13,6 +14,13 @@ log-softmax pass, bf16 GEMMs) and the reference model's linear layers are stored
 them to on every call anyway). Under `fsdp` and `deepspeed-tp` the forward stays TRL's fused LM head, which runs
 inside the sharded model's forward.
 
+ORPO (Hong et al. 2024) and SimPO (Meng et al. 2024) are losses of this trainer, on the same batches and paths
+(packed, fused head, fsdp, deepspeed-tp), with no reference model: both score a completion by its average
+log-prob per token. SimPO: -log sigmoid(beta * (avg_chosen - avg_rejected) - gamma). ORPO: TRL's `sft` loss (the
+chosen answers' NLL) plus beta (the paper's lambda) times -log sigmoid of the log odds ratio of chosen over
+rejected. TRL's `rewards/*` metrics are then those methods' own, beta times the average log-prob, as TRL's
+CPO/ORPO trainers log them; ORPO adds `log_odds_ratio`, `log_odds_chosen` and `nll_loss`.
+
 Precomputed reference log-probs: TRL runs the pass inside its constructor; `_precompute_ref_logps` puts the
 cache of `training.refcache` in front of it when the spec names a `ref_cache_dir`, and reports each split in a
 `ref_logprobs` event.
@@ -25,6 +33,7 @@ import functools
 import time
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list
 from peft import PeftModel
 from torch.utils.data import DataLoader
@@ -38,7 +47,7 @@ from training.distributed import DistributedTrainerMixin, GatheredMargins
 from training.events import emit
 from training.logprobs import completion_outputs
 from training.packing import pack, use_varlen_attention
-from training.spec import TrainingSpec
+from training.spec import REFERENCE_FREE_METHODS, TrainingSpec
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 _PER_TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
@@ -71,7 +80,7 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
         self.beta_schedule = make_beta_schedule(spec)
         if self.beta_schedule is not None and self.is_fsdp_enabled and self.accelerator.num_processes > 1:
             self.beta_schedule = GatheredMargins(self.beta_schedule)  # each rank has only its part of the batch
-        self.reference_free = spec.reference_free
+        self.reference_free = not spec.has_reference
         if self.reference_free:
             self.ref_model = None  # TRL loads one whenever LoRA and precompute are off; it is never used here
         if self.fast and self.ref_model is not None:
@@ -252,8 +261,44 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
         return self.fused_head_outputs(model, inputs, **router)
 
     def loss_from_outputs(self, outputs, inputs: dict, return_outputs: bool = False):
-        """TRL's loss and metrics for policy outputs already computed (`inputs` carry reference log-probs)."""
-        return super()._compute_loss(lambda **_: outputs, inputs, return_outputs)
+        """TRL's loss and metrics for policy outputs already computed (`inputs` carry reference log-probs), plus the
+        ORPO or SimPO term."""
+        result = super()._compute_loss(lambda **_: outputs, inputs, return_outputs)
+        if self.spec.method not in REFERENCE_FREE_METHODS:
+            return result
+        extra = self._reference_free_loss(outputs, inputs)
+        return (result[0] + extra, result[1]) if return_outputs else result + extra
+
+    def _reference_free_loss(self, outputs, inputs: dict) -> torch.Tensor:
+        """SimPO's loss, or ORPO's odds-ratio term, from the policy's average log-prob per completion token."""
+        mask = inputs["completion_mask"][:, 1:]
+        per_token = outputs.log_probs[:, -mask.size(1) :] * mask
+        average = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        chosen, rejected = average.chunk(2, dim=0)
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        if self.spec.method == "simpo":
+            loss = -F.logsigmoid(self.beta * (chosen - rejected) - self.spec.simpo_gamma).mean()
+        else:  # orpo: log(p / (1 - p)) of each answer, p its average per-token probability
+            below_one = -1e-6  # log(1 - p) at p = 1 is -inf
+            log_odds = (chosen - rejected) - (
+                torch.log1p(-torch.exp(chosen.clamp(max=below_one)))
+                - torch.log1p(-torch.exp(rejected.clamp(max=below_one)))
+            )
+            loss = -self.beta * F.logsigmoid(log_odds).mean()
+            metrics["nll_loss"].append(self.accelerator.gather(-chosen.detach()).mean().item())
+            metrics["log_odds_ratio"].append(self.accelerator.gather(F.logsigmoid(log_odds).detach()).mean().item())
+            metrics["log_odds_chosen"].append(self.accelerator.gather(log_odds.detach()).mean().item())
+        # TRL logged rewards from summed log-probs; these methods' rewards are beta times the average log-prob
+        rewards = self.beta * average.detach()
+        chosen_rewards, rejected_rewards = rewards.chunk(2, dim=0)
+        for name, value in (
+            ("rewards/chosen", chosen_rewards),
+            ("rewards/rejected", rejected_rewards),
+            ("rewards/accuracies", (chosen_rewards > rejected_rewards).float()),
+            ("rewards/margins", chosen_rewards - rejected_rewards),
+        ):
+            metrics[name][-1] = self.accelerator.gather(value).mean().item()
+        return loss
 
     def _compute_loss(self, model, inputs, return_outputs):
         inputs = self._with_reference(inputs)

@@ -101,7 +101,7 @@ def _check_fits(spec: TrainingSpec) -> None:
         raise ModelError(f"model: cannot load {spec.model}: {exc}") from None
     trained = params if spec.lora is None else 0  # LoRA trains a small fraction
     # fp32 weights + gradients + two Adam moments for trained weights, fp32 frozen copies otherwise
-    need = 16 * trained + 4 * params * (1 if (spec.lora or spec.method == "sft" or spec.reference_free) else 2)
+    need = 16 * trained + 4 * params * (2 if spec.has_reference and not spec.lora else 1)
     if torch.cuda.is_available():
         free = torch.cuda.mem_get_info()[0] * spec.gpus
     else:  # CPU processes share the host, and each loads whole copies before sharding
@@ -294,7 +294,7 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
         peft_config=peft_config,
         callbacks=[callback],
     )
-    if spec.method == "dpo":
+    if spec.pairs:  # DPO, and ORPO and SimPO as reference-free losses of the same trainer (`training.dpo`)
         from trl import DPOConfig
 
         from training.dpo import PrefqDPOTrainer
@@ -302,8 +302,8 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
         args = DPOConfig(
             **common,
             beta=spec.beta,
-            loss_type=spec.loss_types,
-            loss_weights=spec.loss_weights,
+            loss_type=spec.loss_types if spec.method == "dpo" else ["sft"],
+            loss_weights=spec.loss_weights if spec.method == "dpo" else [1.0 if spec.method == "orpo" else 0.0],
             label_smoothing=spec.label_smoothing,
             precompute_ref_log_probs=spec.precomputes_reference,
         )

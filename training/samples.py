@@ -147,7 +147,7 @@ class Sampler:
         was_training = model.training
         model.eval()
         try:
-            dpo = self.spec.method == "dpo"
+            dpo = self.spec.pairs
             policy = self._complete(model, autocast, device, started + budget)
             rewards: list[float | None] = [None] * len(policy)
             if dpo:
@@ -172,7 +172,7 @@ class Sampler:
     @contextlib.contextmanager
     def _reference(self, trainer, model, device):
         """The reference model for this evaluation (None for SFT and reference-free DPO)."""
-        if self.spec.method != "dpo" or self.spec.reference_free:
+        if not self.spec.has_reference:
             yield None
             return
         if getattr(trainer, "ref_model", None) is not None:

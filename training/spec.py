@@ -31,10 +31,17 @@ DPO_LOSS_TYPES = (
     "sigmoid_norm",
 )
 
-Method = Literal["dpo", "sft"]
+Method = Literal["dpo", "sft", "orpo", "simpo"]
 TrainerName = Literal["basic", "fsdp", "deepspeed-tp"]
 
-DEFAULT_LEARNING_RATE = {"dpo": 1e-6, "sft": 2e-5}  # DPO paper; TRL's SFTConfig
+# What data each method trains on: preference pairs ('dpo' data) or demonstrations ('sft' data). Datasets are
+# validated and stored by this data kind (`training.formats`), so one uploaded pair file serves every pair method.
+DATA_KIND = {"dpo": "dpo", "orpo": "dpo", "simpo": "dpo", "sft": "sft"}
+# The pair methods that train without a reference model: ORPO (Hong et al. 2024) and SimPO (Meng et al. 2024).
+REFERENCE_FREE_METHODS = ("orpo", "simpo")
+
+# DPO paper; TRL's SFTConfig; TRL's ORPOConfig and CPOConfig (SimPO)
+DEFAULT_LEARNING_RATE = {"dpo": 1e-6, "sft": 2e-5, "orpo": 1e-6, "simpo": 1e-6}
 
 
 class SpecError(ValueError):
@@ -83,7 +90,10 @@ class TrainingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # what
-    method: Method = Field(description="'dpo' (preference pairs) or 'sft' (demonstrations).")
+    method: Method = Field(
+        description="'dpo', 'orpo' or 'simpo' (preference pairs; ORPO and SimPO need no reference model) or 'sft' "
+        "(demonstrations)."
+    )
     model: str = Field(min_length=1, description="Base model: a Hugging Face format folder.")
     train_file: str = Field(min_length=1, description="Training data, JSONL (see `python -m training validate`).")
     eval_file: str | None = Field(None, description="Held-out data, JSONL. Without it, `eval_fraction` is split off.")
@@ -128,8 +138,16 @@ class TrainingSpec(BaseModel):
         60.0, gt=0, le=3600, description="Time budget of one evaluation's samples; prompts left over are skipped."
     )
 
-    # DPO
-    beta: float = Field(0.1, gt=0, description="DPO beta: strength of the pull towards the reference model.")
+    # DPO, ORPO, SimPO
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO: strength of the pull towards the reference model; SimPO: scale of the length-normalised "
+        "reward; ORPO: weight lambda of the odds-ratio term beside the chosen answers' NLL.",
+    )
+    simpo_gamma: float = Field(
+        0.5, ge=0, description="SimPO: target reward margin gamma between chosen and rejected (TRL's default)."
+    )
     loss_type: str | list[str] = Field("sigmoid", description="One DPO loss type or several (see DPO_LOSS_TYPES).")
     loss_weights: list[float] | None = Field(None, description="Weights of several loss types; default all 1.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Robust DPO flip rate / EXO epsilon.")
@@ -179,19 +197,26 @@ class TrainingSpec(BaseModel):
             )
         if "exo_pair" in loss_types and self.label_smoothing == 0:
             raise ValueError("label_smoothing: the 'exo_pair' loss needs label_smoothing > 0 (the EXO paper uses 1e-3)")
-        if self.method == "sft":
+        if self.method != "dpo":
             dpo_only = {
                 "beta_schedule": self.beta_schedule != "constant",
                 "reference_free": self.reference_free,
                 "precompute_ref_log_probs": self.precompute_ref_log_probs,
+                "loss_type": self.loss_types != ["sigmoid"],
+                "loss_weights": self.loss_weights is not None,
+                "label_smoothing": self.label_smoothing != 0,
             }
             for name, used in dpo_only.items():
                 if used:
-                    raise ValueError(f"{name}: only applies to method 'dpo'; remove it for 'sft'")
+                    raise ValueError(f"{name}: only applies to method 'dpo'; remove it for '{self.method}'")
+        if self.method != "simpo" and self.simpo_gamma != 0.5:
+            raise ValueError(f"simpo_gamma: only applies to method 'simpo'; remove it for '{self.method}'")
         if self.reference_free and self.precompute_ref_log_probs:
             raise ValueError("precompute_ref_log_probs: has no use with reference_free; set one of them")
-        if self.method == "sft" and self.max_prompt_length is not None:
-            raise ValueError("max_prompt_length: only applies to method 'dpo'; use max_length for 'sft'")
+        if not self.pairs and self.max_prompt_length is not None:
+            raise ValueError(
+                "max_prompt_length: only applies to pair methods (dpo, orpo, simpo); use max_length for 'sft'"
+            )
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length: {self.max_prompt_length} leaves no room for the completion within "
@@ -212,14 +237,27 @@ class TrainingSpec(BaseModel):
         return self
 
     @property
+    def data_kind(self) -> str:
+        """'dpo' (pairs) or 'sft' (demonstrations): what the method's data must hold."""
+        return DATA_KIND[self.method]
+
+    @property
+    def pairs(self) -> bool:
+        return self.data_kind == "dpo"
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether the method compares the policy with a frozen reference model (DPO without `reference_free`)."""
+        return self.method == "dpo" and not self.reference_free
+
+    @property
     def loss_types(self) -> list[str]:
         return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
 
     @property
     def precomputes_reference(self) -> bool:
         """Whether the reference log-probs are computed once before training: asked for, or a cache is given."""
-        has_reference = self.method == "dpo" and not self.reference_free
-        return has_reference and (self.precompute_ref_log_probs or self.ref_cache_dir is not None)
+        return self.has_reference and (self.precompute_ref_log_probs or self.ref_cache_dir is not None)
 
     @property
     def resolved_learning_rate(self) -> float:

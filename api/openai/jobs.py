@@ -35,7 +35,7 @@ NATIVE = {"n_epochs": "epochs", "batch_size": "batch_size", "beta": "beta"}
 def _native(req: FineTuningJobCreate) -> tuple[JobCreate, str]:
     """The native job, and the prefix of OpenAI's hyperparameter fields (for error messages)."""
     kind = req.method.type if req.method else "supervised"
-    method = "dpo" if kind == "dpo" else "sft"
+    method = "sft" if kind == "supervised" else kind
     given = getattr(req.method, kind, None) if req.method else None
     hp = given.hyperparameters if given else req.hyperparameters if req.method is None else None
     where = f"method.{kind}.hyperparameters" if req.method else "hyperparameters"

@@ -21,9 +21,9 @@ from api.service.jobs import paused
 from jobs import modelref
 from jobs.models import Dataset, Job, JobEvent, JobStatus
 from training.events import metrics_by_step
-from training.spec import DEFAULT_LEARNING_RATE
+from training.spec import DATA_KIND, DEFAULT_LEARNING_RATE
 
-METHOD_TYPE = {"sft": "supervised", "dpo": "dpo"}
+METHOD_TYPE = {"sft": "supervised", "dpo": "dpo", "orpo": "orpo", "simpo": "simpo"}
 RESULTS_PREFIX = "file-results-"  # the id of a job's metrics CSV: this prefix and the job id
 DEFAULTS = {"epochs": 1, "batch_size": 8, "beta": 0.1}
 LOCAL = {"path", "final_path", "pid"}  # event fields about the worker's own disk and processes: not for SDK users
@@ -74,7 +74,7 @@ def hyperparameters(job: Job) -> dict:
         "batch_size": hp.get("batch_size", DEFAULTS["batch_size"]),
         "learning_rate_multiplier": round(hp.get("learning_rate", base) / base, 6),
     }
-    if job.method == "dpo":
+    if job.method != "sft":
         out["beta"] = hp.get("beta", DEFAULTS["beta"])
     return out
 
@@ -216,7 +216,8 @@ def metrics_csv(method: str, events: list[JobEvent]) -> bytes:
     """The job's metrics, one row per logged step: step, then OpenAI's column names for the method."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", *(name for name, _ in COLUMNS[method])])
+    columns = COLUMNS[DATA_KIND[method]]  # the pair methods log DPO's columns (`training.dpo`)
+    writer.writerow(["step", *(name for name, _ in columns)])
     for step, m in sorted(metrics_by_step((e.type, e.data) for e in events).items()):
-        writer.writerow([step, *("" if m.get(key) is None else m[key] for _, key in COLUMNS[method])])
+        writer.writerow([step, *("" if m.get(key) is None else m[key] for _, key in columns)])
     return out.getvalue().encode()

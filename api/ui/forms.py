@@ -20,7 +20,7 @@ from api.service import jobs as service
 from api.service.errors import ServiceError
 from api.ui import render
 from api.ui.session import Checked, Signed
-from training.spec import TrainingSpec
+from training.spec import DATA_KIND, TrainingSpec
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 # Set by the form's own fields, nested, or refused by the API: not offered as plain hyperparameters.
@@ -140,6 +140,7 @@ async def new_job(request: Request, viewer: Signed, svc: Services = Depends(serv
         "new.html",
         viewer=viewer,
         fields=FIELDS,
+        methods=tuple(DATA_KIND),
         datasets=await _datasets(svc, viewer),
         form={},
         models=await _models(svc, viewer),
@@ -212,6 +213,7 @@ async def _refused(request: Request, svc: Services, viewer, values: dict, field:
         422,
         viewer=viewer,
         fields=FIELDS,
+        methods=tuple(DATA_KIND),
         datasets=await _datasets(svc, viewer),
         form=values,
         error=message,

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import String, cast, func, insert, or_, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import func, insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from jobs import outbox
+from jobs.catalog import TRIES, Catalog
 from jobs.db import db_now, session
-from jobs.models import ACTIVE, FINISHED, INF_BUCKET, Dataset, DurationBucket, Job, JobEvent, JobStatus, Worker, now
+from jobs.models import ACTIVE, FINISHED, INF_BUCKET, DurationBucket, Job, JobEvent, JobStatus, now
 
 _CLEARED = {
     "error_code": None,
@@ -32,7 +32,6 @@ _CLEARED = {
     "callback_status": None,
     "paused_at": None,
 }
-_TRIES = 10  # transactions retried when a concurrent writer took the same event sequence number
 
 Events = list[tuple[str, dict]]
 
@@ -45,20 +44,8 @@ class Finished:
     callback_id: str | None
 
 
-class JobStore:
-    def __init__(self, engine: Engine):
-        self.engine = engine
-
-    # -- rows -------------------------------------------------------------------------------------------
-
-    def add(self, row: Dataset | Worker) -> None:
-        with session(self.engine) as s:
-            s.merge(row)
-            s.commit()
-
-    def get_dataset(self, dataset_id: str) -> Dataset | None:
-        with session(self.engine) as s:
-            return s.get(Dataset, dataset_id)
+class JobStore(Catalog):
+    """The job table: `Catalog`'s rows and reads, and every state transition of a job."""
 
     def create_jobs(self, items: list[tuple[Job, Events]]) -> list[tuple[Job, bool]]:
         """Insert queued jobs with their first events, all in one commit (the API's group commit). Per item,
@@ -105,79 +92,6 @@ class JobStore:
             raise
         return results
 
-    def _by_keys(self, keys: list[str]) -> dict[str, Job]:
-        with session(self.engine) as s:
-            return {j.idempotency_key: j for j in s.exec(select(Job).where(col(Job.idempotency_key).in_(keys)))}
-
-    def get_job(self, job_id: str) -> Job | None:
-        with session(self.engine) as s:
-            return s.get(Job, job_id)
-
-    def list_jobs(
-        self,
-        status: JobStatus | None = None,
-        since: float | None = None,
-        limit: int = 20,
-        after: str | None = None,
-        tenant: str | None = None,
-        metadata: dict[str, str] | None = None,
-        search: str | None = None,
-    ) -> tuple[list[Job], bool]:
-        """Newest first (of `tenant`'s; None: every tenant's); `after` is the last id of the previous page;
-        `metadata`: jobs whose metadata holds every one of these key/value pairs; `search`: a part of the id or of
-        the metadata's keys and values. Returns the page and whether more exist."""
-        query = select(Job).order_by(col(Job.id).desc()).limit(limit + 1)
-        for key, value in (metadata or {}).items():
-            query = query.where(col(Job.user_metadata)[key].as_string() == value)
-        if tenant is not None:
-            query = query.where(Job.tenant == tenant)
-        if status is not None:
-            query = query.where(Job.status == status)
-        if since is not None:
-            query = query.where(Job.created_at >= since)
-        if after is not None:
-            query = query.where(Job.id < after)
-        if search:
-            like = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            query = query.where(
-                or_(col(Job.id).ilike(like, escape="\\"), cast(Job.user_metadata, String).ilike(like, escape="\\"))
-            )
-        with session(self.engine) as s:
-            rows = list(s.exec(query))
-        return rows[:limit], len(rows) > limit
-
-    def list_datasets(
-        self, tenant: str | None, limit: int = 20, after: str | None = None
-    ) -> tuple[list[Dataset], bool]:
-        query = select(Dataset).order_by(col(Dataset.id).desc()).limit(limit + 1)
-        if tenant is not None:
-            query = query.where(Dataset.tenant == tenant)
-        if after is not None:
-            query = query.where(Dataset.id < after)
-        with session(self.engine) as s:
-            rows = list(s.exec(query))
-        return rows[:limit], len(rows) > limit
-
-    def delete_dataset(self, dataset_id: str) -> None:
-        self._delete(Dataset, dataset_id)
-
-    def unfinished_using(self, dataset_id: str) -> str | None:
-        """An unfinished job that trains or evaluates on the dataset, if any."""
-        query = (
-            select(Job.id)
-            .where(
-                col(Job.status).not_in(FINISHED), (Job.dataset_id == dataset_id) | (Job.eval_dataset_id == dataset_id)
-            )
-            .limit(1)
-        )
-        with session(self.engine) as s:
-            return s.exec(query).first()
-
-    def count_unfinished(self, tenant: str) -> int:
-        query = select(func.count()).select_from(Job).where(Job.tenant == tenant, col(Job.status).not_in(FINISHED))
-        with session(self.engine) as s:
-            return s.exec(query).one()
-
     # -- transitions --------------------------------------------------------------------------------
 
     def _cas(self, job_id: str, where: list, values: dict) -> bool:
@@ -210,7 +124,7 @@ class JobStore:
             "status": status,
         }
         stmt = update(Job).where(Job.id == job_id, *where).values(**values).returning(Job)
-        for _ in range(_TRIES):
+        for _ in range(TRIES):
             with session(self.engine) as s:
                 job = s.execute(stmt).scalars().first()
                 if job is None:
@@ -277,7 +191,7 @@ class JobStore:
             .where(Job.id == job_id, *self._fenced(attempt, owner), Job.lease_expires_at >= db_now())
             .values(lease_expires_at=db_now() + ttl_s, updated_at=now(), **fields)
         )
-        for _ in range(_TRIES):
+        for _ in range(TRIES):
             with session(self.engine) as s:
                 if s.execute(stmt).rowcount != 1:
                     s.rollback()
@@ -361,74 +275,3 @@ class JobStore:
 
     def set_callback_status(self, job_id: str, attempt: int, status: str) -> None:
         self._cas(job_id, [Job.attempt == attempt], {"callback_status": status})
-
-    # -- events -------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _insert_event(s, job_id: str, attempt: int, kind: str, data: dict) -> None:
-        seq = s.exec(select(func.coalesce(func.max(JobEvent.seq), 0)).where(JobEvent.job_id == job_id)).one() + 1
-        s.add(JobEvent(job_id=job_id, seq=seq, attempt=attempt, type=kind, data=data))
-        s.flush()
-
-    def add_event(self, job_id: str, attempt: int, kind: str, data: dict | None = None) -> None:
-        """An event outside a lease (API actions, the reconciler); retried if another writer took the seq."""
-        for _ in range(_TRIES):
-            with session(self.engine) as s:
-                try:
-                    self._insert_event(s, job_id, attempt, kind, data or {})
-                    s.commit()
-                    return
-                except IntegrityError:
-                    s.rollback()
-        raise RuntimeError(f"Job {job_id}: could not append event {kind}")
-
-    def events_after(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
-        query = (
-            select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.seq > after)
-            .order_by(col(JobEvent.seq))
-            .limit(limit)
-        )
-        with session(self.engine) as s:
-            return list(s.exec(query))
-
-    def events_before(
-        self,
-        job_id: str,
-        before: int | None,
-        limit: int,
-        types: set[str] | None = None,
-    ) -> list[JobEvent]:
-        """Newest first: the events with a sequence number below `before` (None: from the newest), of `types`."""
-        query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(col(JobEvent.seq).desc()).limit(limit)
-        if before is not None:
-            query = query.where(JobEvent.seq < before)
-        if types is not None:
-            query = query.where(col(JobEvent.type).in_(types))
-        with session(self.engine) as s:
-            return list(s.exec(query))
-
-    # -- workers ------------------------------------------------------------------------------------
-
-    def workers(self, live_since: float | None = None) -> list[Worker]:
-        query = select(Worker).order_by(col(Worker.name))
-        if live_since is not None:
-            query = query.where(Worker.last_heartbeat >= live_since)
-        with session(self.engine) as s:
-            return list(s.exec(query))
-
-    def update_worker(self, name: str, **values) -> bool:
-        with session(self.engine) as s:
-            changed = s.execute(update(Worker).where(Worker.name == name).values(**values)).rowcount == 1
-            s.commit()
-        return changed
-
-    def remove_worker(self, name: str) -> None:
-        self._delete(Worker, name)
-
-    def _delete(self, table, key: str) -> None:
-        """Delete the row of `table` with this primary key, if there is one."""
-        with session(self.engine) as s:
-            if (row := s.get(table, key)) is not None:
-                s.delete(row)
-                s.commit()

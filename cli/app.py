@@ -14,7 +14,7 @@ from cli import chat, dev, keys, models, procs
 from cli.client import Client, ClientError
 from cli.config import client, state
 from cli.console import JSON_OPTION, console, fail, print_json, print_table, wait_with_progress
-from training.spec import DATA_KIND
+from training.spec import DATA_KINDS
 
 app = typer.Typer(help="prefq: preference training (DPO, SFT) on your own GPU pool.", no_args_is_help=True)
 app.add_typer(keys.keys_app, name="keys")
@@ -61,7 +61,8 @@ def _dataset_ref(c: Client, ref: str, method: str) -> str:
     path = Path(ref)
     if not path.is_file():
         return ref
-    ds = c.upload_dataset(path, DATA_KIND.get(method, method))  # pair methods share 'dpo' data
+    kinds = DATA_KINDS.get(method, (method,))
+    ds = c.upload_dataset(path, kinds[0] if len(kinds) == 1 else None)  # kto takes its own rows or pairs: detected
     console.print(f"dataset {ds['id']}: {ds['rows']} rows, {ds['format']}, {ds['warning_count']} warning(s)")
     return ds["id"]
 
@@ -80,7 +81,7 @@ def submit(
         help="Base model: a folder the workers can read, a storage URI, a hub id "
         "(org/name@rev), or a succeeded job's id or fine-tuned model name",
     ),
-    method: str = typer.Option(..., help="dpo, orpo, simpo (preference pairs) or sft"),
+    method: str = typer.Option(..., help="dpo, orpo, simpo (preference pairs), kto (labelled answers or pairs) or sft"),
     trainer: str = typer.Option("basic", help="basic, fsdp or deepspeed-tp"),
     gpus: int = typer.Option(1, help="Devices of the job (0: a CPU worker)"),
     eval_dataset: str = typer.Option(None, "--eval", help="Held-out data: a file, dataset id or URI"),
@@ -100,8 +101,8 @@ def submit(
 ) -> None:
     """Queue a training job; prints its id first. With --then, waits for it, then queues the second job."""
     c = client()
-    if then and then[0] not in DATA_KIND:
-        fail(f"--then: the method is one of {', '.join(DATA_KIND)}, not {then[0]!r}")
+    if then and then[0] not in DATA_KINDS:
+        fail(f"--then: the method is one of {', '.join(DATA_KINDS)}, not {then[0]!r}")
     try:
         job = {
             "model": str(Path(model).resolve()) if Path(model).is_dir() else model,

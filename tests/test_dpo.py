@@ -131,6 +131,8 @@ def test_simpo_and_orpo_losses_match_hand_computation(tmp_path, micro_model, toy
         ("sft", "simpo_gamma", 1.0),
         ("orpo", "simpo_gamma", 1.0),
         ("simpo", "precompute_ref_log_probs", True),
+        ("dpo", "undesirable_weight", 2.0),
+        ("kto", "beta_schedule", "risk"),
     ],
 )
 def test_what_a_method_does_not_use_is_refused_naming_the_field(tmp_path, method, field, value):

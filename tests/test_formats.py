@@ -132,7 +132,26 @@ def test_mixed_formats_are_reported_per_line():
 
 def test_data_of_the_other_method_is_refused():
     err = only_error([{"text": "T"}], method="dpo")
-    assert err.reason == "format sft_text holds sft data, but the method is dpo"
+    assert err.reason == "format sft_text holds sft data, but the method needs dpo data"
+
+
+def test_kto_rows_are_checked_and_kto_takes_pairs_too():
+    rows = [
+        {"prompt": "Q", "completion": "A", "label": True},
+        {
+            "prompt": [{"role": "user", "content": "Q"}],
+            "completion": [{"role": "assistant", "content": "B"}],
+            "label": False,
+        },
+    ]
+    report, out = check_lines([json.dumps(r).encode() for r in rows], ("kto", "dpo"))
+    assert report.ok and (report.format, report.method) == ("kto_unpaired", "kto") and out[1]["label"] is False
+    err = only_error([{"prompt": "Q", "completion": "A", "label": 1}], method="kto")
+    assert (err.field, err.reason) == ("label", "expected true (desirable) or false (undesirable), got number")
+    pairs = [json.dumps({"prompt": "Q", "chosen": "A", "rejected": "B"}).encode()]
+    assert check_lines(pairs, ("kto", "dpo"))[0].method == "dpo"
+    refused = only_error([{"text": "T"}], method=("kto", "dpo"))
+    assert refused.reason == "format sft_text holds sft data, but the method needs kto or dpo data"
 
 
 def test_hh_pair_with_different_conversations_is_refused():

@@ -146,10 +146,22 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(dpo_job, clients, t
     assert client.models.retrieve(done.fine_tuned_model).owned_by == "default"
 
 
-def test_simpo_through_the_sdk_and_orpo_through_the_native_api_train_on_the_dpo_file(dpo_job, stack):
+def test_simpo_and_kto_through_the_sdk_and_orpo_through_the_native_api(dpo_job, stack, tmp_path):
     """The pair methods without a reference model: `method.type` 'simpo' (prefq's documented extension of OpenAI's
-    types) through the SDK, and `method: "orpo"` through `POST /jobs`, both on the DPO job's pair file."""
+    types) through the SDK, and `method: "orpo"` through `POST /jobs`, both on the DPO job's pair file; and KTO on
+    a file of labelled answers, through the SDK."""
+    from training.toy_data import write_toy_data
+
     client = dpo_job.client
+    write_toy_data(tmp_path / "kto.jsonl", "kto", 200, seed=5)
+    with (tmp_path / "kto.jsonl").open("rb") as fh:
+        labelled = client.files.create(file=fh, purpose="fine-tune")
+    kto = client.fine_tuning.jobs.create(
+        model=dpo_job.sdk.fine_tuned_model,
+        training_file=labelled.id,
+        method={"type": "kto", "kto": {"hyperparameters": {"batch_size": 8}}},
+        extra_body={"prefq": {"hyperparameters": {**FAST, "eval_fraction": 0.2, "undesirable_weight": 1.5}}},
+    )
     simpo = client.fine_tuning.jobs.create(
         model=dpo_job.sdk.fine_tuned_model,
         training_file=dpo_job.file.id,
@@ -177,6 +189,14 @@ def test_simpo_through_the_sdk_and_orpo_through_the_native_api_train_on_the_dpo_
     assert "ref_logprobs" not in types
     sft = stack.http.post("/jobs", json={"model": HUB_ID, "dataset": dpo_job.file.id, "method": "sft"})
     assert sft.status_code == 422 and "trains on sft data" in sft.text, sft.text
+    kto_done = wait(client, kto.id)
+    assert kto_done.status == "succeeded", kto_done.error
+    assert kto_done.method.type == "kto"
+    csv_rows = client.files.content(kto_done.result_files[0]).text.splitlines()
+    assert csv_rows[0] == "step,train_loss,train_rewards_margin,train_kl,valid_loss,valid_rewards_margin"
+    assert len(csv_rows) == 1 + 5 and all(r.split(",")[3] for r in csv_rows[2:]), csv_rows
+    dpo_on_kto = stack.http.post("/jobs", json={"model": HUB_ID, "dataset": labelled.id, "method": "dpo"})
+    assert dpo_on_kto.status_code == 422 and "trains on dpo data" in dpo_on_kto.text, dpo_on_kto.text
 
 
 def test_errors_in_openais_shape(stack, clients, toy_dpo, tmp_path):

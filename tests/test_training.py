@@ -80,6 +80,28 @@ def test_reference_free_pair_methods_raise_the_held_out_margin(tmp_path, micro_m
         assert last["eval_log_odds_chosen"] > first["eval_log_odds_chosen"]
 
 
+@pytest.mark.parametrize("data", ["labelled", "pairs"])
+def test_kto_on_labelled_answers_or_on_pairs_raises_the_held_out_margin(tmp_path, micro_model, toy_dpo, data):
+    """KTO (TRL's trainer) on thumbs-up/down rows, or on pairs unrolled into them: the held-out reward margin of the
+    desirable answers over the undesirable ones rises, and the reference model writes its samples once."""
+    from training.toy_data import write_toy_data
+
+    path = toy_dpo
+    if data == "labelled":
+        path = tmp_path / "kto.jsonl"
+        write_toy_data(path, "kto", 600, seed=3)
+    spec = dpo_spec(micro_model, path, method="kto", max_steps=20, eval_steps=20, sample_prompts=2)
+    rc, events = run_training(spec, tmp_path / "run")
+    assert rc == EXIT_OK, of_type(events, "error")
+    first, last = (e["metrics"] for e in of_type(events, "eval"))
+    assert last["eval_rewards/margins"] > first["eval_rewards/margins"] + 0.5, (first, last)
+    assert "kl" in of_type(events, "progress")[-1]["metrics"]
+    [train, _] = of_type(events, "lengths")
+    assert train["rows"] == (510 if data == "labelled" else 680) and train["dropped"] == 0, train
+    models = [e["model"] for e in of_type(events, "samples")]
+    assert models.count("reference") == 1 and models.count("policy") == 2, models
+
+
 def test_sft_halves_the_eval_loss(tmp_path, micro_model, toy_sft):
     spec = {
         "method": "sft",

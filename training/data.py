@@ -19,9 +19,9 @@ def _read(path: str, method: str, field: str) -> list[dict]:
 
 def load_splits(spec: TrainingSpec) -> tuple[Dataset, Dataset | None]:
     """Train and eval datasets of normalised rows; eval is split off train when no eval_file is given."""
-    train = _read(spec.train_file, spec.data_kind, "train_file")
+    train = _read(spec.train_file, spec.data_kinds, "train_file")
     if spec.eval_file:
-        held_out = _read(spec.eval_file, spec.data_kind, "eval_file")
+        held_out = _read(spec.eval_file, spec.data_kinds, "eval_file")
     elif spec.eval_fraction > 0 and len(train) > 1:
         order = list(range(len(train)))
         random.Random(spec.seed).shuffle(order)
@@ -30,7 +30,26 @@ def load_splits(spec: TrainingSpec) -> tuple[Dataset, Dataset | None]:
         train = [train[i] for i in sorted(order[n_eval:])]
     else:
         held_out = []
+    if spec.method == "kto":  # after the split: a pair's two halves stay on one side of it
+        train, held_out = _kto_rows(train, spec.seed), _kto_rows(held_out, spec.seed)
     return Dataset.from_list(train), (Dataset.from_list(held_out) if held_out else None)
+
+
+def _kto_rows(rows: list[dict], seed: int) -> list[dict]:
+    """KTO's rows, in a seeded random order: pairs unrolled into their chosen answer (desirable) and their rejected
+    one (undesirable). TRL's KTO reads its batches in order and estimates the KL term from each row's prompt with
+    the next row's answer, so rows of one prompt, or of one label, must not sit side by side."""
+    out = []
+    for row in rows:
+        if "chosen" in row:
+            out += [
+                {"prompt": row["prompt"], "completion": row["chosen"], "label": True},
+                {"prompt": row["prompt"], "completion": row["rejected"], "label": False},
+            ]
+        else:
+            out.append(row)
+    random.Random(seed).shuffle(out)
+    return out
 
 
 def _texts(example: dict, tokenizer) -> list[str]:
@@ -47,7 +66,7 @@ def _texts(example: dict, tokenizer) -> list[str]:
         return [render(example["messages"])]
     if "text" in example:
         return [example["text"]]
-    if isinstance(example["prompt"], list):
+    if isinstance(example["prompt"], list):  # SFT's and KTO's prompt and completion
         return [render(example["prompt"] + example["completion"])]
     return [example["prompt"] + example["completion"]]
 

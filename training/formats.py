@@ -11,11 +11,13 @@ Accepted forms, one JSON object per line:
 | `sft_prompt_completion` | sft | `prompt`, `completion`: strings, or message lists |
 | `sft_messages` | sft | `messages`: a message list with at least one assistant turn |
 | `sft_text` | sft | `text`: a string |
+| `kto_unpaired` | kto | `prompt`, `completion`: strings, or message lists; `label`: true (desirable) or false |
 
 A message is `{"role": "system"|"user"|"assistant"|"developer"|"tool", "content": string}`.
 
 Normalised rows are what TRL reads: DPO `{"prompt", "chosen", "rejected"}` (strings, or message lists
-for the conversational forms), SFT `{"prompt", "completion"}`, `{"messages"}` or `{"text"}`.
+for the conversational forms), SFT `{"prompt", "completion"}`, `{"messages"}` or `{"text"}`, KTO
+`{"prompt", "completion", "label"}`.
 A bad file yields a report (line, field, reason), never a traceback.
 """
 
@@ -42,6 +44,7 @@ FORMAT_METHOD = {
     "sft_prompt_completion": "sft",
     "sft_messages": "sft",
     "sft_text": "sft",
+    "kto_unpaired": "kto",
 }
 
 
@@ -173,6 +176,8 @@ def detect_format(row: dict) -> str | None:
         return "sft_messages"
     if "text" in row:
         return "sft_text"
+    if "label" in row:
+        return "kto_unpaired"
     if "completion" in row:
         return "sft_prompt_completion"
     if "chosen" in row or "rejected" in row:
@@ -235,6 +240,11 @@ def normalise(row: dict, fmt: str) -> dict:
                 "completion": _messages(row.get("completion"), "completion", need_assistant=True),
             }
         return {"prompt": _string(row, "prompt", empty_ok=True), "completion": _string(row, "completion")}
+    if fmt == "kto_unpaired":
+        label = row["label"]
+        if not isinstance(label, bool):
+            raise _RowError("label", f"expected true (desirable) or false (undesirable), got {_type_name(label)}")
+        return {**normalise(row, "sft_prompt_completion"), "label": label}
     if fmt == "sft_messages":
         return {"messages": _messages(row["messages"], "messages", need_assistant=True)}
     if fmt == "sft_text":
@@ -307,14 +317,19 @@ def bounded_lines(fh, max_line_bytes: int) -> Iterator[bytes | LongLine]:
 
 
 def check_lines(
-    lines: Iterable[bytes | LongLine], method: str | None = None, limits: Limits = Limits(), keep: bool = True
+    lines: Iterable[bytes | LongLine],
+    method: str | tuple[str, ...] | None = None,
+    limits: Limits = Limits(),
+    keep: bool = True,
 ) -> tuple[Report, list[dict]]:
     """Validate JSONL lines (bytes, without caring for line endings); return the report and, with `keep`, the
     normalised rows. Memory stays bounded without `keep`: 12 bytes per distinct row for duplicates
     (`training.fingerprints`), 50 listed problems.
 
-    `method` ('dpo' or 'sft') is what the data must serve; None accepts either and reports which it is.
+    `method` (a data kind, 'dpo', 'sft' or 'kto', or several) is what the data must serve; None accepts any and
+    reports which it is.
     """
+    kinds = (method,) if isinstance(method, str) else method
     report = Report()
     examples: list[dict] = []
     seen = Fingerprints()
@@ -347,8 +362,9 @@ def check_lines(
             continue
         if report.format is None:
             row_method = FORMAT_METHOD[fmt]
-            if method is not None and row_method != method:
-                report.error(number, "-", f"format {fmt} holds {row_method} data, but the method is {method}")
+            if kinds is not None and row_method not in kinds:
+                wanted = " or ".join(kinds)
+                report.error(number, "-", f"format {fmt} holds {row_method} data, but the method needs {wanted} data")
                 return report, []
             report.format, report.method, first_line = fmt, row_method, number
         elif fmt != report.format:
@@ -382,11 +398,11 @@ def iter_file_lines(path: str | Path, max_line_bytes: int = Limits.max_line_byte
         yield from bounded_lines(fh, max_line_bytes)
 
 
-def check_file(path: str | Path, method: str | None = None) -> tuple[Report, list[dict]]:
+def check_file(path: str | Path, method: str | tuple[str, ...] | None = None) -> tuple[Report, list[dict]]:
     return check_lines(iter_file_lines(path), method)
 
 
-def read_examples(path: str | Path, method: str, source: str = "the data") -> list[dict]:
+def read_examples(path: str | Path, method: str | tuple[str, ...], source: str = "the data") -> list[dict]:
     """Normalised rows of a data file, or a `DataError` carrying the report."""
     report, examples = check_file(path, method)
     if not report.ok:

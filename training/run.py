@@ -315,6 +315,18 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
 
         args = SFTConfig(**common)
         trainer = PrefqSFTTrainer(args=args, **inputs)
+    elif spec.method == "kto":
+        from trl import KTOConfig
+
+        from training.kto import PrefqKTOTrainer
+
+        args = KTOConfig(
+            **common,
+            beta=spec.beta,
+            desirable_weight=spec.desirable_weight,
+            undesirable_weight=spec.undesirable_weight,
+        )
+        trainer = PrefqKTOTrainer(args=args, **inputs)
     else:
         raise ValueError(f"Unknown method: {spec.method}")
     trainer.remove_callback(PrinterCallback)

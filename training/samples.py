@@ -34,13 +34,15 @@ PROMPT_CHARS = 2000  # a sample keeps the end of a longer prompt: the question s
 
 
 def held_out_prompts(rows, n: int) -> list:
-    """The prompts of the first `n` usable rows of a split (strings or message lists)."""
+    """The prompts of the first `n` usable rows of a split (strings or message lists), each once (KTO's rows of an
+    unrolled pair share theirs)."""
     prompts = []
     for row in rows:
         if len(prompts) >= n:
             break
         if "prompt" in row and row["prompt"]:
-            prompts.append(row["prompt"])
+            if row["prompt"] not in prompts:
+                prompts.append(row["prompt"])
         elif row.get("messages"):
             messages = row["messages"]
             cut = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
@@ -147,7 +149,7 @@ class Sampler:
         was_training = model.training
         model.eval()
         try:
-            dpo = self.spec.pairs
+            dpo = self.spec.method != "sft"  # an implicit reward: DPO's, KTO's, ORPO's and SimPO's (no reference)
             policy = self._complete(model, autocast, device, started + budget)
             rewards: list[float | None] = [None] * len(policy)
             if dpo:

@@ -31,17 +31,19 @@ DPO_LOSS_TYPES = (
     "sigmoid_norm",
 )
 
-Method = Literal["dpo", "sft", "orpo", "simpo"]
+Method = Literal["dpo", "sft", "orpo", "simpo", "kto"]
 TrainerName = Literal["basic", "fsdp", "deepspeed-tp"]
 
-# What data each method trains on: preference pairs ('dpo' data) or demonstrations ('sft' data). Datasets are
-# validated and stored by this data kind (`training.formats`), so one uploaded pair file serves every pair method.
-DATA_KIND = {"dpo": "dpo", "orpo": "dpo", "simpo": "dpo", "sft": "sft"}
+# What data each method trains on: preference pairs ('dpo' data), demonstrations ('sft'), or single answers marked
+# desirable or not ('kto'). Datasets are validated and stored by this data kind (`training.formats`), so one
+# uploaded pair file serves every pair method, and KTO also takes pairs (each unrolled into a desirable and an
+# undesirable row). The first kind is the method's own.
+DATA_KINDS = {"dpo": ("dpo",), "orpo": ("dpo",), "simpo": ("dpo",), "sft": ("sft",), "kto": ("kto", "dpo")}
 # The pair methods that train without a reference model: ORPO (Hong et al. 2024) and SimPO (Meng et al. 2024).
 REFERENCE_FREE_METHODS = ("orpo", "simpo")
 
-# DPO paper; TRL's SFTConfig; TRL's ORPOConfig and CPOConfig (SimPO)
-DEFAULT_LEARNING_RATE = {"dpo": 1e-6, "sft": 2e-5, "orpo": 1e-6, "simpo": 1e-6}
+# DPO paper; TRL's SFTConfig; TRL's ORPOConfig and CPOConfig (SimPO); TRL's KTOConfig
+DEFAULT_LEARNING_RATE = {"dpo": 1e-6, "sft": 2e-5, "orpo": 1e-6, "simpo": 1e-6, "kto": 1e-6}
 
 
 class SpecError(ValueError):
@@ -91,8 +93,8 @@ class TrainingSpec(BaseModel):
 
     # what
     method: Method = Field(
-        description="'dpo', 'orpo' or 'simpo' (preference pairs; ORPO and SimPO need no reference model) or 'sft' "
-        "(demonstrations)."
+        description="'dpo', 'orpo' or 'simpo' (preference pairs; ORPO and SimPO need no reference model), 'kto' "
+        "(answers labelled desirable or not, or pairs) or 'sft' (demonstrations)."
     )
     model: str = Field(min_length=1, description="Base model: a Hugging Face format folder.")
     train_file: str = Field(min_length=1, description="Training data, JSONL (see `python -m training validate`).")
@@ -147,6 +149,12 @@ class TrainingSpec(BaseModel):
     )
     simpo_gamma: float = Field(
         0.5, ge=0, description="SimPO: target reward margin gamma between chosen and rejected (TRL's default)."
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="KTO: weight of the desirable rows' loss (raise it when they are the fewer)."
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="KTO: weight of the undesirable rows' loss (raise it when they are the fewer)."
     )
     loss_type: str | list[str] = Field("sigmoid", description="One DPO loss type or several (see DPO_LOSS_TYPES).")
     loss_weights: list[float] | None = Field(None, description="Weights of several loss types; default all 1.")
@@ -211,6 +219,15 @@ class TrainingSpec(BaseModel):
                     raise ValueError(f"{name}: only applies to method 'dpo'; remove it for '{self.method}'")
         if self.method != "simpo" and self.simpo_gamma != 0.5:
             raise ValueError(f"simpo_gamma: only applies to method 'simpo'; remove it for '{self.method}'")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if self.method != "kto" and getattr(self, name) != 1.0:
+                raise ValueError(f"{name}: only applies to method 'kto'; remove it for '{self.method}'")
+        if self.method == "kto" and self.trainer != "basic":
+            raise ValueError("trainer: method 'kto' runs on the 'basic' trainer (one device) for now")
+        if self.method == "kto" and self.batch_size < 2:
+            raise ValueError(
+                "batch_size: KTO estimates its KL term from the other rows of a batch; give 2 or more (TRL)"
+            )
         if self.reference_free and self.precompute_ref_log_probs:
             raise ValueError("precompute_ref_log_probs: has no use with reference_free; set one of them")
         if not self.pairs and self.max_prompt_length is not None:
@@ -237,18 +254,20 @@ class TrainingSpec(BaseModel):
         return self
 
     @property
-    def data_kind(self) -> str:
-        """'dpo' (pairs) or 'sft' (demonstrations): what the method's data must hold."""
-        return DATA_KIND[self.method]
+    def data_kinds(self) -> tuple[str, ...]:
+        """What the method's data may hold: 'dpo' (pairs), 'sft' (demonstrations), 'kto' (labelled answers)."""
+        return DATA_KINDS[self.method]
 
     @property
     def pairs(self) -> bool:
-        return self.data_kind == "dpo"
+        """Whether the method trains on pairs, with the DPO trainer (`training.dpo`): dpo, orpo, simpo."""
+        return self.data_kinds == ("dpo",)
 
     @property
     def has_reference(self) -> bool:
-        """Whether the method compares the policy with a frozen reference model (DPO without `reference_free`)."""
-        return self.method == "dpo" and not self.reference_free
+        """Whether the method compares the policy with a frozen reference model: KTO, and DPO without
+        `reference_free`."""
+        return self.method == "kto" or (self.method == "dpo" and not self.reference_free)
 
     @property
     def loss_types(self) -> list[str]:
@@ -257,7 +276,11 @@ class TrainingSpec(BaseModel):
     @property
     def precomputes_reference(self) -> bool:
         """Whether the reference log-probs are computed once before training: asked for, or a cache is given."""
-        return self.has_reference and (self.precompute_ref_log_probs or self.ref_cache_dir is not None)
+        return (
+            self.method == "dpo"
+            and self.has_reference
+            and (self.precompute_ref_log_probs or self.ref_cache_dir is not None)
+        )
 
     @property
     def resolved_learning_rate(self) -> float:

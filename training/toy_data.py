@@ -45,6 +45,10 @@ def toy_rows(method: str, rows: int, seed: int, context_words: int = 0) -> list[
             out.append({"prompt": prompt, "chosen": answer(a + b), "rejected": answer(wrong)})
         elif method == "sft":
             out.append({"prompt": prompt, "completion": answer(a + b)})
+        elif method == "kto":  # thumbs up or down on one answer: right ones desirable, about a third wrong
+            wrong = rng.random() < 1 / 3
+            total = a + b + (rng.choice((-1, 1)) * rng.randint(10, 20) if wrong else 0)
+            out.append({"prompt": prompt, "completion": answer(total), "label": not wrong})
         else:
             raise ValueError(f"Unknown method: {method}")
     return out

@@ -46,14 +46,16 @@ class DpoMethod(BaseModel):
 
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised", "dpo", "orpo", "simpo"] = Field(
-        description="OpenAI's 'supervised' and 'dpo', and prefq's extensions 'orpo' and 'simpo': reference-free "
-        "preference methods on the same pair files as 'dpo', with its hyperparameters (`beta` is ORPO's lambda)."
+    type: Literal["supervised", "dpo", "orpo", "simpo", "kto"] = Field(
+        description="OpenAI's 'supervised' and 'dpo', and prefq's extensions: 'orpo' and 'simpo', reference-free "
+        "preference methods on the same pair files as 'dpo', and 'kto', on answers labelled desirable or not "
+        "(`prompt`, `completion`, `label`) or on pair files; all with DPO's hyperparameters (`beta` is ORPO's lambda)."
     )
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
     orpo: DpoMethod | None = None
     simpo: DpoMethod | None = None
+    kto: DpoMethod | None = None
 
 
 class PrefqExtension(BaseModel):

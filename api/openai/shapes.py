@@ -21,9 +21,9 @@ from api.service.jobs import paused
 from jobs import modelref
 from jobs.models import Dataset, Job, JobEvent, JobStatus
 from training.events import metrics_by_step
-from training.spec import DATA_KIND, DEFAULT_LEARNING_RATE
+from training.spec import DATA_KINDS, DEFAULT_LEARNING_RATE
 
-METHOD_TYPE = {"sft": "supervised", "dpo": "dpo", "orpo": "orpo", "simpo": "simpo"}
+METHOD_TYPE = {"sft": "supervised", "dpo": "dpo", "orpo": "orpo", "simpo": "simpo", "kto": "kto"}
 RESULTS_PREFIX = "file-results-"  # the id of a job's metrics CSV: this prefix and the job id
 DEFAULTS = {"epochs": 1, "batch_size": 8, "beta": 0.1}
 LOCAL = {"path", "final_path", "pid"}  # event fields about the worker's own disk and processes: not for SDK users
@@ -202,6 +202,13 @@ COLUMNS = {
         ("valid_loss", "eval_loss"),
         ("valid_mean_token_accuracy", "eval_mean_token_accuracy"),
     ],
+    "kto": [
+        ("train_loss", "loss"),
+        ("train_rewards_margin", "rewards/margins"),
+        ("train_kl", "kl"),
+        ("valid_loss", "eval_loss"),
+        ("valid_rewards_margin", "eval_rewards/margins"),
+    ],
     "dpo": [
         ("train_loss", "loss"),
         ("train_rewards_accuracy", "rewards/accuracies"),
@@ -216,7 +223,7 @@ def metrics_csv(method: str, events: list[JobEvent]) -> bytes:
     """The job's metrics, one row per logged step: step, then OpenAI's column names for the method."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    columns = COLUMNS[DATA_KIND[method]]  # the pair methods log DPO's columns (`training.dpo`)
+    columns = COLUMNS[DATA_KINDS[method][0]]  # the pair methods log DPO's columns (`training.dpo`)
     writer.writerow(["step", *(name for name, _ in columns)])
     for step, m in sorted(metrics_by_step((e.type, e.data) for e in events).items()):
         writer.writerow([step, *("" if m.get(key) is None else m[key] for _, key in columns)])

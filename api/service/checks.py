@@ -21,7 +21,7 @@ from api.service.errors import Invalid, TooMany
 from jobs import modelref
 from jobs.perimeter import Refused, check_callback_url, confine
 from storage import StorageError, open_uri
-from training.spec import DATA_KIND, MANIFEST_NAME, TrainingSpec, describe_errors
+from training.spec import DATA_KINDS, MANIFEST_NAME, TrainingSpec, describe_errors
 
 TOP_LEVEL = {"method", "trainer", "gpus"}  # spec fields set on the job itself
 RESERVED = TOP_LEVEL | {"model", "train_file", "eval_file"}
@@ -55,11 +55,11 @@ async def dataset(svc: Services, who: Principal, ref: str, method: str, field: s
                 f"{first['reason']}); upload a corrected file",
                 field,
             )
-        if found.method != DATA_KIND[method]:
+        if found.method not in DATA_KINDS[method]:
             raise Invalid(
                 "dataset_method_mismatch",
                 f"{ref} holds {found.method} data ({found.format}); the job's method {method} trains on "
-                f"{DATA_KIND[method]} data",
+                f"{' or '.join(DATA_KINDS[method])} data",
                 field,
             )
         return ref

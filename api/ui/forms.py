@@ -20,7 +20,7 @@ from api.service import jobs as service
 from api.service.errors import ServiceError
 from api.ui import render
 from api.ui.session import Checked, Signed
-from training.spec import DATA_KIND, TrainingSpec
+from training.spec import DATA_KINDS, TrainingSpec
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 # Set by the form's own fields, nested, or refused by the API: not offered as plain hyperparameters.
@@ -140,7 +140,7 @@ async def new_job(request: Request, viewer: Signed, svc: Services = Depends(serv
         "new.html",
         viewer=viewer,
         fields=FIELDS,
-        methods=tuple(DATA_KIND),
+        methods=tuple(DATA_KINDS),
         datasets=await _datasets(svc, viewer),
         form={},
         models=await _models(svc, viewer),
@@ -152,7 +152,7 @@ def upload(
     request: Request,
     viewer: Checked,
     file: UploadFile = File(...),
-    method: str = Form("", pattern="^(|dpo|sft)$"),
+    method: str = Form("", pattern="^(|dpo|sft|kto)$"),
     svc: Services = Depends(services),
 ):
     """Validate and store an upload; the fragment shows its report (a bad file: every line's error, nothing kept)."""
@@ -213,7 +213,7 @@ async def _refused(request: Request, svc: Services, viewer, values: dict, field:
         422,
         viewer=viewer,
         fields=FIELDS,
-        methods=tuple(DATA_KIND),
+        methods=tuple(DATA_KINDS),
         datasets=await _datasets(svc, viewer),
         form=values,
         error=message,

@@ -204,6 +204,11 @@ def resolve(
         raise ModelNotFound(f"no fine-tuned model {name!r}")
     if job.status != "succeeded" or not job.result_uri:
         raise ModelNotFound(f"job {job.id} is {job.status}; its model can be named once it has succeeded")
+    if job.method == "reward":
+        raise ModelNotFound(
+            f"job {job.id} trained a reward model: it scores answers, and is neither trained further nor served for "
+            "chat (download it from the job's model files)"
+        )
     if ref.step is None:
         return Resolved(name, ref, uri=job.result_uri, job=job, version=version)
     found = layout.list_checkpoints(storage, tenant, job.id, manifest, step=ref.step)

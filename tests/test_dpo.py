@@ -133,6 +133,8 @@ def test_simpo_and_orpo_losses_match_hand_computation(tmp_path, micro_model, toy
         ("simpo", "precompute_ref_log_probs", True),
         ("dpo", "undesirable_weight", 2.0),
         ("kto", "beta_schedule", "risk"),
+        ("dpo", "center_rewards_coefficient", 0.01),
+        ("reward", "loss_type", "hinge"),
     ],
 )
 def test_what_a_method_does_not_use_is_refused_naming_the_field(tmp_path, method, field, value):

@@ -146,10 +146,10 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(dpo_job, clients, t
     assert client.models.retrieve(done.fine_tuned_model).owned_by == "default"
 
 
-def test_simpo_and_kto_through_the_sdk_and_orpo_through_the_native_api(dpo_job, stack, tmp_path):
+def test_simpo_and_kto_through_the_sdk_orpo_and_reward_through_the_native_api(dpo_job, stack, tmp_path):
     """The pair methods without a reference model: `method.type` 'simpo' (prefq's documented extension of OpenAI's
-    types) through the SDK, and `method: "orpo"` through `POST /jobs`, both on the DPO job's pair file; and KTO on
-    a file of labelled answers, through the SDK."""
+    types) through the SDK, and `method: "orpo"` through `POST /jobs`, both on the DPO job's pair file; KTO on a
+    file of labelled answers, through the SDK; a reward model on the pairs, which no job then trains on."""
     from training.toy_data import write_toy_data
 
     client = dpo_job.client
@@ -178,6 +178,16 @@ def test_simpo_and_kto_through_the_sdk_and_orpo_through_the_native_api(dpo_job, 
         },
     )
     assert orpo.status_code == 202, orpo.text
+    reward = stack.http.post(
+        "/jobs",
+        json={
+            "model": dpo_job.sdk.fine_tuned_model,
+            "dataset": dpo_job.file.id,
+            "method": "reward",
+            "hyperparameters": {**FAST, "max_steps": 6, "eval_fraction": 0.2, "learning_rate": 3e-3},
+        },
+    )
+    assert reward.status_code == 202, reward.text
     assert simpo.method.type == "simpo" and simpo.method.simpo["hyperparameters"]["beta"] == 2.0
     done = wait(client, simpo.id)
     assert done.status == "succeeded", done.error
@@ -195,6 +205,11 @@ def test_simpo_and_kto_through_the_sdk_and_orpo_through_the_native_api(dpo_job, 
     csv_rows = client.files.content(kto_done.result_files[0]).text.splitlines()
     assert csv_rows[0] == "step,train_loss,train_rewards_margin,train_kl,valid_loss,valid_rewards_margin"
     assert len(csv_rows) == 1 + 5 and all(r.split(",")[3] for r in csv_rows[2:]), csv_rows
+    scorer = stack.wait_for(reward.json()["id"], TERMINAL, timeout_s=240)
+    assert scorer["status"] == "succeeded" and "eval_accuracy" in scorer["eval_metrics"], scorer
+    assert client.fine_tuning.jobs.retrieve(scorer["id"]).method.type == "reward"
+    on_scorer = stack.http.post("/jobs", json={"model": scorer["id"], "dataset": dpo_job.file.id, "method": "dpo"})
+    assert on_scorer.status_code == 422 and "trained a reward model" in on_scorer.text, on_scorer.text
     dpo_on_kto = stack.http.post("/jobs", json={"model": HUB_ID, "dataset": labelled.id, "method": "dpo"})
     assert dpo_on_kto.status_code == 422 and "trains on dpo data" in dpo_on_kto.text, dpo_on_kto.text
 

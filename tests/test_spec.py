@@ -20,7 +20,7 @@ def test_defaults_follow_the_method():
     ("change", "field", "words"),
     [
         ({"beta": 0}, "beta", "greater than 0"),
-        ({"method": "ppo"}, "method", "'dpo', 'sft', 'orpo', 'simpo' or 'kto'"),
+        ({"method": "ppo"}, "method", "'dpo', 'sft', 'orpo', 'simpo', 'kto' or 'reward'"),
         ({"loss_type": ["sigmoid", "nope"]}, "loss_type", "unknown loss type 'nope'"),
         ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, "loss_weights", "one per type"),
         ({"loss_type": "exo_pair"}, "label_smoothing", "label_smoothing > 0"),

@@ -116,16 +116,22 @@ def _check_fits(spec: TrainingSpec) -> None:
 
 
 def _load_model(spec: TrainingSpec):
+    """The model to train and its tokenizer; for `reward`, the causal LM's body under a new one-score head."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.model)
-        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
+        if spec.method == "reward":
+            model = AutoModelForSequenceClassification.from_pretrained(spec.model, num_labels=1, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model: cannot load {spec.model}: {exc}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # a classifier finds each sequence's last token by the pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
@@ -283,7 +289,7 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
             lora_alpha=spec.lora.alpha,
             lora_dropout=spec.lora.dropout,
             target_modules=spec.lora.target_modules,
-            task_type="CAUSAL_LM",
+            task_type="SEQ_CLS" if spec.method == "reward" else "CAUSAL_LM",  # SEQ_CLS trains the new head too
         )
     common = _trainer_args(spec, out_dir, eval_ds is not None)
     inputs = dict(
@@ -315,6 +321,13 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
 
         args = SFTConfig(**common)
         trainer = PrefqSFTTrainer(args=args, **inputs)
+    elif spec.method == "reward":
+        from trl import RewardConfig
+
+        from training.reward import PrefqRewardTrainer
+
+        args = RewardConfig(**common, center_rewards_coefficient=spec.center_rewards_coefficient)
+        trainer = PrefqRewardTrainer(args=args, **inputs)
     elif spec.method == "kto":
         from trl import KTOConfig
 
@@ -373,7 +386,8 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
         log.warning("--resume: no complete checkpoint in %s, starting from step 0", out_dir)
     from training.samples import held_out_prompts
 
-    prompts = held_out_prompts(eval_ds, spec.sample_prompts) if eval_ds is not None else []
+    # a reward model scores and writes nothing: no samples
+    prompts = held_out_prompts(eval_ds, spec.sample_prompts) if eval_ds is not None and spec.method != "reward" else []
     callback = _make_callback(spec, stop, len(train_ds), len(eval_ds) if eval_ds is not None else 0, prompts)
     trainer, tokenizer = build_trainer(spec, out_dir, train_ds, eval_ds, callback)
     schedule = getattr(trainer, "beta_schedule", None)

@@ -31,19 +31,28 @@ DPO_LOSS_TYPES = (
     "sigmoid_norm",
 )
 
-Method = Literal["dpo", "sft", "orpo", "simpo", "kto"]
+Method = Literal["dpo", "sft", "orpo", "simpo", "kto", "reward"]
 TrainerName = Literal["basic", "fsdp", "deepspeed-tp"]
 
 # What data each method trains on: preference pairs ('dpo' data), demonstrations ('sft'), or single answers marked
 # desirable or not ('kto'). Datasets are validated and stored by this data kind (`training.formats`), so one
 # uploaded pair file serves every pair method, and KTO also takes pairs (each unrolled into a desirable and an
 # undesirable row). The first kind is the method's own.
-DATA_KINDS = {"dpo": ("dpo",), "orpo": ("dpo",), "simpo": ("dpo",), "sft": ("sft",), "kto": ("kto", "dpo")}
+DATA_KINDS = {
+    "dpo": ("dpo",),
+    "orpo": ("dpo",),
+    "simpo": ("dpo",),
+    "sft": ("sft",),
+    "kto": ("kto", "dpo"),
+    "reward": ("dpo",),
+}
+# The methods of the DPO trainer (`training.dpo`), on pairs.
+PAIR_METHODS = ("dpo", "orpo", "simpo")
 # The pair methods that train without a reference model: ORPO (Hong et al. 2024) and SimPO (Meng et al. 2024).
 REFERENCE_FREE_METHODS = ("orpo", "simpo")
 
-# DPO paper; TRL's SFTConfig; TRL's ORPOConfig and CPOConfig (SimPO); TRL's KTOConfig
-DEFAULT_LEARNING_RATE = {"dpo": 1e-6, "sft": 2e-5, "orpo": 1e-6, "simpo": 1e-6, "kto": 1e-6}
+# DPO paper; TRL's SFTConfig; TRL's ORPOConfig and CPOConfig (SimPO); TRL's KTOConfig; TRL's RewardConfig
+DEFAULT_LEARNING_RATE = {"dpo": 1e-6, "sft": 2e-5, "orpo": 1e-6, "simpo": 1e-6, "kto": 1e-6, "reward": 1e-4}
 
 
 class SpecError(ValueError):
@@ -94,7 +103,8 @@ class TrainingSpec(BaseModel):
     # what
     method: Method = Field(
         description="'dpo', 'orpo' or 'simpo' (preference pairs; ORPO and SimPO need no reference model), 'kto' "
-        "(answers labelled desirable or not, or pairs) or 'sft' (demonstrations)."
+        "(answers labelled desirable or not, or pairs), 'reward' (a model that scores answers, trained on pairs) or "
+        "'sft' (demonstrations)."
     )
     model: str = Field(min_length=1, description="Base model: a Hugging Face format folder.")
     train_file: str = Field(min_length=1, description="Training data, JSONL (see `python -m training validate`).")
@@ -149,6 +159,12 @@ class TrainingSpec(BaseModel):
     )
     simpo_gamma: float = Field(
         0.5, ge=0, description="SimPO: target reward margin gamma between chosen and rejected (TRL's default)."
+    )
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="reward: weight of the penalty on the squared sum of the pair's scores, which keeps them "
+        "centred on 0 (Eisenstein et al. 2023 use 0.01); unset: none.",
     )
     desirable_weight: float = Field(
         1.0, gt=0, description="KTO: weight of the desirable rows' loss (raise it when they are the fewer)."
@@ -219,18 +235,24 @@ class TrainingSpec(BaseModel):
                     raise ValueError(f"{name}: only applies to method 'dpo'; remove it for '{self.method}'")
         if self.method != "simpo" and self.simpo_gamma != 0.5:
             raise ValueError(f"simpo_gamma: only applies to method 'simpo'; remove it for '{self.method}'")
+        if self.method != "reward" and self.center_rewards_coefficient is not None:
+            raise ValueError(
+                f"center_rewards_coefficient: only applies to method 'reward'; remove it for '{self.method}'"
+            )
         for name in ("desirable_weight", "undesirable_weight"):
             if self.method != "kto" and getattr(self, name) != 1.0:
                 raise ValueError(f"{name}: only applies to method 'kto'; remove it for '{self.method}'")
-        if self.method == "kto" and self.trainer != "basic":
-            raise ValueError("trainer: method 'kto' runs on the 'basic' trainer (one device) for now")
+        if self.method in ("kto", "reward") and self.trainer != "basic":
+            raise ValueError(f"trainer: method '{self.method}' runs on the 'basic' trainer (one device) for now")
+        if self.method == "reward" and self.max_prompt_length is not None:
+            raise ValueError("max_prompt_length: a reward model reads prompt and answer whole; use max_length")
         if self.method == "kto" and self.batch_size < 2:
             raise ValueError(
                 "batch_size: KTO estimates its KL term from the other rows of a batch; give 2 or more (TRL)"
             )
         if self.reference_free and self.precompute_ref_log_probs:
             raise ValueError("precompute_ref_log_probs: has no use with reference_free; set one of them")
-        if not self.pairs and self.max_prompt_length is not None:
+        if self.data_kinds != ("dpo",) and self.max_prompt_length is not None:
             raise ValueError(
                 "max_prompt_length: only applies to pair methods (dpo, orpo, simpo); use max_length for 'sft'"
             )
@@ -261,7 +283,7 @@ class TrainingSpec(BaseModel):
     @property
     def pairs(self) -> bool:
         """Whether the method trains on pairs, with the DPO trainer (`training.dpo`): dpo, orpo, simpo."""
-        return self.data_kinds == ("dpo",)
+        return self.method in PAIR_METHODS
 
     @property
     def has_reference(self) -> bool:

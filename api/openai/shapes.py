@@ -23,7 +23,8 @@ from jobs.models import Dataset, Job, JobEvent, JobStatus
 from training.events import metrics_by_step
 from training.spec import DATA_KINDS, DEFAULT_LEARNING_RATE
 
-METHOD_TYPE = {"sft": "supervised", "dpo": "dpo", "orpo": "orpo", "simpo": "simpo", "kto": "kto"}
+# OpenAI's method types, and prefq's own beside them (a reward job is listed; it is created through the native API)
+METHOD_TYPE = {"sft": "supervised", "dpo": "dpo", "orpo": "orpo", "simpo": "simpo", "kto": "kto", "reward": "reward"}
 RESULTS_PREFIX = "file-results-"  # the id of a job's metrics CSV: this prefix and the job id
 DEFAULTS = {"epochs": 1, "batch_size": 8, "beta": 0.1}
 LOCAL = {"path", "final_path", "pid"}  # event fields about the worker's own disk and processes: not for SDK users
@@ -74,7 +75,7 @@ def hyperparameters(job: Job) -> dict:
         "batch_size": hp.get("batch_size", DEFAULTS["batch_size"]),
         "learning_rate_multiplier": round(hp.get("learning_rate", base) / base, 6),
     }
-    if job.method != "sft":
+    if job.method not in ("sft", "reward"):
         out["beta"] = hp.get("beta", DEFAULTS["beta"])
     return out
 
@@ -202,6 +203,13 @@ COLUMNS = {
         ("valid_loss", "eval_loss"),
         ("valid_mean_token_accuracy", "eval_mean_token_accuracy"),
     ],
+    "reward": [
+        ("train_loss", "loss"),
+        ("train_accuracy", "accuracy"),
+        ("train_margin", "margin"),
+        ("valid_loss", "eval_loss"),
+        ("valid_accuracy", "eval_accuracy"),
+    ],
     "kto": [
         ("train_loss", "loss"),
         ("train_rewards_margin", "rewards/margins"),
@@ -223,7 +231,7 @@ def metrics_csv(method: str, events: list[JobEvent]) -> bytes:
     """The job's metrics, one row per logged step: step, then OpenAI's column names for the method."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    columns = COLUMNS[DATA_KINDS[method][0]]  # the pair methods log DPO's columns (`training.dpo`)
+    columns = COLUMNS.get(method) or COLUMNS[DATA_KINDS[method][0]]  # orpo and simpo log DPO's (`training.dpo`)
     writer.writerow(["step", *(name for name, _ in columns)])
     for step, m in sorted(metrics_by_step((e.type, e.data) for e in events).items()):
         writer.writerow([step, *("" if m.get(key) is None else m[key] for _, key in columns)])

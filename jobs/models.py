@@ -85,6 +85,8 @@ class Job(SQLModel, table=True):
     total_steps: int | None = None
     metrics: dict = _json({})  # the latest progress metrics (TRL names)
     eval_metrics: dict = _json({})  # the latest evaluation
+    # per split ("train", "eval"), the latest run's `lengths` event: rows, truncated, dropped, max_length, p50, p95, max
+    lengths: dict = _json({})
     error_code: str | None = None
     error_message: str | None = None
     error_is_user: bool | None = None  # True: the user's to fix (data, spec, model); False: infrastructure
@@ -224,6 +226,7 @@ class JobPublic(BaseModel):
     progress: float | None
     metrics: dict
     eval_metrics: dict
+    lengths: dict  # per split: rows, truncated (cut to max_length), dropped (nothing left to train), token percentiles
     error: dict | None
     result_uri: str | None
     callback_status: str | None  # pending | delivered | failed, once the job has ended with a callback_url

@@ -88,6 +88,9 @@ def test_dpo_on_a_hub_model_then_sft_on_its_fine_tuned_model(dpo_job, clients, t
     assert done.fine_tuned_model == f"ft:{HUB_ID}:default:pairs:{job.id}"
     assert done.finished_at >= done.created_at and done.estimated_finish is None
     assert done.trained_tokens > 0
+    lengths = dpo_job.job["lengths"]  # the run's `lengths` events, kept on the job's row by the worker
+    assert (lengths["train"]["rows"], lengths["eval"]["rows"], lengths["train"]["dropped"]) == (340, 60, 0), lengths
+    assert lengths["train"]["max_length"] == 64 and 0 < lengths["train"]["p50"] <= lengths["train"]["max"]
 
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=3))  # auto-paginates, newest first
     assert len(events) > 6 and len({e.id for e in events}) == len(events)

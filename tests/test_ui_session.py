@@ -214,6 +214,25 @@ def test_a_failed_job_shows_its_error_whose_fault_and_a_retry_button(world):
     assert failed[True] not in alpha.get("/ui/jobs?status=running").text
 
 
+def test_the_job_page_shows_what_max_length_cut_and_dropped(world):
+    _, app, keys, *_ = world
+    lengths = {
+        "train": {"rows": 450, "truncated": 20, "dropped": 30, "max_length": 40, "p50": 18, "p95": 70, "max": 90},
+        "eval": {"rows": 50, "truncated": 0, "dropped": 0, "max_length": 40, "p50": 17, "p95": 22, "max": 25},
+    }
+    job = Job(id=new_id("job"), tenant="alpha", method="dpo", trainer="basic", gpus=1, model="m", dataset_id="ds_1")
+    job.lengths = lengths
+    app.state.services.store.create_jobs([(job, [])])
+    alpha, _ = signed_in(app, keys["alpha"])
+    assert (
+        alpha.get(f"/jobs/{job.id}", headers={"Authorization": f"Bearer {keys['alpha']}"}).json()["lengths"] == lengths
+    )
+    panel = alpha.get(f"/ui/jobs/{job.id}/panel").text
+    row = panel.split('<tr class="lengths-train">', 1)[1].split("</tr>", 1)[0]
+    assert row == '<th>train</th><td>450</td><td>20</td><td class="warn">30</td><td>40</td><td>18 / 70 / 90</td>'
+    assert panel.index("lengths-train") < panel.index("lengths-eval")
+
+
 def test_the_jobs_list_pages_newest_first(world):
     settings, app, *_ = world
     store = app.state.services.store

@@ -84,6 +84,7 @@ class Follower:
         self.outcome = Outcome()
         self.uploader = Uploader(a.storage, a.lease)
         self.kill_at: float | None = None  # when the run, told to stop, is SIGKILLed
+        self.lengths: dict[str, dict] = {}  # the run's `lengths` events by split, for the job's row
 
     def follow(self) -> Outcome:
         """Read the run's events until it exits; `LeaseLost` if the lease went meanwhile, `JobFailed` for an
@@ -117,6 +118,9 @@ class Follower:
             fields.update(step=found[0], total_steps=data["total_steps"], metrics=found[1])
         elif kind == "eval" and (found := metrics_of(kind, data)):
             fields["eval_metrics"] = found[1]
+        elif kind == "lengths":
+            self.lengths[data["split"]] = {k: v for k, v in data.items() if k != "split"}
+            fields["lengths"] = dict(self.lengths)
         elif kind == "checkpoint":
             self.uploader.add(Path(data["path"]), layout.checkpoint_prefix(a.job.tenant, a.job_id, data["step"]))
         elif kind == "ref_logprobs" and not data.get("cached") and data.get("path") and self.refcache_prefix:

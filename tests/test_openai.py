@@ -217,6 +217,40 @@ def test_simpo_and_kto_through_the_sdk_orpo_and_reward_through_the_native_api(dp
     assert dpo_on_kto.status_code == 422 and "trains on dpo data" in dpo_on_kto.text, dpo_on_kto.text
 
 
+def test_a_tool_calling_file_in_openais_format_trains_through_the_sdk(clients, tmp_path):
+    """OpenAI's chat format whole (tools, parallel tool calls, tool results, weights) uploads through `/v1/files`
+    and an SFT job trains on it on the hub model; only weight-1 assistant tokens carry the loss (`test_chat`)."""
+    from tests.test_chat import CONVERSATION, call
+
+    rows = []
+    for n in range(48):
+        row = json.loads(json.dumps(CONVERSATION))
+        city = ("Paris", "Oslo", "Lima", "Kyiv")[n % 4]
+        row["messages"][1]["content"] = f"Weather and time in {city}?"
+        row["messages"][2]["tool_calls"] = [call("get_weather", {"city": city}, "c1"), call("get_time", {}, "c2")]
+        rows.append(row)
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    client = clients["gamma"]
+    with path.open("rb") as fh:
+        upload = client.files.create(file=fh, purpose="fine-tune")
+    assert upload.status == "processed", upload
+    job = client.fine_tuning.jobs.create(
+        model=HUB_ID,
+        training_file=upload.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 4}}},
+        extra_body={"prefq": {"hyperparameters": {**FAST, "max_steps": 2, "max_length": 512}}},
+    )
+    done = wait(client, job.id)
+    assert done.status == "succeeded", done.error
+    losses = [
+        e.data["train_loss"]
+        for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
+        if e.type == "metrics" and "train_loss" in (e.data or {})
+    ]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses), losses
+
+
 def test_errors_in_openais_shape(stack, clients, toy_dpo, tmp_path):
     alpha, beta = clients["alpha"], clients["beta"]
     with openai_dpo_file(toy_dpo, tmp_path / "pairs.jsonl", rows=8).open("rb") as fh:

@@ -33,6 +33,8 @@ def _validate(args) -> int:
         print(json.dumps(report.to_dict(), indent=1))
     else:
         print(f"file: {args.file}\nrows: {report.rows}\nformat: {report.format or '-'} ({report.method or '-'})")
+        if report.format == "sft_messages":
+            print(f"tool examples: {report.tool_examples}\nassistant messages of weight 0: {report.untrained_messages}")
         for title, items, total in (
             ("errors", report.errors, report.error_count),
             ("warnings", report.warnings, report.warning_count),

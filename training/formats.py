@@ -9,15 +9,22 @@ Accepted forms, one JSON object per line:
 | `openai_dpo` | dpo | `input.messages`, `preferred_output`, `non_preferred_output`: message lists |
 | `hh_rlhf` | dpo | `chosen`, `rejected`: whole `\\n\\nHuman:` / `\\n\\nAssistant:` transcripts |
 | `sft_prompt_completion` | sft | `prompt`, `completion`: strings, or message lists |
-| `sft_messages` | sft | `messages`: a message list with at least one assistant turn |
+| `sft_messages` | sft | `messages`: a message list with at least one assistant turn, OpenAI's chat form whole: `tools`, assistant `tool_calls`, `tool` results, `name`, `weight` (0 or 1), `parallel_tool_calls` |
 | `sft_text` | sft | `text`: a string |
 | `kto_unpaired` | kto | `prompt`, `completion`: strings, or message lists; `label`: true (desirable) or false |
 
-A message is `{"role": "system"|"user"|"assistant"|"developer"|"tool", "content": string}`.
+A message is `{"role": "system"|"user"|"assistant"|"developer"|"tool", "content": string}`. In `sft_messages` it may
+also carry `name`, and: an assistant message `tool_calls` (`[{"id", "type": "function", "function": {"name",
+"arguments": a JSON object as a string}}]`, its `content` then may be null) and `weight` (1: trained, 0: context
+only); a `tool` message `tool_call_id`. `content` may be a list of text parts; image parts are refused (no vision
+model yet). The row may carry `tools` (`[{"type": "function", "function": {"name", "description", "parameters"}}]`),
+which every tool call must name, and `parallel_tool_calls`.
 
 Normalised rows are what TRL reads: DPO `{"prompt", "chosen", "rejected"}` (strings, or message lists
-for the conversational forms), SFT `{"prompt", "completion"}`, `{"messages"}` or `{"text"}`, KTO
-`{"prompt", "completion", "label"}`.
+for the conversational forms), SFT `{"prompt", "completion"}`, `{"messages"}` (each message with every key of
+`CHAT_KEYS`, null where unset, a tool call's `arguments` kept as a JSON string, and `tools` as a JSON string, so
+that rows share one Arrow schema; `training.chat` renders them) or `{"text"}`, KTO `{"prompt", "completion",
+"label"}`.
 A bad file yields a report (line, field, reason), never a traceback.
 """
 
@@ -91,6 +98,8 @@ class Report:
     error_count: int = 0
     warning_count: int = 0
     token_lengths: dict | None = None  # filled by training.data.token_length_stats
+    tool_examples: int = 0  # conversations with tools or tool calls
+    untrained_messages: int = 0  # assistant messages of weight 0: context, not trained
 
     @property
     def ok(self) -> bool:
@@ -153,6 +162,143 @@ def _messages(value: object, path: str, *, need_assistant: bool = False) -> list
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise _RowError(path, "no assistant message to learn from")
     return out
+
+
+CHAT_KEYS = ("role", "content", "name", "weight", "tool_calls", "tool_call_id")
+
+
+def _text_content(value: object, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of text parts (joined)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _RowError(where, f"expected a string or a list of content parts, got {_type_name(value)}")
+    texts = []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("image_url", "input_image", "image"):
+            raise _RowError(f"{where}[{i}]", "image content parts are not supported (no vision model yet)")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise _RowError(f"{where}[{i}]", 'expected a text part, {"type": "text", "text": string}')
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _tool_calls(value: object, where: str, tools: set[str] | None) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise _RowError(where, f"expected a non-empty list of tool calls, got {_type_name(value)}")
+    calls = []
+    for i, call in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(call, dict):
+            raise _RowError(at, f"expected a tool call object, got {_type_name(call)}")
+        if call.get("type", "function") != "function":
+            raise _RowError(f"{at}.type", f"expected 'function', got {json.dumps(call.get('type'))}")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise _RowError(f"{at}.function", "missing" if function is None else "expected an object")
+        name, arguments = function.get("name"), function.get("arguments")
+        if not isinstance(name, str) or not name:
+            raise _RowError(f"{at}.function.name", "expected a non-empty string")
+        if tools is not None and name not in tools:
+            raise _RowError(
+                f"{at}.function.name", f"{name!r} is not one of the row's tools ({', '.join(sorted(tools))})"
+            )
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments)
+            except json.JSONDecodeError as exc:
+                raise _RowError(
+                    f"{at}.function.arguments", f"not valid JSON: {exc.msg} at column {exc.colno}"
+                ) from None
+        else:
+            parsed = arguments
+        if not isinstance(parsed, dict):
+            raise _RowError(f"{at}.function.arguments", f"expected a JSON object, got {_type_name(parsed)}")
+        call_id = call.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise _RowError(f"{at}.id", f"expected a string, got {_type_name(call_id)}")
+        calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(parsed)}})
+    return calls
+
+
+def _tools(value: object) -> list[dict]:
+    if not isinstance(value, list):
+        raise _RowError("tools", f"expected a list of tools, got {_type_name(value)}")
+    for i, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type", "function") != "function":
+            raise _RowError(f"tools[{i}]", 'expected {"type": "function", "function": {"name", ...}}')
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise _RowError(f"tools[{i}].function.name", "expected a non-empty string")
+        if "parameters" in function and not isinstance(function["parameters"], dict):
+            raise _RowError(f"tools[{i}].function.parameters", "expected a JSON schema object")
+    return value
+
+
+def _chat(row: dict) -> dict:
+    """An `sft_messages` row in OpenAI's chat form, checked, every message with every key of `CHAT_KEYS`."""
+    tools = _tools(row["tools"]) if row.get("tools") is not None else None
+    if "parallel_tool_calls" in row and not isinstance(row["parallel_tool_calls"], bool):
+        raise _RowError("parallel_tool_calls", f"expected true or false, got {_type_name(row['parallel_tool_calls'])}")
+    value = row["messages"]
+    if not isinstance(value, list):
+        raise _RowError("messages", f"expected a list of messages, got {_type_name(value)}")
+    if not value:
+        raise _RowError("messages", "empty list of messages")
+    names = {t["function"]["name"] for t in tools} if tools is not None else None
+    out = []
+    for i, msg in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise _RowError(where, f"expected a message object, got {_type_name(msg)}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise _RowError(f"{where}.role", f"expected one of {', '.join(ROLES)}, got {json.dumps(role)}")
+        calls = None
+        if msg.get("tool_calls") is not None:
+            if role != "assistant":
+                raise _RowError(f"{where}.tool_calls", "only an assistant message makes tool calls")
+            calls = _tool_calls(msg["tool_calls"], f"{where}.tool_calls", names)
+            if len(calls) > 1 and row.get("parallel_tool_calls") is False:
+                raise _RowError(
+                    f"{where}.tool_calls", f"{len(calls)} calls in one message, but parallel_tool_calls is false"
+                )
+        content = msg.get("content")
+        if content is None and calls is None:
+            raise _RowError(f"{where}.content", "missing (only an assistant message with tool_calls may leave it out)")
+        content = None if content is None else _text_content(content, f"{where}.content")
+        if role == "assistant" and calls is None and not content.strip():
+            raise _RowError(f"{where}.content", "empty string")
+        weight = msg.get("weight")
+        if weight is not None and (role != "assistant" or weight not in (0, 1) or isinstance(weight, bool)):
+            reason = "only an assistant message has a weight" if role != "assistant" else "expected 0 or 1"
+            raise _RowError(f"{where}.weight", reason)
+        for key in ("name", "tool_call_id"):
+            if msg.get(key) is not None and not isinstance(msg[key], str):
+                raise _RowError(f"{where}.{key}", f"expected a string, got {_type_name(msg[key])}")
+        unknown = set(msg) - set(CHAT_KEYS) - {"refusal", "function_call"}
+        if unknown:
+            raise _RowError(f"{where}.{sorted(unknown)[0]}", "unknown message field")
+        out.append(
+            {
+                "role": role,
+                "content": content,
+                "name": msg.get("name"),
+                "weight": None if weight is None else int(weight),
+                "tool_calls": calls,
+                "tool_call_id": msg.get("tool_call_id"),
+            }
+        )
+    if not any(m["role"] == "assistant" and m["weight"] != 0 for m in out):
+        weighted = any(m["role"] == "assistant" for m in out)
+        raise _RowError(
+            "messages",
+            "every assistant message has weight 0: nothing to learn from"
+            if weighted
+            else "no assistant message to learn from",
+        )
+    return {"messages": out, "tools": json.dumps(tools) if tools is not None else None}
 
 
 def _split_hh(text: str, key: str) -> tuple[str, str]:
@@ -246,7 +392,7 @@ def normalise(row: dict, fmt: str) -> dict:
             raise _RowError("label", f"expected true (desirable) or false (undesirable), got {_type_name(label)}")
         return {**normalise(row, "sft_prompt_completion"), "label": label}
     if fmt == "sft_messages":
-        return {"messages": _messages(row["messages"], "messages", need_assistant=True)}
+        return _chat(row)
     if fmt == "sft_text":
         return {"text": _string(row, "text")}
     raise ValueError(f"Unknown format: {fmt}")
@@ -376,6 +522,10 @@ def check_lines(
             report.error(number, exc.field, exc.reason)
             continue
         report.rows += 1
+        if fmt == "sft_messages":
+            assistant = [m for m in example["messages"] if m["role"] == "assistant"]
+            report.tool_examples += bool(example["tools"] or any(m["tool_calls"] for m in assistant))
+            report.untrained_messages += sum(m["weight"] == 0 for m in assistant)
         _warn_about(report, number, example, seen)
         if keep:
             examples.append(example)

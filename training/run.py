@@ -21,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
+from training.chat import TemplateError
 from training.events import emit
 from training.formats import DataError
 from training.lengths import TooLong
@@ -447,6 +448,8 @@ def main(spec_path: str, out_dir: str, resume: bool) -> int:
         emit("error", code=exc.code, message=str(exc), user_error=True)
     except TooLong as exc:
         emit("error", code="rows_too_long", message=str(exc), user_error=True)
+    except TemplateError as exc:
+        emit("error", code="template_cannot_render", message=f"train_file: {exc}", user_error=True)
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a child process
         traceback.print_exc(file=sys.stderr)
         if not _is_out_of_memory(exc):

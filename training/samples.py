@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from training.chat import clean
 from training.events import emit
 from training.spec import TrainingSpec
 
@@ -44,7 +45,7 @@ def held_out_prompts(rows, n: int) -> list:
             if row["prompt"] not in prompts:
                 prompts.append(row["prompt"])
         elif row.get("messages"):
-            messages = row["messages"]
+            messages = clean(row["messages"])
             cut = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
             if cut > 0:
                 prompts.append(messages[:cut])

@@ -1,9 +1,13 @@
-"""TRL's SFTTrainer, runnable under the fsdp and deepspeed-tp trainers, telling how `max_length` treats the rows."""
+"""TRL's SFTTrainer, runnable under the fsdp and deepspeed-tp trainers, telling how `max_length` treats the rows.
+
+Conversations (`messages` rows, with tools, tool calls and weights) are tokenized here, through the model's chat
+template, with the mask of OpenAI's rule (`training.chat`): TRL then builds the labels from `assistant_masks`.
+"""
 
 from trl import SFTTrainer
 from trl.trainer.utils import global_then_local_main_first
 
-from training import lengths
+from training import chat, lengths
 from training.distributed import DistributedTrainerMixin
 
 
@@ -11,6 +15,19 @@ class PrefqSFTTrainer(DistributedTrainerMixin, SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         # TRL cuts rows to max_length and drops those left without a trainable token, without a word: prefq
         # prepares them whole, then cuts (TRL's way: `truncation_mode`), drops and counts itself.
+        if "messages" in dataset.column_names:
+            with global_then_local_main_first():
+                dataset = dataset.map(
+                    lambda row: dict(
+                        zip(
+                            ("input_ids", "assistant_masks"),
+                            chat.tokenize(processing_class, row["messages"], chat.tools_of(row)),
+                            strict=True,
+                        )
+                    ),
+                    remove_columns=dataset.column_names,
+                    desc=f"Rendering {dataset_name} conversations",
+                )
         limit = args.max_length
         if limit is None or packing:
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)

@@ -172,6 +172,10 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, p
                 resumed_from_step=state.global_step,
                 trainer=spec.trainer,
                 parallelism=describe_parallelism(model),
+                # batches packed into one row (DPO's `packed`, TRL's SFT `padding_free`)
+                padding_free=bool(
+                    getattr(self.trainer, "packed", False) or getattr(self.trainer, "padding_free", False)
+                ),
             )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -318,10 +322,12 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
     elif spec.method == "sft":
         from trl import SFTConfig
 
+        from training.packing import use_varlen_attention
         from training.sft import PrefqSFTTrainer
 
-        args = SFTConfig(**common)
-        trainer = PrefqSFTTrainer(args=args, **inputs)
+        packed = spec.padding_free and use_varlen_attention(model)
+        args = SFTConfig(**{**common, "max_length": None}, padding_free=packed)  # max_length: `training.sft`
+        trainer = PrefqSFTTrainer(args=args, max_length=spec.max_length, **inputs)
     elif spec.method == "reward":
         from trl import RewardConfig
 

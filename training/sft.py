@@ -2,6 +2,12 @@
 
 Conversations (`messages` rows, with tools, tool calls and weights) are tokenized here, through the model's chat
 template, with the mask of OpenAI's rule (`training.chat`): TRL then builds the labels from `assistant_masks`.
+
+Padding-free (`padding_free`, on by default where the model takes `training.packing`'s varlen attention): TRL's
+collator flattens each batch into one row with per-sequence position ids and the sequence boundaries
+(`cu_seq_lens_q`), which that attention reads, so no token attends across sequences and none is padding. TRL
+refuses `max_length` with padding-free batches; its own stays unset and `max_length` is applied here, where rows
+are cut, dropped and counted anyway.
 """
 
 from trl import SFTTrainer
@@ -12,6 +18,10 @@ from training.distributed import DistributedTrainerMixin
 
 
 class PrefqSFTTrainer(DistributedTrainerMixin, SFTTrainer):
+    def __init__(self, *args, max_length: int | None, **kwargs):
+        self.length_limit = max_length  # set before TRL's constructor, which prepares the datasets
+        super().__init__(*args, **kwargs)
+
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         # TRL cuts rows to max_length and drops those left without a trainable token, without a word: prefq
         # prepares them whole, then cuts (TRL's way: `truncation_mode`), drops and counts itself.
@@ -28,14 +38,10 @@ class PrefqSFTTrainer(DistributedTrainerMixin, SFTTrainer):
                     remove_columns=dataset.column_names,
                     desc=f"Rendering {dataset_name} conversations",
                 )
-        limit = args.max_length
+        limit = self.length_limit
+        dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         if limit is None or packing:
-            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        args.max_length = None
-        try:
-            dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        finally:
-            args.max_length = limit
+            return dataset
         cut = slice(None, limit) if args.truncation_mode == "keep_start" else slice(-limit, None)
         with global_then_local_main_first():
             sizes = [len(ids) for ids in dataset["input_ids"]]

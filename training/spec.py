@@ -187,8 +187,8 @@ class TrainingSpec(BaseModel):
     )
     padding_free: bool = Field(
         True,
-        description="DPO: run each batch's sequences packed into one row without padding (same numbers as padded "
-        "batches, faster on data of mixed lengths).",
+        description="DPO, ORPO, SimPO and SFT: run each batch's sequences packed into one row without padding (same "
+        "numbers as padded batches, faster on data of mixed lengths).",
     )
     beta_schedule: Literal["constant", "risk", "batch"] = Field("constant", description="How beta moves.")
     risk: RiskBetaSpec = Field(default_factory=RiskBetaSpec, description="Parameters of beta_schedule 'risk'.")

@@ -124,6 +124,9 @@ def _load_model(spec: TrainingSpec):
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.model)
         if spec.method == "reward":
+            from transformers import set_seed
+
+            set_seed(spec.seed)  # the new head's initial weights come from the run's seed, as every other draw
             model = AutoModelForSequenceClassification.from_pretrained(spec.model, num_labels=1, dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)

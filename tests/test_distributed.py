@@ -113,7 +113,7 @@ def test_through_the_queue_cancel_then_retry_resumes_and_learns(stack, micro_mod
         "--gpus",
         "2",
         "--set",
-        "max_steps=60",
+        "max_steps=40",
         "--set",
         "save_steps=10",
         "--set",
@@ -134,7 +134,7 @@ def test_through_the_queue_cancel_then_retry_resumes_and_learns(stack, micro_mod
 
     assert prefq(stack, "retry", job_id).returncode == 0
     done = stack.wait_for(job_id, {"succeeded", "failed"})
-    assert done["status"] == "succeeded" and done["step"] == 60, done
+    assert done["status"] == "succeeded" and done["step"] == 40, done
     assert done["eval_metrics"]["eval_rewards/accuracies"] >= 0.9
     events = stack.get(f"/jobs/{job_id}/events")["data"]
     started = [e["data"] for e in events if e["type"] == "started"]

@@ -25,10 +25,15 @@ def _validate(args) -> int:
     if args.model and examples:
         from transformers import AutoTokenizer
 
+        from training.chat import TemplateError
         from training.data import token_length_stats
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        report.token_lengths = token_length_stats(examples, tokenizer, args.max_length)
+        try:
+            report.token_lengths = token_length_stats(examples, tokenizer, args.max_length)
+        except TemplateError as exc:  # the file is fine; the model's template cannot render it
+            field, _, reason = str(exc).partition(": ")
+            report.error(0, field, f"{reason} (the chat template of {args.model})")
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:

@@ -217,7 +217,7 @@ def test_simpo_and_kto_through_the_sdk_orpo_and_reward_through_the_native_api(dp
     assert dpo_on_kto.status_code == 422 and "trains on dpo data" in dpo_on_kto.text, dpo_on_kto.text
 
 
-def test_a_tool_calling_file_in_openais_format_trains_through_the_sdk(clients, tmp_path):
+def test_a_tool_calling_file_in_openais_format_trains_through_the_sdk(stack, tmp_path):
     """OpenAI's chat format whole (tools, parallel tool calls, tool results, weights) uploads through `/v1/files`
     and an SFT job trains on it on the hub model; only weight-1 assistant tokens carry the loss (`test_chat`)."""
     from tests.test_chat import CONVERSATION, call
@@ -231,7 +231,8 @@ def test_a_tool_calling_file_in_openais_format_trains_through_the_sdk(clients, t
         rows.append(row)
     path = tmp_path / "tools.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    client = clients["gamma"]
+    key = make_key(stack.env["PREFQ_DATABASE_URL"], "oai-tools")  # a tenant of its own: the others' lists stay theirs
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
     with path.open("rb") as fh:
         upload = client.files.create(file=fh, purpose="fine-tune")
     assert upload.status == "processed", upload

@@ -43,6 +43,8 @@ def sign_in(page, key: str, target: str = "/ui/jobs") -> None:
     """From the keyboard: the key field has the focus, Enter submits."""
     page.goto(target)
     assert "/ui/login" in page.url
+    # autofocus lands at a rendering step that may come after `load`: keys typed before it would be lost
+    page.wait_for_function("() => document.activeElement && document.activeElement.id === 'key'", timeout=10_000)
     page.keyboard.type(key)
     page.keyboard.press("Enter")
     page.wait_for_url(re.compile(re.escape(target) + "$"))

@@ -35,7 +35,8 @@ class JobCreate(BaseModel):
         None, min_length=1, max_length=2048, description="Held-out data; without it a share of `dataset` is held out."
     )
     method: Method = Field(
-        description="'dpo', 'orpo' or 'simpo' (a dataset of preference pairs) or 'sft' (demonstrations)."
+        description="'dpo', 'orpo', 'simpo' or 'reward' (a dataset of preference pairs), 'kto' (answers labelled "
+        "desirable or not, or pairs) or 'sft' (demonstrations)."
     )
     trainer: Literal["basic", "fsdp", "deepspeed-tp"] = "basic"
     gpus: int = Field(1, ge=0, le=64, description="Devices of the job; 0 runs it on a CPU worker.")

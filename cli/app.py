@@ -81,7 +81,9 @@ def submit(
         help="Base model: a folder the workers can read, a storage URI, a hub id "
         "(org/name@rev), or a succeeded job's id or fine-tuned model name",
     ),
-    method: str = typer.Option(..., help="dpo, orpo, simpo (preference pairs), kto (labelled answers or pairs) or sft"),
+    method: str = typer.Option(
+        ..., help="dpo, orpo, simpo, reward (preference pairs), kto (labelled answers or pairs) or sft"
+    ),
     trainer: str = typer.Option("basic", help="basic, fsdp or deepspeed-tp"),
     gpus: int = typer.Option(1, help="Devices of the job (0: a CPU worker)"),
     eval_dataset: str = typer.Option(None, "--eval", help="Held-out data: a file, dataset id or URI"),

@@ -6,8 +6,7 @@ import random
 
 from datasets import Dataset
 
-from training.chat import tools_of as chat_tools
-from training.chat import trained_spans
+from training.chat import tools_of, trained_spans
 from training.formats import read_examples
 from training.spec import SpecError, TrainingSpec
 
@@ -65,7 +64,7 @@ def _texts(example: dict, tokenizer) -> list[str]:
             return [render(example["prompt"] + example[k]) for k in ("chosen", "rejected")]
         return [example["prompt"] + example[k] for k in ("chosen", "rejected")]
     if "messages" in example:
-        return [trained_spans(tokenizer, example["messages"], chat_tools(example))[0]]
+        return [trained_spans(tokenizer, example["messages"], tools_of(example))[0]]
     if "text" in example:
         return [example["text"]]
     if isinstance(example["prompt"], list):  # SFT's and KTO's prompt and completion

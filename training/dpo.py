@@ -105,26 +105,22 @@ class PrefqDPOTrainer(DistributedTrainerMixin, DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # TRL drops the rows whose prompt fills max_length without a word (and, when all are, the run dies later on
         # an empty loader): prefq tokenizes without that filter, caps prompts, then drops and counts itself.
-        limit, args.max_length = args.max_length, None
-        try:
+        with lengths.unlimited(args) as limit:
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        finally:
-            args.max_length = limit
-        keep = self.max_prompt_length
+        cap = self.max_prompt_length
         # Main process first, as TRL's own maps: on a dataset that the ranks share on disk, ranks mapping at once
         # write the same cache file.
         with global_then_local_main_first():
-            if keep is not None:  # keep the end of a long prompt: the question sits next to the answer
-                dataset = dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-keep:]}, desc="Capping prompt length")
+            if cap is not None:  # keep the end of a long prompt: the question sits next to the answer
+                dataset = dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-cap:]}, desc="Capping prompt length")
             if limit is None:
                 return dataset
             prompts = [len(p) for p in dataset["prompt_ids"]]
             answers = [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]
             kept = [p < limit or args.truncation_mode == "keep_end" for p in prompts]
-            lengths.account(dataset_name, [p + a for p, a in zip(prompts, answers, strict=True)], kept, limit)
-            if all(kept):
-                return dataset
-            return dataset.select([i for i, k in enumerate(kept) if k])
+            return lengths.keep(
+                dataset_name, dataset, [p + a for p, a in zip(prompts, answers, strict=True)], kept, limit
+            )
 
     @functools.cached_property
     def reference_fingerprint(self) -> str:

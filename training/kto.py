@@ -25,5 +25,4 @@ class PrefqKTOTrainer(KTOTrainer):
             prompts = [len(ids) for ids in dataset["prompt_ids"]]
             sizes = [p + len(c) for p, c in zip(prompts, dataset["completion_ids"], strict=True)]
             kept = [p < limit for p in prompts]
-            lengths.account(dataset_name, sizes, kept, limit)
-            return dataset if all(kept) else dataset.select([i for i, k in enumerate(kept) if k])
+            return lengths.keep(dataset_name, dataset, sizes, kept, limit)

@@ -5,10 +5,12 @@ user's error when no row is left, before any training step.
 A row's length is its tokens after the chat template: DPO, the prompt and the longer of its two answers; SFT, the
 whole sequence. DPO drops a row whose prompt alone fills `max_length` (the answers would be cut away); SFT drops a
 row whose trainable tokens all lie beyond it. The trainers (`training.dpo`, `training.sft`) call `account` in
-their dataset preparation.
+their dataset preparation, through `unlimited` and `keep`.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from training.events import emit
 
@@ -19,6 +21,23 @@ class TooLong(ValueError):
 
 def _pct(lengths: list[int], q: float) -> int:
     return lengths[min(len(lengths) - 1, int(q * len(lengths)))]
+
+
+@contextlib.contextmanager
+def unlimited(args):
+    """TRL's preparation of a split with its `max_length` unset, so that TRL drops nothing: the trainer then cuts,
+    drops and counts itself (`keep`). Yields the limit."""
+    limit, args.max_length = args.max_length, None
+    try:
+        yield limit
+    finally:
+        args.max_length = limit
+
+
+def keep(split: str, dataset, lengths: list[int], kept: list[bool], max_length: int):
+    """`account` for the split, then the split without the rows that keep nothing to train on."""
+    account(split, lengths, kept, max_length)
+    return dataset if all(kept) else dataset.select([i for i, k in enumerate(kept) if k])
 
 
 def account(split: str, lengths: list[int], kept: list[bool], max_length: int) -> None:

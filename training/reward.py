@@ -18,15 +18,11 @@ from training import lengths
 
 class PrefqRewardTrainer(RewardTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        limit, args.max_length = args.max_length, None
-        try:
+        with lengths.unlimited(args) as limit:
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        finally:
-            args.max_length = limit
         if limit is None:
             return dataset
         with global_then_local_main_first():
             sizes = [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]
             kept = [n <= limit for n in sizes]
-            lengths.account(dataset_name, sizes, kept, limit)
-            return dataset if all(kept) else dataset.select([i for i, k in enumerate(kept) if k])
+            return lengths.keep(dataset_name, dataset, sizes, kept, limit)

@@ -46,8 +46,7 @@ class PrefqSFTTrainer(DistributedTrainerMixin, SFTTrainer):
         with global_then_local_main_first():
             sizes = [len(ids) for ids in dataset["input_ids"]]
             kept = [any(label != -100 for label in labels[cut]) for labels in dataset["labels"]]
-            lengths.account(dataset_name, sizes, kept, limit)
-            dataset = dataset.select([i for i, k in enumerate(kept) if k]) if not all(kept) else dataset
+            dataset = lengths.keep(dataset_name, dataset, sizes, kept, limit)
             return dataset.map(
                 lambda ex: {"input_ids": ex["input_ids"][cut], "labels": ex["labels"][cut]},
                 desc=f"Truncating {dataset_name} dataset",

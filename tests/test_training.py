@@ -149,7 +149,8 @@ def test_sft_halves_the_eval_loss(tmp_path, micro_model, toy_sft):
 
 def test_padding_free_sft_equals_padded_sft(tmp_path, micro_model):
     """Padding-free SFT (the default: each batch one row, attention kept within each sequence) against padded
-    batches, fp32, on rows of very different lengths: the same losses within 1e-4 and the same weights."""
+    batches, fp32, on rows of very different lengths: the same losses within 1e-4, and updates that differ by
+    under 0.1% of their size."""
     from safetensors.torch import load_file
 
     from training.toy_data import toy_rows
@@ -182,7 +183,12 @@ def test_padding_free_sft_equals_padded_sft(tmp_path, micro_model):
         )
     (padded, padded_weights), (packed, packed_weights) = runs[False], runs[True]
     assert len(packed) == 3 and packed == pytest.approx(padded, abs=1e-4), (packed, padded)
-    assert max((packed_weights[k] - padded_weights[k]).abs().max().item() for k in padded_weights) < 1e-4
+    # Adam divides by the root of the squared gradients, so a weight whose gradient is near zero moves by a
+    # noisy amount either way; the runs agree when the two updates differ by a small part of their own size.
+    start = load_file(micro_model / "model.safetensors")
+    moved = sum((padded_weights[k] - start[k]).square().sum().item() for k in start) ** 0.5
+    apart = sum((packed_weights[k] - padded_weights[k]).square().sum().item() for k in start) ** 0.5
+    assert moved > 0 and apart / moved < 1e-3, (apart, moved)
 
 
 def test_sigterm_then_resume_ends_like_a_straight_run(tmp_path, micro_model, toy_dpo):

@@ -140,6 +140,25 @@ def check_divisible(spec: TrainingSpec) -> str | None:
     return None
 
 
+# DeepSpeed compiles its C++ ops on first use (about a minute on 2 cores): they are kept in a cache that outlives
+# runs, and `python -m training build-ops` (run by scripts/setup.sh) fills it at install.
+EXTENSIONS_DIR = Path.home() / ".cache" / "prefq" / "torch_extensions"
+
+
+def build_ops() -> list[str]:
+    """Compile the DeepSpeed ops a CPU run loads (its shared-memory collectives) into the cache; their names."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    built = []
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
+        built.append(builder.NAME)
+    return built
+
+
 def command(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool) -> tuple[list[str], dict]:
     """Write the configs into OUT/launch and return the launch command and its environment."""
     launch_dir = (out_dir / "launch").resolve()
@@ -153,8 +172,7 @@ def command(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool) -> 
     env = dict(os.environ)
     if not env.get("CUDA_VISIBLE_DEVICES"):  # CPU processes: share the cores between them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.gpus)))
-    # DeepSpeed compiles its C++ ops on first use (about a minute): keep them in a cache that outlives runs
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "prefq" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     cmd = [

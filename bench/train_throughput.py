@@ -1,7 +1,8 @@
-"""DPO training throughput: prefq's `basic` trainer against TRL's DPOTrainer, on uniform and long-tailed lengths.
+"""Training throughput: prefq's `basic` trainer against TRL's DPOTrainer (and, with `--method sft`, its
+SFTTrainer), on uniform and long-tailed lengths.
 
-    .venv/bin/python bench/train_throughput.py [--lengths uniform realistic] [--model-size small] [--steps 12]
-                                               [--rounds 2] [--device cpu|cuda]
+    .venv/bin/python bench/train_throughput.py [--method dpo|sft] [--lengths uniform realistic]
+                                               [--model-size small] [--steps 12] [--rounds 2] [--device cpu|cuda]
 
 Model: a random Llama of `training.tiny.SIZES[--model-size]` (default `small`: 23M parameters, vocabulary
 16384, untied head; `qwen-0.5b`: Qwen2.5-0.5B's shapes, for GPUs) with the local tokenizer. Batch 8 pairs,
@@ -27,6 +28,11 @@ Variants, each training in a subprocess of its own (its peak memory is its own);
   backward GEMMs at the dataset's mean tokens per step, and the LM head's three at its completion positions),
   timed in the same round; its FLOP/s is the ceiling MFU is taken against.
 
+With `--method sft` the same rows train SFT on each pair's prompt and chosen answer (loss on the answer):
+trl_default is TRL's `SFTTrainer` with its defaults (bf16, gradient checkpointing, padded batches), trl_best its
+`padding_free` batches without checkpointing, prefq_padded and prefq a `basic` SFT spec with padding_free off and
+on (the default). The step's FLOPs then have no reference forward.
+
 Columns (with `--peak-tflops`, also MFU against the device's datasheet bf16 peak): tokens/s counts real tokens (prompt+chosen and prompt+rejected, no padding), "loop" over the steps
 after the warm-up, "end to end" from the trainer's construction (model load, tokenisation, precompute) to the
 end. padding: the share of the token positions the policy's decoder ran on that were padding. MFU: the FLOPs a
@@ -43,6 +49,7 @@ between those; every round's raw figures go to stderr.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -68,7 +75,7 @@ def build_model(work: Path, size: str) -> None:
     make_tiny_model(work / "model", size)
 
 
-def build_data(work: Path, lengths: str, pairs: int) -> Path:
+def build_data(work: Path, lengths: str, pairs: int, method: str) -> Path:
     from transformers import AutoTokenizer
 
     from training.toy_data import FILLER
@@ -83,7 +90,7 @@ def build_data(work: Path, lengths: str, pairs: int) -> Path:
     def lognormal(median: float, sigma: float, low: int) -> int:
         return max(low, round(math.exp(rng.gauss(math.log(median), sigma))))
 
-    path = work / f"{lengths}.jsonl"
+    path = work / f"{lengths}-{method}.jsonl"
     with open(path, "w") as out:
         for _ in range(pairs):
             if lengths == "uniform":
@@ -100,6 +107,8 @@ def build_data(work: Path, lengths: str, pairs: int) -> Path:
                     "chosen": text(lognormal(70, 0.9, 4)),
                     "rejected": text(lognormal(70, 0.9, 4)),
                 }
+            if method == "sft":  # the prompt and its chosen answer
+                row = {"prompt": row["prompt"], "completion": row["chosen"]}
             out.write(json.dumps(row) + "\n")
     return path
 
@@ -115,7 +124,7 @@ def step_flops(config, lengths: list[int], completions: list[int], reference: bo
     return forward * (4 if reference else 3)
 
 
-def child(variant: str, work: Path, lengths: str, steps: int, warmup: int, device: str) -> dict:
+def child(variant: str, method: str, work: Path, lengths: str, steps: int, warmup: int, device: str) -> dict:
     """Train one variant; returns its measures (runs in a fresh process)."""
     import torch
     from transformers import AutoConfig, TrainerCallback
@@ -128,9 +137,9 @@ def child(variant: str, work: Path, lengths: str, steps: int, warmup: int, devic
     max_length = MAX_LENGTH[lengths]
     spec = parse_spec(
         {
-            "method": "dpo",
+            "method": method,
             "model": str(work / "model"),
-            "train_file": str(work / f"{lengths}.jsonl"),
+            "train_file": str(work / f"{lengths}-{method}.jsonl"),
             "eval_fraction": 0,
             "max_steps": steps,
             "batch_size": BATCH,
@@ -162,34 +171,46 @@ def child(variant: str, work: Path, lengths: str, steps: int, warmup: int, devic
         trainer, _ = build_trainer(spec, work / variant, train_ds, None, callback)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
         tokenizer = AutoTokenizer.from_pretrained(spec.model)
         model = AutoModelForCausalLM.from_pretrained(spec.model)
         best = variant == "trl_best"
-        config = DPOConfig(
-            output_dir=str(work / variant),
-            max_steps=steps,
-            per_device_train_batch_size=BATCH,
-            max_length=max_length,
-            learning_rate=1e-6,
-            report_to="none",
-            disable_tqdm=True,
-            save_strategy="no",
-            logging_steps=1,
-            use_cpu=device == "cpu",
-            seed=42,
-            precompute_ref_log_probs=best,
-            gradient_checkpointing=not best,
-        )
-        trainer = DPOTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer)
+        common = {
+            "output_dir": str(work / variant),
+            "max_steps": steps,
+            "per_device_train_batch_size": BATCH,
+            "max_length": max_length,
+            "learning_rate": 1e-6,
+            "report_to": "none",
+            "disable_tqdm": True,
+            "save_strategy": "no",
+            "logging_steps": 1,
+            "use_cpu": device == "cpu",
+            "seed": 42,
+            "gradient_checkpointing": not best,
+        }
+        if method == "sft":
+            config = SFTConfig(**common, padding_free=best)
+            trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer)
+        else:
+            config = DPOConfig(**common, precompute_ref_log_probs=best)
+            trainer = DPOTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer)
     collate = trainer.data_collator
 
     def counting(examples):
         batch = collate(examples)
-        batches.append(
-            (batch["attention_mask"].sum(dim=1).tolist(), batch["completion_mask"][:, 1:].sum(dim=1).tolist())
-        )
+        if method == "sft":  # padded: rows of the attention mask; padding-free: one row, sequences at position 0
+            if "attention_mask" in batch:
+                real = batch["attention_mask"].sum(dim=1).tolist()
+            else:
+                starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].size(1)]
+                real = [b - a for a, b in itertools.pairwise(starts)]
+            batches.append((real, [int((batch["labels"] != -100).sum())]))
+        else:
+            batches.append(
+                (batch["attention_mask"].sum(dim=1).tolist(), batch["completion_mask"][:, 1:].sum(dim=1).tolist())
+            )
         return batch
 
     def count_positions(module, args, kwargs):
@@ -205,7 +226,7 @@ def child(variant: str, work: Path, lengths: str, steps: int, warmup: int, devic
     total = sync() - t_start
     batches = batches[:steps]  # accelerate fetches a batch ahead
     real = [sum(lengths) for lengths, _ in batches]
-    reference = variant != "trl_best"
+    reference = method == "dpo" and variant != "trl_best"
     config = AutoConfig.from_pretrained(spec.model)
     loop_flops = sum(step_flops(config, n, c, reference) for n, c in batches[warmup:])
     return {
@@ -276,6 +297,7 @@ def main() -> None:
     from training.tiny import SIZES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=["dpo", "sft"], default="dpo")
     parser.add_argument("--lengths", nargs="+", choices=list(MAX_LENGTH), default=list(MAX_LENGTH))
     parser.add_argument("--model-size", choices=list(SIZES), default="small")
     parser.add_argument("--steps", type=int, default=12)
@@ -291,7 +313,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.work, args.data, args.steps, args.warmup, args.device)))
+        print(json.dumps(child(args.child, args.method, args.work, args.data, args.steps, args.warmup, args.device)))
         return
     if args.ceiling:
         print(json.dumps(ceiling(args.work, *args.ceiling, args.device)))
@@ -308,12 +330,13 @@ def main() -> None:
         env["CUDA_VISIBLE_DEVICES"] = ""
     tables = []
     for lengths in args.lengths:
-        build_data(work, lengths, pairs=args.steps * BATCH)
+        build_data(work, lengths, pairs=args.steps * BATCH, method=args.method)
         results: dict[str, list[dict]] = {v: [] for v in TRAINERS}
         ceilings: list[float] = []
         for r in range(args.rounds):
             for variant in TRAINERS:
-                what = ["--child", variant, "--data", lengths, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                what = ["--child", variant, "--method", args.method, "--data", lengths, "--steps", str(args.steps)]
+                what += ["--warmup", str(args.warmup)]
                 result = run_child(
                     args, work, what, {**env, "HF_DATASETS_CACHE": str(work / f"hf-{lengths}-{r}-{variant}")}
                 )
@@ -342,7 +365,7 @@ def report(args, lengths: str, results: dict[str, list[dict]], ceilings: list[fl
         return statistics.median(r[key] for r in results[variant])
 
     lines = [
-        f"\nDPO training throughput, {lengths} lengths (max_length {MAX_LENGTH[lengths]}, "
+        f"\n{args.method.upper()} training throughput, {lengths} lengths (max_length {MAX_LENGTH[lengths]}, "
         f"{median('prefq', 'tokens_per_step'):.0f} real tokens per step), model {args.model_size}, batch {BATCH}, "
         f"{args.steps} steps ({args.warmup} warm-up), {args.device} ({os.cpu_count()} CPU cores), best of "
         f"{args.rounds} rounds; ceiling {max(ceilings) / 1e9:.0f} GFLOP/s bf16\n",

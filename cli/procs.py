@@ -189,7 +189,7 @@ def db_upgrade(revision: str = "head") -> None:
 
 @procs_app.command(context_settings=PASS_THROUGH)
 def make_tiny_model(ctx: typer.Context) -> None:
-    """python -m training make-tiny-model DIR [--size micro|tiny|small]"""
+    """python -m training make-tiny-model DIR [--size micro|tiny|small] [--family qwen2|llama3|...]"""
     _training("make-tiny-model", *ctx.args)
 
 

@@ -1,4 +1,4 @@
-"""`python -m training COMMAND`: schema, validate, run, generate, make-tiny-model, make-toy-data.
+"""`python -m training COMMAND`: schema, validate, run, generate, make-tiny-model, make-toy-data, build-ops.
 
 `schema` and `validate` without `--model` import no torch.
 """
@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 
+from training.families import FAMILIES
 from training.spec import EXIT_OK, EXIT_USER_ERROR
 from training.tiny import SIZES
 
@@ -98,10 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p = sub.add_parser("generate", help="answer generation requests (JSON lines on stdin) with one loaded model")
     p.add_argument("model", help="a model folder")
-    p = sub.add_parser("make-tiny-model", help="build a small random Llama and a local tokenizer")
+    p = sub.add_parser(
+        "make-tiny-model", help="build a small random model (a Llama, or --family) and a local tokenizer"
+    )
     p.add_argument("dir")
     p.add_argument("--size", default="tiny", choices=list(SIZES))
+    p.add_argument("--family", choices=list(FAMILIES), help="an architecture with its chat format and special tokens")
     p.add_argument("--seed", type=int, default=0)
+    sub.add_parser("build-ops", help="compile DeepSpeed's C++ ops into the cache the trainers read (setup runs it)")
     p = sub.add_parser("make-toy-data", help="write synthetic data with a learnable signal")
     p.add_argument("out")
     p.add_argument("--method", choices=["dpo", "sft", "kto"], default="dpo")
@@ -136,10 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         from training.generate import main as generate_main
 
         return generate_main(args.model)
+    if args.command == "build-ops":
+        from training.launch import build_ops
+
+        print("built: " + (", ".join(build_ops()) or "nothing this machine needs"))
+        return EXIT_OK
     if args.command == "make-tiny-model":
         from training.tiny import make_tiny_model
 
-        n = make_tiny_model(args.dir, args.size, args.seed)
+        n = make_tiny_model(args.dir, args.size, args.seed, args.family)
         print(f"{args.dir}: {n:,} parameters")
         return EXIT_OK
     if args.command == "make-toy-data":

@@ -49,7 +49,45 @@ def tools_of(row: dict) -> list[dict] | None:
 def _render(tokenizer, messages: list[dict], tools, generation_prompt: bool = False) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+    if not tokenizer.chat_template:
+        raise TemplateError(
+            "messages: the model has no chat template, so conversations cannot be rendered; "
+            "give prompt and completion text, or use a model whose tokenizer has a template"
+        )
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except JinjaError as exc:  # the template's own refusal (`raise_exception`), in its words
+        raise TemplateError(f"messages: the model's chat template refuses this conversation: {exc}") from None
+
+
+def _turn_end(tokenizer, full: str, before: str, upto: str, message: dict) -> int | None:
+    """Where in `full` the assistant turn that follows `before` ends; `upto` renders the conversation up to that turn.
+
+    Most templates render a turn the same whether or not others follow, and the turn ends at `len(upto)`. Some render
+    the last turn with more: text before the answer (Qwen 3's empty think block) or after it (Phi-3's end-of-text
+    token). Then the turn in `full` is the longest run of the same tokens as the last-turn rendering after dropping
+    the fewest of its first tokens, and it must hold the message's content and calls. None where neither holds."""
+    if not (upto.startswith(before) and full.startswith(before)):
+        return None
+    if full.startswith(upto):
+        return len(upto)
+    start = len(before)
+    mine = tokenizer(upto[start:], add_special_tokens=False)["input_ids"]
+    rest = tokenizer(full[start:], add_special_tokens=False, return_offsets_mapping=True)
+    theirs, offsets = rest["input_ids"], rest["offset_mapping"]
+    wanted = [message["content"]] if isinstance(message.get("content"), str) and message["content"] else []
+    wanted += [c["function"]["name"] for c in message.get("tool_calls") or []]
+    for skip in range(len(mine)):
+        n = 0
+        while skip + n < len(mine) and n < len(theirs) and mine[skip + n] == theirs[n]:
+            n += 1
+        if n and all(w in full[start : start + offsets[n - 1][1]] for w in wanted):
+            return start + offsets[n - 1][1]
+    return None
 
 
 def trained_spans(
@@ -70,17 +108,18 @@ def trained_spans(
             continue
         before = _render(tokenizer, chat[:i], tools, generation_prompt=True)
         upto = _render(tokenizer, chat[: i + 1], tools)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise TemplateError(
-                f"messages[{i}]: the model's chat template renders earlier turns differently once later ones follow, "
-                "so the assistant's tokens cannot be told apart; use a template that renders turn by turn"
-            )
         for j, call in enumerate(message.get("tool_calls") or []):
             if call["function"]["name"] not in upto[len(before) :]:
                 raise TemplateError(
                     f"messages[{i}].tool_calls[{j}]: the model's chat template does not render tool calls"
                 )
-        spans.append((len(before), len(upto)))
+        end = _turn_end(tokenizer, full, before, upto, message)
+        if end is None:
+            raise TemplateError(
+                f"messages[{i}]: the model's chat template renders earlier turns differently once later ones follow, "
+                "so the assistant's tokens cannot be told apart; use a template that renders turn by turn"
+            )
+        spans.append((len(before), end))
     return full, spans
 
 

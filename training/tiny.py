@@ -1,4 +1,5 @@
-"""Small random-initialised Llama models with a locally trained byte-level BPE tokenizer.
+"""Small random-initialised models (a Llama by default, or any family of `training.families`) with a locally
+trained byte-level BPE tokenizer.
 
 No hub is needed: the tokenizer is trained with `tokenizers` on local text (`toy_data.corpus`), and both
 model and tokenizer reload with `AutoModelForCausalLM` / `AutoTokenizer` from the folder.
@@ -29,9 +30,8 @@ SIZES = {
 }
 
 
-def build_tokenizer(vocab_size: int = 2048):
+def _train_bpe(vocab_size: int, specials: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     from training.toy_data import corpus
 
@@ -43,44 +43,69 @@ def build_tokenizer(vocab_size: int = 2048):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
+    return tok
+
+
+def build_tokenizer(vocab_size: int = 2048, family: str | None = None):
+    """The local tokenizer: our own chat markers, or a family's special tokens, chat template and pad token."""
+    from transformers import PreTrainedTokenizerFast
+
+    if family is None:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=_train_bpe(vocab_size, SPECIAL_TOKENS),
+            pad_token="<|pad|>",
+            bos_token="<|bos|>",
+            eos_token="<|eos|>",
+            chat_template=CHAT_TEMPLATE,
+        )
+    from training.families import FAMILIES
+
+    f = FAMILIES[family]
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<|pad|>",
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        chat_template=CHAT_TEMPLATE,
+        tokenizer_object=_train_bpe(vocab_size, f.specials()),
+        bos_token=f.bos,
+        eos_token=f.eos,
+        pad_token=f.pad,
+        additional_special_tokens=[t for t in f.tokens if t not in (f.bos, f.eos, f.pad)],
+        chat_template=f.template,
     )
 
 
-def make_tiny_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> int:
-    """Write a model folder; returns its parameter count."""
+def make_tiny_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, family: str | None = None) -> int:
+    """Write a model folder (a Llama with our chat markers, or `family`'s architecture and format); returns its
+    parameter count."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if size not in SIZES:
         raise ValueError(f"Unknown size: {size}; choose from {', '.join(SIZES)}")
     hidden, layers, heads, kv_heads, intermediate, vocab, tied = SIZES[size]
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=max(vocab or 0, len(tokenizer)),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=2048,
-        tie_word_embeddings=tied,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    tokenizer = build_tokenizer(family=family)
+    vocab_size = max(vocab or 0, len(tokenizer))
+    ids = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+    if family is None:
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            intermediate_size=intermediate,
+            max_position_embeddings=2048,
+            tie_word_embeddings=tied,
+            **{f"{k}_token_id": v for k, v in ids.items()},
+        )
+    else:
+        from training.families import build_config
+
+        config = build_config(family, vocab_size, hidden, layers, heads, kv_heads, intermediate, tied, ids)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config) if family is None else AutoModelForCausalLM.from_config(config)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -77,6 +77,23 @@ def _kill_when_orphaned(grace_s: float) -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
+def _build_ops() -> list[str]:
+    """Compile the DeepSpeed ops a CPU run loads (its shared-memory collectives) into the trainers' cache."""
+    import os
+
+    from training.launch import EXTENSIONS_DIR
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return []
+    builder.load(verbose=False)
+    return [builder.NAME]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return generate_main(args.model)
     if args.command == "build-ops":
-        from training.launch import build_ops
-
-        print("built: " + (", ".join(build_ops()) or "nothing this machine needs"))
+        print("built: " + (", ".join(_build_ops()) or "nothing this machine needs"))
         return EXIT_OK
     if args.command == "make-tiny-model":
         from training.tiny import make_tiny_model

@@ -145,20 +145,6 @@ def check_divisible(spec: TrainingSpec) -> str | None:
 EXTENSIONS_DIR = Path.home() / ".cache" / "prefq" / "torch_extensions"
 
 
-def build_ops() -> list[str]:
-    """Compile the DeepSpeed ops a CPU run loads (its shared-memory collectives) into the cache; their names."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    built = []
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        builder.load(verbose=False)
-        built.append(builder.NAME)
-    return built
-
-
 def command(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool) -> tuple[list[str], dict]:
     """Write the configs into OUT/launch and return the launch command and its environment."""
     launch_dir = (out_dir / "launch").resolve()

@@ -67,6 +67,8 @@ class DatasetPublic(BaseModel):
     method: str
     warnings: list[dict]
     warning_count: int
+    tool_examples: int = Field(0, description="Conversations with tools or tool calls.")
+    untrained_messages: int = Field(0, description="Assistant messages of weight 0: context, not trained.")
 
     @classmethod
     def of(cls, dataset) -> DatasetPublic:

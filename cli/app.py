@@ -63,7 +63,12 @@ def _dataset_ref(c: Client, ref: str, method: str) -> str:
         return ref
     kinds = DATA_KINDS.get(method, (method,))
     ds = c.upload_dataset(path, kinds[0] if len(kinds) == 1 else None)  # kto takes its own rows or pairs: detected
-    console.print(f"dataset {ds['id']}: {ds['rows']} rows, {ds['format']}, {ds['warning_count']} warning(s)")
+    chat = (
+        f", {ds['tool_examples']} with tools, {ds['untrained_messages']} weight-0 answers"
+        if ds["tool_examples"] or ds["untrained_messages"]
+        else ""
+    )
+    console.print(f"dataset {ds['id']}: {ds['rows']} rows, {ds['format']}{chat}, {ds['warning_count']} warning(s)")
     return ds["id"]
 
 

@@ -183,6 +183,8 @@ class Dataset(SQLModel, table=True):
     method: str
     warnings: list = _json([])
     warning_count: int = 0
+    tool_examples: int = 0  # conversations with tools or tool calls
+    untrained_messages: int = 0  # assistant messages of weight 0: context, not trained
     status: str = "processed"  # processed | error (a file uploaded through /v1 that did not validate)
     errors: list = _json([])  # status error: the line-level report (line, field, reason)
 

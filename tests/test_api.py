@@ -54,6 +54,36 @@ def test_dataset_upload_reports_rows_format_and_warnings(client, settings):
     assert stored.read_bytes() == data
 
 
+def test_dataset_upload_counts_tool_conversations_and_weight_0_messages(client):
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 4}'}}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "2 plus 4?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "6"},
+                {"role": "assistant", "content": "6."},
+            ],
+            "tools": tools,
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello.", "weight": 0},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Bye.", "weight": 1},
+            ]
+        },
+    ]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    r = client.post("/datasets", files={"file": ("chat.jsonl", data)}, data={"method": "sft"})
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert (ds["rows"], ds["format"], ds["tool_examples"], ds["untrained_messages"]) == (2, "sft_messages", 1, 1)
+    assert client.get(f"/datasets/{ds['id']}").json() == ds
+
+
 def test_bad_dataset_is_422_with_lines_and_nothing_is_stored(client, settings):
     bad = GOOD + b'{"prompt": "Q3", "chosen": 5, "rejected": "B"}\nnot json\n'
     r = client.post("/datasets", files={"file": ("bad.jsonl", bad)})

@@ -57,6 +57,8 @@ def store(svc: Services, who: Principal, fh, filename: str, method: str | None) 
         method=report.method,
         warnings=[vars(p) for p in report.warnings],
         warning_count=report.warning_count,
+        tool_examples=report.tool_examples,
+        untrained_messages=report.untrained_messages,
     )
     svc.store.add(dataset)
     return dataset

@@ -191,6 +191,8 @@ def child(variant: str, method: str, work: Path, lengths: str, steps: int, warmu
             "gradient_checkpointing": not best,
         }
         if method == "sft":
+            if best:  # TRL enforces no max_length on padding-free batches and refuses one; a few long rows stay whole
+                common["max_length"] = None
             config = SFTConfig(**common, padding_free=best)
             trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer)
         else:

@@ -107,6 +107,28 @@ def test_wrong_type_inside_messages_names_the_path():
     assert (err.field, err.reason) == ("input.messages[1].content", "expected a string, got number")
 
 
+def test_tools_in_preference_pairs_are_refused_naming_the_field_not_dropped():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    pair = {"preferred_output": [MSG("assistant", "A")], "non_preferred_output": [MSG("assistant", "B")]}
+    err = only_error([{"input": {"messages": [MSG("user", "Q")], "tools": tools}, **pair}])
+    assert err.field == "input.tools" and "not supported yet" in err.reason
+    called = {"role": "assistant", "content": None, "tool_calls": [call]}
+    err = only_error([{"input": {"messages": [MSG("user", "Q")]}, **pair, "preferred_output": [called]}])
+    assert err.field == "preferred_output[0].tool_calls" and "not supported yet" in err.reason
+    answered = {"role": "tool", "content": "1", "tool_call_id": "c1"}
+    err = only_error(
+        [
+            {
+                "prompt": [MSG("user", "Q"), answered],
+                "chosen": [MSG("assistant", "A")],
+                "rejected": [MSG("assistant", "B")],
+            }
+        ]
+    )
+    assert err.field == "prompt[1].tool_call_id"
+
+
 def test_missing_field_is_named():
     err = only_error([{"prompt": "Q", "chosen": "A"}])
     assert (err.line, err.field, err.reason) == (1, "rejected", "missing")

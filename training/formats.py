@@ -141,6 +141,9 @@ def _string(row: dict, key: str, *, empty_ok: bool = False) -> str:
     return value
 
 
+NO_TOOLS_IN_PAIRS = "tools and tool calls in preference pairs are not supported yet"
+
+
 def _messages(value: object, path: str, *, need_assistant: bool = False) -> list[dict]:
     if not isinstance(value, list):
         raise _RowError(path, f"expected a list of messages, got {_type_name(value)}")
@@ -154,6 +157,9 @@ def _messages(value: object, path: str, *, need_assistant: bool = False) -> list
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
             raise _RowError(f"{where}.role", f"expected one of {', '.join(ROLES)}, got {json.dumps(role)}")
+        for key in ("tool_calls", "tool_call_id"):
+            if msg.get(key) is not None:
+                raise _RowError(f"{where}.{key}", f"{NO_TOOLS_IN_PAIRS} (SFT's messages take them)")
         if not isinstance(content, str):
             raise _RowError(f"{where}.content", f"expected a string, got {_type_name(content)}")
         if not content.strip() and role == "assistant":
@@ -363,6 +369,9 @@ def normalise(row: dict, fmt: str) -> dict:
             raise _RowError("input", "missing" if inp is None else f"expected an object, got {_type_name(inp)}")
         if "messages" not in inp:
             raise _RowError("input.messages", "missing")
+        for key in ("tools", "parallel_tool_calls"):
+            if inp.get(key) is not None:  # refused, never dropped: the pair would train without the tools it was about
+                raise _RowError(f"input.{key}", f"{NO_TOOLS_IN_PAIRS} (SFT's messages take them)")
         for key in ("preferred_output", "non_preferred_output"):
             if key not in row:
                 raise _RowError(key, "missing")

@@ -133,11 +133,51 @@ def start_training(spec: dict, out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+class _Warm:
+    """The session's warm runner (`tests/warm.py`), started on first use, and the environment it started with."""
+
+    proc: subprocess.Popen | None = None
+    env: dict | None = None
+    socket: str | None = None
+
+    @classmethod
+    def run(cls, argv: list[str], stdout: Path) -> int | None:
+        """The exit code of `python -m training ARGV` run by the warm runner; None where it cannot run it."""
+        import atexit
+        import socket
+        import tempfile
+
+        env = {k: v for k, v in python_env().items() if k != "PYTEST_CURRENT_TEST"}  # pytest's, changed per test
+        if cls.proc is None:
+            cls.env, cls.socket = env, os.path.join(tempfile.mkdtemp(prefix="prefq-warm-"), "sock")
+            cls.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.warm", cls.socket], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+            )
+            atexit.register(cls.proc.kill)
+            if cls.proc.stdout.readline().strip() != "ready":
+                cls.proc.kill()
+        if env != cls.env or cls.proc.poll() is not None:
+            return None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(cls.socket)
+            conn.settimeout(600)
+            conn.sendall((json.dumps({"argv": argv, "stdout": str(stdout)}) + "\n").encode())
+            return json.loads(conn.makefile().readline())["returncode"]
+
+
 def run_training(spec: dict, out: Path, *extra: str) -> tuple[int, list[dict]]:
-    """Run `python -m training run` to the end; returns the exit code and the parsed events."""
-    proc = start_training(spec, out, *extra)
-    stdout, _ = proc.communicate(timeout=600)
-    return proc.returncode, [json.loads(line) for line in stdout.splitlines()]
+    """Run `python -m training run` to the end; returns the exit code and the parsed events. Forked from the
+    session's warm runner (`tests/warm.py`: the imports paid once) where the environment allows, else started."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out.parent / f"{out.name}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    events = out.parent / f"{out.name}-events.jsonl"
+    code = _Warm.run(["run", str(spec_path), "--out", str(out), *extra], events)
+    if code is None:
+        proc = start_training(spec, out, *extra)
+        stdout, _ = proc.communicate(timeout=600)
+        return proc.returncode, [json.loads(line) for line in stdout.splitlines()]
+    return code, [json.loads(line) for line in events.read_text().splitlines()]
 
 
 def of_type(events: list[dict], kind: str) -> list[dict]:

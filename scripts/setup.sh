@@ -9,8 +9,6 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # DeepSpeed's setup.py imports torch, so it builds against the torch above (no isolated build env).
 "${pip[@]}" --no-build-isolation deepspeed==0.19.8
 "${pip[@]}" -e '.[train,deepspeed,dev]'
-# DeepSpeed compiles its C++ ops on first use; build them now, so that no first job (or test) waits a minute.
-.venv/bin/python -m training build-ops 2>/dev/null | tail -1
 # The dashboard's browser tests drive Debian's chromium (Playwright's own browser download cannot work offline).
 if [ ! -x /usr/bin/chromium ]; then
     if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; else echo "setup: chromium missing; run: sudo apt-get install -y chromium" >&2; fi

@@ -1,4 +1,4 @@
-"""`python -m training COMMAND`: schema, validate, run, generate, make-tiny-model, make-toy-data, build-ops.
+"""`python -m training COMMAND`: schema, validate, run, generate, make-tiny-model, make-toy-data.
 
 `schema` and `validate` without `--model` import no torch.
 """
@@ -77,23 +77,6 @@ def _kill_when_orphaned(grace_s: float) -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-def _build_ops() -> list[str]:
-    """Compile the DeepSpeed ops a CPU run loads (its shared-memory collectives) into the trainers' cache."""
-    import os
-
-    from training.launch import EXTENSIONS_DIR
-
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return []
-    builder.load(verbose=False)
-    return [builder.NAME]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="tiny", choices=list(SIZES))
     p.add_argument("--family", choices=list(FAMILIES), help="an architecture with its chat format and special tokens")
     p.add_argument("--seed", type=int, default=0)
-    sub.add_parser("build-ops", help="compile DeepSpeed's C++ ops into the cache the trainers read (setup runs it)")
     p = sub.add_parser("make-toy-data", help="write synthetic data with a learnable signal")
     p.add_argument("out")
     p.add_argument("--method", choices=["dpo", "sft", "kto"], default="dpo")
@@ -158,9 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         from training.generate import main as generate_main
 
         return generate_main(args.model)
-    if args.command == "build-ops":
-        print("built: " + (", ".join(_build_ops()) or "nothing this machine needs"))
-        return EXIT_OK
     if args.command == "make-tiny-model":
         from training.tiny import make_tiny_model
 

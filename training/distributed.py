@@ -97,10 +97,24 @@ class GatheredMargins:
         return getattr(self.schedule, name)
 
 
+def _without_shm_collectives() -> None:
+    """On CPU, DeepSpeed's communication backend loads its shared-memory all-reduce, a C++ extension it compiles on
+    first use (30 s on 2 cores, and again each time the processes of a machine disagree on its build flags, which
+    they were seen to do run after run). It speeds up inference's all-reduce; training over gloo needs none. Marked
+    incompatible, the backend uses torch.distributed's gloo, as fsdp does."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DistributedTrainerMixin:
     """In front of the TRL trainers: FSDP on CPU, tensor-parallel corrections, gathered beta margins."""
 
     def create_accelerator_and_postprocess(self) -> None:
+        import torch
+
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available():
+            _without_shm_collectives()
         super().create_accelerator_and_postprocess()
         if engage_fsdp_on_cpu(self.accelerator):
             self.is_fsdp_enabled = True

@@ -140,8 +140,7 @@ def check_divisible(spec: TrainingSpec) -> str | None:
     return None
 
 
-# DeepSpeed compiles its C++ ops on first use (about a minute on 2 cores): they are kept in a cache that outlives
-# runs, and `python -m training build-ops` (run by scripts/setup.sh) fills it at install.
+# DeepSpeed compiles its C++ ops on first use (about a minute on 2 cores): keep them in a cache that outlives runs
 EXTENSIONS_DIR = Path.home() / ".cache" / "prefq" / "torch_extensions"
 
 

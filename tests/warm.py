@@ -2,13 +2,13 @@
 trainers once, then forks one child per request, which runs `python -m training`'s own `main` with its stdout in a
 file. A run then starts in milliseconds instead of the 5 s or so those imports take, about 40 times per suite.
 
-Only `run_training` (run to the end, read the events) uses it, and only while the caller's environment is the one
-the server started with (libraries read some variables at import). Tests of signals and orphans start
+Only `run_training` (run to the end, read the events) uses it, in the caller's environment, and only while the
+variables that libraries read at import are those the server started with. Tests of signals and orphans start
 `python -m training` themselves (`start_training`), and every job through the queue is started by a worker, so the
 real start is tested there.
 
-A request is one JSON line, {"argv": [...], "stdout": PATH}; the answer one line, {"returncode": N}, once the
-child has exited. Requests are served one at a time, as the tests make them.
+A request is one JSON line, {"argv": [...], "stdout": PATH, "env": {...}}; the answer one line,
+{"returncode": N}, once the child has exited. Requests are served one at a time, as the tests make them.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def _preload() -> None:
 def _child(request: dict) -> int:
     from training.__main__ import main
 
+    os.environ.clear()
+    os.environ.update(request["env"])
     out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(out, 1)
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -9,35 +9,21 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, of_type, python_env, run_training
+from tests.test_chat import TOOLS, call
 from training.chat import TemplateError, clean, tokenize
 from training.families import FAMILIES
 from training.spec import EXIT_OK
 from training.toy_data import toy_rows
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
-
-
-def _call(i: int, city: str) -> dict:  # Mistral's template takes 9-character ids only
-    return {
-        "id": f"call{i}abcd",
-        "type": "function",
-        "function": {"name": "get_weather", "arguments": f'{{"city": "{city}"}}'},
-    }
-
 
 def tool_round(cities: list[str], answer: str) -> list[dict]:
     return [
         {"role": "user", "content": f"Weather in {' and '.join(cities)}?"},
-        {"role": "assistant", "content": None, "tool_calls": [_call(i, c) for i, c in enumerate(cities, 1)]},
+        {  # Mistral's template takes 9-character call ids only
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [call("get_weather", {"city": c}, f"call{i}abcd") for i, c in enumerate(cities, 1)],
+        },
         *({"role": "tool", "tool_call_id": f"call{i}abcd", "content": f"{17 + i}C"} for i in range(1, len(cities) + 1)),
         {"role": "assistant", "content": answer},
     ]

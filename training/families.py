@@ -258,7 +258,7 @@ FAMILIES = {
 
 
 def build_config(
-    family: str,
+    family: str | None,
     vocab_size: int,
     hidden: int,
     layers: int,
@@ -268,23 +268,16 @@ def build_config(
     tied: bool,
     token_ids: dict,
 ):
-    """The family's transformers config at the given size; token_ids: bos/eos/pad ids (None where absent)."""
+    """The transformers config of `family` (None: the default Llama) at the given size; token_ids: bos/eos/pad ids
+    (None where absent)."""
     import transformers
 
-    spec = FAMILIES[family]
-    cls = getattr(transformers, spec.config)
+    spec = FAMILIES[family] if family is not None else None
+    cls = getattr(transformers, spec.config if spec is not None else "LlamaConfig")
     ids = {f"{k}_token_id": v for k, v in token_ids.items()}
-    if family == "gpt2":
-        return cls(
-            vocab_size=vocab_size,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=heads,
-            n_inner=intermediate,
-            n_positions=2048,
-            tie_word_embeddings=True,
-            **ids,
-        )
+    if family == "gpt2":  # GPT-2's own names, no key-value heads, always a tied head
+        sizes = {"n_embd": hidden, "n_layer": layers, "n_head": heads, "n_inner": intermediate, "n_positions": 2048}
+        return cls(vocab_size=vocab_size, tie_word_embeddings=True, **sizes, **ids)
     return cls(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -294,5 +287,5 @@ def build_config(
         intermediate_size=intermediate,
         max_position_embeddings=2048,
         tie_word_embeddings=tied,
-        **{**ids, **spec.config_args},
+        **{**ids, **(spec.config_args if spec is not None else {})},
     )

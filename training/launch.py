@@ -140,10 +140,6 @@ def check_divisible(spec: TrainingSpec) -> str | None:
     return None
 
 
-# DeepSpeed compiles its C++ ops on first use (about a minute on 2 cores): keep them in a cache that outlives runs
-EXTENSIONS_DIR = Path.home() / ".cache" / "prefq" / "torch_extensions"
-
-
 def command(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool) -> tuple[list[str], dict]:
     """Write the configs into OUT/launch and return the launch command and its environment."""
     launch_dir = (out_dir / "launch").resolve()
@@ -157,7 +153,8 @@ def command(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool) -> 
     env = dict(os.environ)
     if not env.get("CUDA_VISIBLE_DEVICES"):  # CPU processes: share the cores between them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.gpus)))
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
+    # DeepSpeed compiles its C++ ops on first use (about a minute): keep them in a cache that outlives runs
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "prefq" / "torch_extensions"))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     cmd = [

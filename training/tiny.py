@@ -80,7 +80,9 @@ def make_tiny_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, fami
     """Write a model folder (a Llama with our chat markers, or `family`'s architecture and format); returns its
     parameter count."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from training.families import build_config
 
     if size not in SIZES:
         raise ValueError(f"Unknown size: {size}; choose from {', '.join(SIZES)}")
@@ -88,22 +90,7 @@ def make_tiny_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, fami
     tokenizer = build_tokenizer(family=family)
     vocab_size = max(vocab or 0, len(tokenizer))
     ids = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
-    if family is None:
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            intermediate_size=intermediate,
-            max_position_embeddings=2048,
-            tie_word_embeddings=tied,
-            **{f"{k}_token_id": v for k, v in ids.items()},
-        )
-    else:
-        from training.families import build_config
-
-        config = build_config(family, vocab_size, hidden, layers, heads, kv_heads, intermediate, tied, ids)
+    config = build_config(family, vocab_size, hidden, layers, heads, kv_heads, intermediate, tied, ids)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config) if family is None else AutoModelForCausalLM.from_config(config)
     out_dir = Path(out_dir)

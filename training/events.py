@@ -12,6 +12,7 @@ Every event has `event` (its type) and `time` (Unix seconds). The types and thei
 | `samples` | `step`, `model` (`policy`, or `reference`: once, at the first evaluation), `samples` (a list of `index`, `prompt`, `completion`, `tokens` (completion length), `reward` (DPO: the policy's implicit reward of the completion, beta times its log-prob under the policy minus under the reference; null for SFT and the reference)), `seconds`; at each evaluation when `sample_prompts` > 0 |
 | `checkpoint` | `step`, `path` (a complete checkpoint folder: its manifest is written) |
 | `stopped` | `step`, `checkpoint` (path or null): SIGTERM was handled; the exit code is 75 |
+| `memory` | `device` (`cuda`, `cpu`), `estimated_gib` (the estimate of peak memory per device, `training.memory`), `parts_gib` (its weights, gradients, optimizer, reference, activations, head), `available_gib` (free on the device when the run began), `peak_gib` (measured on rank 0 from before the model loaded to the end of training: the CUDA allocator's peak, or the process's resident high-water mark on CPU); once, after training |
 | `done` | `final_path`, `metrics` (`train` and `eval`, as in metrics.json) |
 | `error` | `code`, `message`, `user_error` (true for bad data, a bad spec, a model that cannot load or does not fit) |
 
@@ -31,7 +32,17 @@ from collections.abc import Iterable
 from typing import Literal, NotRequired, TypedDict
 
 EventType = Literal[
-    "lengths", "started", "progress", "ref_logprobs", "eval", "samples", "checkpoint", "stopped", "done", "error"
+    "lengths",
+    "started",
+    "progress",
+    "ref_logprobs",
+    "eval",
+    "samples",
+    "checkpoint",
+    "stopped",
+    "memory",
+    "done",
+    "error",
 ]
 
 
@@ -97,6 +108,14 @@ class Checkpoint(TypedDict):
 class Stopped(TypedDict):
     step: int
     checkpoint: str | None
+
+
+class Memory(TypedDict):
+    device: str
+    estimated_gib: float
+    parts_gib: dict[str, float]
+    available_gib: float
+    peak_gib: float
 
 
 class Done(TypedDict):

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from training.chat import TemplateError
@@ -88,32 +89,141 @@ def _write_manifest(ckpt: Path, step: int, epoch: float | None, spec: TrainingSp
     os.replace(tmp, ckpt / MANIFEST_NAME)
 
 
-def _check_fits(spec: TrainingSpec) -> None:
-    """Refuse a model whose weights, gradients and Adam state cannot fit before trying to load it."""
-    import psutil
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _model_config(spec: TrainingSpec) -> dict:
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(spec.model)
-        with torch.device("meta"):
-            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        return AutoConfig.from_pretrained(spec.model).to_dict()
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"model: cannot load {spec.model}: {exc}") from None
-    trained = params if spec.lora is None else 0  # LoRA trains a small fraction
-    # fp32 weights + gradients + two Adam moments for trained weights, fp32 frozen copies otherwise
-    need = 16 * trained + 4 * params * (2 if spec.has_reference and not spec.lora else 1)
+
+
+def _available(spec: TrainingSpec) -> tuple[int, bool, int]:
+    """(bytes free per device, whether the devices are CPU processes sharing the host, devices on this machine)."""
+    import psutil
+    import torch
+
     if torch.cuda.is_available():
-        free = torch.cuda.mem_get_info()[0] * spec.gpus
-    else:  # CPU processes share the host, and each loads whole copies before sharding
-        free = psutil.virtual_memory().available
-        need += (spec.gpus - 1) * 4 * params * (1 if spec.lora else 2)
-    if need > free:
-        raise ModelError(
-            f"model: {params / 1e6:.0f}M parameters need about {need / 2**30:.1f} GiB for training, "
-            f"{free / 2**30:.1f} GiB are free; use LoRA, more GPUs with fsdp, or a smaller model",
-            code="model_too_big",
-        )
+        return torch.cuda.mem_get_info()[0], False, torch.cuda.device_count()
+    processes = spec.gpus if spec.trainer != "basic" else 1
+    return psutil.virtual_memory().available // processes, True, 1
+
+
+class _Peak:
+    """The run's peak memory above what it held before loading the model: the device's allocator on CUDA, the
+    process's resident set (its high-water mark reset through /proc) on CPU."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+            except OSError:
+                pass
+            self.base = self._status("VmRSS")
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def bytes(self) -> int:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() if self.cuda else self._status("VmHWM")
+        return max(0, peak - self.base)
+
+
+@dataclass
+class _Fit:
+    """The memory estimate of a run against what its device has free (`training.memory`)."""
+
+    spec: TrainingSpec
+    config: dict
+    free: int
+    cpu: bool
+    devices: int
+
+    def advice(self) -> str:
+        from training.memory import advice
+
+        return advice(self.config, self.spec, self.free, self.cpu, self.devices)
+
+    def event(self, peak: int) -> dict:
+        from training.memory import GIB, estimate
+
+        need = estimate(self.config, self.spec, self.cpu)
+        return {
+            "device": "cpu" if self.cpu else "cuda",
+            "estimated_gib": round(need.total / GIB, 3),
+            "parts_gib": {k: round(v / GIB, 3) for k, v in need.parts.items()},
+            "available_gib": round(self.free / GIB, 3),
+            "peak_gib": round(peak / GIB, 3),
+        }
+
+
+def _check_fits(spec: TrainingSpec) -> _Fit:
+    """Refuse a run whose estimated peak memory per device exceeds what its device has free, before the model loads."""
+    from training.memory import estimate
+
+    fit = _Fit(spec, _model_config(spec), *_available(spec))
+    if estimate(fit.config, spec, fit.cpu).total > fit.free:
+        raise ModelError(f"model: {fit.advice()}", code="model_too_big")
+    return fit
+
+
+def _quantization(spec: TrainingSpec) -> dict:
+    """QLoRA's loading arguments: the frozen linear layers in NF4 with double quantisation and bf16 compute."""
+    if spec.lora is None or spec.lora.quantize is None:
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": config}
+
+
+def _check_devices(spec: TrainingSpec) -> None:
+    """Options that need a library or a device this worker may lack are refused by name before anything loads."""
+    import importlib.util
+
+    import torch
+
+    if spec.use_liger_kernel:
+        if not torch.cuda.is_available():
+            raise SpecError("use_liger_kernel: Liger's kernels are Triton kernels for CUDA GPUs; this worker has none")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise SpecError("use_liger_kernel: the liger-kernel package is not installed on this worker")
+    if spec.lora is not None and spec.lora.quantize is not None:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SpecError("lora.quantize: QLoRA needs the bitsandbytes package, which this worker does not have")
+        if not torch.cuda.is_available() and not _bitsandbytes_on_cpu():
+            raise SpecError("lora.quantize: this worker's bitsandbytes has no CPU backend and there is no CUDA GPU")
+
+
+def _bitsandbytes_on_cpu() -> bool:
+    """Whether bitsandbytes quantises to NF4 on this CPU (its CPU backend, from 0.46 on)."""
+    import torch
+
+    try:
+        import bitsandbytes.functional as F
+
+        packed, state = F.quantize_4bit(torch.ones(64, 64), quant_type="nf4")
+        return bool(torch.allclose(F.dequantize_4bit(packed, state), torch.ones(64, 64)))
+    except Exception:  # noqa: BLE001 - any failure means: it cannot
+        return False
 
 
 def _load_model(spec: TrainingSpec):
@@ -121,17 +231,23 @@ def _load_model(spec: TrainingSpec):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    kwargs = {"dtype": torch.float32, **_quantization(spec)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.model)
         if spec.method == "reward":
             from transformers import set_seed
 
             set_seed(spec.seed)  # the new head's initial weights come from the run's seed, as every other draw
-            model = AutoModelForSequenceClassification.from_pretrained(spec.model, num_labels=1, dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_pretrained(spec.model, num_labels=1, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model: cannot load {spec.model}: {exc}") from None
+    if spec.use_liger_kernel:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # RMSNorm, RoPE and SwiGLU; the LM head stays prefq's completion head (`training.logprobs`), not Liger's
+        _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:  # a classifier finds each sequence's last token by the pad token
@@ -390,7 +506,8 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
         from training.logprobs import keep_freed_memory
 
         keep_freed_memory()
-    _check_fits(spec)
+    _check_devices(spec)
+    fit = _check_fits(spec)
     checkpoint = newest_checkpoint(out_dir) if resume else None
     if resume and checkpoint is None:
         log.warning("--resume: no complete checkpoint in %s, starting from step 0", out_dir)
@@ -399,16 +516,27 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
     # a reward model scores and writes nothing: no samples
     prompts = held_out_prompts(eval_ds, spec.sample_prompts) if eval_ds is not None and spec.method != "reward" else []
     callback = _make_callback(spec, stop, len(train_ds), len(eval_ds) if eval_ds is not None else 0, prompts)
-    trainer, tokenizer = build_trainer(spec, out_dir, train_ds, eval_ds, callback)
-    schedule = getattr(trainer, "beta_schedule", None)
-    if checkpoint is not None and schedule is not None and (checkpoint / SCHEDULE_STATE).is_file():
-        schedule.load_state_dict(json.loads((checkpoint / SCHEDULE_STATE).read_text()))
-
-    stop.training = True
+    peak = _Peak()
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except _NothingLeft:
-        log.info("resumed at step %d of %d: nothing left to train", trainer.state.global_step, trainer.state.max_steps)
+        trainer, tokenizer = build_trainer(spec, out_dir, train_ds, eval_ds, callback)
+        schedule = getattr(trainer, "beta_schedule", None)
+        if checkpoint is not None and schedule is not None and (checkpoint / SCHEDULE_STATE).is_file():
+            schedule.load_state_dict(json.loads((checkpoint / SCHEDULE_STATE).read_text()))
+
+        stop.training = True
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except _NothingLeft:
+            log.info(
+                "resumed at step %d of %d: nothing left to train", trainer.state.global_step, trainer.state.max_steps
+            )
+    except Exception as exc:
+        if _is_out_of_memory(exc):  # the user's to fix, with what would fit; never retried as a fault of ours
+            traceback.print_exc(file=sys.stderr)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"out of memory ({first}). {fit.advice()}", code="model_too_big") from None
+        raise
+    emit("memory", **fit.event(peak.bytes()))
     if stop.requested:
         saved = callback.last_checkpoint
         emit("stopped", step=trainer.state.global_step, checkpoint=str(saved) if saved else None)
@@ -464,5 +592,5 @@ def main(spec_path: str, out_dir: str, resume: bool) -> int:
         if not _is_out_of_memory(exc):
             emit("error", code="training_crashed", message=f"{type(exc).__name__}: {exc}", user_error=False)
             return EXIT_INFRA_ERROR
-        emit("error", code="model_too_big", message=f"out of memory: {exc}", user_error=True)
+        emit("error", code="model_too_big", message=f"out of memory: {exc}", user_error=True)  # before the estimate
     return EXIT_USER_ERROR

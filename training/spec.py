@@ -70,6 +70,11 @@ class LoraSpec(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the LM head."
     )
+    quantize: Literal["4bit"] | None = Field(
+        None,
+        description="QLoRA: '4bit' loads the frozen base in NF4 with double quantisation and bf16 compute "
+        "(bitsandbytes); the adapters train in full precision.",
+    )
 
 
 class RiskBetaSpec(BaseModel):
@@ -129,6 +134,9 @@ class TrainingSpec(BaseModel):
     )
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast with fp32 weights, or fp32.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~20% slower.")
+    use_liger_kernel: bool = Field(
+        False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU): less memory; CUDA workers only."
+    )
     seed: int = Field(42, description="Seed of initialisation, shuffling and dropout.")
 
     # bookkeeping
@@ -272,6 +280,11 @@ class TrainingSpec(BaseModel):
             raise ValueError(
                 "lora: not supported with 'deepspeed-tp' (DeepSpeed's optimizer cannot map the "
                 "adapters); use 'fsdp' or 'basic'"
+            )
+        if self.lora is not None and self.lora.quantize is not None and self.trainer != "basic":
+            raise ValueError(
+                f"lora.quantize: QLoRA runs on the 'basic' trainer (one device); '{self.trainer}' would shard "
+                "bitsandbytes' packed 4-bit weights, which FSDP2 does not handle; use 'basic' or drop quantize"
             )
         return self
 

@@ -5,6 +5,7 @@ POST /jobs runs on the event loop (no thread per request): what may block goes t
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,8 +20,12 @@ from api.deps import Services
 from api.schemas import JobCreate
 from api.service.errors import Invalid, TooMany
 from jobs import modelref
+from jobs.models import Worker
 from jobs.perimeter import Refused, check_callback_url, confine
+from queue_config import gpu_queue
 from storage import StorageError, open_uri
+from training import memory
+from training.memory import GIB
 from training.spec import DATA_KINDS, MANIFEST_NAME, TrainingSpec, describe_errors
 
 TOP_LEVEL = {"method", "trainer", "gpus"}  # spec fields set on the job itself
@@ -136,6 +141,60 @@ async def _on_the_hub(svc: Services, ref: modelref.ModelRef, name: str) -> None:
         )
 
 
+def _model_config(svc: Services, model: modelref.Resolved) -> dict | None:
+    """The model's config.json where the API can read it (a local folder or storage); None for a hub id, an adapter
+    folder or a file that is no JSON object: the run checks again before it loads the model."""
+    where = model.uri if model.job is not None else model.name
+    if where is None or model.ref.kind == "hub":
+        return None
+    try:
+        if "://" in where:
+            storage, key = open_uri(where, **svc.settings.storage_options())
+            raw = storage.get_bytes(key.rstrip("/") + "/config.json")
+        else:
+            raw = (Path(where) / "config.json").read_bytes()
+        config = json.loads(raw)
+    except (OSError, StorageError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _device_memory(worker: Worker) -> tuple[int, bool] | None:
+    """(bytes per device, whether its devices are CPU processes) of a worker's inventory; None where unknown."""
+    inv = worker.inventory or {}
+    gpus = [g.get("memory_mib") for g in inv.get("gpus") or []]
+    if gpus:
+        return (min(gpus) << 20, False) if all(isinstance(m, int) for m in gpus) else None
+    if isinstance(inv.get("memory_gib"), int | float):
+        return int(inv["memory_gib"] * GIB) // max(1, inv.get("cpu_devices") or 1), True
+    return None
+
+
+async def fits(svc: Services, spec: TrainingSpec, model: modelref.Resolved) -> None:
+    """The job's estimated peak memory per device (`training.memory`) fits the largest live worker that takes its
+    queue; a 422 naming what it needs, what there is and the changes that would fit otherwise. Unknown model shapes
+    and pools with no such worker pass: the run checks again before it loads the model."""
+    queue = gpu_queue(spec.gpus)
+    sizes = [m for w in await svc.live_workers() if queue in w.queues and (m := _device_memory(w))]
+    if not sizes:
+        return
+    config = await run_in_threadpool(_model_config, svc, model)
+    if config is None:
+        return
+    try:
+        budget, cpu = max(sizes)
+        need = memory.estimate(config, spec, cpu)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return  # a config.json of a shape the estimate does not know
+    if need.total > budget:
+        devices = max((w.devices for w in await svc.live_workers()), default=1)
+        raise Invalid(
+            "job_too_big",
+            f"the largest worker for this job cannot hold it: {memory.advice(config, spec, budget, cpu, devices)}",
+            "model",
+        )
+
+
 async def callback_url(svc: Services, url: str) -> None:
     if svc.settings.callback_secret is None:
         raise Invalid(
@@ -169,8 +228,8 @@ def _bounds(svc: Services) -> dict[str, tuple[float, str]]:
     }
 
 
-def spec(svc: Services, req: JobCreate) -> None:
-    """The hyperparameters validate as a training spec, within the server's limits."""
+def spec(svc: Services, req: JobCreate) -> TrainingSpec:
+    """The hyperparameters validate as a training spec, within the server's limits; the spec."""
     for name, (limit, setting) in _bounds(svc).items():
         value = req.hyperparameters.get(name)
         if isinstance(value, int | float) and not isinstance(value, bool) and value > limit:
@@ -197,7 +256,7 @@ def spec(svc: Services, req: JobCreate) -> None:
         "train_file": "-",
     }
     try:
-        TrainingSpec.model_validate(data)
+        return TrainingSpec.model_validate(data)
     except ValidationError as exc:
         details = [
             {**e, "field": e["field"] if e["field"].split(".")[0] in TOP_LEVEL else f"hyperparameters.{e['field']}"}

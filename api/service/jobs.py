@@ -58,7 +58,8 @@ async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key:
     dataset_id = await checks.dataset(svc, who, req.dataset, req.method, "dataset")
     eval_id = await checks.dataset(svc, who, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
     model = await checks.model(svc, who, req.model)
-    checks.spec(svc, req)
+    spec = checks.spec(svc, req)
+    await checks.fits(svc, spec, model)
     if req.callback_url:
         await checks.callback_url(svc, str(req.callback_url))
     await checks.room_for(svc, who)

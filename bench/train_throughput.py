@@ -3,6 +3,7 @@ SFTTrainer), on uniform and long-tailed lengths.
 
     .venv/bin/python bench/train_throughput.py [--method dpo|sft] [--lengths uniform realistic]
                                                [--model-size small] [--steps 12] [--rounds 2] [--device cpu|cuda]
+                                               [--liger]
 
 Model: a random Llama of `training.tiny.SIZES[--model-size]` (default `small`: 23M parameters, vocabulary
 16384, untied head; `qwen-0.5b`: Qwen2.5-0.5B's shapes, for GPUs) with the local tokenizer. Batch 8 pairs,
@@ -24,6 +25,9 @@ Variants, each training in a subprocess of its own (its peak memory is its own);
 - prefq: a worker's `basic` run (bf16, padding-free, no checkpointing), here with a reference forward per step;
   through the queue the worker caches the reference pass instead (a first job runs the same reference forwards up
   front, a retried or re-run one none)
+- prefq_liger ("prefq + liger"; only with `--device cuda --liger`): the prefq row's run with `use_liger_kernel`, Liger's
+  Triton kernels (RMSNorm, RoPE, SwiGLU) patched into the model. A failure of this row alone (Liger missing or
+  refused) is reported in its row and in stderr; the other rows stand
 - ceiling: not a trainer: bf16 GEMMs at the model's own shapes (every decoder linear layer's forward and two
   backward GEMMs at the dataset's mean tokens per step, and the LM head's three at its completion positions),
   timed in the same round; its FLOP/s is the ceiling MFU is taken against.
@@ -65,6 +69,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TRAINERS = ("trl_default", "trl_best", "prefq_padded", "prefq")
+LIGER = "prefq_liger"  # with --device cuda --liger: prefq with use_liger_kernel
+LABELS = {LIGER: "prefq + liger"}
 BATCH = 8
 MAX_LENGTH = {"uniform": 256, "realistic": 1024}
 
@@ -135,20 +141,21 @@ def child(variant: str, method: str, work: Path, lengths: str, steps: int, warmu
     from training.spec import parse_spec
 
     max_length = MAX_LENGTH[lengths]
-    spec = parse_spec(
-        {
-            "method": method,
-            "model": str(work / "model"),
-            "train_file": str(work / f"{lengths}-{method}.jsonl"),
-            "eval_fraction": 0,
-            "max_steps": steps,
-            "batch_size": BATCH,
-            "max_length": max_length,
-            "learning_rate": 1e-6,
-            "save_steps": 10_000,
-            "padding_free": variant == "prefq",
-        }
-    )
+    fields = {
+        "method": method,
+        "model": str(work / "model"),
+        "train_file": str(work / f"{lengths}-{method}.jsonl"),
+        "eval_fraction": 0,
+        "max_steps": steps,
+        "batch_size": BATCH,
+        "max_length": max_length,
+        "learning_rate": 1e-6,
+        "save_steps": 10_000,
+        "padding_free": variant in ("prefq", LIGER),
+    }
+    if variant == LIGER:
+        fields["use_liger_kernel"] = True
+    spec = parse_spec(fields)
     train_ds, _ = load_splits(spec)
     step_times, batches, positions = [], [], []
 
@@ -283,7 +290,8 @@ def ceiling(work: Path, tokens: int, completions: int, device: str) -> dict:
     return {"flops_s": flops / seconds}
 
 
-def run_child(args, work: Path, what: list[str], env: dict) -> dict:
+def run_child(args, work: Path, what: list[str], env: dict, required: bool = True) -> dict | None:
+    """One child's measures; a failure stops the bench, or (not `required`) is printed and gives None."""
     out = subprocess.run(
         [sys.executable, __file__, "--work", str(work), "--device", args.device, *what],
         capture_output=True,
@@ -291,7 +299,10 @@ def run_child(args, work: Path, what: list[str], env: dict) -> dict:
         env=env,
     )
     if out.returncode:
-        sys.exit(f"{' '.join(what)} failed:\n{out.stderr[-3000:]}")
+        if required:
+            sys.exit(f"{' '.join(what)} failed:\n{out.stderr[-3000:]}")
+        print(f"{' '.join(what)} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return None
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -309,7 +320,12 @@ def main() -> None:
     parser.add_argument(
         "--peak-tflops", type=float, help="the device's bf16 datasheet peak: adds an MFU column against it"
     )
-    parser.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--liger",
+        action="store_true",
+        help="with --device cuda: also a `prefq + liger` row, prefq with use_liger_kernel (Liger's Triton kernels)",
+    )
+    parser.add_argument("--child", choices=[*TRAINERS, LIGER], help=argparse.SUPPRESS)
     parser.add_argument("--ceiling", nargs=2, type=int, metavar=("TOKENS", "COMPLETIONS"), help=argparse.SUPPRESS)
     parser.add_argument("--data", choices=list(MAX_LENGTH), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -321,10 +337,15 @@ def main() -> None:
         print(json.dumps(ceiling(args.work, *args.ceiling, args.device)))
         return
 
+    if args.liger and args.device != "cuda":
+        sys.exit(
+            "--liger: Liger's kernels are Triton kernels, and prefq refuses use_liger_kernel off CUDA; add --device cuda"
+        )
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible to torch")
+    variants = (*TRAINERS, LIGER) if args.liger else TRAINERS
     work = Path(tempfile.mkdtemp(prefix="prefq-throughput-"))
     build_model(work, args.model_size)
     env = dict(os.environ, TQDM_DISABLE="1")
@@ -333,15 +354,16 @@ def main() -> None:
     tables = []
     for lengths in args.lengths:
         build_data(work, lengths, pairs=args.steps * BATCH, method=args.method)
-        results: dict[str, list[dict]] = {v: [] for v in TRAINERS}
+        results: dict[str, list[dict]] = {v: [] for v in variants}
         ceilings: list[float] = []
         for r in range(args.rounds):
-            for variant in TRAINERS:
+            for variant in variants:
                 what = ["--child", variant, "--method", args.method, "--data", lengths, "--steps", str(args.steps)]
                 what += ["--warmup", str(args.warmup)]
-                result = run_child(
-                    args, work, what, {**env, "HF_DATASETS_CACHE": str(work / f"hf-{lengths}-{r}-{variant}")}
-                )
+                child_env = {**env, "HF_DATASETS_CACHE": str(work / f"hf-{lengths}-{r}-{variant}")}
+                result = run_child(args, work, what, child_env, required=variant in TRAINERS)
+                if result is None:
+                    continue
                 results[variant].append(result)
                 print(f"{lengths} round {r + 1} {variant}: {result}", file=sys.stderr, flush=True)
             shape = results["prefq"][-1]
@@ -374,12 +396,15 @@ def report(args, lengths: str, results: dict[str, list[dict]], ceilings: list[fl
         f"{'variant':14} {'padding':>8} {'loop tok/s':>11} {'ratio':>7} {'e2e tok/s':>10} {'ratio':>7} "
         f"{'MFU':>6} {'of peak':>8} {'peak GiB':>9} {'last loss':>10}",
     ]
-    for variant in TRAINERS:
+    for variant in results:
+        if not results[variant]:
+            lines.append(f"{LABELS.get(variant, variant):14} failed: see stderr")
+            continue
         of_peak = (
             f"{best(variant, 'loop_flops_s') / (args.peak_tflops * 1e12):8.1%}" if args.peak_tflops else f"{'-':>8}"
         )
         lines.append(
-            f"{variant:14} {median(variant, 'padding'):8.1%} {best(variant, 'loop_tokens_s'):11.0f} "
+            f"{LABELS.get(variant, variant):14} {median(variant, 'padding'):8.1%} {best(variant, 'loop_tokens_s'):11.0f} "
             f"{ratio(variant, 'loop_tokens_s'):6.2f}x {best(variant, 'e2e_tokens_s'):10.0f} "
             f"{ratio(variant, 'e2e_tokens_s'):6.2f}x {mfu(variant):6.1%} {of_peak} "
             f"{median(variant, 'peak_gib'):9.2f} {median(variant, 'loss'):10.4f}"
@@ -390,6 +415,11 @@ def report(args, lengths: str, results: dict[str, list[dict]], ceilings: list[fl
         f"{ratio('prefq', 'e2e_tokens_s', trl):.2f}x TRL's best ({trl}); loop MFU {mfu('prefq'):.1%} of the "
         "in-run ceiling"
     )
+    if results.get(LIGER):
+        lines.append(
+            f"prefq + liger: {ratio(LIGER, 'loop_tokens_s', 'prefq'):.2f}x prefq's loop tokens/s, peak "
+            f"{median(LIGER, 'peak_gib'):.2f} GiB against {median('prefq', 'peak_gib'):.2f} GiB"
+        )
     return "\n".join(lines)
 
 

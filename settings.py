@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     serve_max_models: int = Field(2, ge=1)  # models `prefq serve` keeps loaded, one process each (LRU)
     serve_max_tokens: int = Field(512, ge=1)  # max_tokens of one request at most
     serve_timeout_s: float = Field(60.0, gt=0)  # one generation's time limit; its model's process is restarted
+    # A python grader's sandbox (`training.graders.run_python`): wall and CPU seconds, address space
+    grader_timeout_s: float = Field(10.0, gt=0, le=600)
+    grader_memory_mb: int = Field(512, ge=64)
     # Limits: a request beyond one is refused with 413 or 422 naming it
     max_upload_bytes: int = 1 << 30  # a dataset upload
     max_json_bytes: int = 1 << 20  # any other request's body (a job, a chat): JSON in kilobytes

@@ -13,7 +13,7 @@ from api.auth import DEFAULT_TENANT
 from api.deps import Services
 from api.limits import Gate
 from api.openai import routers as openai_routers
-from api.routes import datasets, jobs, keys, models, ops
+from api.routes import datasets, graders, jobs, keys, models, ops
 from api.routes.ops import RequestCounter
 from api.text import require_text
 from jobs.db import make_engine
@@ -57,7 +57,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(Gate, services=app.state.services)  # the key, then the body's size: before it is read
     app.add_middleware(RequestCounter)
-    for router in (ops.router, datasets.router, jobs.router, models.router, keys.router, *openai_routers):
+    for router in (
+        ops.router,
+        datasets.router,
+        jobs.router,
+        models.router,
+        keys.router,
+        graders.router,
+        *openai_routers,
+    ):
         app.include_router(router)
     ui.install(app)  # the dashboard at /ui
     return app

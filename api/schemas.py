@@ -229,3 +229,20 @@ class RegisteredModelPublic(BaseModel):
 class RegisteredModelsPublic(BaseModel):
     object: str = "list"
     data: list[RegisteredModelPublic]
+
+
+class GraderRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grader: dict[str, Any] = Field(
+        description="The grader: string_check, text_similarity, python, score_model, "
+        "label_model or multi, as OpenAI defines them."
+    )
+    model_sample: str = Field(max_length=1_000_000, description="The model's answer ({{sample.output_text}}).")
+    item: Any = Field(None, description="The dataset row ({{item.*}}).")
+
+
+class GraderValidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grader: dict[str, Any]

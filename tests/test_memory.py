@@ -89,6 +89,8 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(name, small, long_row
     assert 0.75 <= ratio <= 1.25, memory
     if "lora" in overrides and overrides["lora"].get("quantize"):
         assert of_type(events, "done")  # QLoRA trains here: NF4 through bitsandbytes' CPU backend
+        # its model is the adapters merged into the unquantized base: any job or the playground loads it as it is
+        assert "quantization_config" not in json.loads((tmp_path / "out" / "final" / "config.json").read_text())
 
 
 def test_qlora_is_refused_by_name_where_it_cannot_run(monkeypatch, micro_model, toy_dpo):

@@ -66,7 +66,7 @@ def long_rows(tmp_path_factory) -> dict[str, Path]:
 RUNS = {
     "dpo": ("dpo", {"batch_size": 8, "max_length": 128}),
     "dpo-qlora": ("dpo", {"batch_size": 8, "max_length": 128, "lora": {"quantize": "4bit"}}),
-    "sft-checkpointing": ("sft", {"batch_size": 16, "max_length": 256, "gradient_checkpointing": True}),
+    "sft-checkpointing": ("sft", {"batch_size": 8, "max_length": 256, "gradient_checkpointing": True}),
 }
 
 

@@ -43,13 +43,23 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture(scope="session")
-def micro_model(tmp_path_factory) -> Path:
+def _built_model(tmp_path_factory, size: str) -> Path:
     from training.tiny import make_tiny_model
 
-    path = tmp_path_factory.mktemp("models") / "micro"
-    make_tiny_model(path, "micro")
+    path = tmp_path_factory.mktemp("models") / size
+    make_tiny_model(path, size)
     return path
+
+
+@pytest.fixture(scope="session")
+def micro_model(tmp_path_factory) -> Path:
+    return _built_model(tmp_path_factory, "micro")
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> Path:
+    """A 23M-parameter Llama: big enough that its weights, not the interpreter, fill a measured memory peak."""
+    return _built_model(tmp_path_factory, "small")
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +94,27 @@ def mixed_dpo(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def long_rows(tmp_path_factory) -> dict[str, Path]:
+    """Preference pairs and demonstrations that every batch cuts to max_length at 128 or 256 tokens: memory
+    measurements at full-length batches (`tests/test_memory.py`, `tests/test_cuda.py`)."""
+    import random
+
+    # long words, several tokens each to the toy tokenizer: rows pass max_length (128 for pairs, 256 for SFT)
+    greek = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+    rng = random.Random(0)
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(greek) for _ in range(n))
+
+    folder = tmp_path_factory.mktemp("long")
+    pairs = [{"prompt": words(8) + "?", "chosen": " " + words(60), "rejected": " " + words(60)} for _ in range(40)]
+    sft = [{"prompt": words(8) + "?", "completion": " " + words(100)} for _ in range(40)]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (folder / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    return {"dpo": folder / "pairs.jsonl", "sft": folder / "sft.jsonl"}
 
 
 @pytest.fixture(scope="session")

@@ -92,26 +92,12 @@ def test_a_dpo_run_on_cuda_trains_and_caches_its_reference(tmp_path, micro_model
 
 
 @pytest.mark.parametrize("lora", [None, {"quantize": "4bit"}], ids=["full", "qlora"])
-def test_memory_estimate_against_the_cuda_allocators_peak(tmp_path, lora):
+def test_memory_estimate_against_the_cuda_allocators_peak(tmp_path, small_model, long_rows, lora):
     """QLoRA trains on CUDA (NF4 through bitsandbytes); the estimate of a run's peak per device, less the CUDA
     context that the allocator does not count, is within a quarter of the allocator's measured peak."""
-    import json
-
-    from tests.test_memory import WORDS
     from training.memory import GIB, RUNTIME
-    from training.tiny import make_tiny_model
 
-    make_tiny_model(tmp_path / "small", "small")
-    rows = [
-        {
-            "prompt": " ".join(WORDS[:8]) + "?",
-            "chosen": " " + " ".join(WORDS * 3),
-            "rejected": " " + " ".join(WORDS[::-1] * 3),
-        }
-        for _ in range(40)
-    ]
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = dpo_spec(tmp_path / "small", tmp_path / "pairs.jsonl", max_steps=2, batch_size=8, max_length=128)
+    spec = dpo_spec(small_model, long_rows["dpo"], max_steps=2, batch_size=8, max_length=128)
     spec.update(sample_prompts=0, eval_fraction=0.05, **({"lora": lora} if lora else {}))
     code, events = run_training(spec, tmp_path / "out")
     assert code == EXIT_OK, of_type(events, "error")

@@ -3,7 +3,6 @@ job that no live worker can hold, QLoRA on this CPU, options refused by name, an
 run as the user's to fix, with the advice."""
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,6 @@ from tests.conftest import ROOT, dpo_spec, of_type, python_env, run_training, st
 from tests.test_api import GOOD, keyed
 from training.memory import GIB, estimate, shape
 from training.spec import TrainingSpec
-
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
 
 def test_parameter_count_from_config_json_is_exact_for_every_family():
@@ -35,32 +32,6 @@ def test_parameter_count_from_config_json_is_exact_for_every_family():
             assert shape(json.loads(config.to_json_string())).params == real, (family, tied)
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> Path:
-    """A 23M-parameter Llama: big enough that its weights, not the interpreter, fill the measured peak."""
-    from training.tiny import make_tiny_model
-
-    path = tmp_path_factory.mktemp("models") / "small"
-    make_tiny_model(path, "small")
-    return path
-
-
-@pytest.fixture(scope="module")
-def long_rows(tmp_path_factory) -> dict[str, Path]:
-    """Rows that every batch cuts to max_length: the estimate's case (a peak at full-length batches)."""
-    rng = random.Random(0)
-
-    def words(n: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(n))
-
-    folder = tmp_path_factory.mktemp("long")
-    pairs = [{"prompt": words(8) + "?", "chosen": " " + words(60), "rejected": " " + words(60)} for _ in range(40)]
-    sft = [{"prompt": words(8) + "?", "completion": " " + words(100)} for _ in range(40)]
-    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    (folder / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
-    return {"dpo": folder / "pairs.jsonl", "sft": folder / "sft.jsonl"}
-
-
 # (method, overrides): the single-process DPO path with its reference; QLoRA on this CPU (bitsandbytes' CPU backend)
 # through TRL's head; SFT with gradient checkpointing.
 RUNS = {
@@ -71,16 +42,16 @@ RUNS = {
 
 
 @pytest.mark.parametrize("name", RUNS)
-def test_estimate_is_within_a_quarter_of_the_measured_peak(name, small, long_rows, tmp_path):
+def test_estimate_is_within_a_quarter_of_the_measured_peak(name, small_model, long_rows, tmp_path):
     method, overrides = RUNS[name]
-    spec = dpo_spec(small, long_rows[method], method=method, max_steps=2, sample_prompts=0, eval_fraction=0.05)
+    spec = dpo_spec(small_model, long_rows[method], method=method, max_steps=2, sample_prompts=0, eval_fraction=0.05)
     spec.update(overrides)
     proc = start_training(spec, tmp_path / "out")  # started cold, as the worker starts it: what it loads counts
     stdout, _ = proc.communicate(timeout=600)
     code, events = proc.returncode, [json.loads(line) for line in stdout.splitlines()]
     assert code == 0, of_type(events, "error")
     (memory,) = of_type(events, "memory")
-    config = json.loads((small / "config.json").read_text())
+    config = json.loads((small_model / "config.json").read_text())
     expected = estimate(config, TrainingSpec.model_validate(spec), cpu=True).total / GIB
     assert memory["estimated_gib"] == pytest.approx(expected, abs=1e-3)
     assert memory["device"] == "cpu" and memory["available_gib"] > 0

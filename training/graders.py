@@ -601,6 +601,13 @@ ERROR_FLAGS = (
 )
 
 
+# where OpenAI's answer puts the text of each python grader error
+DETAILS = {
+    "python_grader_runtime_error": "python_grader_runtime_error_details",
+    "python_grader_server_error": "python_grader_server_error_type",
+}
+
+
 @dataclass
 class Graded:
     """OpenAI's run answer: `reward`, each sub-grader's, what went wrong (flags and details) and the time it took."""
@@ -683,11 +690,7 @@ def _one(grader, sample: Sample, item: Any, errors: dict, judge: Judge | None, l
             )
             if found.score is None:
                 errors[found.kind] = True
-                errors[
-                    f"{found.kind}_details"
-                    if found.kind.endswith("runtime_error")
-                    else "python_grader_server_error_type"
-                ] = found.error
+                errors[DETAILS[found.kind]] = found.error
                 return 0.0
             return found.score
         if isinstance(grader, ScoreModel | LabelModel):
@@ -755,8 +758,3 @@ def grade(
     if not math.isfinite(reward):
         errors["other_error"], reward = True, 0.0
     return Graded(reward, subs, errors, time.monotonic() - started, grader.name, grader.type)
-
-
-def validate(grader: Any) -> dict:
-    """The grader as validated (what `/graders/validate` answers); `GraderError` naming the field otherwise."""
-    return parse(grader).model_dump(exclude_none=True)

@@ -15,14 +15,8 @@ import ctypes
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
 
+from training.memory import LM_HEAD_KEEP_BYTES, LM_HEAD_TILE_BYTES
 from training.packing import pack
-
-# The LM head runs on tiles of positions whose fp32 (positions x vocabulary) log-softmax takes LM_HEAD_TILE_BYTES.
-# The backward reuses the forward's log-softmax when all of it fits in LM_HEAD_KEEP_BYTES (a step's completion
-# tokens at a small vocabulary: no recompute); above that (152k vocabulary x 8k tokens would be 5 GB) it recomputes
-# each tile's logits: one more GEMM of the head, and a peak of a few tiles whatever the vocabulary and token count.
-LM_HEAD_TILE_BYTES = 128 << 20
-LM_HEAD_KEEP_BYTES = 1 << 30
 
 
 class CompletionLogProbs(torch.autograd.Function):

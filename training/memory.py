@@ -6,14 +6,15 @@ of memory anyway ends with the same advice (`advice`). One estimate serves all t
 
 Per device, in bytes:
 - weights: fp32 master weights (prefq loads in fp32 and trains under bf16 autocast); with QLoRA the frozen linear
-  layers in NF4 (half a byte a weight plus the double-quantised absmax) and the rest in bf16;
+  layers in NF4 (half a byte a weight plus the double-quantised absmax) and the rest in fp32;
 - gradients and AdamW state: 4 + 8 bytes for each trained weight (all of them, or the adapters);
 - reference: the frozen copy that DPO and KTO compare with (none with LoRA: the adapter is switched off); the
   single-process path keeps its linear layers in bf16;
 - activations: what autograd keeps per token and layer (below), for `batch_size` sequences of `max_length` tokens
   (twice as many for pairs), or with gradient checkpointing each layer's input and one layer's worth;
-- head: the LM head's logits: a few tiles of prefq's completion head, or the whole (tokens x vocabulary) in fp32
-  with its log-softmax and gradient on the TRL path (`fsdp`, `deepspeed-tp`).
+- head: the LM head's logits: prefq's completion head on the single-process pair path, else TRL's head (SFT, KTO,
+  LoRA, `fsdp`, `deepspeed-tp`) with about ten fp32 copies of the logits;
+- runtime: what a process holds beyond these (below).
 `fsdp` and `deepspeed-tp` divide weights, gradients, optimizer state and reference among the devices; on CPU each
 process loads a whole copy before sharding, which is that process's peak while loading.
 """
@@ -24,7 +25,11 @@ from dataclasses import dataclass, field
 
 from training.spec import TrainingSpec
 
-# prefq's completion head (`training.logprobs`) works in tiles of this many bytes of fp32 logits; a step keeps a few.
+# prefq's completion head (`training.logprobs`) runs on tiles of positions whose fp32 (positions x vocabulary)
+# log-softmax takes LM_HEAD_TILE_BYTES. The backward reuses the forward's log-softmax when all of it fits in
+# LM_HEAD_KEEP_BYTES (a step's completion tokens at a small vocabulary: no recompute); above that (152k vocabulary x
+# 8k tokens would be 5 GB) it recomputes each tile's logits: one more GEMM of the head, and a peak of a few tiles
+# whatever the vocabulary and token count.
 LM_HEAD_TILE_BYTES = 128 << 20
 LM_HEAD_KEEP_BYTES = 1 << 30
 # Bytes autograd keeps per token and layer under bf16 autocast with an fp32 residual stream, per unit of the hidden
@@ -43,7 +48,7 @@ FAST_HEAD_COPIES = 2
 # loaded after the model (measured: 0.13-0.15 GiB on the micro model, where the parts are nearly nothing); on CUDA,
 # the context and the libraries' workspaces, outside the allocator's count.
 RUNTIME = {"cpu": 150 << 20, "cuda": 768 << 20}
-PAIR_METHODS = {"dpo", "orpo", "simpo", "reward", "kto"}  # chosen and rejected (KTO: its KL batch) in one step
+TWO_SEQUENCES = {"dpo", "orpo", "simpo", "reward", "kto"}  # chosen and rejected (KTO: its KL batch) in one step
 GIB = 2**30
 
 
@@ -55,10 +60,6 @@ class Shape:
     layers: int
     mlp: int  # the MLP's width per token (the experts a token visits, for a mixture of experts)
     vocab: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool
     params: int  # every weight
     linear: int  # weights of the decoder's linear layers (what LoRA adapts and QLoRA quantises)
     lora_width: int  # sum of (in + out) over one layer's linear layers, for the adapters' size
@@ -77,7 +78,7 @@ def shape(config: dict) -> Shape:
         per_layer_linear = 3 * h * h + h * h + 2 * h * mlp
         linear = n * per_layer_linear
         params = linear + v * h + c.get("n_positions", 1024) * h + n * (4 * h + 3 * h + h + mlp + h) + 2 * h
-        return Shape(h, n, mlp, v, c["n_head"], c["n_head"], h // c["n_head"], True, params, linear, 2 * (4 * h + mlp))
+        return Shape(h, n, mlp, v, params, linear, 2 * (4 * h + mlp))
     h, n, v = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
     heads = c["num_attention_heads"]
     kv = c.get("num_key_value_heads") or heads
@@ -104,7 +105,7 @@ def shape(config: dict) -> Shape:
     tied = bool(c.get("tie_word_embeddings", config.get("tie_word_embeddings", True)))
     linear = n * (attn + mlp_params)
     params = linear + n * (biases + norms) + v * h * (1 if tied else 2) + h
-    return Shape(h, n, mlp, v, heads, kv, hd, tied, params, linear, attn_width + mlp_width)
+    return Shape(h, n, mlp, v, params, linear, attn_width + mlp_width)
 
 
 @dataclass
@@ -149,7 +150,7 @@ def estimate(config: dict, spec: TrainingSpec, cpu: bool = False) -> Estimate:
     reference = 0
     if spec.has_reference and lora is None:
         reference = 2 * s.linear + 4 * other if spec.trainer == "basic" else 4 * s.params
-    sequences = spec.batch_size * (2 if spec.method in PAIR_METHODS else 1)
+    sequences = spec.batch_size * (2 if spec.method in TWO_SEQUENCES else 1)
     tokens = sequences * spec.max_length
     precision = "fp32" if spec.precision == "fp32" else "bf16"
     per_token_layer = ACT_PER_HIDDEN[precision] * s.hidden + ACT_PER_MLP[precision] * s.mlp
@@ -158,7 +159,7 @@ def estimate(config: dict, spec: TrainingSpec, cpu: bool = False) -> Estimate:
     else:
         activations = tokens * s.layers * per_token_layer
     logits = tokens * s.vocab * 4
-    fast = spec.pairs and spec.trainer == "basic" and lora is None and spec.method != "reward"
+    fast = spec.pairs and spec.trainer == "basic" and lora is None
     if spec.method == "reward":
         head = 0  # one score per sequence
     elif fast:  # `training.dpo`'s single-process path: prefq's completion head (`training.logprobs`)
@@ -228,5 +229,5 @@ def advice(config: dict, spec: TrainingSpec, budget: int, cpu: bool = False, max
     """One sentence: what the job needs, what there is, and what would make it fit."""
     need = estimate(config, spec, cpu)
     ways = knobs(config, spec, budget, cpu, max_devices)
-    fix = "; ".join(ways) if ways else "no single change fits it: combine them, or use a smaller model or more devices"
+    fix = "; ".join(ways) if ways else "none of these changes, even together; use a smaller model or more devices"
     return f"{need.describe()}; {budget / GIB:.2f} GiB per device is available. Would fit: {fix}"

@@ -143,7 +143,7 @@ class _Peak:
 
 @dataclass
 class _Fit:
-    """The memory estimate of a run against what its device has free (`training.memory`)."""
+    """The memory estimate of a run (`training.memory`) against what its device has free."""
 
     spec: TrainingSpec
     config: dict
@@ -151,19 +151,23 @@ class _Fit:
     cpu: bool
     devices: int
 
+    def __post_init__(self):
+        from training.memory import estimate
+
+        self.need = estimate(self.config, self.spec, self.cpu)
+
     def advice(self) -> str:
         from training.memory import advice
 
         return advice(self.config, self.spec, self.free, self.cpu, self.devices)
 
     def event(self, peak: int) -> dict:
-        from training.memory import GIB, estimate
+        from training.memory import GIB
 
-        need = estimate(self.config, self.spec, self.cpu)
         return {
             "device": "cpu" if self.cpu else "cuda",
-            "estimated_gib": round(need.total / GIB, 3),
-            "parts_gib": {k: round(v / GIB, 3) for k, v in need.parts.items()},
+            "estimated_gib": round(self.need.total / GIB, 3),
+            "parts_gib": {k: round(v / GIB, 3) for k, v in self.need.parts.items()},
             "available_gib": round(self.free / GIB, 3),
             "peak_gib": round(peak / GIB, 3),
         }
@@ -171,10 +175,8 @@ class _Fit:
 
 def _check_fits(spec: TrainingSpec) -> _Fit:
     """Refuse a run whose estimated peak memory per device exceeds what its device has free, before the model loads."""
-    from training.memory import estimate
-
     fit = _Fit(spec, _model_config(spec), *_available(spec))
-    if estimate(fit.config, spec, fit.cpu).total > fit.free:
+    if fit.need.total > fit.free:
         raise ModelError(f"model: {fit.advice()}", code="model_too_big")
     return fit
 
@@ -635,5 +637,6 @@ def main(spec_path: str, out_dir: str, resume: bool) -> int:
         if not _is_out_of_memory(exc):
             emit("error", code="training_crashed", message=f"{type(exc).__name__}: {exc}", user_error=False)
             return EXIT_INFRA_ERROR
-        emit("error", code="model_too_big", message=f"out of memory: {exc}", user_error=True)  # before the estimate
+        # out of memory before the estimate was made (while reading the data): no advice to give
+        emit("error", code="model_too_big", message=f"out of memory: {exc}", user_error=True)
     return EXIT_USER_ERROR

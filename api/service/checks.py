@@ -174,8 +174,8 @@ async def fits(svc: Services, spec: TrainingSpec, model: modelref.Resolved) -> N
     """The job's estimated peak memory per device (`training.memory`) fits the largest live worker that takes its
     queue; a 422 naming what it needs, what there is and the changes that would fit otherwise. Unknown model shapes
     and pools with no such worker pass: the run checks again before it loads the model."""
-    queue = gpu_queue(spec.gpus)
-    sizes = [m for w in await svc.live_workers() if queue in w.queues and (m := _device_memory(w))]
+    queue, live = gpu_queue(spec.gpus), await svc.live_workers()
+    sizes = [m for w in live if queue in w.queues and (m := _device_memory(w))]
     if not sizes:
         return
     config = await run_in_threadpool(_model_config, svc, model)
@@ -187,7 +187,7 @@ async def fits(svc: Services, spec: TrainingSpec, model: modelref.Resolved) -> N
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return  # a config.json of a shape the estimate does not know
     if need.total > budget:
-        devices = max((w.devices for w in await svc.live_workers()), default=1)
+        devices = max((w.devices for w in live), default=1)
         raise Invalid(
             "job_too_big",
             f"the largest worker for this job cannot hold it: {memory.advice(config, spec, budget, cpu, devices)}",

@@ -164,70 +164,34 @@ def start_training(spec: dict, out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-# Variables that torch, transformers and the hub read when imported: a run whose environment differs in one of these
-# starts cold, since the warm runner imported them under its own.
-READ_AT_IMPORT = (
-    "HF_",
-    "HUGGINGFACE_",
-    "TRANSFORMERS_",
-    "PYTORCH_",
-    "TORCH_",
-    "CUDA_",
-    "OMP_",
-    "MKL_",
-    "TOKENIZERS_",
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "PYTHONPATH",
-)
-
-
 class _Warm:
-    """The session's warm runner (`tests/warm.py`), started on first use (again if it died), and the environment it
-    started with."""
+    """The session's warm starter (`training.warm`, as a worker's), started on first use (again if it stopped)."""
 
-    proc: subprocess.Popen | None = None
-    env: dict = {}
-    socket: str = ""
-
-    @classmethod
-    def _start(cls, env: dict) -> None:
-        import atexit
-        import tempfile
-
-        cls.env, cls.socket = env, os.path.join(tempfile.mkdtemp(prefix="prefq-warm-"), "sock")
-        cls.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.warm", cls.socket], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
-        )
-        atexit.register(cls.proc.kill)
-        if cls.proc.stdout.readline().strip() != "ready":
-            cls.proc.kill()
-            cls.proc.wait()
+    starter = None
 
     @classmethod
     def run(cls, argv: list[str], stdout: Path) -> int | None:
-        """The exit code of `python -m training ARGV` run by the warm runner, in this process's environment; None
-        where the runner cannot run it."""
-        import socket
+        """The exit code of `python -m training ARGV` forked warm in this process's environment; None where it
+        starts cold instead."""
+        import atexit
 
-        env = python_env()
-        if cls.proc is None or cls.proc.poll() is not None:
-            cls._start(env)
-        if cls.proc.poll() is not None:
-            return None
-        if any(env.get(k) != cls.env.get(k) for k in set(env) | set(cls.env) if k.startswith(READ_AT_IMPORT)):
-            return None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(cls.socket)
-            conn.settimeout(600)
-            conn.sendall((json.dumps({"argv": argv, "stdout": str(stdout), "env": env}) + "\n").encode())
-            return json.loads(conn.makefile().readline())["returncode"]
+        from training.warm import ColdStart, WarmStarter
+
+        env = {k: v for k, v in python_env().items() if k != "PYTEST_CURRENT_TEST"}  # as a worker's, the same per run
+        if cls.starter is None or not cls.starter.alive():
+            cls.starter = WarmStarter(env, ROOT)
+            atexit.register(cls.starter.close)
+        with open(stdout, "wb") as out, open(os.devnull, "wb") as err:
+            try:
+                run = cls.starter.start(argv, env, ROOT, out.fileno(), err.fileno(), wait_s=120)
+            except ColdStart:
+                return None
+        return run.wait(600)
 
 
 def run_training(spec: dict, out: Path, *extra: str) -> tuple[int, list[dict]]:
-    """Run `python -m training run` to the end; returns the exit code and the parsed events. Forked from the
-    session's warm runner (`tests/warm.py`: the imports paid once) where the environment allows, else started."""
+    """Run `python -m training run` to the end; returns the exit code and the parsed events. Forked by the session's
+    warm starter (`training.warm`: the imports paid once) where it can be, else started."""
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out.parent / f"{out.name}-spec.json"
     spec_path.write_text(json.dumps(spec))

@@ -1,6 +1,7 @@
 """A training run cannot read its worker's secrets from /proc (issue 21, item 7): a real stack whose runs carry a
-`sitecustomize` (passed on by PYTHONPATH, as a run's environment does) that reads the environment of the pool
-process that launched it and of the Celery main process above that, as hostile code in a run could.
+`sitecustomize` (passed on by PYTHONPATH, as a run's environment does) that reads the environment of the warm
+starter that forked it, of the pool process above that and of the Celery main process, as hostile code in a run
+could.
 
 Two workers: one with every capability (these tests run as root), which its runs could read even when it is not
 dumpable, and one without any (as a worker started by an ordinary user, or as root with every capability dropped),
@@ -21,9 +22,14 @@ from tests.conftest import ROOT, python_env
 HOOK = """
 import json, os, sys
 
-if "training" in sys.orig_argv and "run" in sys.orig_argv:
+
+def report():
     found, pid = {}, os.getppid()
-    for _ in range(2):  # the pool process that runs the job, then the Celery main process
+    while True:  # the warm starter that forked the run, the pool process that runs the job, the Celery main process
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            command = fh.read()
+        if b"celery" not in command and b"training" not in command:
+            break
         try:
             with open(f"/proc/{pid}/environ", "rb") as fh:
                 found[pid] = fh.read().decode(errors="replace")
@@ -34,6 +40,12 @@ if "training" in sys.orig_argv and "run" in sys.orig_argv:
     with open(os.path.join(os.path.dirname(__file__), f"run-{os.getpid()}.json"), "w") as fh:
         json.dump(found, fh)
     os._exit(3)
+
+
+if "training" in sys.orig_argv and "run" in sys.orig_argv:
+    report()
+elif "training" in sys.orig_argv and "warm" in sys.orig_argv:
+    os.register_at_fork(after_in_child=report)  # code loaded by the warm starter runs in each run it forks
 """
 
 
@@ -98,6 +110,7 @@ def test_a_training_run_cannot_read_the_environment_of_the_worker_processes_abov
     assert runs, f"no run started; logs in {stack.log_dir}"
     found = json.loads(runs[0].read_text())
     commands = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in found]
-    assert len(found) == 2 and all("celery" in c and "worker.app" in c for c in commands), commands
+    assert " -m training warm " in commands[0], f"the run was forked warm: {commands}"
+    assert len(found) == 3 and all("celery" in c and "worker.app" in c for c in commands[1:]), commands
     leaked = {pid: text[:80] for pid, text in found.items() if secret in text or "PREFQ_" in text}
     assert not leaked, f"the run read its worker's environment: {leaked}"

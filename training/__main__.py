@@ -1,4 +1,4 @@
-"""`python -m training COMMAND`: schema, validate, run, generate, make-tiny-model, make-toy-data.
+"""`python -m training COMMAND`: schema, validate, run, warm, generate, make-tiny-model, make-toy-data.
 
 `schema` and `validate` without `--model` import no torch.
 """
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         help="if the process that started this run dies, the run gets "
         "this long to checkpoint, then is killed (the lease it trained under expires soon after)",
     )
+    p = sub.add_parser("warm", help="import the trainers once and fork runs on request (training.warm)")
+    p.add_argument("socket", help="path of the Unix socket to listen on")
     p = sub.add_parser("generate", help="answer generation requests (JSON lines on stdin) with one loaded model")
     p.add_argument("model", help="a model folder")
     p = sub.add_parser(
@@ -135,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
         code = run_main(args.spec, args.out, args.resume)
         return finish_rank(args.out, code) if in_launched_rank() else code
+    if args.command == "warm":
+        from training.forkserver import serve
+
+        return serve(args.socket)
     if args.command == "generate":
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
         from training.generate import main as generate_main

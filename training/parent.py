@@ -47,6 +47,12 @@ def hide_process() -> None:
         _prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
+def make_dumpable() -> None:
+    """Undo `hide_process` in a process forked from a hidden one (exec would have done it)."""
+    if _prctl is not None:
+        _prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+
+
 def confine_child() -> None:
     """`preexec_fn` of a child that runs untrusted work (a training run, a model process): it dies with its parent
     and execs without capabilities. Each step that the kernel refuses (an unprivileged parent has nothing to give

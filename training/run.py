@@ -36,6 +36,7 @@ from training.spec import (
     TrainingSpec,
     load_spec,
 )
+from training.warm import LEFT_OUT
 
 log = logging.getLogger("training")
 SCHEDULE_STATE = "beta-schedule.json"
@@ -581,18 +582,21 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
     return EXIT_OK
 
 
+def libraries_needed(spec: TrainingSpec) -> set[str]:
+    """Of the libraries that `_skip_unused_libraries` may mark absent, those this run needs: bitsandbytes where it
+    quantizes or loads a model saved quantized (a QLoRA job's)."""
+    try:
+        quantized = "quantization_config" in json.loads((Path(spec.model) / "config.json").read_text())
+    except (OSError, ValueError):
+        quantized = True
+    return {"bitsandbytes"} if quantized or (spec.lora is not None and spec.lora.quantize is not None) else set()
+
+
 def _skip_unused_libraries(spec: TrainingSpec) -> None:
     """Libraries that peft, transformers and TRL import as they load when installed, which a run does not use:
     bitsandbytes unless it quantizes (1 to 1.7 s of every run's start, measured here), and the trackers, which the
     worker process drives, never the run (0.3 s). They are marked absent before anything looks."""
-    unused = ["wandb", "mlflow"]
-    try:  # a model saved quantized (a QLoRA job's) needs bitsandbytes to load
-        quantized = "quantization_config" in json.loads((Path(spec.model) / "config.json").read_text())
-    except (OSError, ValueError):
-        quantized = True
-    if (spec.lora is None or spec.lora.quantize is None) and not quantized:
-        unused.append("bitsandbytes")
-    for name in unused:
+    for name in set(LEFT_OUT) - libraries_needed(spec):
         if name not in sys.modules:
             sys.modules[name] = None  # `import name` raises ImportError: the libraries take it as not installed
 

@@ -45,7 +45,10 @@ def report():
 if "training" in sys.orig_argv and "run" in sys.orig_argv:
     report()
 elif "training" in sys.orig_argv and "warm" in sys.orig_argv:
-    os.register_at_fork(after_in_child=report)  # code loaded by the warm starter runs in each run it forks
+    import atexit
+
+    # code loaded by the warm starter runs in each run it forks: here as the run ends
+    os.register_at_fork(after_in_child=lambda: atexit.register(report))
 """
 
 

@@ -1,5 +1,6 @@
 """On a CUDA device (`bench/gpu_check.sh` runs these; elsewhere they are skipped, saying so): padding-free DPO
-through PyTorch's flash varlen kernel, the tiled LM head's memory at Qwen's vocabulary, and a real run."""
+through PyTorch's flash varlen kernel, the tiled LM head's memory at Qwen's vocabulary, real runs (one forked by a
+warm starter), and the memory estimate against the allocator."""
 
 import math
 
@@ -89,6 +90,35 @@ def test_a_dpo_run_on_cuda_trains_and_caches_its_reference(tmp_path, micro_model
     losses = [e["loss"] for e in of_type(events, "progress")]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert of_type(events, "eval")[-1]["metrics"]["eval_rewards/accuracies"] >= 0.9
+
+
+def test_a_warm_run_trains_on_the_gpu_its_server_never_touched(tmp_path, micro_model, toy_dpo):
+    """A worker's warm starter runs with no CUDA device visible and must not load the CUDA driver in its imports
+    (a forked child cannot use CUDA that its parent started); the run it forks is given device 0 and trains there."""
+    import json
+    import os
+
+    from tests.conftest import ROOT, python_env
+    from training.warm import WarmStarter
+
+    env = {k: v for k, v in python_env().items() if k != "PYTEST_CURRENT_TEST"}
+    starter = WarmStarter(dict(env, CUDA_VISIBLE_DEVICES=""), ROOT)
+    try:
+        assert starter.ready(180), f"the warm starter refused to serve: {starter.problem}"
+        (tmp_path / "spec.json").write_text(json.dumps(dpo_spec(micro_model, toy_dpo, max_steps=10)))
+        with open(tmp_path / "events.jsonl", "wb") as out, open(os.devnull, "wb") as err:
+            run = starter.start(
+                ["run", "spec.json", "--out", str(tmp_path / "run")],
+                dict(env, CUDA_VISIBLE_DEVICES="0"),
+                tmp_path,
+                out.fileno(),
+                err.fileno(),
+            )
+        assert run.wait(300) == EXIT_OK
+        events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+        assert of_type(events, "memory")[0]["device"] == "cuda", events[-3:]
+    finally:
+        starter.close()
 
 
 @pytest.mark.parametrize("lora", [None, {"quantize": "4bit"}], ids=["full", "qlora"])

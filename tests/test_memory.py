@@ -14,7 +14,7 @@ from queue_config import gpu_queue
 from tests.conftest import ROOT, dpo_spec, of_type, python_env, run_training, start_training
 from tests.test_api import GOOD, keyed
 from training.memory import GIB, estimate, shape
-from training.spec import TrainingSpec
+from training.spec import TrainingSpec, resolve_precision
 
 
 def test_parameter_count_from_config_json_is_exact_for_every_family():
@@ -46,13 +46,13 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(name, small_model, lo
     method, overrides = RUNS[name]
     spec = dpo_spec(small_model, long_rows[method], method=method, max_steps=2, sample_prompts=0, eval_fraction=0.05)
     spec.update(overrides)
-    proc = start_training(spec, tmp_path / "out")  # started cold, as the worker starts it: what it loads counts
+    proc = start_training(spec, tmp_path / "out")  # started on its own: what it imports and loads counts
     stdout, _ = proc.communicate(timeout=600)
     code, events = proc.returncode, [json.loads(line) for line in stdout.splitlines()]
     assert code == 0, of_type(events, "error")
     (memory,) = of_type(events, "memory")
     config = json.loads((small_model / "config.json").read_text())
-    expected = estimate(config, TrainingSpec.model_validate(spec), cpu=True).total / GIB
+    expected = estimate(config, resolve_precision(TrainingSpec.model_validate(spec)), cpu=True).total / GIB
     assert memory["estimated_gib"] == pytest.approx(expected, abs=1e-3)
     assert memory["device"] == "cpu" and memory["available_gib"] > 0
     ratio = memory["estimated_gib"] / memory["peak_gib"]

@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from tests.conftest import dpo_spec, of_type, run_training, start_training
-from training.spec import EXIT_OK, EXIT_STOPPED, EXIT_USER_ERROR, MANIFEST_NAME
+from training.spec import EXIT_OK, EXIT_STOPPED, EXIT_USER_ERROR, MANIFEST_NAME, native_bf16
 
 
 def test_dpo_raises_held_out_reward_accuracy(tmp_path, micro_model, toy_dpo):
@@ -20,6 +20,7 @@ def test_dpo_raises_held_out_reward_accuracy(tmp_path, micro_model, toy_dpo):
     ], "max_length's effect first"
     started = events[2]
     assert started["total_steps"] == 30 and started["examples"] == 340
+    assert started["precision"] == ("bf16" if native_bf16(cuda=False) else "fp32"), "auto, as this CPU computes best"
     accuracies = [e["metrics"]["eval_rewards/accuracies"] for e in of_type(events, "eval")]
     assert [e["step"] for e in of_type(events, "eval")] == [0, 15, 30]
     assert accuracies[0] <= 0.6 and accuracies[-1] >= 0.9, accuracies

@@ -5,7 +5,7 @@ Every event has `event` (its type) and `time` (Unix seconds). The types and thei
 | event | fields |
 | --- | --- |
 | `lengths` | `split` (`train`, `eval`), `rows`, `truncated` (rows cut to `max_length`), `dropped` (rows left with nothing to train on), `max_length`, `p50`, `p95`, `max` (the rows' tokens after the chat template); once per split, before `started` (`training.lengths`) |
-| `started` | `total_steps`, `examples` (training rows), `eval_examples`, `epochs`, `resumed_from_step`, `trainer`, `parallelism`, `padding_free` (batches packed into one row) |
+| `started` | `total_steps`, `examples` (training rows), `eval_examples`, `epochs`, `resumed_from_step`, `trainer`, `precision` (`bf16` or `fp32`, `auto` resolved), `parallelism`, `padding_free` (batches packed into one row) |
 | `progress` | `step`, `total_steps`, `epoch`, `loss`, `learning_rate`, `metrics` (TRL's names: DPO `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, `beta`; SFT `mean_token_accuracy`) |
 | `ref_logprobs` | `split` (`train`, `eval`), `key` (the cache key, see `training.refcache`), `cached` (true: read from `ref_cache_dir`), `forward_passes` (reference forward passes, batches, this process ran for the split: 0 when cached), `rows`, `path` (the cache file), `seconds`; once per split when `ref_cache_dir` is set, before `started` |
 | `eval` | `step`, `metrics` (TRL's names with the `eval_` prefix, e.g. `eval_rewards/accuracies`, `eval_loss`) |
@@ -64,6 +64,7 @@ class Started(TypedDict):
     epochs: float | None
     resumed_from_step: int
     trainer: str
+    precision: str
     parallelism: str
     padding_free: bool
 

@@ -35,9 +35,10 @@ LM_HEAD_KEEP_BYTES = 1 << 30
 # Bytes autograd keeps per token and layer under bf16 autocast with an fp32 residual stream, per unit of the hidden
 # size and of the MLP's width: the norms' fp32 inputs and outputs, bf16 copies of every linear layer's input, q, k,
 # v and the attention output, the MLP's gate, up, activation and product. Fitted to the CPU models' measured peaks
-# (tests/test_memory.py: gradient checkpointing on and off); fp32 taken as twice bf16, not measured.
-ACT_PER_HIDDEN = {"bf16": 56, "fp32": 112}
-ACT_PER_MLP = {"bf16": 10, "fp32": 20}
+# (tests/test_memory.py: gradient checkpointing on and off). fp32 measured on a CPU without native bf16 (where
+# `precision: auto` is fp32): about 1.2 times bf16, as autocast already keeps the norms and the residual in fp32.
+ACT_PER_HIDDEN = {"bf16": 56, "fp32": 68}
+ACT_PER_MLP = {"bf16": 10, "fp32": 12}
 # TRL's head (SFT, and DPO with LoRA or several processes) holds about ten fp32 copies of a token's logits at once
 # (logits, log-softmax, entropy and accuracy terms, their gradients), over vocabulary chunks of at most this many.
 TRL_HEAD_COPIES = 10
@@ -135,6 +136,14 @@ def _lora_params(s: Shape, r: int, targets) -> int:
     return int(s.layers * r * width)
 
 
+def _precision(spec: TrainingSpec, cpu: bool) -> str:
+    """The precision the run will use: `auto` is bf16 on CUDA; on a CPU, whose bf16 support the API cannot see,
+    fp32, the larger."""
+    if spec.precision == "auto":
+        return "fp32" if cpu else "bf16"
+    return spec.precision
+
+
 def estimate(config: dict, spec: TrainingSpec, cpu: bool = False) -> Estimate:
     """Peak memory per device of `spec` on the model of `config`; `cpu`: the devices are processes on one host."""
     s = shape(config)
@@ -149,10 +158,11 @@ def estimate(config: dict, spec: TrainingSpec, cpu: bool = False) -> Estimate:
         weights = 4 * s.params + (4 * trained if lora else 0)
     reference = 0
     if spec.has_reference and lora is None:
-        reference = 2 * s.linear + 4 * other if spec.trainer == "basic" else 4 * s.params
+        bf16_linear = spec.trainer == "basic" and _precision(spec, cpu) == "bf16"  # `training.dpo` casts them
+        reference = 2 * s.linear + 4 * other if bf16_linear else 4 * s.params
     sequences = spec.batch_size * (2 if spec.method in TWO_SEQUENCES else 1)
     tokens = sequences * spec.max_length
-    precision = "fp32" if spec.precision == "fp32" else "bf16"
+    precision = _precision(spec, cpu)
     per_token_layer = ACT_PER_HIDDEN[precision] * s.hidden + ACT_PER_MLP[precision] * s.mlp
     if spec.gradient_checkpointing:
         activations = tokens * (s.layers * 4 * s.hidden + per_token_layer)

@@ -35,6 +35,7 @@ from training.spec import (
     SpecError,
     TrainingSpec,
     load_spec,
+    resolve_precision,
 )
 from training.warm import LEFT_OUT
 
@@ -183,7 +184,8 @@ def _check_fits(spec: TrainingSpec) -> _Fit:
 
 
 def _quantization(spec: TrainingSpec) -> dict:
-    """QLoRA's loading arguments: the frozen linear layers in NF4 with double quantisation and bf16 compute."""
+    """QLoRA's loading arguments: the frozen linear layers in NF4 with double quantisation, computing in the run's
+    precision (bf16, or fp32 on a device without native bf16)."""
     if spec.lora is None or spec.lora.quantize is None:
         return {}
     import torch
@@ -193,7 +195,7 @@ def _quantization(spec: TrainingSpec) -> dict:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.bfloat16 if spec.precision == "bf16" else torch.float32,
     )
     return {"quantization_config": config}
 
@@ -293,6 +295,7 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, p
                 epochs=spec.epochs if spec.max_steps is None else None,
                 resumed_from_step=state.global_step,
                 trainer=spec.trainer,
+                precision=spec.precision,
                 parallelism=describe_parallelism(model),
                 # batches packed into one row (DPO's `packed`, TRL's SFT `padding_free`)
                 padding_free=bool(
@@ -614,7 +617,7 @@ def main(spec_path: str, out_dir: str, resume: bool) -> int:
     stop = _Stop()
     _install_sigterm(stop)
     try:
-        spec = load_spec(spec_path)
+        spec = resolve_precision(load_spec(spec_path))
         _skip_unused_libraries(spec)
         if spec.trainer != "basic" and "LOCAL_RANK" not in os.environ:
             from training.launch import launch

@@ -7,6 +7,8 @@ Field names are the ones the HTTP API and `prefq submit --set key=value` use.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -132,7 +134,12 @@ class TrainingSpec(BaseModel):
     max_prompt_length: int | None = Field(
         None, ge=1, description="DPO: longest prompt in tokens, cut from the left; None keeps it whole."
     )
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast with fp32 weights, or fp32.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="bf16 autocast with fp32 weights, or fp32; auto: bf16 where the device computes it natively (a "
+        "CUDA device, a CPU with AVX512-BF16 or AMX), else fp32 (a CPU without them runs bf16 matmuls hundreds of "
+        "times slower). The `started` event says which.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~20% slower.")
     use_liger_kernel: bool = Field(
         False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU): less memory; CUDA workers only."
@@ -339,6 +346,33 @@ def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
             reason = "unknown field; see `python -m training schema` for the accepted ones"
         out.append({"field": field, "reason": reason})
     return out
+
+
+def native_bf16(cuda: bool, cpuinfo: str | None = None) -> bool:
+    """Whether this machine's training device computes bf16 natively: CUDA devices do (those without bf16 fail
+    loudly in torch); a CPU does with AVX512-BF16 or AMX (from /proc/cpuinfo's flags, or `cpuinfo`). Torch-free."""
+    if cuda:
+        return True
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo))
+    return bool(flags)
+
+
+def cuda_here() -> bool:
+    """Whether a run here trains on CUDA devices, torch-free (the launcher of the ranks imports no torch): an NVIDIA
+    driver is loaded and CUDA_VISIBLE_DEVICES hides not every device (a CPU worker's runs get it empty)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES") != "" and Path("/proc/driver/nvidia/version").exists()
+
+
+def resolve_precision(spec: TrainingSpec) -> TrainingSpec:
+    """`spec` with `precision: auto` made bf16 or fp32 for this machine (`native_bf16`)."""
+    if spec.precision != "auto":
+        return spec
+    return spec.model_copy(update={"precision": "bf16" if native_bf16(cuda_here()) else "fp32"})
 
 
 def parse_spec(data: dict) -> TrainingSpec:

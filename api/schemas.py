@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Query
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
 
 from api.text import checked
 from jobs import modelref
@@ -173,6 +173,20 @@ class PromoteRequest(BaseModel):
         [], max_length=16, description="Aliases to point at the new version, e.g. ['staging']"
     )
     description: Text | None = Field(None, max_length=2000)
+    checkpoint: int | None = Field(
+        None, ge=1, description="The job's complete checkpoint at this step instead of its final model"
+    )
+    best: bool = Field(
+        False,
+        description="The model of the job's best evaluation (its `best_metric`): a checkpoint, or the final model",
+    )
+
+    @field_validator("best")
+    @classmethod
+    def _one_source(cls, best: bool, info: ValidationInfo) -> bool:
+        if best and info.data.get("checkpoint") is not None:
+            raise ValueError("give a checkpoint or best, not both")
+        return best
 
 
 class AliasRequest(BaseModel):

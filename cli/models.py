@@ -33,10 +33,12 @@ def promote(
     name: str = typer.Option(..., "--name", help="The registered model's name"),
     alias: list[str] = typer.Option([], "--alias", help="Point this alias at the new version (repeatable)"),
     description: str = typer.Option(None, help="What this version is"),
+    checkpoint: int = typer.Option(None, "--checkpoint", help="The job's checkpoint at this step, not its final model"),
+    best: bool = typer.Option(False, "--best", help="The model of the job's best evaluation (its best_metric)"),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Register a succeeded job's model as the next version of NAME."""
-    body = {"job_id": job_id, "aliases": alias, "description": description}
+    """Register a succeeded job's model (final, --checkpoint N, or --best) as the next version of NAME."""
+    body = {"job_id": job_id, "aliases": alias, "description": description, "checkpoint": checkpoint, "best": best}
     try:
         v = client().create(f"/models/{name}/versions", body=lambda: {"json": body})
     except ClientError as exc:

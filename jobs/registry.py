@@ -57,22 +57,39 @@ class Registry:
         self.engine = engine
 
     def promote(
-        self, job: Job, name: str, fine_tuned_model: str, aliases: list[str] = (), description: str | None = None
+        self,
+        job: Job,
+        name: str,
+        fine_tuned_model: str,
+        aliases: list[str] = (),
+        description: str | None = None,
+        source_uri: str | None = None,
+        metrics: dict | None = None,
     ) -> ModelVersion:
-        """The job's model as the next version of `name` in the job's tenant, with `aliases` pointing at it."""
+        """The job's model as the next version of `name` in the job's tenant, with `aliases` pointing at it:
+        its final model, or the one at `source_uri` (a checkpoint, named so by `fine_tuned_model`) with `metrics`."""
         check_name(name)
         for alias in aliases:
             check_alias(alias)
+        source_uri = source_uri or job.result_uri or ""
+        metrics = metrics or {"train": job.metrics or {}, "eval": job.eval_metrics or {}}
         for attempt in range(_TRIES):
             try:
-                return self._promote(job, name, fine_tuned_model, list(aliases), description)
+                return self._promote(job, name, fine_tuned_model, list(aliases), description, source_uri, metrics)
             except IntegrityError:  # another promote of the same name took the number (or created the name)
                 if attempt == _TRIES - 1:
                     raise
         raise AssertionError("unreachable")
 
     def _promote(
-        self, job: Job, name: str, fine_tuned_model: str, aliases: list[str], description: str | None
+        self,
+        job: Job,
+        name: str,
+        fine_tuned_model: str,
+        aliases: list[str],
+        description: str | None,
+        source_uri: str,
+        metrics: dict,
     ) -> ModelVersion:
         with session(self.engine) as s:
             # The name's row is locked (PostgreSQL) so that concurrent promotes of one name take numbers in turn
@@ -93,11 +110,11 @@ class Registry:
                 version=(last or 0) + 1,
                 job_id=job.id,
                 fine_tuned_model=fine_tuned_model,
-                source_uri=job.result_uri or "",
+                source_uri=source_uri,
                 base_model=job.model,
                 method=job.method,
                 description=description,
-                metrics={"train": job.metrics or {}, "eval": job.eval_metrics or {}},
+                metrics=metrics,
             )
             s.add(version)
             model.updated_at = now()

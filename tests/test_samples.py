@@ -59,6 +59,33 @@ def test_samples_change_as_training_goes_and_a_promoted_model_trains_by_its_name
     assert "samples" not in events  # sample_prompts=0 turns them off
 
 
+def test_a_job_stopped_early_promotes_its_best_checkpoint(stack, dpo_job, micro_model, toy_dpo):
+    """Through the queue: held-out reward accuracy stalls at its ceiling, the job stops early saying why, and
+    `promote --best` registers the checkpoint of its best evaluation, not its final model."""
+    extra = ["max_steps=120", "eval_steps=3", "save_steps=1000", "sample_prompts=0", "learning_rate=0.003"]
+    extra += ["best_metric=rewards/accuracies", "early_stopping_patience=2", "early_stopping_min_delta=0.001"]
+    job_id = submit(stack, micro_model, toy_dpo, *[arg for item in extra for arg in ("--set", item)])
+    job = stack.wait_for(job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job["error"]
+    events = stack.get(f"/jobs/{job_id}/events")["data"]
+    best = [e["data"] for e in events if e["type"] == "best"][-1]
+    (stopping,) = [e["data"] for e in events if e["type"] == "early_stopping"]
+    assert stopping["step"] == best["step"] + 6 == job["step"] < 120
+    steps = [c["step"] for c in stack.get(f"/jobs/{job_id}/checkpoints")["data"]]
+    assert best["step"] in steps
+
+    promoted = prefq(stack, "models", "promote", job_id, "--name", "toy-best", "--best", "--json")
+    assert promoted.returncode == 0, promoted.stderr
+    version = json.loads(promoted.stdout)
+    assert version["fine_tuned_model"].endswith(f":{job_id}:ckpt-step-{best['step']}"), version
+    assert version["metrics"]["eval"] == {"eval_rewards/accuracies": best["value"]}
+
+    refused = stack.http.post("/models/toy-best/versions", json={"job_id": dpo_job.job["id"], "best": True})
+    assert refused.status_code == 409 and refused.json()["error"]["field"] == "best", refused.text
+    missing = stack.http.post("/models/toy-best/versions", json={"job_id": job_id, "checkpoint": 99999})
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "checkpoint", missing.text
+
+
 def test_sft_samples_and_the_time_budget(micro_model, toy_sft, toy_dpo, tmp_path):
     """SFT samples have no reward and no reference; a budget that runs out skips the prompts left."""
     from tests.conftest import dpo_spec, of_type, run_training

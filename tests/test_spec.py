@@ -14,6 +14,12 @@ def test_defaults_follow_the_method():
     assert parse_spec(BASE).resolved().learning_rate == 1e-6
     assert parse_spec({**BASE, "method": "sft"}).resolved().learning_rate == 2e-5
     assert parse_spec(BASE).beta == 0.1
+    assert parse_spec(BASE).selection is None
+    assert parse_spec({**BASE, "eval_steps": 5, "early_stopping_patience": 2}).selection == ("eval_loss", "min")
+    assert parse_spec({**BASE, "eval_steps": 5, "best_metric": "rewards/accuracies"}).selection == (
+        "eval_rewards/accuracies",
+        "max",
+    )
 
 
 def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
@@ -51,6 +57,9 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monke
         ({"risk": {"quantile": 1.5}}, "risk.quantile", "less than 1"),
         ({"trainer": "basic", "gpus": 2}, "gpus", "use 'fsdp'"),
         ({"learning_rte": 1e-5}, "learning_rte", "unknown field"),
+        ({"early_stopping_patience": 2}, "early_stopping_patience", "set eval_steps"),
+        ({"best_metric": "loss", "eval_steps": 5, "eval_fraction": 0}, "best_metric", "held-out data"),
+        ({"early_stopping_min_delta": 0.1}, "early_stopping_min_delta", "only applies with early_stopping_patience"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(change, field, words):

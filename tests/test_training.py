@@ -148,6 +148,52 @@ def test_sft_halves_the_eval_loss(tmp_path, micro_model, toy_sft):
     assert "mean_token_accuracy" in of_type(events, "progress")[-1]["metrics"]
 
 
+def test_early_stopping_on_a_stalled_metric_stops_and_keeps_the_best_checkpoint(tmp_path, micro_model, toy_dpo):
+    """Held-out reward accuracy climbs to its ceiling and stays there: two evaluations without a gain stop the run
+    long before its 120 steps, and the best evaluation's checkpoint is kept and named."""
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=120, eval_steps=3, save_steps=1000, sample_prompts=0)
+    spec |= {"best_metric": "rewards/accuracies", "early_stopping_patience": 2, "early_stopping_min_delta": 0.001}
+    rc, events = run_training(spec, tmp_path / "run")
+    assert rc == EXIT_OK, events[-1]
+    accuracies = {e["step"]: e["metrics"]["eval_rewards/accuracies"] for e in of_type(events, "eval")}
+    bests = of_type(events, "best")
+    assert [b["step"] for b in bests][0] == 0 and all(b["metric"] == "eval_rewards/accuracies" for b in bests)
+    assert [b["value"] for b in bests] == sorted({b["value"] for b in bests}), "each best improves on the last"
+    best = {k: v for k, v in bests[-1].items() if k not in ("event", "time")}
+    assert best["value"] == max(accuracies.values()) and best["mode"] == "max"
+    (stopping,) = of_type(events, "early_stopping")
+    assert stopping["step"] == best["step"] + 2 * 3 < 120 and stopping["best"] == best
+    assert all(accuracies[s] <= best["value"] + 0.001 for s in accuracies if s > best["step"])
+    checkpoints = [e["step"] for e in of_type(events, "checkpoint")]
+    assert checkpoints == [b["step"] for b in bests if b["step"] > 0], "a checkpoint at each new best, only there"
+    done = of_type(events, "done")[0]
+    assert done["metrics"]["step"] == stopping["step"]
+    assert done["metrics"]["best"] == dict(best, path=str(tmp_path / "run" / f"checkpoint-{best['step']}"))
+    assert (tmp_path / "run" / f"checkpoint-{best['step']}" / MANIFEST_NAME).is_file()
+
+
+def test_a_best_metric_the_evaluations_do_not_report_is_the_users_error(tmp_path, micro_model, toy_dpo):
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=4, eval_steps=2, sample_prompts=0, best_metric="bleu")
+    rc, events = run_training(spec, tmp_path / "run")
+    assert rc == EXIT_USER_ERROR
+    error = events[-1]
+    assert error["code"] == "invalid_spec" and error["message"].startswith("best_metric: ")
+    assert "'eval_bleu'" in error["message"] and "eval_rewards/accuracies" in error["message"], error
+
+
+def test_the_best_evaluation_is_counted_on_after_a_resume(tmp_path):
+    from training.best import Best
+
+    best = Best("eval_loss", "min", patience=2, min_delta=0.01)
+    assert best.update(0, {"eval_loss": 1.0}) == (True, False)
+    assert best.update(5, {"eval_loss": 0.995}) == (False, False), "a change under min_delta is no gain"
+    best.save(tmp_path)
+    resumed = Best("eval_loss", "min", patience=2, min_delta=0.01)
+    resumed.load(tmp_path)
+    assert resumed.update(10, {"eval_loss": float("nan")}) == (False, True), "patience counts across the resume"
+    assert (resumed.value, resumed.step) == (1.0, 0)
+
+
 def test_padding_free_sft_equals_padded_sft(tmp_path, micro_model):
     """Padding-free SFT (the default: each batch one row, attention kept within each sequence) against padded
     batches, fp32, on rows of very different lengths: the same losses within 1e-4, and updates that differ by

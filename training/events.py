@@ -10,10 +10,12 @@ Every event has `event` (its type) and `time` (Unix seconds). The types and thei
 | `ref_logprobs` | `split` (`train`, `eval`), `key` (the cache key, see `training.refcache`), `cached` (true: read from `ref_cache_dir`), `forward_passes` (reference forward passes, batches, this process ran for the split: 0 when cached), `rows`, `path` (the cache file), `seconds`; once per split when `ref_cache_dir` is set, before `started` |
 | `eval` | `step`, `metrics` (TRL's names with the `eval_` prefix, e.g. `eval_rewards/accuracies`, `eval_loss`) |
 | `samples` | `step`, `model` (`policy`, or `reference`: once, at the first evaluation), `samples` (a list of `index`, `prompt`, `completion`, `tokens` (completion length), `reward` (DPO: the policy's implicit reward of the completion, beta times its log-prob under the policy minus under the reference; null for SFT and the reference)), `seconds`; at each evaluation when `sample_prompts` > 0 |
+| `best` | `metric`, `mode` (`min`, `max`), `value`, `step`: an evaluation improved `best_metric` (`training.best`); a checkpoint at that step follows (none at step 0, the model before training) |
+| `early_stopping` | `step`, `patience`, `best` (as the `best` event): that many evaluations in a row did not improve `best_metric`; the run ends as any run does (a final model, `done`) |
 | `checkpoint` | `step`, `path` (a complete checkpoint folder: its manifest is written) |
 | `stopped` | `step`, `checkpoint` (path or null): SIGTERM was handled; the exit code is 75 |
 | `memory` | `device` (`cuda`, `cpu`), `estimated_gib` (the estimate of peak memory per device, `training.memory`), `parts_gib` (its weights, gradients, optimizer, reference, activations, head), `available_gib` (free on the device when the run began), `peak_gib` (measured on rank 0 from before the model loaded to the end of training: the CUDA allocator's peak, or the process's resident high-water mark on CPU); once, after training |
-| `done` | `final_path`, `metrics` (`train` and `eval`, as in metrics.json) |
+| `done` | `final_path`, `metrics` (`train` and `eval`, as in metrics.json; with `best_metric` also `best`: the best evaluation and `path`, its checkpoint, the final model, or null for the model before training) |
 | `error` | `code`, `message`, `user_error` (true for bad data, a bad spec, a model that cannot load or does not fit) |
 
 In a run of several processes only the first (rank 0) prints events. The typed dicts below are the same
@@ -38,6 +40,8 @@ EventType = Literal[
     "ref_logprobs",
     "eval",
     "samples",
+    "best",
+    "early_stopping",
     "checkpoint",
     "stopped",
     "memory",
@@ -99,6 +103,19 @@ class Samples(TypedDict):
     samples: list[dict]
     prompts: int
     seconds: float
+
+
+class Best(TypedDict):
+    metric: str
+    mode: str
+    value: float
+    step: int
+
+
+class EarlyStopping(TypedDict):
+    step: int
+    patience: int
+    best: Best
 
 
 class Checkpoint(TypedDict):

@@ -22,6 +22,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.best import Best, MetricMissing
 from training.chat import TemplateError
 from training.events import emit
 from training.formats import DataError
@@ -276,13 +277,28 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, p
             self.last_eval: dict = {}
             self.last_checkpoint: Path | None = None
             self.sampler = None
+            self.best = (
+                Best(*spec.selection, spec.early_stopping_patience, spec.early_stopping_min_delta)
+                if (spec.selection)
+                else None
+            )
 
-        def on_evaluate(self, args, state, control, **kwargs):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             if self.sampler is None:
                 from training.samples import Sampler
 
                 self.sampler = Sampler(spec, prompts or [], self.trainer.processing_class)
             self.sampler.run(self.trainer, state.global_step)
+            if self.best is None:
+                return
+            improved, stop_now = self.best.update(state.global_step, metrics or {})
+            training = self.trainer.is_in_train  # not the evaluation after the last step (the final model is kept)
+            if improved:
+                emit("best", **self.best.event())
+                control.should_save = training and state.global_step > 0  # kept (step 0's is the model it started from)
+            if stop_now and training:
+                emit("early_stopping", step=state.global_step, patience=self.best.patience, best=self.best.event())
+                control.should_training_stop = True
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             from training.distributed import describe_parallelism
@@ -340,6 +356,8 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, p
                 schedule = getattr(self.trainer, "beta_schedule", None)
                 if schedule is not None:
                     (ckpt / SCHEDULE_STATE).write_text(json.dumps(schedule.state_dict()))
+                if self.best is not None:
+                    self.best.save(ckpt)
                 _write_manifest(ckpt, state.global_step, state.epoch, spec)
                 emit("checkpoint", step=state.global_step, path=str(ckpt))
             self.last_checkpoint = ckpt
@@ -554,6 +572,8 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
         schedule = getattr(trainer, "beta_schedule", None)
         if checkpoint is not None and schedule is not None and (checkpoint / SCHEDULE_STATE).is_file():
             schedule.load_state_dict(json.loads((checkpoint / SCHEDULE_STATE).read_text()))
+        if checkpoint is not None and callback.best is not None:
+            callback.best.load(checkpoint)
 
         stop.training = True
         try:
@@ -579,10 +599,23 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
     final_dir = out_dir / "final"
     _save_final(trainer, tokenizer, final_dir)
     metrics = {"step": step, "train": callback.last_train, "eval": callback.last_eval}
+    if callback.best is not None:
+        metrics["best"] = _best_model(callback.best, step, out_dir, final_dir)
     if main_rank:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     emit("done", final_path=str(final_dir), metrics=metrics)
     return EXIT_OK
+
+
+def _best_model(best: Best, step: int, out_dir: Path, final_dir: Path) -> dict:
+    """The best evaluation and where its model is: its checkpoint, the final model (the last step was the best and
+    no checkpoint was saved there), or none (the model before training was the best)."""
+    found = dict(best.event(), path=None)
+    if best.step == step and not (out_dir / f"checkpoint-{step}").is_dir():
+        found["path"] = str(final_dir)
+    elif best.step:
+        found["path"] = str(out_dir / f"checkpoint-{best.step}")
+    return found
 
 
 def libraries_needed(spec: TrainingSpec) -> set[str]:
@@ -627,7 +660,7 @@ def main(spec_path: str, out_dir: str, resume: bool) -> int:
     except StopRequested:
         emit("stopped", step=0, checkpoint=None)
         return EXIT_STOPPED
-    except SpecError as exc:
+    except (SpecError, MetricMissing) as exc:
         emit("error", code="invalid_spec", message=str(exc), user_error=True)
     except DataError as exc:
         emit(

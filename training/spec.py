@@ -150,6 +150,21 @@ class TrainingSpec(BaseModel):
     save_steps: int = Field(100, ge=1, description="Steps between resumable checkpoints.")
     eval_steps: int | None = Field(None, ge=1, description="Steps between evaluations; always at start and end.")
     logging_steps: int = Field(1, ge=1, description="Steps between progress events.")
+    best_metric: str | None = Field(
+        None,
+        description="An evaluation metric (a key of the `eval` events: eval_loss, eval_rewards/accuracies, ...) that "
+        "picks the best checkpoint: each evaluation that improves it saves a checkpoint there, and the `best` events "
+        "and `done` name it. Default: eval_loss when early_stopping_patience is set.",
+    )
+    best_mode: Literal["min", "max"] | None = Field(
+        None, description="Whether lower or higher best_metric is better; default: min for a loss, max otherwise."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations in a row without best_metric improving."
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="The least change of best_metric that counts as an improvement."
+    )
     sample_prompts: int = Field(
         4,
         ge=0,
@@ -288,12 +303,31 @@ class TrainingSpec(BaseModel):
                 "lora: not supported with 'deepspeed-tp' (DeepSpeed's optimizer cannot map the "
                 "adapters); use 'fsdp' or 'basic'"
             )
+        if self.early_stopping_patience is not None or self.best_metric is not None:
+            name = "early_stopping_patience" if self.early_stopping_patience is not None else "best_metric"
+            if not self.eval_steps:
+                raise ValueError(f"{name}: needs evaluations during training; set eval_steps")
+            if self.eval_file is None and self.eval_fraction == 0:
+                raise ValueError(f"{name}: needs held-out data; set eval_file or eval_fraction above 0")
+        if self.early_stopping_min_delta and self.early_stopping_patience is None:
+            raise ValueError("early_stopping_min_delta: only applies with early_stopping_patience; set both or neither")
+        if self.best_mode is not None and self.best_metric is None:
+            raise ValueError("best_mode: only applies with best_metric; set both or neither")
         if self.lora is not None and self.lora.quantize is not None and self.trainer != "basic":
             raise ValueError(
                 f"lora.quantize: QLoRA runs on the 'basic' trainer (one device); '{self.trainer}' would shard "
                 "bitsandbytes' packed 4-bit weights, which FSDP2 does not handle; use 'basic' or drop quantize"
             )
         return self
+
+    @property
+    def selection(self) -> tuple[str, str] | None:
+        """The metric that picks the best checkpoint and whether lower ("min") or higher ("max") is better."""
+        metric = self.best_metric or ("eval_loss" if self.early_stopping_patience is not None else None)
+        if metric is None:
+            return None
+        metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+        return metric, self.best_mode or ("min" if "loss" in metric else "max")
 
     @property
     def data_kinds(self) -> tuple[str, ...]:

@@ -49,8 +49,11 @@ def get_model(name: ModelName, who: Caller, svc: Services = Depends(services)) -
 async def promote(
     name: ModelName, req: PromoteRequest, who: Caller, svc: Services = Depends(services)
 ) -> ModelVersionPublic:
-    """Register a succeeded job's model as the next version of `name` (created on first use)."""
-    return await run_in_threadpool(registry.promote, svc, who, name, req.job_id, req.aliases, req.description)
+    """Register a succeeded job's model (its final model, a checkpoint, or its best evaluation's) as the next version
+    of `name` (created on first use)."""
+    return await run_in_threadpool(
+        registry.promote, svc, who, name, req.job_id, req.aliases, req.description, req.checkpoint, req.best
+    )
 
 
 @router.get("/models/{name}/versions/{version}", response_model=ModelVersionPublic, responses=responses(401, 404, 422))

@@ -11,10 +11,12 @@ from api.auth import Principal
 from api.deps import Services
 from api.schemas import ModelVersionPublic, RegisteredModelPublic
 from api.service.errors import Conflict, Invalid, no_such
-from jobs import modelref
+from api.service.events import all_events
+from jobs import layout, modelref
 from jobs.models import JobStatus, ModelVersion, RegisteredModel
 from jobs.registry import RegistryError
 from queue_config import send_model_mirror
+from training.spec import MANIFEST_NAME
 
 log = logging.getLogger("prefq.api")
 
@@ -48,9 +50,17 @@ def listed(svc: Services, who: Principal) -> list[RegisteredModelPublic]:
 
 
 def promote(
-    svc: Services, who: Principal, name: str, job_id: str, aliases: list[str], description: str | None = None
+    svc: Services,
+    who: Principal,
+    name: str,
+    job_id: str,
+    aliases: list[str],
+    description: str | None = None,
+    checkpoint: int | None = None,
+    best: bool = False,
 ) -> ModelVersionPublic:
-    """Register a succeeded job's model as the next version of `name` (created on first use). Blocking."""
+    """Register a succeeded job's model (its final model, a complete checkpoint, or the model of its best evaluation)
+    as the next version of `name` (created on first use). Blocking."""
     job = svc.store.get_job(job_id)
     if job is None or job.tenant != who.tenant:
         raise no_such("job", job_id, field="job_id")
@@ -60,14 +70,39 @@ def promote(
             f"job {job.id} is {job.status.value}; only a succeeded job's model can be promoted",
             "job_id",
         )
+    metrics = None
+    if best:
+        checkpoint, metrics = _best(svc, job)
     ft_name = modelref.fine_tuned_name(job.model, job.tenant, job.suffix, job.id)
+    source = job.result_uri
+    if checkpoint is not None:
+        found = layout.list_checkpoints(svc.storage, job.tenant, job.id, MANIFEST_NAME, step=checkpoint)
+        if checkpoint not in found:
+            raise no_such("checkpoint", f"{job.id} step {checkpoint}", field="checkpoint")
+        ft_name, source = f"{ft_name}:ckpt-step-{checkpoint}", svc.storage.uri(found[checkpoint].prefix)
     try:
-        version = svc.registry.promote(job, name, ft_name, aliases, description)
+        version = svc.registry.promote(job, name, ft_name, aliases, description, source, metrics)
     except RegistryError as exc:
         raise Invalid("invalid_request", str(exc), exc.field) from None
     now_aliases = svc.registry.aliases(who.tenant, name)
     _mirror(svc, version, now_aliases)
     return ModelVersionPublic.of(version, now_aliases)
+
+
+def _best(svc: Services, job) -> tuple[int | None, dict]:
+    """The step of the checkpoint with the job's best evaluation (None: its final model) and that evaluation."""
+    done = all_events(svc, job.id, {"done"})
+    found = ((done[-1].data.get("metrics") or {}).get("best") if done else None) or None
+    if found is None:
+        raise Conflict("no_best_model", f"job {job.id} chose no best model; train with best_metric", "best")
+    if not found.get("path"):
+        raise Conflict(
+            "no_best_model",
+            f"job {job.id}: no evaluation improved {found['metric']} on the model it started from",
+            "best",
+        )
+    metrics = {"eval": {found["metric"]: found["value"]}, "step": found["step"]}
+    return (None if found["path"] == done[-1].data.get("final_path") else found["step"]), metrics
 
 
 def version(svc: Services, who: Principal, name: str, number: int) -> ModelVersionPublic:

@@ -11,7 +11,7 @@ from sqlmodel import Session
 from jobs.db import make_engine
 from jobs.models import Worker
 from queue_config import gpu_queue
-from tests.conftest import ROOT, dpo_spec, of_type, python_env, run_training, start_training
+from tests.conftest import ROOT, dpo_spec, of_type, python_env, run_training
 from tests.test_api import GOOD, keyed
 from training.memory import GIB, estimate, shape
 from training.spec import TrainingSpec, resolve_precision
@@ -46,9 +46,7 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(name, small_model, lo
     method, overrides = RUNS[name]
     spec = dpo_spec(small_model, long_rows[method], method=method, max_steps=2, sample_prompts=0, eval_fraction=0.05)
     spec.update(overrides)
-    proc = start_training(spec, tmp_path / "out")  # started on its own: what it imports and loads counts
-    stdout, _ = proc.communicate(timeout=600)
-    code, events = proc.returncode, [json.loads(line) for line in stdout.splitlines()]
+    code, events = run_training(spec, tmp_path / "out")  # forked warm as a worker's: its imports are resident too
     assert code == 0, of_type(events, "error")
     (memory,) = of_type(events, "memory")
     config = json.loads((small_model / "config.json").read_text())

@@ -117,6 +117,26 @@ def test_runs_that_could_differ_from_a_cold_start_start_cold(starter, tmp_path, 
     assert not list(tmp_path.glob("out/*")), "a refused run ran nothing"
 
 
+def test_a_server_with_a_second_thread_refuses_to_fork(tmp_path, micro_model, toy_dpo):
+    """A thread started by something the server imported (here a `sitecustomize`) could hold a lock that a forked
+    child would wait on forever: the server says so and serves nothing; its runs start cold."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n"
+    )
+    env = _env(PYTHONPATH=f"{hooks}{os.pathsep}{ROOT}")
+    server = WarmStarter(env, ROOT)
+    try:
+        _wait(lambda: server.problem, 120, "the server's answer")
+        assert server.refused and "2 Python threads" in server.problem
+        assert not server.ready() and not server.alive()
+        with pytest.raises(ColdStart, match="not running"):
+            _start(server, tmp_path, dpo_spec(micro_model, toy_dpo, max_steps=2), env)
+    finally:
+        server.close()
+
+
 def test_a_warm_run_stops_with_a_checkpoint_when_its_server_dies(tmp_path, micro_model, toy_dpo):
     """The server dies with the worker process that started it, and its runs with it: they get SIGTERM, save and
     exit, as a cold run does when its worker dies."""

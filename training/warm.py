@@ -112,7 +112,8 @@ class WarmStarter:
 
     def __init__(self, env: dict, cwd: str | Path, preexec_fn: Callable[[], None] | None = None, stderr=None):
         self.env = dict(env)
-        self.problem: str | None = None
+        self.problem: str | None = None  # why it does not serve: it refused to, or it exited
+        self.refused = False  # it refused to serve here (`fork_hazards`): starting another would refuse again
         self._folder = tempfile.mkdtemp(prefix="prefq-warm-")  # 0700: the socket is this user's alone
         self.socket_path = os.path.join(self._folder, "sock")
         self._ready = threading.Event()
@@ -133,6 +134,7 @@ class WarmStarter:
         if line == "ready":
             self._ready.set()
         else:
+            self.refused = line.startswith("refused: ")
             self.problem = line.removeprefix("refused: ") or f"exited with {self.proc.wait()}"
         self.proc.stdout.close()
 

@@ -35,14 +35,14 @@ _starter: WarmStarter | None = None
 
 def start_warm_starter(settings) -> None:
     """This pool process's warm starter, in its runs' environment (their devices aside): started where it is
-    enabled, and started again where it stopped or the environment changed."""
+    enabled, and started again where it exited or the environment changed (not where it refused to serve)."""
     global _starter
     if not settings.warm_start:
         return
     env = run_env(dict(os.environ), settings.gpu_ids, 0)
     if _starter is not None:
-        if _starter.alive() and _starter.env == env:
-            return
+        if (_starter.alive() or _starter.refused) and _starter.env == env:
+            return  # serving, importing, or unable to serve on this machine (its runs start cold)
         log.warning("The warm starter stopped (%s); starting another", _starter.problem or "exited or outdated")
         _starter.close()
     settings.work_dir.mkdir(parents=True, exist_ok=True)

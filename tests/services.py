@@ -270,6 +270,17 @@ def submit(stack: Stack, model, data, *args) -> str:
     return next(line for line in out.stdout.split() if line.startswith("job_"))
 
 
+def wait(predicate, timeout_s: float, what: str, every_s: float = 0.1):
+    """`predicate()`'s first truthy value, asked every `every_s`; TimeoutError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise TimeoutError(f"not within {timeout_s}s: {what}")
+
+
 def alive(pid: int) -> bool:
     """Whether any process of the process group `pid` lives."""
     try:

@@ -34,20 +34,19 @@ from jobs.store import JobStore
 from storage import open_storage, put_dir
 from tests.conftest import python_env
 from tests.proxy import Proxy
-from tests.services import Receiver, Stack, alive, create_pg_database, drop_pg_database, serve_callbacks, submit
+from tests.services import (
+    Receiver,
+    Stack,
+    alive,
+    create_pg_database,
+    drop_pg_database,
+    serve_callbacks,
+    submit,
+    wait,
+)
 
 LEASE_TTL_S = 8
 RESEND_AFTER_S = 3
-
-
-def wait(predicate, timeout_s: float, what: str, every_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise TimeoutError(f"not within {timeout_s}s: {what}")
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import python_env
-from tests.services import DPO_JOB_HYPER, HUB_ID, WANDB, submit
-
-
-def wait_until(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise TimeoutError(what)
+from tests.services import DPO_JOB_HYPER, HUB_ID, WANDB, submit, wait
 
 
 @pytest.fixture(scope="module")
@@ -222,13 +212,13 @@ def test_mirror_model_version(stack, dpo_job, mlflow_server):
         {"eval_loss": 0.5},
         dpo_job.job["id"],
     )
-    first = wait_until(lambda: version_with("staging"), 60, "version 1 was not mirrored")
+    first = wait(lambda: version_with("staging"), 60, "version 1 was not mirrored")
     assert first.source == dpo_job.job["result_uri"] and first.run_id == run.info.run_id
     assert first.tags["prefq.version"] == "1" and first.tags["metric.eval_loss"] == "0.5"
     assert version_with("production").version == first.version
 
     send_model_mirror(app, "default", name, 2, dpo_job.job["result_uri"], ["production"], {}, None)
-    wait_until(
+    wait(
         lambda: (v := version_with("production")) and v.tags["prefq.version"] == "2",
         60,
         "production did not move to version 2",
@@ -236,7 +226,7 @@ def test_mirror_model_version(stack, dpo_job, mlflow_server):
     send_model_mirror(
         app, "default", name, 1, dpo_job.job["result_uri"], ["staging"], {"eval_loss": 0.5}, dpo_job.job["id"]
     )
-    wait_until(
+    wait(
         lambda: not (set(client.get_model_version(f"default.{name}", first.version).aliases) - {"staging"}),
         60,
         "version 1 kept production",
@@ -260,11 +250,11 @@ def test_a_promote_through_the_api_is_mirrored_into_mlflows_registry(stack, dpo_
 
     answer = stack.http.post(f"/models/{name}/versions", json={"job_id": dpo_job.job["id"], "aliases": ["staging"]})
     assert answer.status_code == 201, answer.text
-    mirrored = wait_until(lambda: version_with("staging"), 60, "the promote was not mirrored")
+    mirrored = wait(lambda: version_with("staging"), 60, "the promote was not mirrored")
     assert mirrored.source == dpo_job.job["result_uri"] and mirrored.tags["prefq.version"] == "1"
     assert mirrored.run_id == the_run(client, dpo_job.job["id"]).info.run_id
     assert stack.http.put(f"/models/{name}/aliases/production", json={"version": 1}).status_code == 200
-    wait_until(lambda: version_with("production"), 60, "the alias was not mirrored")
+    wait(lambda: version_with("production"), 60, "the alias was not mirrored")
 
 
 def test_cancelled_then_retried_job_continues_its_run(stack, mlflow_server, micro_model, toy_dpo):

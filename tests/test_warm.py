@@ -8,13 +8,13 @@ import os
 import re
 import secrets
 import signal
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.conftest import ROOT, dpo_spec, python_env
+from tests.services import wait
 from training.spec import EXIT_OK
 from training.warm import EXIT_LOST, ColdStart, WarmStarter
 
@@ -45,16 +45,6 @@ def _start(starter: WarmStarter, tmp_path: Path, spec: dict, env: dict | None = 
 
 def _events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 def test_a_warm_run_is_a_cold_run_in_its_own_group_folder_and_environment(starter, tmp_path, micro_model, toy_dpo):
@@ -128,7 +118,7 @@ def test_a_server_with_a_second_thread_refuses_to_fork(tmp_path, micro_model, to
     env = _env(PYTHONPATH=f"{hooks}{os.pathsep}{ROOT}")
     server = WarmStarter(env, ROOT)
     try:
-        _wait(lambda: server.problem, 120, "the server's answer")
+        wait(lambda: server.problem, 120, "the server's answer")
         assert server.refused and "2 Python threads" in server.problem
         assert not server.ready() and not server.alive()
         with pytest.raises(ColdStart, match="not running"):
@@ -145,10 +135,10 @@ def test_a_warm_run_stops_with_a_checkpoint_when_its_server_dies(tmp_path, micro
         assert server.ready(120), server.problem
         spec = dpo_spec(micro_model, toy_dpo, max_steps=5000, save_steps=1000, eval_fraction=0)
         run, events = _start(server, tmp_path, spec)
-        _wait(lambda: events.exists() and "progress" in events.read_text(), 120, "the run trains")
+        wait(lambda: events.exists() and "progress" in events.read_text(), 120, "the run trains")
         server.proc.send_signal(signal.SIGKILL)
         assert run.wait(120) == EXIT_LOST, "its exit code went with the server"
-        _wait(lambda: not psutil.pid_exists(run.pid), 30, "the run has exited")
+        wait(lambda: not psutil.pid_exists(run.pid), 30, "the run has exited")
         last = _events(events)[-1]
         assert last["event"] == "stopped" and last["checkpoint"], last
         assert not server.ready() and not server.alive()
@@ -172,5 +162,5 @@ def test_jobs_start_warm_and_a_dead_starter_is_replaced(stack, dpo_job, micro_mo
     job_id = submit(stack, micro_model, toy_dpo, "--set", "max_steps=2", "--set", "eval_fraction=0")
     assert stack.wait_for(job_id, {"succeeded", "failed", "cancelled"})["status"] == "succeeded"
     assert launched(job_id)["data"]["warm"] is False, "started cold while its starter was gone"
-    (new,) = _wait(starters, 60, "a new warm starter")
+    (new,) = wait(starters, 60, "a new warm starter")
     assert new.pid != old.pid

@@ -22,9 +22,11 @@ import selectors
 import signal
 import socket
 import sys
+import threading
+from pathlib import Path
 
 from training.parent import die_with_parent, hide_process, make_dumpable
-from training.warm import LEFT_OUT, MAX_FDS, MAX_REQUEST, PER_RUN, differs, fork_hazards
+from training.warm import LEFT_OUT, MAX_FDS, MAX_REQUEST, PER_RUN, differs
 
 _started_with: dict[str, str] = {}  # this server's environment before its imports
 
@@ -44,6 +46,21 @@ def _preload() -> None:
     import training.sft  # noqa: F401
 
 
+def fork_hazards() -> str | None:
+    """Why this process must not fork runs, or None: a second Python thread (in a forked child, what it held would
+    stay held), or the CUDA driver loaded (a forked child cannot use CUDA once its parent has started it). The native
+    helper threads of torch and of pyarrow's allocator are not counted: those libraries reset them at fork."""
+    if threading.active_count() > 1:
+        return f"{threading.active_count()} Python threads after the imports"
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    if "libcuda.so" in maps:
+        return "the CUDA driver was loaded by the imports"
+    return None
+
+
 def _refusal(argv: list[str], env: dict) -> str | None:
     """Why this run must start cold, or None."""
     changed = differs(env, _started_with)
@@ -51,12 +68,12 @@ def _refusal(argv: list[str], env: dict) -> str | None:
         return f"{changed} differs from the warm starter's"
     if argv[:1] == ["run"] and len(argv) > 1:
         from training.run import libraries_needed
-        from training.spec import SpecError, load_spec
+        from training.spec import load_spec
 
         try:
-            needed = libraries_needed(load_spec(argv[1])) & set(LEFT_OUT)
-        except (OSError, ValueError, SpecError):
-            return None  # the run itself reports a spec it cannot read
+            needed = libraries_needed(load_spec(argv[1]))
+        except ValueError:  # SpecError: the run itself reports a spec it cannot read
+            return None
         if needed:
             return f"the run needs {', '.join(sorted(needed))}"
     return None
@@ -149,7 +166,7 @@ def serve(path: str) -> int:
     selector.register(listener, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
     conns: dict[int, socket.socket] = {}  # fd -> a client's connection
-    runs: dict[int, socket.socket | None] = {}  # pid -> the connection that asked for it
+    runs: dict[int, socket.socket] = {}  # pid -> the connection that asked for it
     buffer = bytearray(MAX_REQUEST)
     print("ready", flush=True)
     while True:
@@ -177,12 +194,9 @@ def serve(path: str) -> int:
                 if size == 0 or len(fds) < 2 or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                     for fd in fds:
                         os.close(fd)
-                    for pid, c in runs.items():
-                        if c is conn:
-                            runs[pid] = None  # its client went away; the run goes on
-                    conn.close()
+                    conn.close()  # the client went away, or sent no run
                     continue
-                own = [listener, wake_r, wake_w, selector, *conns.values(), *(c for c in runs.values() if c)]
+                own = [listener, wake_r, wake_w, selector, *conns.values(), *runs.values()]
                 runs[_fork(buffer, size, fds, conn, own)] = conn
 
 
@@ -194,7 +208,7 @@ def _received_fds(ancdata) -> list[int]:
     return fds
 
 
-def _reap(runs: dict[int, socket.socket | None]) -> None:
+def _reap(runs: dict[int, socket.socket]) -> None:
     while runs:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)

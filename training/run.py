@@ -277,10 +277,9 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, p
             self.last_eval: dict = {}
             self.last_checkpoint: Path | None = None
             self.sampler = None
+            selection = spec.selection
             self.best = (
-                Best(*spec.selection, spec.early_stopping_patience, spec.early_stopping_min_delta)
-                if (spec.selection)
-                else None
+                Best(*selection, spec.early_stopping_patience, spec.early_stopping_min_delta) if selection else None
             )
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):

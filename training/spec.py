@@ -392,8 +392,7 @@ def native_bf16(cuda: bool, cpuinfo: str | None = None) -> bool:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return False
-    flags = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo))
-    return bool(flags)
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
 
 
 def cuda_here() -> bool:

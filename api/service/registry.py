@@ -92,7 +92,7 @@ def promote(
 def _best(svc: Services, job) -> tuple[int | None, dict]:
     """The step of the checkpoint with the job's best evaluation (None: its final model) and that evaluation."""
     done = all_events(svc, job.id, {"done"})
-    found = ((done[-1].data.get("metrics") or {}).get("best") if done else None) or None
+    found = (done[-1].data.get("metrics") or {}).get("best") if done else None
     if found is None:
         raise Conflict("no_best_model", f"job {job.id} chose no best model; train with best_metric", "best")
     if not found.get("path"):

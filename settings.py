@@ -62,9 +62,12 @@ class Settings(BaseSettings):
     # The playground (`/v1/chat/completions`): the API forwards to `prefq serve`, which runs the models
     serve_url: str = "http://127.0.0.1:8001"  # where the API finds `prefq serve`
     serve_token: SecretStr | None = None  # a secret the API sends and `prefq serve` requires; unset: none
-    serve_max_models: int = Field(2, ge=1)  # models `prefq serve` keeps loaded, one process each (LRU)
+    serve_max_models: int = Field(2, ge=1)  # base models `prefq serve` keeps loaded, one process each (LRU)
     serve_max_tokens: int = Field(512, ge=1)  # max_tokens of one request at most
-    serve_timeout_s: float = Field(60.0, gt=0)  # one generation's time limit; its model's process is restarted
+    serve_timeout_s: float = Field(60.0, gt=0)  # one generation's time limit; the request is stopped there
+    serve_max_batch: int = Field(8, ge=1, le=256)  # requests for one model answered together (dynamic batching)
+    serve_max_waiting: int = Field(64, ge=1)  # requests one model holds (answered or waiting); beyond: 503
+    serve_adapter_mb: float = Field(2048.0, gt=0)  # LoRA adapters a model's process keeps loaded on it (LRU)
     # A python grader's sandbox (`training.graders.run_python`): wall and CPU seconds, address space
     grader_timeout_s: float = Field(10.0, gt=0, le=600)
     grader_memory_mb: int = Field(512, ge=64)

@@ -1,9 +1,11 @@
 """`prefq serve`: the generation service behind the playground (`POST /v1/chat/completions`, `/v1/completions`).
 
-Internal: the API resolves a tenant's model to its storage URI and asks here; with `PREFQ_SERVE_TOKEN` set, every
-request must carry it (`Authorization: Bearer <token>`). Torch-free like the worker: each model is served by a
-child process of its own (`serve.pool`). A child answers one request at a time; a request that runs past
-`PREFQ_SERVE_TIMEOUT_S` gets an error and its child is killed (the next request starts a fresh one).
+Internal: the API resolves a tenant's model to its storage URI (and a LoRA adapter's to its base) and asks here;
+with `PREFQ_SERVE_TOKEN` set, every request must carry it (`Authorization: Bearer <token>`). Torch-free like the
+worker: each base model is served by a child process of its own (`serve.pool`), which answers the requests for it
+and its adapters in batches (`PREFQ_SERVE_MAX_BATCH`). A request that runs past `PREFQ_SERVE_TIMEOUT_S` gets an
+error and is stopped in the child; a child that has written nothing for that long is killed (the next request
+starts a fresh one).
 
 `POST /generate` answers 200 with JSON lines, the child's (see `training.generate`): deltas, then `done`; or one
 `{"error": {"status", "code", "message", "param"}}` line, whatever went wrong (the API turns it into an HTTP error).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -24,17 +27,21 @@ from fastapi import Depends, FastAPI, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.pool import Pool, ServeError
+from serve.pool import Base, Pool, ServeError
 from settings import Settings
 from training.parent import hide_process
 
 
 class GenerateRequest(BaseModel):
-    """One generation, for `training.generate`; the API has validated it against OpenAI's fields."""
+    """One generation, for `training.generate`; the API has validated it against OpenAI's fields. With a `base_*`
+    field, `model_uri` is a LoRA adapter of that base, answered by the base's process."""
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(max_length=100)
-    model_uri: str = Field(max_length=4096, description="The model folder's storage URI")
+    model_uri: str = Field(max_length=4096, description="The model's (or the adapter's) folder's storage URI")
+    base_uri: str | None = Field(None, max_length=4096, description="The adapter's base model: a folder's URI")
+    base_hub: str | None = Field(None, max_length=300, description="The adapter's base model: a hub id")
+    base_revision: str | None = Field(None, max_length=200)
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     max_tokens: int = Field(ge=1)
@@ -45,52 +52,51 @@ class GenerateRequest(BaseModel):
     logit_bias: dict[str, float] = Field(default_factory=dict)
 
 
+ASKED = ("id", "messages", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "logit_bias")
+
+
 async def _lines(pool: Pool, req: GenerateRequest) -> AsyncIterator[bytes]:
+    """The child's lines for `req`; a client that leaves, or a request past the time limit, is cancelled in the
+    child (which goes on answering the others)."""
     limit_s = pool.settings.serve_timeout_s
-    child, locked, finished = None, False, False
+    child, adapter_fd, finished = None, -1, False
     try:
         if req.max_tokens > pool.settings.serve_max_tokens:
             raise ServeError(
                 400, "max_tokens_too_large", f"max_tokens is at most {pool.settings.serve_max_tokens}", "max_tokens"
             )
-        waited_until = None
-        while True:
-            child = await pool.child(req.model_uri)  # starts the model's process if need be (LOAD_TIMEOUT_S)
-            # the wait for a busy model counts from here: a model's start is no other request's answer
-            waited_until = waited_until or time.monotonic() + limit_s
+        adapter = None
+        if req.base_uri or req.base_hub:
+            base = Base(uri=req.base_uri, hub=req.base_hub if not req.base_uri else None, revision=req.base_revision)
+            folder, adapter_fd = await pool.fetch(req.model_uri)
+            adapter = {"name": req.model_uri, "folder": folder}
+        else:
+            base = Base(uri=req.model_uri)
+        found = await pool.child(base)  # starts the model's process if need be (LOAD_TIMEOUT_S): not counted below
+        queue = found.open(req.id)
+        child, deadline = found, time.monotonic() + limit_s
+        await child.ask({**req.model_dump(include=set(ASKED)), "adapter": adapter})
+        while not finished:
             try:
-                await asyncio.wait_for(child.lock.acquire(), max(0.0, waited_until - time.monotonic()))
+                line = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
+                if time.monotonic() - child.heard > limit_s:
+                    child.kill("silent past the time limit")  # stuck, not busy: the next request starts it again
                 raise ServeError(
-                    503, "serve_busy", f"the model answered other requests for {limit_s:g}s; retry later"
+                    504,
+                    "timeout",
+                    f"generation stopped at the time limit of {limit_s:g}s (PREFQ_SERVE_TIMEOUT_S); "
+                    "ask for fewer max_tokens",
                 ) from None
-            if child.alive:
-                break
-            child.lock.release()  # killed while this request waited (an abandoned answer ran late): a fresh one
-        locked, deadline = True, time.monotonic() + limit_s
-        try:
-            async for line in child.answer(req.model_dump(exclude={"model_uri"}), deadline):
-                finished = bool(line.get("done") or "error" in line)  # before the yield, where the caller may leave
-                yield json.dumps(line).encode() + b"\n"
-        except ServeError as exc:
-            child.kill(exc.line["error"]["code"])  # late or dead: the next request starts the model again
-            if exc.line["error"]["code"] == "timeout":
-                exc.line["error"]["message"] = (
-                    f"generation stopped at the time limit of {limit_s:g}s "
-                    "(PREFQ_SERVE_TIMEOUT_S); ask for fewer max_tokens"
-                )
-            raise
-        finished = True
+            finished = bool(line.get("done") or "error" in line)  # before the yield, where the caller may leave
+            yield json.dumps(line).encode() + b"\n"
     except ServeError as exc:
-        finished = True
         yield json.dumps(exc.line).encode() + b"\n"
     finally:
-        if locked and not finished and child.alive:  # the caller went away mid-answer
-            task = asyncio.get_running_loop().create_task(child.drain(req.id, time.monotonic() + limit_s))
-            pool.draining.add(task)
-            task.add_done_callback(pool.draining.discard)
-        elif locked:
-            child.lock.release()
+        if child is not None:
+            child.close(req.id, cancel=not finished)
+        if adapter_fd >= 0:
+            os.close(adapter_fd)  # the adapter's cached folder may be evicted from now on
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

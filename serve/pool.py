@@ -1,7 +1,12 @@
-"""`prefq serve`'s model processes: one `python -P -m training generate FOLDER` child per model (`training.generate`),
-started on the first request for it with a training run's sanitized environment, and kept while it is among the
-`PREFQ_SERVE_MAX_MODELS` models used last. Model folders come from storage into the host's model cache
-(`storage.cache`), shared with this host's jobs.
+"""`prefq serve`'s model processes: one `python -P -m training generate MODEL` child per base model
+(`training.generate`), started on the first request for it with a training run's sanitized environment, and kept
+while it is among the `PREFQ_SERVE_MAX_MODELS` models used last.
+
+A child answers many requests at once (it batches them): each request has a queue of its own here, fed by the one
+task that reads the child's lines (`Child.route`). A LoRA adapter is answered by its base model's child, which loads
+the adapter beside the others (`PREFQ_SERVE_ADAPTER_MB`), so twenty adapters of one base hold one copy of it. Model
+and adapter folders come from storage into the host's model cache (`storage.cache`), shared with this host's jobs;
+a folder is held in the cache while a child or a request uses it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from settings import Settings
 from storage import StorageError, get_dir, open_storage, open_uri
@@ -34,23 +39,41 @@ class ServeError(Exception):
         self.line = {"error": {"status": status, "code": code, "message": message, "param": param}}
 
 
-class Child:
-    """One model's `python -m training generate` process; `lock` is held for the request it is answering."""
+@dataclass(frozen=True)
+class Base:
+    """What a child loads: a model folder in storage (`uri`) or a hub id (`hub`, `revision`)."""
 
-    def __init__(self, uri: str, fd: int, proc: asyncio.subprocess.Process):
-        self.uri, self.fd, self.proc, self.lock = uri, fd, proc, asyncio.Lock()
+    uri: str | None = None
+    hub: str | None = None
+    revision: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.uri or f"hub:{self.hub}@{self.revision or ''}"
+
+
+class Child:
+    """One base model's `python -m training generate` process and the requests it is answering."""
+
+    def __init__(self, settings: Settings, key: str, fd: int, proc: asyncio.subprocess.Process):
+        self.settings, self.key, self.fd, self.proc = settings, key, fd, proc
         self.killed = False
+        self.pending: dict[str, asyncio.Queue] = {}
+        self.heard = time.monotonic()  # when the child last wrote a line
+        self.router: asyncio.Task | None = None
 
     @classmethod
-    async def start(cls, settings: Settings, uri: str, folder: str, fd: int) -> Child:
+    async def start(cls, settings: Settings, base: Base, model: str, fd: int) -> Child:
         env = run_env(dict(os.environ), settings.gpu_ids, len(settings.gpu_ids))
+        args = [model] + (["--revision", base.revision] if base.revision else [])
+        args += ["--batch", str(settings.serve_max_batch), "--adapter-mb", str(settings.serve_adapter_mb)]
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-P",
             "-m",
             "training",
             "generate",
-            folder,
+            *args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=env,
@@ -59,7 +82,7 @@ class Child:
             preexec_fn=confine_child,
             limit=LINE_LIMIT,
         )
-        child = cls(uri, fd, proc)
+        child = cls(settings, base.key, fd, proc)
         try:
             first = await child.read(time.monotonic() + LOAD_TIMEOUT_S)
         except ServeError as exc:
@@ -72,7 +95,8 @@ class Child:
                 if "error" in first
                 else ServeError(500, "model_unavailable", f"the model's process answered {first!r}")
             )
-        log.info("Serving %s (pid %s, %s)", uri, proc.pid, first.get("device"))
+        log.info("Serving %s (pid %s, %s)", base.key, proc.pid, first.get("device"))
+        child.router = asyncio.get_running_loop().create_task(child.route())
         return child
 
     @property
@@ -81,7 +105,7 @@ class Child:
 
     def kill(self, why: str) -> None:
         if self.alive:
-            log.warning("Model %s: its process %s is killed (%s)", self.uri, self.proc.pid, why)
+            log.warning("Model %s: its process %s is killed (%s)", self.key, self.proc.pid, why)
             self.killed = True
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -92,42 +116,68 @@ class Child:
             self.fd = -1
 
     async def read(self, deadline: float) -> dict:
-        """The child's next line; a `ServeError` when it is late (the caller kills it) or has exited."""
+        """The child's next line (before `route` takes over); a `ServeError` when it is late or has exited."""
         try:
             raw = await asyncio.wait_for(self.proc.stdout.readline(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            raise ServeError(504, "timeout", "generation ran past the time limit") from None
+            raise ServeError(504, "timeout", "the model's process did not answer in time") from None
         if not raw:
             code = await self.proc.wait()
             raise ServeError(500, "generation_failed", f"the model's process exited (code {code}); see the serve log")
         return json.loads(raw)
 
-    async def answer(self, req: dict, deadline: float) -> AsyncIterator[dict]:
-        """The lines of one request's answer, the last one `done` or `error`."""
+    async def route(self) -> None:
+        """Every line of the child to the queue of the request it answers, until the child exits; then each waiting
+        request gets an error line."""
+        while True:
+            raw = await self.proc.stdout.readline()
+            if not raw:
+                break
+            self.heard = time.monotonic()
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                log.warning("Model %s: a line that is not JSON: %r", self.key, raw[:200])
+                continue
+            queue = self.pending.get(line.get("id"))
+            if queue is not None:
+                queue.put_nowait(line)
+        code = await self.proc.wait()
+        gone = ServeError(500, "generation_failed", f"the model's process exited (code {code}); see the serve log")
+        for queue in self.pending.values():
+            queue.put_nowait(gone.line)
+
+    def open(self, rid: str) -> asyncio.Queue:
+        """A queue for the lines of request `rid`; a 503 when the model holds `serve_max_waiting` requests."""
+        if len(self.pending) >= self.settings.serve_max_waiting:
+            raise ServeError(
+                503,
+                "serve_busy",
+                f"the model holds {len(self.pending)} requests (PREFQ_SERVE_MAX_WAITING); retry shortly",
+            )
+        if rid in self.pending:
+            raise ServeError(409, "duplicate_id", f"a request {rid!r} is being answered", "id")
+        self.pending[rid] = queue = asyncio.Queue()
+        return queue
+
+    def close(self, rid: str, cancel: bool) -> None:
+        """Forget request `rid`; with `cancel`, the child stops generating it at its next token."""
+        self.pending.pop(rid, None)
+        if cancel and self.alive:
+            self.write({"cancel": rid})
+
+    def write(self, line: dict) -> None:
         try:
-            self.proc.stdin.write(json.dumps(req).encode() + b"\n")
+            self.proc.stdin.write(json.dumps(line).encode() + b"\n")
+        except (OSError, RuntimeError):
+            raise ServeError(500, "generation_failed", "the model's process is gone; see the serve log") from None
+
+    async def ask(self, req: dict) -> None:
+        self.write(req)
+        try:
             await self.proc.stdin.drain()
         except OSError:
             raise ServeError(500, "generation_failed", "the model's process is gone; see the serve log") from None
-        while True:
-            line = await self.read(deadline)
-            if line.get("id") != req["id"]:
-                continue  # the end of an earlier, abandoned answer
-            yield line
-            if line.get("done") or "error" in line:
-                return
-
-    async def drain(self, rid: str, deadline: float) -> None:
-        """Read an abandoned answer to its end, so that the next request starts on a free child; then unlock."""
-        try:
-            while True:
-                line = await self.read(deadline)
-                if line.get("id") == rid and (line.get("done") or "error" in line):
-                    return
-        except ServeError as exc:
-            self.kill(f"an abandoned answer: {exc.line['error']['message']}")
-        finally:
-            self.lock.release()
 
 
 class Pool:
@@ -137,25 +187,35 @@ class Pool:
         self.settings = settings
         self.children: OrderedDict[str, Child] = OrderedDict()
         self.loading: dict[str, asyncio.Lock] = {}
-        self.draining: set[asyncio.Task] = set()  # held here: the loop keeps only weak references to tasks
         self.cache = ModelCache(settings.work_dir / "models", int(settings.model_cache_gb * 1e9))
         # every tenant's models live under `<storage root>/tenants/` (`jobs.layout`): nothing else is served
         self.root = open_storage(settings.storage_url, **settings.storage_options()).uri(TENANTS)
 
-    def _fetch(self, uri: str):
+    def check(self, uri: str) -> None:
+        if not uri.startswith(self.root) or ".." in uri.split("/"):
+            raise ServeError(403, "reference_not_allowed", "model: not a tenant's model in this server's storage")
+
+    async def fetch(self, uri: str) -> tuple[str, int]:
+        """A folder of storage in the model cache, and the descriptor that holds it there (close it when done)."""
+        self.check(uri)
+
         def fetch(local) -> None:
             storage, key = open_uri(uri, **self.settings.storage_options())
             get_dir(storage, key, local)
 
-        return self.cache.open(uri, fetch)
+        try:
+            folder, fd = await asyncio.to_thread(self.cache.open, uri, fetch)
+        except (StorageError, OSError) as exc:
+            raise ServeError(503, "model_unavailable", f"the model's files cannot be fetched: {exc}") from None
+        return str(folder), fd
 
     def _make_room(self) -> None:
-        for uri, child in list(self.children.items()):
+        for key, child in list(self.children.items()):
             if len(self.children) < self.settings.serve_max_models:
                 return
-            if not child.lock.locked():
+            if not child.pending:
                 child.kill("the least recently used model makes room")
-                del self.children[uri]
+                del self.children[key]
         if len(self.children) >= self.settings.serve_max_models:
             raise ServeError(
                 503,
@@ -164,28 +224,26 @@ class Pool:
                 "(PREFQ_SERVE_MAX_MODELS); retry shortly",
             )
 
-    async def child(self, uri: str) -> Child:
-        if not uri.startswith(self.root) or ".." in uri.split("/"):
-            raise ServeError(403, "reference_not_allowed", "model: not a tenant's model in this server's storage")
-        async with self.loading.setdefault(uri, asyncio.Lock()):
-            child = self.children.get(uri)
+    async def child(self, base: Base) -> Child:
+        if base.uri is not None:
+            self.check(base.uri)
+        async with self.loading.setdefault(base.key, asyncio.Lock()):
+            child = self.children.get(base.key)
             if child is not None and child.alive:
-                self.children.move_to_end(uri)
+                self.children.move_to_end(base.key)
                 return child
             if child is not None:
                 child.kill("gone")
-                del self.children[uri]
+                del self.children[base.key]
             self._make_room()
+            folder, fd = await self.fetch(base.uri) if base.uri is not None else (base.hub, -1)
             try:
-                folder, fd = await asyncio.to_thread(self._fetch, uri)
-            except (StorageError, OSError) as exc:
-                raise ServeError(503, "model_unavailable", f"the model's files cannot be fetched: {exc}") from None
-            try:
-                child = await Child.start(self.settings, uri, str(folder), fd)
+                child = await Child.start(self.settings, base, folder, fd)
             except BaseException:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
                 raise
-            self.children[uri] = child
+            self.children[base.key] = child
             return child
 
     def close(self) -> None:

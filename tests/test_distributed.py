@@ -140,3 +140,15 @@ def test_through_the_queue_cancel_then_retry_resumes_and_learns(stack, micro_mod
     started = [e["data"] for e in events if e["type"] == "started"]
     assert started[-1]["resumed_from_step"] == saved and started[-1]["trainer"] == trainer
     assert started[-1]["parallelism"]["processes"] == 2
+
+    # a sharded checkpoint is kept consolidated beside its shards: the playground serves it through the SDK
+    from openai import OpenAI
+
+    listed = stack.get(f"/jobs/{job_id}/checkpoints")["data"]
+    step = max(c["step"] for c in listed)
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key=stack.env["PREFQ_API_KEY"], max_retries=0)
+    name = f"{client.fine_tuning.jobs.retrieve(job_id).fine_tuned_model}:ckpt-step-{step}"
+    answer = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "What is 2 plus 4?"}], max_tokens=8, temperature=0
+    )
+    assert answer.model == name and answer.usage.completion_tokens > 0, answer

@@ -2,6 +2,7 @@
 a Celery worker) for chat and text completions by a DPO job's model, which `prefq serve` runs in a child process of
 its own; limits, tenants, the time limit, a serve that is down, and `prefq chat`."""
 
+import json
 import os
 import signal
 import subprocess
@@ -353,3 +354,144 @@ def test_serve_healthz_tells_no_model_tenant_or_job(settings):
     health = TestClient(app).get("/healthz")
     assert health.status_code == 200 and health.json()["models_loaded"] == 1, health.text
     assert "acme" not in health.text and "job_01abc" not in health.text and "4242" not in health.text
+
+
+@pytest.fixture(scope="module")
+def lora_jobs(stack, toy_dpo):
+    """Two LoRA DPO jobs of the hub model (the default tenant), at different seeds and learning rates, each with a
+    checkpoint at step 8; as the SDK reads them."""
+    from tests.services import HUB_ID, submit
+
+    ids = [
+        submit(
+            stack,
+            HUB_ID,
+            toy_dpo,
+            *("--set", "lora.r=8", "--set", "max_steps=16", "--set", "save_steps=8"),
+            *("--set", f"learning_rate={rate}", "--set", f"seed={seed}"),
+        )
+        for rate, seed in [(3e-3, 1), (2e-2, 2)]
+    ]
+    jobs = [stack.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout_s=300) for job_id in ids]
+    assert all(job["status"] == "succeeded" for job in jobs), jobs
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key=stack.env["PREFQ_API_KEY"], max_retries=0)
+    return [client.fine_tuning.jobs.retrieve(job_id) for job_id in ids]
+
+
+QUESTIONS = ["What is 2 plus 4?", "What is 3 plus 3?", "Hi", "What is 1 plus 1?"]
+
+
+def _greedy(client, model: str) -> list[str]:
+    return [
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": q}], max_tokens=12, temperature=0
+        )
+        .choices[0]
+        .message.content
+        for q in QUESTIONS
+    ]
+
+
+def test_lora_models_and_checkpoints_are_adapters_served_on_one_base(served, lora_jobs):
+    """Two LoRA jobs' models and a checkpoint of one answer through the SDK from one process of their base (the hub
+    model), each with its own adapter; the adapter on the base answers as the job's merged model does (greedy,
+    fp32)."""
+    stack, client, _, _, port = served
+    before = _model_pids(stack)
+    first, second = (_greedy(client, job.fine_tuned_model) for job in lora_jobs)
+    checkpoint = _greedy(client, f"{lora_jobs[0].fine_tuned_model}:ckpt-step-8")
+    assert first != second, "two adapters, two models"
+    assert checkpoint and all(isinstance(t, str) for t in checkpoint)
+    started = _model_pids(stack) - before
+    assert len(started) == 1, f"one process of the base serves both jobs and the checkpoint: {started}"
+
+    merged = stack.get(f"/jobs/{lora_jobs[0].id}")["result_uri"]  # the final folder: the merged model
+    headers = {"Authorization": f"Bearer {stack.env['PREFQ_SERVE_TOKEN']}"}
+    for question, text in zip(QUESTIONS, first, strict=True):
+        body = {"id": f"m-{question}", "model_uri": merged, "max_tokens": 12, "temperature": 0}
+        body["messages"] = [{"role": "user", "content": question}]
+        lines = httpx.post(f"http://127.0.0.1:{port}/generate", json=body, headers=headers, timeout=120).text
+        deltas = [json.loads(line) for line in lines.splitlines()]
+        assert "".join(d.get("delta", "") for d in deltas) == text, (question, deltas)
+
+
+def _vm(pid: int, field: str) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+class Generating:
+    """A model process (`python -m training generate`) driven through its pipes."""
+
+    def __init__(self, model: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "training", "generate", str(model), "--batch", "8"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert json.loads(self.proc.stdout.readline())["ready"]
+
+    def ask(self, *requests) -> dict[str, dict]:
+        """Send `requests` at once; each one's text and `done` line, by id."""
+        for req in requests:
+            self.proc.stdin.write(json.dumps({"max_tokens": 8, "temperature": 0, **req}) + "\n")
+        self.proc.stdin.flush()
+        answers = {r["id"]: {"text": ""} for r in requests}
+        while not all("done" in a for a in answers.values()):
+            line = json.loads(self.proc.stdout.readline())
+            assert "error" not in line, line
+            answers[line["id"]]["text"] += line.get("delta", "")
+            if line.get("done"):
+                answers[line["id"]]["done"] = line
+        return answers
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def test_adapters_share_one_copy_of_their_base(small_model, tmp_path):
+    """A model process answering with LoRA adapters of its 23M-parameter base holds one copy of the base: a second
+    adapter grows its peak memory by a small part of the base's weights (a copy would grow it by all of them)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    weights = sum(p.stat().st_size for p in small_model.glob("*.safetensors"))
+    for i in range(2):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_pretrained(small_model)
+        lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+        get_peft_model(model, lora).save_pretrained(tmp_path / f"adapter{i}")
+    adapter = [{"name": f"a{i}", "folder": str(tmp_path / f"adapter{i}")} for i in range(2)]
+    gen = Generating(small_model)
+    try:
+        gen.ask({"id": "base", "prompt": "Hello"}, {"id": "first", "prompt": "Hello", "adapter": adapter[0]})
+        one = _vm(gen.proc.pid, "VmHWM")
+        answers = gen.ask(*({"id": f"r{i}", "prompt": "Hello", "adapter": adapter[i]} for i in range(2)))
+        assert all(a["done"]["completion_tokens"] == 8 for a in answers.values()), answers
+        grown = _vm(gen.proc.pid, "VmHWM") - one
+        assert grown < 0.25 * weights, (
+            f"a second adapter grew the peak by {grown / 1e6:.0f} MB; the base is {weights / 1e6:.0f} MB"
+        )
+        assert "bitsandbytes" not in Path(f"/proc/{gen.proc.pid}/maps").read_text()
+    finally:
+        gen.close()
+
+
+def test_a_batch_answers_as_its_requests_one_by_one(micro_model):
+    """Eight greedy requests answered together (one batch, left-padded) give the texts they give one by one."""
+    gen = Generating(micro_model)
+    try:
+        no_eos = _no_eos(micro_model)  # every answer runs to max_tokens: the batch ends its rows at different steps
+        asked = [
+            {"id": f"s{i}", "prompt": "What is " * i + "2?", "max_tokens": 4 + i, "logit_bias": no_eos}
+            for i in range(8)
+        ]
+        one_by_one = {r["id"]: gen.ask(r)[r["id"]]["text"] for r in asked}
+        together = {rid: a["text"] for rid, a in gen.ask(*asked).items()}
+        assert together == one_by_one and all(one_by_one.values()), (together, one_by_one)
+    finally:
+        gen.close()

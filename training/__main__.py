@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("warm", help="import the trainers once and fork runs on request (training.warm)")
     p.add_argument("socket", help="path of the Unix socket to listen on")
     p = sub.add_parser("generate", help="answer generation requests (JSON lines on stdin) with one loaded model")
-    p.add_argument("model", help="a model folder")
+    p.add_argument("model", help="a model folder or a hub id")
+    p.add_argument("--revision", help="the hub id's revision")
+    p.add_argument("--batch", type=int, default=8, help="requests answered together at most")
+    p.add_argument("--adapter-mb", type=float, default=2048.0, help="LoRA adapters kept loaded within this size")
     p = sub.add_parser(
         "make-tiny-model", help="build a small random model (a Llama, or --family) and a local tokenizer"
     )
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
         from training.generate import main as generate_main
 
-        return generate_main(args.model)
+        return generate_main(args.model, args.revision, args.batch, args.adapter_mb)
     if args.command == "make-tiny-model":
         from training.tiny import make_tiny_model
 

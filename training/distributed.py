@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from training.parent import die_with_parent
+from training.spec import ADAPTER
 
 log = logging.getLogger("training")
 
@@ -179,6 +180,7 @@ def save_final(trainer, tokenizer, final_dir: Path) -> None:
             _, unexpected = peft.load_state_dict(state_dict, strict=False)
             if unexpected:
                 raise RuntimeError(f"final: unexpected keys in the gathered LoRA state: {unexpected[:5]}")
+            peft.save_pretrained(final_dir / ADAPTER)  # the adapter alone, beside the merged model
             peft.merge_and_unload().save_pretrained(final_dir, safe_serialization=True)
         else:
             with torch.device("meta"):

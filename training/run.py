@@ -3,8 +3,10 @@
 OUT/
   spec.json            the resolved spec
   checkpoint-N/        resumable: model, optimizer, scheduler, RNG, data position (trainer_state.json),
-                       beta-schedule state; `prefq-manifest.json` is written last
-  final/               save_pretrained (safetensors) and the tokenizer; LoRA adapters are merged in
+                       beta-schedule state; `prefq-manifest.json` is written last. `fsdp` and `deepspeed-tp`
+                       checkpoints also hold hf/: the shards gathered into a folder `from_pretrained` loads
+  final/               save_pretrained (safetensors) and the tokenizer; LoRA adapters are merged in, and kept
+                       alone in final/adapter/ (PEFT's folder: served on the base, exported as it is)
   metrics.json         the last train and eval metrics, under TRL's names
 
 SIGTERM: the run saves a checkpoint at the end of the current step and exits with EXIT_STOPPED (75).
@@ -28,6 +30,8 @@ from training.events import emit
 from training.formats import DataError
 from training.lengths import TooLong
 from training.spec import (
+    ADAPTER,
+    CONSOLIDATED,
     EXIT_INFRA_ERROR,
     EXIT_OK,
     EXIT_STOPPED,
@@ -38,7 +42,7 @@ from training.spec import (
     load_spec,
     resolve_precision,
 )
-from training.warm import LEFT_OUT
+from training.warm import LEFT_OUT, leave_out
 
 log = logging.getLogger("training")
 SCHEDULE_STATE = "beta-schedule.json"
@@ -351,6 +355,12 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, p
         def on_save(self, args, state, control, **kwargs):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             _barrier()
+            if self.trainer.is_fsdp_enabled or self.trainer.is_deepspeed_enabled:
+                # the shards consolidated (collective) into a folder that `from_pretrained` loads: served and
+                # exported as it is, on machines without the job's processes
+                from training.distributed import save_final
+
+                save_final(self.trainer, self.trainer.processing_class, ckpt / CONSOLIDATED)
             if state.is_world_process_zero:
                 schedule = getattr(self.trainer, "beta_schedule", None)
                 if schedule is not None:
@@ -498,14 +508,13 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
 
 def _merged_in_full_precision(model, final_dir: Path):
     """QLoRA's adapters merged into the base loaded unquantized (fp32, on the CPU): a model that any job, the
-    playground and `from_pretrained` load without bitsandbytes, and no rounding of the update into NF4."""
-    import shutil
-
+    playground and `from_pretrained` load without bitsandbytes, and no rounding of the update into NF4. The
+    adapter stays in FINAL/adapter."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    adapter = final_dir.parent / "final-adapter"
+    adapter = final_dir / ADAPTER
     model.save_pretrained(adapter)
     base_path = model.peft_config["default"].base_model_name_or_path
     cls = (
@@ -515,9 +524,7 @@ def _merged_in_full_precision(model, final_dir: Path):
     )
     extra = {"num_labels": 1} if cls is AutoModelForSequenceClassification else {}
     base = cls.from_pretrained(base_path, dtype=torch.float32, device_map="cpu", **extra)
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    shutil.rmtree(adapter, ignore_errors=True)
-    return merged
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
 def _save_final(trainer, tokenizer, final_dir: Path) -> None:
@@ -531,6 +538,8 @@ def _save_final(trainer, tokenizer, final_dir: Path) -> None:
     if isinstance(model, PeftModel) and getattr(model.base_model.model, "is_loaded_in_4bit", False):
         model = _merged_in_full_precision(model, final_dir)
     elif isinstance(model, PeftModel):
+        if trainer.accelerator.is_main_process:
+            model.save_pretrained(final_dir / ADAPTER)
         model = model.merge_and_unload()
     if trainer.accelerator.is_main_process:
         model.save_pretrained(final_dir, safe_serialization=True)
@@ -631,9 +640,7 @@ def _skip_unused_libraries(spec: TrainingSpec) -> None:
     """Libraries that peft, transformers and TRL import as they load when installed, which a run does not use:
     bitsandbytes unless it quantizes (1 to 1.7 s of every run's start, measured here), and the trackers, which the
     worker process drives, never the run (0.3 s). They are marked absent before anything looks."""
-    for name in set(LEFT_OUT) - libraries_needed(spec):
-        if name not in sys.modules:
-            sys.modules[name] = None  # `import name` raises ImportError: the libraries take it as not installed
+    leave_out(set(LEFT_OUT) - libraries_needed(spec))
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -438,3 +438,7 @@ EXIT_STOPPED = 75  # stopped by SIGTERM after saving a checkpoint (EX_TEMPFAIL: 
 
 # Written last into every checkpoint folder: a checkpoint without it is incomplete and never used.
 MANIFEST_NAME = "prefq-manifest.json"
+# A LoRA job's adapter alone, beside its merged model in the final folder (served on the base, exported as it is)
+ADAPTER = "adapter"
+# An `fsdp` or `deepspeed-tp` checkpoint's shards gathered into a folder that `from_pretrained` loads
+CONSOLIDATED = "hf"

@@ -38,6 +38,14 @@ MAX_FDS = 32
 EXIT_LOST = 70  # the server exited before the run: its exit code is unknown (EX_SOFTWARE)
 
 
+def leave_out(names) -> None:
+    """Mark `names` absent before anything imports them: `import name` then raises ImportError, and the libraries
+    that would load them as they load (peft, transformers, TRL) take them as not installed."""
+    for name in names:
+        if name not in sys.modules:
+            sys.modules[name] = None
+
+
 class ColdStart(Exception):
     """This run cannot be forked warm; the message says why. Start it the ordinary way."""
 

@@ -1,6 +1,6 @@
 """The playground: generations by a tenant's models, through `prefq serve` (`PREFQ_SERVE_URL`).
 
-The model name is resolved to its folder's storage URI here (`api.service.served`); the serve answers JSON lines
+The model name is resolved to its folder's storage URI (a LoRA adapter's with its base) here (`api.service.served`); the serve answers JSON lines
 (deltas, then `done`, or one `error`). `start` opens the exchange and gives its first line; the OpenAI face streams
 or collects the rest, and the dashboard's chat box asks for one `reply`. The HTTP client is the process's own
 (`Services.http`, opened and closed by the app's lifespan).
@@ -45,7 +45,7 @@ def broke_off(why: str = "") -> Upstream:
 async def start(svc: Services, tenant: str, model: str, kind: str, request: dict) -> Generation:
     """Resolve `model` for `tenant` and ask the serve for a generation of `request` (`messages` or `prompt`,
     `max_tokens`, `stop`, `temperature`, `top_p`, `seed`, `logit_bias`); `kind` is `chat` or `text`."""
-    uri = await run_in_threadpool(resolve_served_model, svc.store, svc.storage, tenant, model)
+    served = await run_in_threadpool(resolve_served_model, svc.store, svc.storage, tenant, model)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
     s = svc.settings
     headers = {"Authorization": f"Bearer {s.serve_token.get_secret_value()}"} if s.serve_token else {}
@@ -55,7 +55,7 @@ async def start(svc: Services, tenant: str, model: str, kind: str, request: dict
             svc.http.build_request(
                 "POST",
                 f"{s.serve_url.rstrip('/')}/generate",
-                json={"id": rid, "model_uri": uri, **request},
+                json={"id": rid, **served, **request},
                 headers=headers,
                 timeout=timeout,
             ),

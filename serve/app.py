@@ -88,8 +88,12 @@ async def _lines(pool: Pool, req: GenerateRequest) -> AsyncIterator[bytes]:
                     f"generation stopped at the time limit of {limit_s:g}s (PREFQ_SERVE_TIMEOUT_S); "
                     "ask for fewer max_tokens",
                 ) from None
+            lines = [line]
+            while not queue.empty() and not (line.get("done") or "error" in line):  # what came meanwhile: one chunk
+                line = queue.get_nowait()
+                lines.append(line)
             finished = bool(line.get("done") or "error" in line)  # before the yield, where the caller may leave
-            yield json.dumps(line).encode() + b"\n"
+            yield b"".join(json.dumps(x).encode() + b"\n" for x in lines)
     except ServeError as exc:
         yield json.dumps(exc.line).encode() + b"\n"
     finally:

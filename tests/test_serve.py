@@ -432,16 +432,23 @@ class Generating:
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         assert json.loads(self.proc.stdout.readline())["ready"]
+        self.other: dict[str, list[dict]] = {}
 
-    def ask(self, *requests) -> dict[str, dict]:
-        """Send `requests` at once; each one's text and `done` line, by id."""
+    def send(self, *requests) -> None:
         for req in requests:
             self.proc.stdin.write(json.dumps({"max_tokens": 8, "temperature": 0, **req}) + "\n")
         self.proc.stdin.flush()
+
+    def ask(self, *requests) -> dict[str, dict]:
+        """Send `requests` at once; each one's text and `done` line, by id (lines of others go to `other`)."""
+        self.send(*requests)
         answers = {r["id"]: {"text": ""} for r in requests}
         while not all("done" in a for a in answers.values()):
             line = json.loads(self.proc.stdout.readline())
             assert "error" not in line, line
+            if line["id"] not in answers:
+                self.other.setdefault(line["id"], []).append(line)
+                continue
             answers[line["id"]]["text"] += line.get("delta", "")
             if line.get("done"):
                 answers[line["id"]]["done"] = line
@@ -493,5 +500,19 @@ def test_a_batch_answers_as_its_requests_one_by_one(micro_model):
         one_by_one = {r["id"]: gen.ask(r)[r["id"]]["text"] for r in asked}
         together = {rid: a["text"] for rid, a in gen.ask(*asked).items()}
         assert together == one_by_one and all(one_by_one.values()), (together, one_by_one)
+
+        # requests that arrive while a batch is under way join it (their caches padded into the batch's)
+        long = {"id": "long", "prompt": "Hello there", "max_tokens": 300, "logit_bias": no_eos}
+        alone = gen.ask(long)["long"]["text"]
+        gen.send(long)
+        lines = [json.loads(gen.proc.stdout.readline())]
+        assert lines[0]["id"] == "long" and "delta" in lines[0], lines
+        joined = gen.ask(*asked[:3])
+        assert {rid: a["text"] for rid, a in joined.items()} == {r["id"]: one_by_one[r["id"]] for r in asked[:3]}
+        lines += gen.other.pop("long", [])
+        assert not any(line.get("done") for line in lines), "the late requests ended while the long one went on"
+        while not lines[-1].get("done"):
+            lines.append(json.loads(gen.proc.stdout.readline()))
+        assert "".join(line.get("delta", "") for line in lines) == alone
     finally:
         gen.close()

@@ -23,10 +23,11 @@ The answer: `{"id", "delta": TEXT}` lines as the text grows, then `{"id", "done"
 "length" | "cancelled", "prompt_tokens", "completion_tokens"}`; or one `{"id", "error": {"status", "code",
 "message", "param"}}` line (an HTTP status for whoever relays it).
 
-**Batches.** Requests that wait when a batch starts (up to `--batch` of them) are answered together: prompts
-left-padded into one tensor, one forward per new token for all of them, each row with its own sampling, limits,
-stop strings and adapter (PEFT's mixed-adapter batches), a row leaving the batch as soon as it ends. Requests
-that arrive meanwhile wait for the next batch.
+**Batches.** Requests are answered together, up to `--batch` of them: prompts left-padded into one tensor, one
+forward per new token for all of them, each row with its own sampling, limits, stop strings and adapter (PEFT's
+mixed-adapter batches). A row leaves the batch as soon as it ends; a request that arrives meanwhile joins it at the
+next token (continuous batching: its prompt goes through the model alone, then its cache is padded into the
+batch's), so concurrent users wait for about one batch, not for each other.
 
 **Adapters** are loaded on first use and kept while their weights fit in `--adapter-mb`, the least recently used
 evicted first; the model's own weights are loaded once, whatever the number of adapters.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import queue
 import sys
 import threading
@@ -48,6 +50,7 @@ from training.warm import LEFT_OUT, leave_out
 
 # Tokens that end an assistant's turn in common chat templates (besides the tokenizer's eos): generation stops there
 END_OF_TURN = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
+log = logging.getLogger("training.generate")
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
@@ -63,10 +66,11 @@ class RequestError(Exception):
         }
 
 
-def write(line: dict) -> None:
+def write(line: dict, flush: bool = True) -> None:
     out = event_stream()
     out.write(json.dumps(line) + "\n")
-    out.flush()
+    if flush:
+        out.flush()
 
 
 def render_messages(tokenizer, messages: list[dict]) -> list[int]:
@@ -123,8 +127,62 @@ class Row:
     finish: str | None = None
 
 
+def positions_all(mask):
+    """Position ids of left-padded rows: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Running:
+    """A batch under way: its rows, their KV cache (left-padded), attention mask and last positions."""
+
+    rows: list[Row]
+    cache: object
+    mask: object
+    positions: object  # [rows, 1]: each row's position of its last token
+    logits: object = None
+
+    def keep(self, going: list[int], torch) -> None:
+        if len(going) < len(self.rows):
+            index = torch.tensor(going, dtype=torch.long, device=self.mask.device)
+            if going:
+                self.cache.batch_select_indices(index)
+            self.mask, self.positions = self.mask[index], self.positions[index]
+            self.rows = [self.rows[i] for i in going]
+
+    def joinable(self) -> bool:
+        """Whether rows can join: every layer of the cache is a plain growing one (not a sliding window's)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer and layer.is_initialized for layer in self.cache.layers)
+
+    def join(self, other: Running, torch) -> Running:
+        """Both batches as one: the shorter one's cache and mask padded on the left."""
+        if not other.rows:
+            return self
+        if not self.rows:
+            return other
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t, dim: int):
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.rows = self.rows + other.rows
+        return self
+
+
 class Generator:
-    def __init__(self, model: str, revision: str | None = None, adapter_mb: float = 2048.0):
+    def __init__(self, model: str, revision: str | None = None, adapter_mb: float = 2048.0, max_batch: int = 8):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,6 +198,7 @@ class Generator:
         self.vocab_size = self.base.get_output_embeddings().weight.shape[0]
         self.adapters: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self.adapter_budget = int(adapter_mb * 1e6)
+        self.max_batch = max_batch
 
     # -- adapters --
 
@@ -247,58 +306,72 @@ class Generator:
             hold = max(hold, 1)
         end = max(row.sent, len(text) - hold)
         if end > row.sent:
-            write({"id": row.id, "delta": text[row.sent : end]})
+            write({"id": row.id, "delta": text[row.sent : end]}, flush=False)  # flushed once per step
             row.sent = end
 
-    def run(self, rows: list[Row], cancelled: set) -> None:
-        """Answer `rows` together: one forward per token for every row still going."""
+    def _forward(self, rows: list[Row], ids, mask, positions, cache):
+        extra = {"adapter_names": [r.adapter for r in rows]} if self.model is not self.base else {}
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, **extra
+        )
+        return out.logits[:, -1, :]
+
+    def _advance(self, rows: list[Row], logits, cancelled: set) -> list[int]:
+        """Each row's next token, streamed; the indices of the rows still going."""
+        going = []
+        for i, row in enumerate(rows):
+            if row.id in cancelled:
+                row.finish = "cancelled"
+            else:
+                token = self._pick(row, logits[i])
+                row.ids.append(token)
+                if token in self.eos:
+                    row.finish = "stop"
+                elif len(row.ids) >= row.max_tokens:
+                    row.finish = "length"
+                self._stream(row, row.finish is not None)
+            if row.finish is None:
+                going.append(i)
+            else:
+                self._done(row)
+        event_stream().flush()  # the step's lines in one write
+        return going
+
+    def _prefill(self, rows: list[Row]) -> Running:
+        """The prompts of `rows`, left-padded, through the model; their first tokens picked."""
+        from transformers import DynamicCache
+
         torch = self.torch
         width = max(len(r.prompt) for r in rows)
         ids = torch.tensor([[self.pad] * (width - len(r.prompt)) + r.prompt for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
-
         cache = DynamicCache()
-        live = list(rows)
+        positions = positions_all(mask)
+        return Running(rows, cache, mask, positions[:, -1:], self._forward(rows, ids, mask, positions, cache))
+
+    def run(self, rows: list[Row], cancelled: set, joining) -> None:
+        """Answer `rows` together, one forward per token for every row still going; at each step, requests that
+        arrived meanwhile (`joining(room)` gives them as rows) join the batch after their own prefill."""
+        torch = self.torch
+        running: Running | None = None
         with torch.inference_mode():
-            while live:
-                extra = {"adapter_names": [r.adapter for r in live]} if self.model is not self.base else {}
-                out = self.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                    **extra,
-                )
-                logits = out.logits[:, -1, :]
-                going = []
-                for i, row in enumerate(live):
-                    if row.id in cancelled:
-                        row.finish = "cancelled"
-                    else:
-                        token = self._pick(row, logits[i])
-                        row.ids.append(token)
-                        if token in self.eos:
-                            row.finish = "stop"
-                        elif len(row.ids) >= row.max_tokens:
-                            row.finish = "length"
-                        self._stream(row, row.finish is not None)
-                    if row.finish is None:
-                        going.append(i)
-                    else:
-                        self._done(row)
-                if not going:
+            while rows or running is not None:
+                if rows:
+                    new = self._prefill(rows)
+                    new.keep(self._advance(new.rows, new.logits, cancelled), torch)
+                    running = new if running is None else running.join(new, torch)
+                    rows = []
+                if running is None or not running.rows:
                     return
-                if len(going) < len(live):
-                    keep = torch.tensor(going, device=self.device)
-                    cache.batch_select_indices(keep)
-                    mask, positions = mask[keep], positions[keep]
-                    live = [live[i] for i in going]
-                ids = torch.tensor([[r.ids[-1]] for r in live], device=self.device)
-                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-                positions = positions[:, -1:] + 1
+                ids = torch.tensor([[r.ids[-1]] for r in running.rows], device=self.device)
+                running.mask = torch.cat([running.mask, running.mask.new_ones(len(running.rows), 1)], dim=1)
+                running.positions = running.positions + 1
+                logits = self._forward(running.rows, ids, running.mask, running.positions, running.cache)
+                running.keep(self._advance(running.rows, logits, cancelled), torch)
+                if running.rows and running.joinable():
+                    rows = joining(self.max_batch - len(running.rows), {r.adapter for r in running.rows})
+                elif not running.rows:
+                    running = None
 
     def _done(self, row: Row) -> None:
         write(
@@ -329,40 +402,53 @@ def _reader(requests: queue.Queue, cancelled: set) -> None:
     requests.put(None)
 
 
-def serve(gen: Generator, max_batch: int) -> None:
+def serve(gen: Generator) -> None:
     requests: queue.Queue = queue.Queue()
     cancelled: set = set()
     threading.Thread(target=_reader, args=(requests, cancelled), daemon=True).start()
-    ending = False
-    while not ending:
-        batch = [requests.get()]
-        while len(batch) < max_batch:
-            try:
-                batch.append(requests.get_nowait())
-            except queue.Empty:
-                break
-        ending = None in batch
-        rows: list[Row] = []
-        keep = {adapter_name(str(r["adapter"].get("name"))) for r in batch if r and isinstance(r.get("adapter"), dict)}
-        for req in filter(None, batch):
+    ended = False
+
+    def rows(reqs: list[dict], keep: set[str]) -> list[Row]:
+        """The requests checked (errors answered) as rows."""
+        keep = keep | {adapter_name(str(r["adapter"].get("name"))) for r in reqs if isinstance(r.get("adapter"), dict)}
+        ready = []
+        for req in reqs:
             rid = req.get("id")
             if rid in cancelled:  # its client left while it waited
                 cancelled.discard(rid)
                 continue
             try:
-                rows.append(gen.row(req, keep))
+                ready.append(gen.row(req, keep))
             except RequestError as exc:
                 write(exc.line(rid))
             except Exception as exc:  # noqa: BLE001 - one bad request must not end the process
                 write(RequestError(500, "generation_failed", f"{type(exc).__name__}: {exc}").line(rid))
-        if rows:
+        return ready
+
+    def waiting(room: int, block: bool) -> list[dict]:
+        nonlocal ended
+        got = []
+        while not ended and len(got) < room:
             try:
-                gen.run(rows, cancelled)
-            except Exception as exc:  # noqa: BLE001 - the batch's requests fail; the process goes on
-                for row in rows:
-                    if row.finish is None:
-                        write(RequestError(500, "generation_failed", f"{type(exc).__name__}: {exc}").line(row.id))
-        cancelled.difference_update(r.id for r in rows)
+                req = requests.get(block=block and not got)
+            except queue.Empty:
+                break
+            if req is None:
+                ended = True
+            else:
+                got.append(req)
+        return got
+
+    while not ended:
+        batch = rows(waiting(gen.max_batch, block=True), set())
+        if not batch:
+            continue
+        try:
+            gen.run(batch, cancelled, lambda room, keep: rows(waiting(room, block=False), keep))
+        except Exception as exc:  # noqa: BLE001 - the batch's requests fail; the process goes on
+            log.exception("A batch failed")
+            write(RequestError(500, "generation_failed", f"{type(exc).__name__}: {exc}").line(None))
+        cancelled.clear()  # every request that was cancelled has ended
 
 
 def main(model: str, revision: str | None = None, max_batch: int = 8, adapter_mb: float = 2048.0) -> int:
@@ -372,7 +458,7 @@ def main(model: str, revision: str | None = None, max_batch: int = 8, adapter_mb
         write({"error": {"status": 500, "code": "model_unavailable", "message": f"no model folder at {model}"}})
         return 2
     try:
-        gen = Generator(model, revision, adapter_mb)
+        gen = Generator(model, revision, adapter_mb, max_batch)
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a model it cannot load
         write({"error": {"status": 500, "code": "model_unavailable", "message": f"the model does not load: {exc}"}})
         return 2
@@ -385,5 +471,5 @@ def main(model: str, revision: str | None = None, max_batch: int = 8, adapter_mb
             "batch": max_batch,
         }
     )
-    serve(gen, max_batch)
+    serve(gen)
     return 0

@@ -138,6 +138,27 @@ class ModelFilesPublic(BaseModel):
     files: list[FilePublic]
 
 
+class MergePublic(BaseModel):
+    """The base to merge an exported adapter into: a hub id (and revision), or its files."""
+
+    hub: str | None = None
+    revision: str | None = None
+    files: list[FilePublic] | None = None
+
+
+class ExportPublic(BaseModel):
+    object: str = "model.export"
+    job_id: str
+    format: str  # merged | adapter | hf
+    checkpoint: int | None  # the checkpoint's step; None: the final model
+    fine_tuned_model: str
+    base_model: str
+    lora: bool
+    files: list[FilePublic]  # the exported folder's files (with `merge`: the adapter's, to merge into the base)
+    merge: MergePublic | None  # set when the client merges (a LoRA checkpoint exported as merged)
+    model_card: str  # README.md of the exported folder
+
+
 class CheckpointsPublic(BaseModel):
     object: str = "list"
     data: list[CheckpointPublic]

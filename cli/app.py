@@ -22,6 +22,7 @@ app.add_typer(models.models_app, name="models")
 app.add_typer(procs.procs_app)
 app.add_typer(dev.dev_app)
 app.command()(models.samples)
+app.command("export")(models.export_model)
 app.command()(chat.chat)
 
 

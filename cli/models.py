@@ -1,8 +1,13 @@
-"""`prefq models ...`: the model registry through the API (`/models`), and `prefq samples JOB`."""
+"""`prefq models ...`: the model registry through the API (`/models`); `prefq samples JOB`; `prefq export JOB DIR`."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import typer
 
@@ -132,3 +137,52 @@ def samples(
         for s in at["samples"]
     ]
     print_table(("step", "model", "#", "tokens", "reward", "completion"), rows, ids=())
+
+
+def export_model(
+    job_id: str,
+    out_dir: Path,
+    checkpoint: int = typer.Option(None, help="A checkpoint's step; none: the final model"),
+    fmt: str = typer.Option(
+        "merged", "--format", help="merged (from_pretrained loads it), adapter (PEFT's, LoRA jobs), hf (as stored)"
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Export the trained model (or a checkpoint) into a folder, with a model card (README.md)."""
+    params = {"format": fmt} | ({"checkpoint": checkpoint} if checkpoint is not None else {})
+    try:
+        found = client().request("GET", f"/jobs/{job_id}/export", params=params)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if found["merge"] is None:
+            client().download(found["files"], out_dir)
+        else:
+            merge_into_base(found, out_dir)
+    except ClientError as exc:
+        fail(str(exc))
+    if found["format"] == "adapter":  # the base as the job names it, not the worker's folder it was trained from
+        config = out_dir / "adapter_config.json"
+        config.write_text(
+            json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": found["base_model"]})
+        )
+    (out_dir / "README.md").write_text(found["model_card"])
+    if as_json:
+        print(json.dumps({k: found[k] for k in ("job_id", "format", "checkpoint", "fine_tuned_model", "base_model")}))
+    else:
+        console.print(f"{found['fine_tuned_model']} ({found['format']}) in {out_dir}")
+
+
+def merge_into_base(found: dict, out_dir: Path) -> None:
+    """A LoRA checkpoint as a merged model: the adapter and the base downloaded, merged by PEFT in a process of its
+    own (`python -m training merge`: this process imports no torch)."""
+    with tempfile.TemporaryDirectory(prefix="prefq-export-") as tmp:
+        adapter = Path(tmp) / "adapter"
+        client().download(found["files"], adapter)
+        merge = found["merge"]
+        base, revision = merge.get("hub"), merge.get("revision")
+        if merge.get("files") is not None:
+            base = str(Path(tmp) / "base")
+            client().download(merge["files"], Path(base))
+        cmd = [sys.executable, "-m", "training", "merge", base, str(adapter), str(out_dir)]
+        done = subprocess.run(cmd + (["--revision", revision] if revision else []), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ClientError(f"merging the adapter into {base} failed: {done.stderr.strip()[-2000:]}")

@@ -103,7 +103,9 @@ def run_processes(job_id: str) -> list[psutil.Process]:
 
 
 @pytest.mark.parametrize(("trainer", "batch_size"), TRAINERS)
-def test_through_the_queue_cancel_then_retry_resumes_and_learns(stack, micro_model, toy_dpo, trainer, batch_size):
+def test_through_the_queue_cancel_then_retry_resumes_and_learns(
+    stack, micro_model, toy_dpo, trainer, batch_size, tmp_path
+):
     job_id = submit(
         stack,
         micro_model,
@@ -152,3 +154,11 @@ def test_through_the_queue_cancel_then_retry_resumes_and_learns(stack, micro_mod
         model=name, messages=[{"role": "user", "content": "What is 2 plus 4?"}], max_tokens=8, temperature=0
     )
     assert answer.model == name and answer.usage.completion_tokens > 0, answer
+    # and exported as it is consolidated: a folder `from_pretrained` loads, without the shards or trainer state
+    from transformers import AutoModelForCausalLM
+
+    out = prefq(stack, "export", job_id, str(tmp_path / "hf"), "--checkpoint", str(step), "--format", "hf")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert {p.name for p in (tmp_path / "hf").iterdir()} >= {"config.json", "model.safetensors", "README.md"}
+    assert not [p for p in (tmp_path / "hf").iterdir() if p.is_dir() or p.name.startswith(("optimizer", "rng"))]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")

@@ -516,3 +516,49 @@ def test_a_batch_answers_as_its_requests_one_by_one(micro_model):
         assert "".join(line.get("delta", "") for line in lines) == alone
     finally:
         gen.close()
+
+
+def test_prefq_export_gives_folders_that_load_and_generate_with_a_model_card(served, lora_jobs, micro_model, tmp_path):
+    """A LoRA job exported merged (from_pretrained) and as its adapter (PEFT, on the base named by the hub id) give
+    the same greedy tokens; a LoRA checkpoint exported merged is merged by the CLI and loads; the model card names
+    the job; formats that do not exist for a job are 422s naming `format`; another tenant's job is a 404."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.services import HUB_ID
+
+    stack, _, other, dpo, _ = served
+    job = lora_jobs[0]
+    for name, args in [
+        ("merged", []),
+        ("adapter", ["--format", "adapter"]),
+        ("ckpt", ["--checkpoint", "8"]),
+    ]:
+        out = prefq(stack, "export", job.id, str(tmp_path / name), *args)
+        assert out.returncode == 0, out.stdout + out.stderr
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert job.id in card and "dpo" in card and "lora" in card and "eval_loss" in card, card
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == HUB_ID, "the base as the job named it"
+    assert not (tmp_path / "merged" / "adapter").exists() and not list((tmp_path / "merged").glob("optimizer*"))
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    prompt = tokenizer("What is 2 plus 4?", return_tensors="pt")
+
+    def greedy(model) -> list[int]:
+        with torch.inference_mode():
+            return model.generate(**prompt, max_new_tokens=12, do_sample=False)[0].tolist()
+
+    merged = greedy(AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32))
+    on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(micro_model), tmp_path / "adapter")
+    assert greedy(on_base) == merged
+    assert len(greedy(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt"))) > prompt["input_ids"].shape[1]
+    assert "checkpoint at step 8" in (tmp_path / "ckpt" / "README.md").read_text()
+
+    for job_id, params in [(dpo.id, {"format": "adapter"}), (job.id, {"format": "hf", "checkpoint": 8})]:
+        refused = stack.http.get(f"/jobs/{job_id}/export", params=params)
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "format", refused.text
+    assert stack.http.get(f"/jobs/{job.id}/export", params={"format": "gguf"}).status_code == 422
+    theirs = httpx.get(f"{stack.url}/jobs/{job.id}/export", headers={"Authorization": f"Bearer {other.api_key}"})
+    assert theirs.status_code == 404, theirs.text

@@ -1,4 +1,4 @@
-"""`python -m training COMMAND`: schema, validate, run, warm, generate, make-tiny-model, make-toy-data.
+"""`python -m training COMMAND`: schema, validate, run, warm, generate, merge, make-tiny-model, make-toy-data.
 
 `schema` and `validate` without `--model` import no torch.
 """
@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", help="the hub id's revision")
     p.add_argument("--batch", type=int, default=8, help="requests answered together at most")
     p.add_argument("--adapter-mb", type=float, default=2048.0, help="LoRA adapters kept loaded within this size")
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base and save the merged model")
+    p.add_argument("base", help="the base model: a folder or a hub id")
+    p.add_argument("adapter", help="the adapter's folder (PEFT's)")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--revision", help="the base hub id's revision")
     p = sub.add_parser(
         "make-tiny-model", help="build a small random model (a Llama, or --family) and a local tokenizer"
     )
@@ -149,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         from training.generate import main as generate_main
 
         return generate_main(args.model, args.revision, args.batch, args.adapter_mb)
+    if args.command == "merge":
+        from training.merge import merge
+
+        merge(args.base, args.adapter, args.out, args.revision)
+        return EXIT_OK
     if args.command == "make-tiny-model":
         from training.tiny import make_tiny_model
 

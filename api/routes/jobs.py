@@ -1,10 +1,11 @@
-"""Jobs: create, read, list, events (JSON or Server-Sent Events), checkpoints, model, artifacts, samples, cancel,
+"""Jobs: create, read, list, events (JSON or Server-Sent Events), checkpoints, model, export, artifacts, samples, cancel,
 retry. Each route is a face of `api.service`."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
@@ -18,14 +19,16 @@ from api.schemas import (
     CheckpointsPublic,
     EventPublic,
     EventsPublic,
+    ExportPublic,
     FilePublic,
     JobCreate,
     JobsPublic,
+    MergePublic,
     ModelFilesPublic,
     SamplesPublic,
     Timestamp,
 )
-from api.service import artifacts, events
+from api.service import artifacts, events, export
 from api.service import jobs as service
 from jobs.models import JobEvent, JobPublic, JobStatus
 from jobs.perimeter import TENANT_PATTERN
@@ -128,6 +131,42 @@ def job_model(job_id: JobId, who: Caller, svc: Services = Depends(services)) -> 
     """The trained model's files with download URLs, once the job has succeeded."""
     prefix, keys = artifacts.model_files(svc, service.owned(svc, who, job_id))
     return ModelFilesPublic(uri=svc.storage.uri(prefix), files=_files(svc.storage, prefix, keys))
+
+
+@router.get("/jobs/{job_id}/export", response_model=ExportPublic, responses=responses(401, 404, 409, 422))
+def job_export(
+    job_id: JobId,
+    who: Caller,
+    format: Literal["merged", "adapter", "hf"] = Query("merged", description="merged, adapter (LoRA) or hf"),
+    checkpoint: int | None = Query(None, ge=0, le=10**9, description="A checkpoint's step; none: the final model"),
+    svc: Services = Depends(services),
+) -> ExportPublic:
+    """The model (or a checkpoint) as a folder to deploy: merged weights, the LoRA adapter alone, or the full weights
+    as stored (a sharded checkpoint consolidated), with download URLs and a model card. A LoRA checkpoint exported
+    as merged gives the adapter's files and the base (`merge`) to merge it into (`prefq export` does)."""
+    found = export.export(svc, service.owned(svc, who, job_id), format, checkpoint)
+
+    def files(pairs: list[tuple[str, str]]) -> list[FilePublic]:
+        return [FilePublic(name=name, url=svc.storage.presigned_url(key)) for name, key in pairs]
+
+    merge = None
+    if found.merge is not None:
+        merge = MergePublic(
+            hub=found.merge.get("hub"),
+            revision=found.merge.get("revision"),
+            files=files(found.merge["files"]) if "files" in found.merge else None,
+        )
+    return ExportPublic(
+        job_id=job_id,
+        format=found.format,
+        checkpoint=found.checkpoint,
+        fine_tuned_model=found.fine_tuned_model,
+        base_model=found.base_model,
+        lora=found.lora,
+        files=files(found.files),
+        merge=merge,
+        model_card=found.model_card,
+    )
 
 
 @router.get("/jobs/{job_id}/artifacts", response_model=ArtifactsPublic, responses=responses(401, 404, 422))

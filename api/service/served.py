@@ -51,7 +51,7 @@ def resolve_served_model(store: JobStore, storage: Storage, tenant: str, name: s
         folder = uri + CONSOLIDATED + "/" if prefix + f"{CONSOLIDATED}/config.json" in keys else uri
     if not adapter:
         return {"model_uri": folder}
-    base = _base(job.model, tenant, store, registry, storage)
+    base = base_of(job.model, tenant, store, storage)
     if base is None and found.ref.step is None:
         return {"model_uri": uri}  # the merged model beside the adapter
     if base is None:
@@ -64,11 +64,11 @@ def resolve_served_model(store: JobStore, storage: Storage, tenant: str, name: s
     return {"model_uri": folder, **base}
 
 
-def _base(model: str, tenant: str, store: JobStore, registry: Registry, storage: Storage) -> dict[str, str] | None:
+def base_of(model: str, tenant: str, store: JobStore, storage: Storage) -> dict[str, str] | None:
     """The serve request's base fields for a job's `model` (as the job pinned it): a hub id, or a folder of the
     tenant's in storage; None for what the serve does not load (a local folder, a base that is gone)."""
     try:
-        base = modelref.resolve(model, tenant, store, registry, storage, MANIFEST_NAME, bare_names=False)
+        base = modelref.resolve(model, tenant, store, Registry(store.engine), storage, MANIFEST_NAME, bare_names=False)
     except modelref.ModelNotFound:
         return None
     if base.ref.kind == "hub":

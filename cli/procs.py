@@ -62,8 +62,16 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 
 
 @procs_app.command()
-def serve(host: str = "127.0.0.1", port: int = 8001) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    engine: str = typer.Option(
+        None, help="transformers (the default) or vllm (needs vLLM with CUDA); sets PREFQ_SERVE_ENGINE"
+    ),
+) -> None:
     """The playground's generation service: one process per loaded model; the API forwards to it (PREFQ_SERVE_URL)."""
+    if engine not in (None, "transformers", "vllm"):
+        fail(f"--engine: transformers or vllm, not {engine!r}")
     _serve(
         [
             sys.executable,
@@ -77,7 +85,8 @@ def serve(host: str = "127.0.0.1", port: int = 8001) -> None:
             "--port",
             str(port),
             "--no-access-log",
-        ]
+        ],
+        dict(os.environ) | ({"PREFQ_SERVE_ENGINE": engine} if engine else {}),
     )
 
 

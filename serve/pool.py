@@ -67,6 +67,7 @@ class Child:
         env = run_env(dict(os.environ), settings.gpu_ids, len(settings.gpu_ids))
         args = [model] + (["--revision", base.revision] if base.revision else [])
         args += ["--batch", str(settings.serve_max_batch), "--adapter-mb", str(settings.serve_adapter_mb)]
+        args += ["--engine", settings.serve_engine]
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-P",

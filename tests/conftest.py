@@ -150,12 +150,15 @@ def python_env() -> dict:
     return env
 
 
-def start_training(spec: dict, out: Path, *extra: str) -> subprocess.Popen:
+def start_training(spec: dict, out: Path, *extra: str):
+    """`python -m training run` started, its events on `.stdout` (a `Popen`, or its warm equivalent): forked by the
+    session's warm starter where it can be, else started cold."""
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out.parent / f"{out.name}-spec.json"
     spec_path.write_text(json.dumps(spec))
-    return subprocess.Popen(
-        [sys.executable, "-m", "training", "run", str(spec_path), "--out", str(out), *extra],
+    argv = ["run", str(spec_path), "--out", str(out), *extra]
+    return _Warm.start(argv) or subprocess.Popen(
+        [sys.executable, "-m", "training", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -164,15 +167,39 @@ def start_training(spec: dict, out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+class _Started:
+    """A warm run as much of a `Popen` as the tests use: `stdout` (text), `pid`, `send_signal`, `wait`, `poll`."""
+
+    def __init__(self, run, stdout):
+        self.run, self.stdout, self.pid = run, stdout, run.pid
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.run.wait(timeout)
+
+    def poll(self) -> int | None:
+        return self.run.poll()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        out = self.stdout.read()
+        self.wait(timeout)
+        return out, None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.run.returncode
+
+
 class _Warm:
     """The session's warm starter (`training.warm`, as a worker's), started on first use (again if it stopped)."""
 
     starter = None
 
     @classmethod
-    def run(cls, argv: list[str], stdout: Path) -> int | None:
-        """The exit code of `python -m training ARGV` forked warm in this process's environment; None where it
-        starts cold instead."""
+    def _start(cls, argv: list[str], stdout: int):
+        """`python -m training ARGV` forked warm in this process's environment, or None where it starts cold."""
         import atexit
 
         from training.warm import ColdStart, WarmStarter
@@ -181,12 +208,32 @@ class _Warm:
         if cls.starter is None or not cls.starter.alive():
             cls.starter = WarmStarter(env, ROOT)
             atexit.register(cls.starter.close)
-        with open(stdout, "wb") as out, open(os.devnull, "wb") as err:
+        with open(os.devnull, "wb") as err:
             try:
-                run = cls.starter.start(argv, env, ROOT, out.fileno(), err.fileno(), wait_s=120)
+                return cls.starter.start(argv, env, ROOT, stdout, err.fileno(), wait_s=120)
             except ColdStart:
                 return None
-        return run.wait(600)
+
+    @classmethod
+    def run(cls, argv: list[str], stdout: Path) -> int | None:
+        """The exit code of `python -m training ARGV` forked warm, its stdout into `stdout`; None where it starts
+        cold instead."""
+        with open(stdout, "wb") as out:
+            run = cls._start(argv, out.fileno())
+        return None if run is None else run.wait(600)
+
+    @classmethod
+    def start(cls, argv: list[str]) -> _Started | None:
+        """`python -m training ARGV` forked warm, its stdout a pipe to read; None where it starts cold instead."""
+        read, write = os.pipe()
+        try:
+            run = cls._start(argv, write)
+        finally:
+            os.close(write)
+        if run is None:
+            os.close(read)
+            return None
+        return _Started(run, os.fdopen(read, "r"))
 
 
 def run_training(spec: dict, out: Path, *extra: str) -> tuple[int, list[dict]]:

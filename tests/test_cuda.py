@@ -135,3 +135,52 @@ def test_memory_estimate_against_the_cuda_allocators_peak(tmp_path, small_model,
     estimated = memory["estimated_gib"] - RUNTIME["cuda"] / GIB
     print(f"cuda {lora or 'full'}: estimated {estimated:.3f} GiB, allocator peak {memory['peak_gib']:.3f} GiB")
     assert memory["device"] == "cuda" and 0.75 <= estimated / memory["peak_gib"] <= 1.25, memory
+
+
+def _lora_adapter(model, folder, seed: int) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model)
+    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(
+        folder
+    )
+
+
+@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+def test_a_model_process_answers_batched_requests_with_adapters_on_the_gpu(engine, micro_model, tmp_path):
+    """The serve's model process on CUDA (`--engine`): eight requests at once, two of them with LoRA adapters of the
+    base, each answered to its end; the vLLM engine where vLLM is installed."""
+    import json
+    import subprocess
+    import sys
+
+    if engine == "vllm":
+        pytest.importorskip("vllm", reason="vLLM is not installed on this GPU machine")
+    for i in range(2):
+        _lora_adapter(micro_model, tmp_path / f"adapter{i}", i)
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "training", "generate", str(micro_model), "--engine", engine],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready.get("ready") and ready["device"] == "cuda", ready
+        for i in range(8):
+            adapter = {"name": f"a{i}", "folder": str(tmp_path / f"adapter{i}")} if i < 2 else None
+            req = {"id": f"r{i}", "prompt": f"What is {i} plus 2?", "max_tokens": 16, "temperature": 0}
+            proc.stdin.write(json.dumps({**req, "adapter": adapter}) + "\n")
+        proc.stdin.flush()
+        done = {}
+        while len(done) < 8:
+            line = json.loads(proc.stdout.readline())
+            assert "error" not in line, line
+            if line.get("done"):
+                done[line["id"]] = line
+        assert all(d["completion_tokens"] > 0 for d in done.values()), done
+    finally:
+        proc.stdin.close()
+        proc.wait(60)

@@ -359,7 +359,7 @@ def test_serve_healthz_tells_no_model_tenant_or_job(settings):
 @pytest.fixture(scope="module")
 def lora_jobs(stack, toy_dpo):
     """Two LoRA DPO jobs of the hub model (the default tenant), at different seeds and learning rates, each with a
-    checkpoint at step 8; as the SDK reads them."""
+    checkpoint at step 4; as the SDK reads them."""
     from tests.services import HUB_ID, submit
 
     ids = [
@@ -367,7 +367,7 @@ def lora_jobs(stack, toy_dpo):
             stack,
             HUB_ID,
             toy_dpo,
-            *("--set", "lora.r=8", "--set", "max_steps=16", "--set", "save_steps=8"),
+            *("--set", "lora.r=8", "--set", "max_steps=8", "--set", "save_steps=4"),
             *("--set", f"learning_rate={rate}", "--set", f"seed={seed}"),
         )
         for rate, seed in [(3e-3, 1), (2e-2, 2)]
@@ -399,7 +399,7 @@ def test_lora_models_and_checkpoints_are_adapters_served_on_one_base(served, lor
     stack, client, _, _, port = served
     before = _model_pids(stack)
     first, second = (_greedy(client, job.fine_tuned_model) for job in lora_jobs)
-    checkpoint = _greedy(client, f"{lora_jobs[0].fine_tuned_model}:ckpt-step-8")
+    checkpoint = _greedy(client, f"{lora_jobs[0].fine_tuned_model}:ckpt-step-4")
     assert first != second, "two adapters, two models"
     assert checkpoint and all(isinstance(t, str) for t in checkpoint)
     started = _model_pids(stack) - before
@@ -533,7 +533,7 @@ def test_prefq_export_gives_folders_that_load_and_generate_with_a_model_card(ser
     for name, args in [
         ("merged", []),
         ("adapter", ["--format", "adapter"]),
-        ("ckpt", ["--checkpoint", "8"]),
+        ("ckpt", ["--checkpoint", "4"]),
     ]:
         out = prefq(stack, "export", job.id, str(tmp_path / name), *args)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -554,11 +554,29 @@ def test_prefq_export_gives_folders_that_load_and_generate_with_a_model_card(ser
     on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(micro_model), tmp_path / "adapter")
     assert greedy(on_base) == merged
     assert len(greedy(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt"))) > prompt["input_ids"].shape[1]
-    assert "checkpoint at step 8" in (tmp_path / "ckpt" / "README.md").read_text()
+    assert "checkpoint at step 4" in (tmp_path / "ckpt" / "README.md").read_text()
 
-    for job_id, params in [(dpo.id, {"format": "adapter"}), (job.id, {"format": "hf", "checkpoint": 8})]:
+    for job_id, params in [(dpo.id, {"format": "adapter"}), (job.id, {"format": "hf", "checkpoint": 4})]:
         refused = stack.http.get(f"/jobs/{job_id}/export", params=params)
         assert refused.status_code == 422 and refused.json()["error"]["field"] == "format", refused.text
     assert stack.http.get(f"/jobs/{job.id}/export", params={"format": "gguf"}).status_code == 422
     theirs = httpx.get(f"{stack.url}/jobs/{job.id}/export", headers={"Authorization": f"Bearer {other.api_key}"})
     assert theirs.status_code == 404, theirs.text
+
+
+def test_the_vllm_engine_says_what_it_needs_where_it_cannot_run(micro_model):
+    """`--engine vllm` on a machine without vLLM or CUDA: one `model_unavailable` line that says which, exit 2 (the
+    serve relays it as the request's error); `prefq serve` refuses an engine it does not know, by name."""
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "training", "generate", str(micro_model), "--engine", "vllm"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+    line = json.loads(done.stdout.splitlines()[0])
+    assert done.returncode == 2 and line["error"]["code"] == "model_unavailable", (done.stdout, done.stderr[-2000:])
+    assert "CUDA" in line["error"]["message"] or "vllm" in line["error"]["message"], line
+    prefq_command = str(Path(sys.executable).with_name("prefq"))
+    refused = subprocess.run([prefq_command, "serve", "--engine", "tgi"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--engine" in refused.stdout + refused.stderr, refused

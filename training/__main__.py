@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", help="the hub id's revision")
     p.add_argument("--batch", type=int, default=8, help="requests answered together at most")
     p.add_argument("--adapter-mb", type=float, default=2048.0, help="LoRA adapters kept loaded within this size")
+    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base and save the merged model")
     p.add_argument("base", help="the base model: a folder or a hub id")
     p.add_argument("adapter", help="the adapter's folder (PEFT's)")
@@ -151,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.socket)
     if args.command == "generate":
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-        from training.generate import main as generate_main
+        if args.engine == "vllm":
+            from training.generate_vllm import main as generate_main
+        else:
+            from training.generate import main as generate_main
 
         return generate_main(args.model, args.revision, args.batch, args.adapter_mb)
     if args.command == "merge":

@@ -97,6 +97,44 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def checked(req: dict, tokenizer, max_positions: int | None, vocab_size: int) -> dict:
+    """A request's fields checked against the model (`RequestError` names the one that is wrong): `id`, `prompt`
+    (token ids), `max_tokens`, `temperature`, `top_p`, `stops`, `bias` ({token id: bias}). Both engines use it."""
+    if req.get("messages") is not None:
+        prompt, param = render_messages(tokenizer, req["messages"]), "messages"
+    else:
+        prompt, param = tokenizer(req.get("prompt") or "")["input_ids"], "prompt"
+    max_tokens = int(req.get("max_tokens") or 16)
+    if not prompt:
+        raise RequestError(400, "invalid_request", f"{param}: empty (no tokens to continue)", param)
+    if max_positions and len(prompt) + max_tokens > max_positions:
+        raise RequestError(
+            400,
+            "context_length_exceeded",
+            f"this model's context is {max_positions} tokens; "
+            f"{param} is {len(prompt)} tokens and max_tokens asks for {max_tokens} more",
+            param,
+        )
+    bias = {int(k): float(v) for k, v in (req.get("logit_bias") or {}).items()}
+    bad = [k for k in bias if not 0 <= k < vocab_size]
+    if bad:
+        raise RequestError(
+            400,
+            "invalid_logit_bias",
+            f"logit_bias: token id {bad[0]} is not in the model's vocabulary (0 to {vocab_size - 1})",
+            "logit_bias",
+        )
+    return {
+        "id": req.get("id"),
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": float(req.get("temperature", 1.0)),
+        "top_p": float(req.get("top_p", 1.0)),
+        "stops": [s for s in req.get("stop") or [] if s],
+        "bias": bias,
+    }
+
+
 def adapter_name(folder_key: str) -> str:
     """A PEFT adapter name (a module key: no dots) for an adapter's identity."""
     return "a" + hashlib.sha256(folder_key.encode()).hexdigest()[:16]
@@ -236,48 +274,13 @@ class Generator:
 
     # -- requests --
 
-    def _inputs(self, req: dict) -> tuple[list[int], str]:
-        if req.get("messages") is not None:
-            return render_messages(self.tokenizer, req["messages"]), "messages"
-        return self.tokenizer(req.get("prompt") or "")["input_ids"], "prompt"
-
     def row(self, req: dict, keep: set[str]) -> Row:
         """A request checked and ready for a batch (`RequestError` names what is wrong)."""
-        rid, max_tokens = req.get("id"), int(req.get("max_tokens") or 16)
-        prompt, param = self._inputs(req)
-        if not prompt:
-            raise RequestError(400, "invalid_request", f"{param}: empty (no tokens to continue)", param)
-        if self.max_positions and len(prompt) + max_tokens > self.max_positions:
-            raise RequestError(
-                400,
-                "context_length_exceeded",
-                f"this model's context is {self.max_positions} tokens; "
-                f"{param} is {len(prompt)} tokens and max_tokens asks for {max_tokens} more",
-                param,
-            )
-        bias = {int(k): float(v) for k, v in (req.get("logit_bias") or {}).items()}
-        bad = [k for k in bias if not 0 <= k < self.vocab_size]
-        if bad:
-            raise RequestError(
-                400,
-                "invalid_logit_bias",
-                f"logit_bias: token id {bad[0]} is not in the model's vocabulary (0 to {self.vocab_size - 1})",
-                "logit_bias",
-            )
+        asked = checked(req, self.tokenizer, self.max_positions, self.vocab_size)
         generator = None
         if req.get("seed") is not None:
             generator = self.torch.Generator(self.device).manual_seed(int(req["seed"]))
-        return Row(
-            id=rid,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=float(req.get("temperature", 1.0)),
-            top_p=float(req.get("top_p", 1.0)),
-            stops=[s for s in req.get("stop") or [] if s],
-            bias=bias,
-            adapter=self.adapter(req.get("adapter"), keep),
-            generator=generator,
-        )
+        return Row(**asked, adapter=self.adapter(req.get("adapter"), keep), generator=generator)
 
     def _pick(self, row: Row, logits) -> int:
         torch = self.torch

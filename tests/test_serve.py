@@ -266,30 +266,45 @@ def test_a_serve_that_is_down_is_a_503_until_it_is_back(served):
     assert client.chat.completions.create(model=job.fine_tuned_model, messages=hi, max_tokens=4).choices
 
 
-def test_a_models_start_does_not_count_as_waiting_for_a_busy_model(served):
+def test_a_models_start_does_not_count_as_waiting_for_a_busy_model(served, micro_model):
     """The first request for a model waits for its process to start (import torch, load the weights); a serve whose
     time limit is shorter than that start still answers it, instead of a 503 saying the model answered other
-    requests (there were none)."""
-    import json
+    requests (there were none). A model holds `PREFQ_SERVE_MAX_WAITING` requests: one more is a 503 at once."""
+    from concurrent.futures import ThreadPoolExecutor
 
     from cli.stack import free_port, stop, wait_for_port
 
     stack, _, _, job, _ = served
     port = free_port()
-    quick = stack.start("serve-quick", "serve", "--port", str(port), env={"PREFQ_SERVE_TIMEOUT_S": "0.5"})
-    try:
-        wait_for_port(port, 60)
-        body = {"id": "first", "model_uri": stack.get(f"/jobs/{job.id}")["result_uri"], "prompt": "Hi", "max_tokens": 1}
+    env = {"PREFQ_SERVE_TIMEOUT_S": "0.5", "PREFQ_SERVE_MAX_WAITING": "1"}
+    quick = stack.start("serve-quick", "serve", "--port", str(port), env=env)
+    body = {"model_uri": stack.get(f"/jobs/{job.id}")["result_uri"], "prompt": "Hi"}
+
+    def ask(rid: str, **more) -> list[dict]:
         answer = httpx.post(
             f"http://127.0.0.1:{port}/generate",
-            json=body,
+            json={"id": rid, **body, "max_tokens": 1, **more},
             timeout=120,
             headers={"Authorization": f"Bearer {stack.env['PREFQ_SERVE_TOKEN']}"},
         )
+        assert answer.status_code == 200, answer.text
+        return [json.loads(line) for line in answer.text.splitlines()]
+
+    try:
+        wait_for_port(port, 60)
+        lines = ask("first")
+        long = {"max_tokens": CAP - 10, "logit_bias": _no_eos(micro_model)}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(ask, "long", **long)
+            time.sleep(0.1)
+            second = ask("second", **long)
+            first = first.result()
     finally:
         stop([quick])
-    lines = [json.loads(line) for line in answer.text.splitlines()]
-    assert answer.status_code == 200 and lines[-1].get("done") and not any("error" in line for line in lines), lines
+    assert lines[-1].get("done") and not any("error" in line for line in lines), lines
+    assert first[-1]["error"]["code"] == "timeout", first[-1]
+    assert second == [second[0]] and second[0]["error"]["code"] == "serve_busy", second
+    assert "PREFQ_SERVE_MAX_WAITING" in second[0]["error"]["message"]
 
 
 def test_a_registered_model_answers_by_its_name_and_in_the_dashboards_chat_box(served, browser):
@@ -423,11 +438,12 @@ def _vm(pid: int, field: str) -> int:
 class Generating:
     """A model process (`python -m training generate`) driven through its pipes."""
 
-    def __init__(self, model: Path):
+    def __init__(self, model: Path, *args: str, stderr=None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "training", "generate", str(model), "--batch", "8"],
+            [sys.executable, "-P", "-m", "training", "generate", str(model), "--batch", "8", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
@@ -486,6 +502,36 @@ def test_adapters_share_one_copy_of_their_base(small_model, tmp_path):
         assert "bitsandbytes" not in Path(f"/proc/{gen.proc.pid}/maps").read_text()
     finally:
         gen.close()
+
+
+def test_adapters_beyond_the_budget_are_unloaded_least_recently_used_first_and_loaded_again(micro_model, tmp_path):
+    """With room for one adapter (`--adapter-mb`), asking for a second unloads the first; asked again, the first is
+    loaded again and answers as it did."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for i in range(2):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_pretrained(micro_model)
+        lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(model, lora).save_pretrained(tmp_path / f"adapter{i}")
+    size = sum(p.stat().st_size for p in (tmp_path / "adapter0").glob("*.safetensors"))
+    log = tmp_path / "generate.log"
+    with open(log, "w") as err:
+        gen = Generating(micro_model, "--adapter-mb", str(1.5 * size / 1e6), stderr=err)
+    no_eos = _no_eos(micro_model)
+    try:
+        texts = []
+        for i in (0, 1, 0):
+            adapter = {"name": f"a{i}", "folder": str(tmp_path / f"adapter{i}")}
+            answer = gen.ask({"id": f"r{len(texts)}", "prompt": "Hello", "adapter": adapter, "logit_bias": no_eos})
+            texts.append(answer[f"r{len(texts)}"]["text"])
+    finally:
+        gen.close()
+    assert texts[0] == texts[2] != texts[1], texts
+    lines = log.read_text()
+    assert lines.count("unloaded") == 2 and lines.count("loading") == 3, lines
 
 
 def test_a_batch_answers_as_its_requests_one_by_one(micro_model):

@@ -257,6 +257,8 @@ class Generator:
                 break
             self.model.delete_adapter(old)
             del self.adapters[old]
+            log.info("Adapter %s unloaded: the adapters kept are within --adapter-mb", old)
+        log.info("Adapter %s loading (%d bytes)", name, size)
         try:
             if self.model is self.base:
                 from peft import PeftModel
@@ -264,6 +266,7 @@ class Generator:
                 self.model = PeftModel.from_pretrained(self.base, folder, adapter_name=name).eval()
             else:
                 self.model.load_adapter(folder, adapter_name=name)
+                self.model.set_adapter(name)  # the active one may have been unloaded; batches name theirs per row
                 self.model.eval()
         except Exception as exc:  # noqa: BLE001 - whatever PEFT raises for an adapter that does not fit this model
             raise RequestError(
@@ -442,21 +445,32 @@ def serve(gen: Generator) -> None:
                 got.append(req)
         return got
 
+    answered: list[Row] = []  # the rows of the batch under way, and those that joined it
+
+    def joining(room: int, keep: set[str]) -> list[Row]:
+        joined = rows(waiting(room, block=False), keep)
+        answered.extend(joined)
+        return joined
+
     while not ended:
         batch = rows(waiting(gen.max_batch, block=True), set())
         if not batch:
             continue
+        answered[:] = batch
         try:
-            gen.run(batch, cancelled, lambda room, keep: rows(waiting(room, block=False), keep))
-        except Exception as exc:  # noqa: BLE001 - the batch's requests fail; the process goes on
+            gen.run(batch, cancelled, joining)
+        except Exception as exc:  # noqa: BLE001 - the batch's unfinished requests fail; the process goes on
             log.exception("A batch failed")
-            write(RequestError(500, "generation_failed", f"{type(exc).__name__}: {exc}").line(None))
+            for row in answered:
+                if row.finish is None:
+                    write(RequestError(500, "generation_failed", f"{type(exc).__name__}: {exc}").line(row.id))
         cancelled.clear()  # every request that was cancelled has ended
 
 
 def main(model: str, revision: str | None = None, max_batch: int = 8, adapter_mb: float = 2048.0) -> int:
     claim_stdout()
     leave_out(LEFT_OUT)  # a served model is neither quantized nor tracked (PEFT would import bitsandbytes: 1 to 2 s)
+    log.setLevel(logging.INFO)  # adapters loaded and unloaded are worth a line in the serve's log
     if (model.startswith("/") or Path(model).is_dir()) and not (Path(model) / "config.json").is_file():
         write({"error": {"status": 500, "code": "model_unavailable", "message": f"no model folder at {model}"}})
         return 2

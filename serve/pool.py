@@ -165,7 +165,10 @@ class Child:
         """Forget request `rid`; with `cancel`, the child stops generating it at its next token."""
         self.pending.pop(rid, None)
         if cancel and self.alive:
-            self.write({"cancel": rid})
+            try:
+                self.write({"cancel": rid})
+            except ServeError:
+                pass  # the child is gone: nothing of the request is left to stop
 
     def write(self, line: dict) -> None:
         try:

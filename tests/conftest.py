@@ -157,8 +157,17 @@ def start_training(spec: dict, out: Path, *extra: str):
     spec_path = out.parent / f"{out.name}-spec.json"
     spec_path.write_text(json.dumps(spec))
     argv = ["run", str(spec_path), "--out", str(out), *extra]
-    return _Warm.start(argv) or subprocess.Popen(
-        [sys.executable, "-m", "training", *argv],
+    return _Warm.start(argv) or start_cold(spec, out, *extra)
+
+
+def start_cold(spec: dict, out: Path, *extra: str) -> subprocess.Popen:
+    """`python -m training run` started as a process of its own (nothing imported: a distributed run's ranks then come
+    from `accelerate launch`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out.parent / f"{out.name}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    return subprocess.Popen(
+        [sys.executable, "-m", "training", "run", str(spec_path), "--out", str(out), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

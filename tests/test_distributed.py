@@ -5,7 +5,8 @@ import json
 import psutil
 import pytest
 
-from tests.conftest import dpo_spec, of_type, run_training
+from tests.conftest import dpo_spec, of_type, run_training, start_cold
+from tests.services import wait
 from tests.test_service import alive, prefq, submit
 from training.spec import EXIT_OK
 
@@ -63,9 +64,17 @@ def test_distributed_trainer_matches_basic(trainer, batch_size, reference, basic
     assert max((final[k] - reference[k]).abs().max().item() for k in final) < 1e-4
 
 
-def test_fsdp_parameters_are_sharded_dtensors(micro_model, toy_dpo, tmp_path):
+@pytest.mark.parametrize("start", ["forked", "cold"])
+def test_fsdp_parameters_are_sharded_dtensors(micro_model, toy_dpo, tmp_path, start):
+    """As ranks forked from a warm run (`training.ranks`) and as ranks of `accelerate launch` (a run started cold,
+    with nothing imported when it launches), the same FSDP2 sharding."""
     spec = dpo_spec(micro_model, toy_dpo, max_steps=1, eval_fraction=0, trainer="fsdp", gpus=2)
-    rc, events = run_training(spec, tmp_path / "run")
+    if start == "forked":
+        rc, events = run_training(spec, tmp_path / "run")
+    else:
+        proc = start_cold(spec, tmp_path / "run")
+        stdout, _ = proc.communicate(timeout=300)
+        rc, events = proc.returncode, [json.loads(line) for line in stdout.splitlines()]
     assert rc == EXIT_OK
     p = of_type(events, "started")[0]["parallelism"]
     assert p["processes"] == 2 and p["parameters"] > 0 and p["dtensor_parameters"] == p["parameters"]
@@ -94,12 +103,42 @@ def test_deepspeed_tp_refuses_heads_that_do_not_divide(micro_model, toy_dpo, tmp
 
 
 def run_processes(job_id: str) -> list[psutil.Process]:
-    """Every process whose command line names the job (its supervisor, launcher and ranks)."""
+    """Every process of the job's run: whose command line names the job (a cold start's), or whose working folder is
+    the job's (a run forked warm, and the ranks it forks, have the warm server's command line)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any(job_id in part for part in p.info["cmdline"] or []):
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        if any(job_id in part for part in p.info["cmdline"] or []) or job_id in (p.info["cwd"] or ""):
             found.append(p)
     return found
+
+
+def rank_processes(job_id: str) -> list[psutil.Process]:
+    """The job's rank processes: those that call `training.distributed.in_launched_rank` true (LOCAL_RANK set, in
+    the environment they were started with, or, forked, in the one they set: their children of the run)."""
+    found = run_processes(job_id)
+    started = [p for p in found if "LOCAL_RANK" in _environ(p)]
+    return started or [c for p in found for c in _children(p) if p in found and c in found and _forked_rank(c, p)]
+
+
+def _environ(p: psutil.Process) -> dict:
+    try:
+        return p.environ()
+    except psutil.Error:
+        return {}
+
+
+def _children(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return p.children()
+    except psutil.Error:
+        return []
+
+
+def _forked_rank(child: psutil.Process, parent: psutil.Process) -> bool:
+    try:
+        return child.cmdline() == parent.cmdline() and child.ppid() == parent.pid
+    except psutil.Error:
+        return False
 
 
 @pytest.mark.parametrize(("trainer", "batch_size"), TRAINERS)
@@ -124,7 +163,7 @@ def test_through_the_queue_cancel_then_retry_resumes_and_learns(
     stack.wait_for_event(job_id, "started")
     workers = prefq(stack, "workers").stdout
     assert job_id in workers and "CPU x2" in workers, workers
-    ranks = [p for p in run_processes(job_id) if "LOCAL_RANK" in p.environ()]
+    ranks = wait(lambda: (found := rank_processes(job_id)) and len(found) == 2 and found, 30, "two rank processes")
     assert len(ranks) == 2, "two rank processes train"
 
     stack.wait_for_event(job_id, "checkpoint")  # cancelled at once, long before the end

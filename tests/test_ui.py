@@ -152,6 +152,8 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     events = stack.get(f"/jobs/{job_id}/events")["data"]
     resumed = next(e for e in events if e["type"] == "started" and e["attempt"] == 2)["data"]
     assert resumed["resumed_from_step"] >= 10, "the retry resumes from a checkpoint"
+    # the status comes with the job's state, the row with the events' stream: either may come first
+    page.wait_for_selector("#events tr.ev-succeeded", state="attached", timeout=30_000)
     assert page.locator("#events tr.ev-succeeded").count() == 1
     model_file = page.get_attribute("#model-files a[href$='/config.json']", "href")
     assert page.request.get(model_file).status == 200

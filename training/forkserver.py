@@ -46,12 +46,14 @@ def _preload() -> None:
     import training.sft  # noqa: F401
 
 
-def fork_hazards() -> str | None:
+def fork_hazards(harmless: tuple[str, ...] = ()) -> str | None:
     """Why this process must not fork runs, or None: a second Python thread (in a forked child, what it held would
-    stay held), or the CUDA driver loaded (a forked child cannot use CUDA once its parent has started it). The native
-    helper threads of torch and of pyarrow's allocator are not counted: those libraries reset them at fork."""
-    if threading.active_count() > 1:
-        return f"{threading.active_count()} Python threads after the imports"
+    stay held) other than those named `harmless` (a thread that only sleeps and polls holds nothing), or the CUDA
+    driver loaded (a forked child cannot use CUDA once its parent has started it). The native helper threads of torch
+    and of pyarrow's allocator are not counted: those libraries reset them at fork."""
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.name not in harmless]
+    if others:
+        return f"{len(others) + 1} Python threads ({', '.join(others)})"
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:

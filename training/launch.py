@@ -2,8 +2,10 @@
 model processes), and for the `fsdp` and `deepspeed-tp` trainers generated configs, `accelerate launch`, and its
 supervision.
 
-`python -m training run SPEC --out DIR` with a distributed trainer runs here first (no torch imported): it
-writes DIR/launch/accelerate.yaml (and deepspeed.json), starts
+`python -m training run SPEC --out DIR` with a distributed trainer runs here first: it writes
+DIR/launch/accelerate.yaml (and deepspeed.json). A run forked warm (`training.warm`: torch and the trainers already
+imported) forks its ranks from itself with the environment `accelerate launch` would give them (`training.ranks`).
+A run started cold (nothing imported) starts
 
     accelerate launch --config_file DIR/launch/accelerate.yaml -m training run SPEC --out DIR [--resume]
 
@@ -183,6 +185,14 @@ def launch(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool) -> i
     cmd, env = command(spec, spec_path, out_dir, resume)
     code_file = out_dir / "launch" / "exit-code"
     code_file.unlink(missing_ok=True)
+    if "torch" in sys.modules:  # a warm run: its ranks are forked from it, imports and all
+        from training.forkserver import fork_hazards
+        from training.ranks import fork_ranks
+
+        hazard = fork_hazards(harmless=("orphan-watch",))  # `python -m training run --stop-grace-s`'s
+        if hazard is None:
+            return fork_ranks(cmd, env, spec.gpus, code_file)
+        print(f"ranks started by accelerate launch, not forked: {hazard}", file=sys.stderr)
     proc = subprocess.Popen(
         cmd,
         env=env,

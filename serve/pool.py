@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from settings import Settings
 from storage import StorageError, get_dir, open_storage, open_uri
 from storage.cache import ModelCache
-from training.launch import run_env
-from training.parent import confine_child
+from training.parent import confine_child, run_env
 
 log = logging.getLogger("prefq.serve")
 LOAD_TIMEOUT_S = 900.0  # fetching is not counted: loading a big model onto a GPU takes minutes, not hours

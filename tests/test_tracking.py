@@ -51,7 +51,7 @@ def test_worker_stays_torch_free_and_keeps_tracking_secrets(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
-    from training.launch import run_env
+    from training.parent import run_env
 
     secret = {
         "MLFLOW_TRACKING_TOKEN": "t",

@@ -22,11 +22,9 @@ import selectors
 import signal
 import socket
 import sys
-import threading
-from pathlib import Path
 
 from training.parent import die_with_parent, hide_process, make_dumpable
-from training.warm import LEFT_OUT, MAX_FDS, MAX_REQUEST, PER_RUN, differs
+from training.warm import LEFT_OUT, MAX_FDS, MAX_REQUEST, PER_RUN, differs, fork_hazards
 
 _started_with: dict[str, str] = {}  # this server's environment before its imports
 
@@ -44,23 +42,6 @@ def _preload() -> None:
     import training.run  # noqa: F401
     import training.samples  # noqa: F401
     import training.sft  # noqa: F401
-
-
-def fork_hazards(harmless: tuple[str, ...] = ()) -> str | None:
-    """Why this process must not fork runs, or None: a second Python thread (in a forked child, what it held would
-    stay held) other than those named `harmless` (a thread that only sleeps and polls holds nothing), or the CUDA
-    driver loaded (a forked child cannot use CUDA once its parent has started it). The native helper threads of torch
-    and of pyarrow's allocator are not counted: those libraries reset them at fork."""
-    others = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.name not in harmless]
-    if others:
-        return f"{len(others) + 1} Python threads ({', '.join(others)})"
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        maps = ""
-    if "libcuda.so" in maps:
-        return "the CUDA driver was loaded by the imports"
-    return None
 
 
 def _refusal(argv: list[str], env: dict) -> str | None:

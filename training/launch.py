@@ -1,6 +1,6 @@
-"""Launching a training process: the environment it inherits (`run_env`, for the worker's runs and `prefq serve`'s
-model processes), and for the `fsdp` and `deepspeed-tp` trainers generated configs, `accelerate launch`, and its
-supervision.
+"""Launching the ranks of the `fsdp` and `deepspeed-tp` trainers: generated configs, `accelerate launch` (or ranks
+forked from a warm run, `training.ranks`), and their supervision. (The environment a training process inherits is
+`training.parent.run_env`.)
 
 `python -m training run SPEC --out DIR` with a distributed trainer runs here first: it writes
 DIR/launch/accelerate.yaml (and deepspeed.json). A run forked warm (`training.warm`: torch and the trainers already
@@ -37,12 +37,6 @@ from training.events import emit, event_stream
 from training.parent import die_with_parent
 from training.spec import EXIT_USER_ERROR, TrainingSpec
 
-# What a training process inherits of its parent's environment: nothing secret (no storage or callback
-# credentials, API keys or database URLs), only what Python, CUDA, the libraries and the hub need.
-ENV_PREFIXES = ("CUDA_", "NVIDIA_", "NCCL_", "HF_", "TORCH", "OMP_", "MKL_", "KMP_", "LD_", "PYTHON", "TRANSFORMERS_")
-ENV_NAMES = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "HOSTNAME", "TERM")
-ENV_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # passed only to hub downloads, never to the run
-
 # DeepSpeed AutoTP partition that keeps lm_head and the embedding whole. TRL's fused LM head reads
 # lm_head.weight itself: DeepSpeed's default policy shards the head over the vocabulary, and then the
 # log-softmax runs over part of the vocabulary, giving wrong log-probs without any error.
@@ -54,14 +48,6 @@ LLAMA_LIKE_PARTITION = {
     ],
 }
 ZERO_STAGE = 1  # AutoTP is not implemented with ZeRO-3; with TP over all processes ZeRO shards nothing anyway
-
-
-def run_env(environ: dict, gpu_ids: list[str], gpus: int) -> dict:
-    """A training process's environment: its parent's, without secrets (see ENV_PREFIXES), on the first `gpus`
-    of `gpu_ids`."""
-    env = {k: v for k, v in environ.items() if (k in ENV_NAMES or k.startswith(ENV_PREFIXES)) and k not in ENV_SECRETS}
-    env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(gpu_ids[:gpus]))
-    return env
 
 
 def _free_port() -> int:
@@ -186,8 +172,8 @@ def launch(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool) -> i
     code_file = out_dir / "launch" / "exit-code"
     code_file.unlink(missing_ok=True)
     if "torch" in sys.modules:  # a warm run: its ranks are forked from it, imports and all
-        from training.forkserver import fork_hazards
         from training.ranks import fork_ranks
+        from training.warm import fork_hazards
 
         hazard = fork_hazards(harmless=("orphan-watch",))  # `python -m training run --stop-grace-s`'s
         if hazard is None:

@@ -2,7 +2,7 @@
 parent (`die_with_parent`), and it cannot read its parent's secrets (`hide_process` in the parent, `confine_child`
 in the child).
 
-A child's own environment can be clean (`training.launch.run_env`), but `/proc/<parent>/environ` and
+A child's own environment can be clean (`run_env`), but `/proc/<parent>/environ` and
 `/proc/<parent>/mem` hold the parent's: the storage secret, the database URL, the callback secret. The kernel lets
 one process read those files of another only with ptrace read access, which it refuses when
 - the target is not dumpable and the reader lacks CAP_SYS_PTRACE: `hide_process`. That is enough where the parent
@@ -62,3 +62,18 @@ def confine_child() -> None:
         _prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED, 0, 0, 0)
         _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
         _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+# What a training process inherits of its parent's environment: nothing secret (no storage or callback
+# credentials, API keys or database URLs), only what Python, CUDA, the libraries and the hub need.
+ENV_PREFIXES = ("CUDA_", "NVIDIA_", "NCCL_", "HF_", "TORCH", "OMP_", "MKL_", "KMP_", "LD_", "PYTHON", "TRANSFORMERS_")
+ENV_NAMES = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "HOSTNAME", "TERM")
+ENV_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # passed only to hub downloads, never to the run
+
+
+def run_env(environ: dict, gpu_ids: list[str], gpus: int) -> dict:
+    """A training process's environment: its parent's, without secrets (see ENV_PREFIXES), on the first `gpus`
+    of `gpu_ids`."""
+    env = {k: v for k, v in environ.items() if (k in ENV_NAMES or k.startswith(ENV_PREFIXES)) and k not in ENV_SECRETS}
+    env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(gpu_ids[:gpus]))
+    return env

@@ -4,7 +4,7 @@ run's start on CPU; forked, a run starts in milliseconds. This module is the cli
 imports it) and what client and server agree on.
 
 A run starts cold instead (the caller catches `ColdStart`, with the reason) where a forked one could differ from it:
-- the server is not ready (still importing, or it refused to serve: see `training.forkserver.fork_hazards`) or has exited;
+- the server is not ready (still importing, or it refused to serve: see `fork_hazards`) or has exited;
 - the run's environment differs from the server's in more than CUDA_VISIBLE_DEVICES, which CUDA reads when it
   starts, in the run (the worker starts its server in its runs' environment, so only the devices differ);
 - the run needs a library that the server leaves out (`LEFT_OUT`: bitsandbytes for a QLoRA run).
@@ -36,6 +36,23 @@ LEFT_OUT = ("wandb", "mlflow", "bitsandbytes")
 MAX_REQUEST = 256 * 1024  # bytes of one request's JSON; a bigger one starts cold
 MAX_FDS = 32
 EXIT_LOST = 70  # the server exited before the run: its exit code is unknown (EX_SOFTWARE)
+
+
+def fork_hazards(harmless: tuple[str, ...] = ()) -> str | None:
+    """Why this process must not fork runs, or None: a second Python thread (in a forked child, what it held would
+    stay held) other than those named `harmless` (a thread that only sleeps and polls holds nothing), or the CUDA
+    driver loaded (a forked child cannot use CUDA once its parent has started it). The native helper threads of torch
+    and of pyarrow's allocator are not counted: those libraries reset them at fork."""
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.name not in harmless]
+    if others:
+        return f"{len(others) + 1} Python threads ({', '.join(others)})"
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    if "libcuda.so" in maps:
+        return "the CUDA driver was loaded by the imports"
+    return None
 
 
 def leave_out(names) -> None:
@@ -107,9 +124,7 @@ class WarmStarter:
     def __init__(self, env: dict, cwd: str | Path, preexec_fn: Callable[[], None] | None = None, stderr=None):
         self.env = dict(env)
         self.problem: str | None = None  # why it does not serve: it refused to, or it exited
-        self.refused = (
-            False  # it refused to serve here (`training.forkserver.fork_hazards`): starting another would refuse again
-        )
+        self.refused = False  # it refused to serve here (`fork_hazards`): starting another would refuse again
         self._folder = tempfile.mkdtemp(prefix="prefq-warm-")  # 0700: the socket is this user's alone
         self.socket_path = os.path.join(self._folder, "sock")
         self._ready = threading.Event()

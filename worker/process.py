@@ -3,7 +3,7 @@ warm (`training.warm`) by the pool process's warm starter where it can be, else 
 
 The run gets a process group of its own, so that a signal reaches every process of it (the ranks that
 `accelerate launch` starts included); it dies with the worker and can read none of the worker's /proc files
-(`worker.secrecy`), inherits the worker's environment without its secrets (`training.launch.run_env`) and the
+(`worker.secrecy`), inherits the worker's environment without its secrets (`training.parent.run_env`) and the
 locks of its folder and model, prints its events on stdout and its log to `train.log`. SIGTERM asks it to
 checkpoint and stop; SIGKILL ends it.
 """
@@ -22,8 +22,7 @@ from pathlib import Path
 
 from celery import signals
 
-from training.launch import run_env
-from training.parent import confine_child
+from training.parent import confine_child, run_env
 from training.warm import ColdStart, WarmRun, WarmStarter
 from worker.attempt import Attempt
 

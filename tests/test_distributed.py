@@ -201,3 +201,27 @@ def test_through_the_queue_cancel_then_retry_resumes_and_learns(
     assert {p.name for p in (tmp_path / "hf").iterdir()} >= {"config.json", "model.safetensors", "README.md"}
     assert not [p for p in (tmp_path / "hf").iterdir() if p.is_dir() or p.name.startswith(("optimizer", "rng"))]
     AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+
+
+def test_a_forked_rank_that_dies_ends_the_run_and_leaves_no_process(micro_model, toy_dpo, tmp_path):
+    """A rank killed mid-run (SIGKILL: no goodbye): the run that forked the ranks stops the other one and ends with a
+    failure, instead of waiting on a collective that can never finish; no rank is left."""
+    import signal
+    import time
+
+    from tests.conftest import start_training
+
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=5000, eval_fraction=0, trainer="fsdp", gpus=2)
+    proc = start_training(spec, tmp_path / "run")
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "progress":
+            break
+    run = psutil.Process(proc.pid)
+    ranks = run.children()
+    assert len(ranks) == 2 and all(r.cmdline() == run.cmdline() for r in ranks), "two ranks forked from the run"
+    started = time.monotonic()
+    ranks[1].send_signal(signal.SIGKILL)
+    code = proc.wait(timeout=90)
+    assert code not in (0, 75), code
+    assert time.monotonic() - started < 45, "the other rank was stopped, not waited for"
+    assert not [r for r in ranks if r.is_running() and r.status() != psutil.STATUS_ZOMBIE], "no rank left"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cli.client import ClientError
+from cli.client import Client, ClientError
 from cli.config import client
 from cli.console import JSON_OPTION, console, fail, print_json, print_table
 
@@ -150,13 +150,14 @@ def export_model(
 ) -> None:
     """Export the trained model (or a checkpoint) into a folder, with a model card (README.md)."""
     params = {"format": fmt} | ({"checkpoint": checkpoint} if checkpoint is not None else {})
+    c = client()
     try:
-        found = client().request("GET", f"/jobs/{job_id}/export", params=params)
+        found = c.request("GET", f"/jobs/{job_id}/export", params=params)
         out_dir.mkdir(parents=True, exist_ok=True)
         if found["merge"] is None:
-            client().download(found["files"], out_dir)
+            c.download(found["files"], out_dir)
         else:
-            merge_into_base(found, out_dir)
+            merge_into_base(c, found, out_dir)
     except ClientError as exc:
         fail(str(exc))
     if found["format"] == "adapter":  # the base as the job names it, not the worker's folder it was trained from
@@ -166,22 +167,22 @@ def export_model(
         )
     (out_dir / "README.md").write_text(found["model_card"])
     if as_json:
-        print(json.dumps({k: found[k] for k in ("job_id", "format", "checkpoint", "fine_tuned_model", "base_model")}))
+        print_json({k: found[k] for k in ("job_id", "format", "checkpoint", "fine_tuned_model", "base_model")})
     else:
         console.print(f"{found['fine_tuned_model']} ({found['format']}) in {out_dir}")
 
 
-def merge_into_base(found: dict, out_dir: Path) -> None:
+def merge_into_base(c: Client, found: dict, out_dir: Path) -> None:
     """A LoRA checkpoint as a merged model: the adapter and the base downloaded, merged by PEFT in a process of its
     own (`python -m training merge`: this process imports no torch)."""
     with tempfile.TemporaryDirectory(prefix="prefq-export-") as tmp:
         adapter = Path(tmp) / "adapter"
-        client().download(found["files"], adapter)
+        c.download(found["files"], adapter)
         merge = found["merge"]
         base, revision = merge.get("hub"), merge.get("revision")
         if merge.get("files") is not None:
             base = str(Path(tmp) / "base")
-            client().download(merge["files"], Path(base))
+            c.download(merge["files"], Path(base))
         cmd = [sys.executable, "-m", "training", "merge", base, str(adapter), str(out_dir)]
         done = subprocess.run(cmd + (["--revision", revision] if revision else []), capture_output=True, text=True)
         if done.returncode != 0:

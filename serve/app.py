@@ -55,6 +55,11 @@ class GenerateRequest(BaseModel):
 ASKED = ("id", "messages", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "logit_bias")
 
 
+def _last(line: dict) -> bool:
+    """Whether `line` ends a request's answer."""
+    return bool(line.get("done") or "error" in line)
+
+
 async def _lines(pool: Pool, req: GenerateRequest) -> AsyncIterator[bytes]:
     """The child's lines for `req`; a client that leaves, or a request past the time limit, is cancelled in the
     child (which goes on answering the others)."""
@@ -89,10 +94,10 @@ async def _lines(pool: Pool, req: GenerateRequest) -> AsyncIterator[bytes]:
                     "ask for fewer max_tokens",
                 ) from None
             lines = [line]
-            while not queue.empty() and not (line.get("done") or "error" in line):  # what came meanwhile: one chunk
+            while not queue.empty() and not _last(line):  # what came meanwhile: one chunk
                 line = queue.get_nowait()
                 lines.append(line)
-            finished = bool(line.get("done") or "error" in line)  # before the yield, where the caller may leave
+            finished = _last(line)  # before the yield, where the caller may leave
             yield b"".join(json.dumps(x).encode() + b"\n" for x in lines)
     except ServeError as exc:
         yield json.dumps(exc.line).encode() + b"\n"

@@ -150,24 +150,25 @@ def python_env() -> dict:
     return env
 
 
+def _spec_file(spec: dict, out: Path) -> Path:
+    """`spec` written beside the run's folder `out` (made here)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f"{out.name}-spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
 def start_training(spec: dict, out: Path, *extra: str):
     """`python -m training run` started, its events on `.stdout` (a `Popen`, or its warm equivalent): forked by the
     session's warm starter where it can be, else started cold."""
-    out.mkdir(parents=True, exist_ok=True)
-    spec_path = out.parent / f"{out.name}-spec.json"
-    spec_path.write_text(json.dumps(spec))
-    argv = ["run", str(spec_path), "--out", str(out), *extra]
-    return _Warm.start(argv) or start_cold(spec, out, *extra)
+    return _Warm.start(["run", str(_spec_file(spec, out)), "--out", str(out), *extra]) or start_cold(spec, out, *extra)
 
 
 def start_cold(spec: dict, out: Path, *extra: str) -> subprocess.Popen:
     """`python -m training run` started as a process of its own (nothing imported: a distributed run's ranks then come
     from `accelerate launch`)."""
-    out.mkdir(parents=True, exist_ok=True)
-    spec_path = out.parent / f"{out.name}-spec.json"
-    spec_path.write_text(json.dumps(spec))
     return subprocess.Popen(
-        [sys.executable, "-m", "training", "run", str(spec_path), "--out", str(out), *extra],
+        [sys.executable, "-m", "training", "run", str(_spec_file(spec, out)), "--out", str(out), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -176,8 +177,15 @@ def start_cold(spec: dict, out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+def run_cold(spec: dict, out: Path, *extra: str) -> tuple[int, list[dict]]:
+    """`start_cold` to the end: the exit code and the parsed events."""
+    proc = start_cold(spec, out, *extra)
+    stdout, _ = proc.communicate(timeout=600)
+    return proc.returncode, [json.loads(line) for line in stdout.splitlines()]
+
+
 class _Started:
-    """A warm run as much of a `Popen` as the tests use: `stdout` (text), `pid`, `send_signal`, `wait`, `poll`."""
+    """A warm run as much of a `Popen` as the tests use: `stdout` (text), `pid`, `send_signal`, `wait`."""
 
     def __init__(self, run, stdout):
         self.run, self.stdout, self.pid = run, stdout, run.pid
@@ -187,18 +195,6 @@ class _Started:
 
     def wait(self, timeout: float | None = None) -> int:
         return self.run.wait(timeout)
-
-    def poll(self) -> int | None:
-        return self.run.poll()
-
-    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
-        out = self.stdout.read()
-        self.wait(timeout)
-        return out, None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.run.returncode
 
 
 class _Warm:
@@ -248,15 +244,10 @@ class _Warm:
 def run_training(spec: dict, out: Path, *extra: str) -> tuple[int, list[dict]]:
     """Run `python -m training run` to the end; returns the exit code and the parsed events. Forked by the session's
     warm starter (`training.warm`: the imports paid once) where it can be, else started."""
-    out.mkdir(parents=True, exist_ok=True)
-    spec_path = out.parent / f"{out.name}-spec.json"
-    spec_path.write_text(json.dumps(spec))
     events = out.parent / f"{out.name}-events.jsonl"
-    code = _Warm.run(["run", str(spec_path), "--out", str(out), *extra], events)
+    code = _Warm.run(["run", str(_spec_file(spec, out)), "--out", str(out), *extra], events)
     if code is None:
-        proc = start_training(spec, out, *extra)
-        stdout, _ = proc.communicate(timeout=600)
-        return proc.returncode, [json.loads(line) for line in stdout.splitlines()]
+        return run_cold(spec, out, *extra)
     return code, [json.loads(line) for line in events.read_text().splitlines()]
 
 

@@ -5,7 +5,7 @@ import json
 import psutil
 import pytest
 
-from tests.conftest import dpo_spec, of_type, run_training, start_cold
+from tests.conftest import dpo_spec, of_type, run_cold, run_training
 from tests.services import wait
 from tests.test_service import alive, prefq, submit
 from training.spec import EXIT_OK
@@ -69,12 +69,7 @@ def test_fsdp_parameters_are_sharded_dtensors(micro_model, toy_dpo, tmp_path, st
     """As ranks forked from a warm run (`training.ranks`) and as ranks of `accelerate launch` (a run started cold,
     with nothing imported when it launches), the same FSDP2 sharding."""
     spec = dpo_spec(micro_model, toy_dpo, max_steps=1, eval_fraction=0, trainer="fsdp", gpus=2)
-    if start == "forked":
-        rc, events = run_training(spec, tmp_path / "run")
-    else:
-        proc = start_cold(spec, tmp_path / "run")
-        stdout, _ = proc.communicate(timeout=300)
-        rc, events = proc.returncode, [json.loads(line) for line in stdout.splitlines()]
+    rc, events = (run_training if start == "forked" else run_cold)(spec, tmp_path / "run")
     assert rc == EXIT_OK
     p = of_type(events, "started")[0]["parallelism"]
     assert p["processes"] == 2 and p["parameters"] > 0 and p["dtensor_parameters"] == p["parameters"]

@@ -42,6 +42,7 @@ import queue
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,7 +179,6 @@ class Running:
     cache: object
     mask: object
     positions: object  # [rows, 1]: each row's position of its last token
-    logits: object = None
 
     def keep(self, going: list[int], torch) -> None:
         if len(going) < len(self.rows):
@@ -343,8 +343,8 @@ class Generator:
         event_stream().flush()  # the step's lines in one write
         return going
 
-    def _prefill(self, rows: list[Row]) -> Running:
-        """The prompts of `rows`, left-padded, through the model; their first tokens picked."""
+    def _prefill(self, rows: list[Row]):
+        """The prompts of `rows`, left-padded, through the model: a batch of them and the logits of its next token."""
         from transformers import DynamicCache
 
         torch = self.torch
@@ -353,7 +353,7 @@ class Generator:
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
         cache = DynamicCache()
         positions = positions_all(mask)
-        return Running(rows, cache, mask, positions[:, -1:], self._forward(rows, ids, mask, positions, cache))
+        return Running(rows, cache, mask, positions[:, -1:]), self._forward(rows, ids, mask, positions, cache)
 
     def run(self, rows: list[Row], cancelled: set, joining) -> None:
         """Answer `rows` together, one forward per token for every row still going; at each step, requests that
@@ -363,8 +363,8 @@ class Generator:
         with torch.inference_mode():
             while rows or running is not None:
                 if rows:
-                    new = self._prefill(rows)
-                    new.keep(self._advance(new.rows, new.logits, cancelled), torch)
+                    new, logits = self._prefill(rows)
+                    new.keep(self._advance(new.rows, logits, cancelled), torch)
                     running = new if running is None else running.join(new, torch)
                     rows = []
                 if running is None or not running.rows:
@@ -391,9 +391,10 @@ class Generator:
         )
 
 
-def _reader(requests: queue.Queue, cancelled: set) -> None:
-    """stdin's lines: requests into `requests`, cancels into `cancelled`; None at the end."""
-    for line in sys.stdin:
+def requests_in(lines) -> Iterator[dict]:
+    """The JSON objects of `lines` (stdin's: requests and cancels); a line that is not one is answered with an
+    error and skipped. Both engines read their requests here."""
+    for line in lines:
         try:
             req = json.loads(line)
             if not isinstance(req, dict):
@@ -401,6 +402,12 @@ def _reader(requests: queue.Queue, cancelled: set) -> None:
         except ValueError as exc:
             write(RequestError(400, "invalid_request", f"not a JSON object: {exc}").line(None))
             continue
+        yield req
+
+
+def _reader(requests: queue.Queue, cancelled: set) -> None:
+    """stdin's lines: requests into `requests`, cancels into `cancelled`; None at the end."""
+    for req in requests_in(sys.stdin):
         if "cancel" in req:
             cancelled.add(req["cancel"])
         else:

@@ -13,13 +13,12 @@ one where the GPU machine has vLLM.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import threading
 from collections import OrderedDict
 
 from training.events import claim_stdout
-from training.generate import RequestError, checked, stop_ids, write
+from training.generate import RequestError, checked, requests_in, stop_ids, write
 from training.warm import LEFT_OUT, leave_out
 
 MAX_LORA_RANK = 64
@@ -119,22 +118,15 @@ class Engine:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        lines: asyncio.Queue = asyncio.Queue()
+        requests: asyncio.Queue = asyncio.Queue()
 
         def read() -> None:
-            for line in sys.stdin:
-                loop.call_soon_threadsafe(lines.put_nowait, line)
-            loop.call_soon_threadsafe(lines.put_nowait, None)
+            for req in requests_in(sys.stdin):
+                loop.call_soon_threadsafe(requests.put_nowait, req)
+            loop.call_soon_threadsafe(requests.put_nowait, None)
 
         threading.Thread(target=read, daemon=True).start()
-        while (line := await lines.get()) is not None:
-            try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                write(RequestError(400, "invalid_request", f"not a JSON object: {exc}").line(None))
-                continue
+        while (req := await requests.get()) is not None:
             if "cancel" in req:
                 task = self.tasks.get(req["cancel"])
                 if task is not None:

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     # A python grader's sandbox (`training.graders.run_python`): wall and CPU seconds, address space
     grader_timeout_s: float = Field(10.0, gt=0, le=600)
     grader_memory_mb: int = Field(512, ge=64)
+    # Model graders' judges: a tenant's models served by `prefq serve`, and these models of an OpenAI-compatible
+    # endpoint that the operator configures (its key stays with the API and the worker, never reaches a run)
+    judge_url: str | None = None  # e.g. https://api.openai.com/v1 (its /chat/completions)
+    judge_api_key: SecretStr | None = None
+    judge_models: Annotated[list[str], NoDecode] = []  # the names graders may give it, e.g. gpt-4o-mini
+    judge_timeout_s: float = Field(120.0, gt=0)  # one judge's answer
     # Limits: a request beyond one is refused with 413 or 422 naming it
     max_upload_bytes: int = 1 << 30  # a dataset upload
     max_json_bytes: int = 1 << 20  # any other request's body (a job, a chat): JSON in kilobytes
@@ -91,7 +97,7 @@ class Settings(BaseSettings):
     mlflow_experiment: str = "prefq/{tenant}"  # the experiment of a tenant's runs
     wandb_mode: Literal["off", "offline"] = "off"  # offline: a W&B offline run per attempt, kept with the job
 
-    @field_validator("shared_models", "model_roots", "allowed_hub_models", "base_models", mode="before")
+    @field_validator("shared_models", "model_roots", "allowed_hub_models", "base_models", "judge_models", mode="before")
     @classmethod
     def _comma_list(cls, value):
         if isinstance(value, str):

@@ -338,7 +338,15 @@ def stack(tmp_path_factory, broker_url, pg_url, s3, hub_cache, mlflow_server):
     import secrets
 
     from cli.stack import free_port
-    from tests.services import HUB_ID, SERVE_MAX_TOKENS, SERVE_TIMEOUT_S, Stack
+    from tests.services import (
+        HUB_ID,
+        JUDGES_TENANT,
+        OPERATOR_JUDGE,
+        SERVE_MAX_TOKENS,
+        SERVE_TIMEOUT_S,
+        Stack,
+        make_key,
+    )
 
     data_dir = tmp_path_factory.mktemp("prefq")
     env = dict(
@@ -376,7 +384,12 @@ def stack(tmp_path_factory, broker_url, pg_url, s3, hub_cache, mlflow_server):
         MLFLOW_HTTP_REQUEST_TIMEOUT="5",
     )
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    stack = Stack(env, tmp_path_factory.mktemp("logs")).up(serve=True)
+    stack = Stack(env, tmp_path_factory.mktemp("logs"))
+    # the operator's judge endpoint: this API's own chat face, as tenant `judges` (`tests/test_grpo.py`)
+    stack.env["PREFQ_JUDGE_URL"] = f"{stack.url}/v1"
+    stack.env["PREFQ_JUDGE_API_KEY"] = make_key(pg_url, JUDGES_TENANT)
+    stack.env["PREFQ_JUDGE_MODELS"] = OPERATOR_JUDGE
+    stack.up(serve=True)
     mlflow_server.ready()
     yield stack
     stack.down()

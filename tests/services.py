@@ -38,6 +38,16 @@ HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SERVE_MAX_TOKENS = 2000  # PREFQ_SERVE_MAX_TOKENS of the session stack: room for a generation past the time limit
 SERVE_TIMEOUT_S = 2.0  # PREFQ_SERVE_TIMEOUT_S: 2000 tokens of the micro model take about 4 s here, 16 take 50 ms
 WANDB = {"type": "wandb", "wandb": {"project": "toy-project", "name": "toy-run", "tags": ["toy", "dpo"]}}
+# The operator's judge model of the session stack, a model that tenant `judges` registers under that name
+OPERATOR_JUDGE, JUDGES_TENANT = "operator-judge", "judges"
+# GRPO's grader on the toy questions: the answer names the right number (`training.toy_data`, RFT rows)
+GRADER = {
+    "type": "string_check",
+    "name": "right_number",
+    "input": "{{sample.output_text}}",
+    "reference": "is {{item.answer}}.",
+    "operation": "like",
+}
 DPO_JOB_HYPER = {
     "max_steps": 16,
     "save_steps": 8,

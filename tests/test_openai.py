@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.services import DPO_JOB_HYPER, HUB_ID, make_key, openai_dpo_file, prefq
+from tests.services import DPO_JOB_HYPER, GRADER, HUB_ID, make_key, openai_dpo_file, prefq
 
 FAST = {
     "max_steps": 4,
@@ -281,7 +281,14 @@ def test_errors_in_openais_shape(stack, clients, toy_dpo, tmp_path):
         "method.dpo.hyperparameters.batch_size": {
             "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 10**6}}}
         },
-        "method.type": {"method": {"type": "reinforcement"}},
+        "method.type": {"method": {"type": "ppo"}},
+        "method.reinforcement.grader": {"method": {"type": "reinforcement"}},
+        "method.reinforcement.hyperparameters.reasoning_effort": {
+            "method": {
+                "type": "reinforcement",
+                "reinforcement": {"grader": GRADER, "hyperparameters": {"reasoning_effort": "high"}},
+            }
+        },
         "prefq.hyperparameters.loss_type": {
             "method": {"type": "dpo"},
             "extra_body": {"prefq": {"hyperparameters": {"loss_type": "nope"}}},

@@ -12,6 +12,7 @@ Every event has `event` (its type) and `time` (Unix seconds). The types and thei
 | `samples` | `step`, `model` (`policy`, or `reference`: once, at the first evaluation), `samples` (a list of `index`, `prompt`, `completion`, `tokens` (completion length), `reward` (DPO: the policy's implicit reward of the completion, beta times its log-prob under the policy minus under the reference; null for SFT and the reference)), `seconds`; at each evaluation when `sample_prompts` > 0 |
 | `best` | `metric`, `mode` (`min`, `max`), `value`, `step`: an evaluation improved `best_metric` (`training.best`); a checkpoint at that step follows (none at step 0, the model before training) |
 | `early_stopping` | `step`, `patience`, `best` (as the `best` event): that many evaluations in a row did not improve `best_metric`; the run ends as any run does (a final model, `done`) |
+| `grader_error` | `step`, `flag` (OpenAI's error flag, e.g. `python_grader_runtime_error`, `model_grader_server_error`), `grader` (its name), `details`: the first answer of a GRPO run whose grading failed so, of each kind (it scored 0; `progress` counts them as `graders/errors/<flag>`) |
 | `checkpoint` | `step`, `path` (a complete checkpoint folder: its manifest is written) |
 | `stopped` | `step`, `checkpoint` (path or null): SIGTERM was handled; the exit code is 75 |
 | `memory` | `device` (`cuda`, `cpu`), `estimated_gib` (the estimate of peak memory per device, `training.memory`), `parts_gib` (its weights, gradients, optimizer, reference, activations, head), `available_gib` (free on the device when the run began), `peak_gib` (measured on rank 0 from before the model loaded to the end of training: the CUDA allocator's peak, or the process's resident high-water mark on CPU); once, after training |
@@ -42,6 +43,7 @@ EventType = Literal[
     "samples",
     "best",
     "early_stopping",
+    "grader_error",
     "checkpoint",
     "stopped",
     "memory",
@@ -116,6 +118,13 @@ class EarlyStopping(TypedDict):
     step: int
     patience: int
     best: Best
+
+
+class GraderError(TypedDict):
+    step: int
+    flag: str
+    grader: str
+    details: str | None
 
 
 class Checkpoint(TypedDict):

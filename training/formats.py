@@ -52,7 +52,11 @@ FORMAT_METHOD = {
     "sft_messages": "sft",
     "sft_text": "sft",
     "kto_unpaired": "kto",
+    "rft_messages": "rft",
+    "rft_prompt": "rft",
 }
+# What a reinforcement row's prompt is; every other field of the row is the `item` its grader reads.
+RFT_PROMPT_FIELDS = ("messages", "prompt")
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,23 @@ def _chat(row: dict) -> dict:
     return {"messages": out, "tools": json.dumps(tools) if tools is not None else None}
 
 
+def _rft(row: dict, fmt: str) -> dict:
+    """A reinforcement row: its prompt (messages that end before the answer, or a string) and the whole row as the
+    `item` (JSON) that the grader's `{{item.*}}` reads."""
+    if fmt == "rft_messages":
+        prompt = _messages(row["messages"], "messages")
+        if prompt[-1]["role"] == "assistant":
+            raise _RowError(f"messages[{len(prompt) - 1}].role", "the last message is the answer the model is to write")
+        if "prompt" in row:
+            raise _RowError("prompt", "give messages or prompt, not both")
+    else:
+        prompt = _string(row, "prompt")
+    for key in ("tools", "parallel_tool_calls"):
+        if row.get(key) is not None:
+            raise _RowError(key, "tools in reinforcement data are not supported yet")
+    return {"prompt": prompt, "item": json.dumps(row, ensure_ascii=False)}
+
+
 def _split_hh(text: str, key: str) -> tuple[str, str]:
     """An HH transcript into (conversation up to and including the last 'Assistant:', final answer)."""
     if HUMAN not in text:
@@ -320,12 +341,21 @@ def _split_hh(text: str, key: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def detect_format(row: dict) -> str | None:
-    """The format a row is written in, judged by its keys (None if no known key is present)."""
+def _rft_messages(value: object) -> bool:
+    """Messages that end before the answer (OpenAI's reinforcement rows): the model is to write the next turn."""
+    return (
+        isinstance(value, list) and bool(value) and isinstance(value[-1], dict) and value[-1].get("role") != "assistant"
+    )
+
+
+def detect_format(row: dict, kinds: tuple[str, ...] | None = None) -> str | None:
+    """The format a row is written in, judged by its keys (None if no known key is present). A prompt alone is a
+    reinforcement row where `kinds` allows one (or nothing is asked of the data), else a pair that lacks its answers."""
     if "input" in row or "preferred_output" in row or "non_preferred_output" in row:
         return "openai_dpo"
     if "messages" in row:
-        return "sft_messages"
+        rft = _rft_messages(row["messages"]) if kinds is None else "rft" in kinds
+        return "rft_messages" if rft else "sft_messages"
     if "text" in row:
         return "sft_text"
     if "label" in row:
@@ -337,7 +367,8 @@ def detect_format(row: dict) -> str | None:
             return "dpo_conversational" if isinstance(row["prompt"], list) else "dpo_pairs"
         return "dpo_conversational" if isinstance(row.get("chosen"), list) else "hh_rlhf"
     if "prompt" in row:
-        return "dpo_pairs"  # a prompt alone: report the pair fields as missing
+        # a prompt alone: a reinforcement row, or a pair whose answers are missing (reported as such)
+        return "rft_prompt" if kinds is None or "rft" in kinds else "dpo_pairs"
     return None
 
 
@@ -402,6 +433,8 @@ def normalise(row: dict, fmt: str) -> dict:
         return {**normalise(row, "sft_prompt_completion"), "label": label}
     if fmt == "sft_messages":
         return _chat(row)
+    if fmt in ("rft_messages", "rft_prompt"):
+        return _rft(row, fmt)
     if fmt == "sft_text":
         return {"text": _string(row, "text")}
     raise ValueError(f"Unknown format: {fmt}")
@@ -481,7 +514,7 @@ def check_lines(
     normalised rows. Memory stays bounded without `keep`: 12 bytes per distinct row for duplicates
     (`training.fingerprints`), 50 listed problems.
 
-    `method` (a data kind, 'dpo', 'sft' or 'kto', or several) is what the data must serve; None accepts any and
+    `method` (a data kind, 'dpo', 'sft', 'kto' or 'rft', or several) is what the data must serve; None accepts any and
     reports which it is.
     """
     kinds = (method,) if isinstance(method, str) else method
@@ -510,7 +543,7 @@ def check_lines(
         if not isinstance(row, dict):
             report.error(number, "-", f"expected a JSON object, got {_type_name(row)}")
             continue
-        fmt = detect_format(row)
+        fmt = detect_format(row, kinds)
         if fmt is None:
             keys = ", ".join(sorted(row)[:20]) or "none"
             report.error(number, "-", f"no known fields (has {keys}); see the accepted formats")

@@ -541,7 +541,7 @@ def run_python(source: str, sample: dict, item: Any, limits: Limits = Limits()) 
                 preexec_fn=_limit(limits),  # noqa: PLW1509 - the limits must be set in the child before exec
                 close_fds=True,
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:  # its limits could not be set: it does not run
             return PythonResult(None, f"could not start the grader: {exc}", "python_grader_server_error")
         try:
             out, err = proc.communicate(request.encode(), timeout=limits.seconds)
@@ -585,6 +585,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
 # -- grading --------------------------------------------------------------------------------------
 
 Judge = Callable[[str, list[dict], dict], str]  # (model, messages, sampling params) -> the reply's text
+# (source, sample, item, limits) -> the result: `run_python` here, or the same run by a parent with the rights to
+# start it as nobody (`training.grpo.socket_python`)
+PythonRunner = Callable[[str, dict, Any, Limits], PythonResult]
 
 ERROR_FLAGS = (
     "formula_parse_error",
@@ -666,7 +669,9 @@ def _number(text: str) -> float | None:
         return float(found[-1]) if found else None
 
 
-def _one(grader, sample: Sample, item: Any, errors: dict, judge: Judge | None, limits: Limits) -> float:
+def _one(
+    grader, sample: Sample, item: Any, errors: dict, judge: Judge | None, limits: Limits, python: PythonRunner
+) -> float:
     """One grader's score; 0 with its error flag set where it cannot give one."""
     try:
         if isinstance(grader, StringCheck):
@@ -678,7 +683,7 @@ def _one(grader, sample: Sample, item: Any, errors: dict, judge: Judge | None, l
             a, b = render(grader.input, sample, item), render(grader.reference, sample, item)
             return similarity(grader.evaluation_metric, a, b)
         if isinstance(grader, Python):
-            found = run_python(
+            found = python(
                 grader.source,
                 {
                     "output_text": sample.output_text,
@@ -699,7 +704,9 @@ def _one(grader, sample: Sample, item: Any, errors: dict, judge: Judge | None, l
                 errors["model_grader_server_error_details"] = "no judge endpoint is configured on this server"
                 return 0.0
             try:
-                reply = judge(grader.model, _messages(grader, sample, item), grader.sampling_params or {})
+                reply = judge(
+                    grader.model, _messages(grader, sample, item), getattr(grader, "sampling_params", None) or {}
+                )
             except Exception as exc:  # noqa: BLE001 - a judge that is down scores 0 and says why
                 errors["model_grader_server_error"] = True
                 errors["model_grader_server_error_details"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -738,6 +745,7 @@ def grade(
     output_tools: list | None = None,
     judge: Judge | None = None,
     limits: Limits = Limits(),
+    python: PythonRunner = run_python,
 ) -> Graded:
     """Score one sample against one item; never raises for what the grader or the sample does at run time."""
     if not isinstance(grader, BaseModel):
@@ -746,7 +754,7 @@ def grade(
     sample, errors = Sample(output_text, output_tools or []), _empty_errors()
     item = {} if item is None else item
     if isinstance(grader, Multi):
-        subs = {name: _one(g, sample, item, errors, judge, limits) for name, g in grader.graders.items()}
+        subs = {name: _one(g, sample, item, errors, judge, limits, python) for name, g in grader.graders.items()}
         try:
             reward = evaluate_formula(grader.calculate_output, subs)
         except (ValueError, ArithmeticError, TypeError) as exc:
@@ -754,7 +762,7 @@ def grade(
             errors.setdefault("other_error_details", str(exc))
             reward = 0.0
     else:
-        reward, subs = _one(grader, sample, item, errors, judge, limits), {}
+        reward, subs = _one(grader, sample, item, errors, judge, limits, python), {}
     if not math.isfinite(reward):
         errors["other_error"], reward = True, 0.0
     return Graded(reward, subs, errors, time.monotonic() - started, grader.name, grader.type)

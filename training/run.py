@@ -269,7 +269,9 @@ class _NothingLeft(Exception):
     """Raised before a step when the run has already trained all of its steps."""
 
 
-def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, prompts: list | None = None):
+def _make_callback(
+    spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, prompts: list | None = None, items: list | None = None
+):
     from transformers import TrainerCallback
 
     class EventsCallback(TrainerCallback):
@@ -290,7 +292,7 @@ def _make_callback(spec: TrainingSpec, stop: _Stop, n_train: int, n_eval: int, p
             if self.sampler is None:
                 from training.samples import Sampler
 
-                self.sampler = Sampler(spec, prompts or [], self.trainer.processing_class)
+                self.sampler = Sampler(spec, prompts or [], self.trainer.processing_class, items)
             self.sampler.run(self.trainer, state.global_step)
             if self.best is None:
                 return
@@ -487,6 +489,10 @@ def build_trainer(spec: TrainingSpec, out_dir: Path, train_ds, eval_ds, callback
 
         args = RewardConfig(**common, center_rewards_coefficient=spec.center_rewards_coefficient)
         trainer = PrefqRewardTrainer(args=args, **inputs)
+    elif spec.method == "grpo":
+        from training.grpo import build
+
+        trainer = build(spec, common, inputs)
     elif spec.method == "kto":
         from trl import KTOConfig
 
@@ -571,9 +577,17 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
         log.warning("--resume: no complete checkpoint in %s, starting from step 0", out_dir)
     from training.samples import held_out_prompts
 
-    # a reward model scores and writes nothing: no samples
-    prompts = held_out_prompts(eval_ds, spec.sample_prompts) if eval_ds is not None and spec.method != "reward" else []
-    callback = _make_callback(spec, stop, len(train_ds), len(eval_ds) if eval_ds is not None else 0, prompts)
+    items = None
+    if spec.method == "grpo":  # the samples are graded, as the answers it trains on
+        from training.grpo import held_out
+
+        prompts, items = held_out(eval_ds, spec.sample_prompts)
+    else:  # a reward model scores and writes nothing: no samples
+        prompts = (
+            held_out_prompts(eval_ds, spec.sample_prompts) if eval_ds is not None and spec.method != "reward" else []
+        )
+    n_eval = len(eval_ds) if eval_ds is not None else 0
+    callback = _make_callback(spec, stop, len(train_ds), n_eval, prompts, items)
     peak = _Peak()
     try:
         trainer, tokenizer = build_trainer(spec, out_dir, train_ds, eval_ds, callback)

@@ -76,8 +76,9 @@ def _completion_logp(model, prompt_ids: torch.Tensor, completion_ids: torch.Tens
 class Sampler:
     """Generates and emits the samples of one evaluation; the reference's only the first time."""
 
-    def __init__(self, spec: TrainingSpec, prompts: list, tokenizer):
+    def __init__(self, spec: TrainingSpec, prompts: list, tokenizer, items: list[str] | None = None):
         self.spec, self.prompts, self.tokenizer = spec, prompts, tokenizer
+        self.items = items  # GRPO: each prompt's item, for the grader (`training.grpo`)
         self.reference_done = False
         self.loaded_reference = None  # the base model, loaded once where the trainer keeps no reference model
 
@@ -150,9 +151,13 @@ class Sampler:
         was_training = model.training
         model.eval()
         try:
-            dpo = self.spec.method != "sft"  # an implicit reward: DPO's, KTO's, ORPO's and SimPO's (no reference)
+            # an implicit reward: DPO's, KTO's, ORPO's and SimPO's (no reference); GRPO's is its grader's score
+            dpo = self.spec.method not in ("sft", "grpo")
             policy = self._complete(model, autocast, device, started + budget)
             rewards: list[float | None] = [None] * len(policy)
+            if self.items is not None:
+                texts = [self.tokenizer.decode(c, skip_special_tokens=True) for *_, c in policy]
+                rewards = [g.reward for g in trainer.scorer.grade(texts, [self.items[i] for i, *_ in policy])]
             if dpo:
                 beta = float(trainer.beta)
                 mine = [_completion_logp(model, ids, c, autocast) for _, _, ids, c in policy]

@@ -10,7 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -33,7 +33,7 @@ DPO_LOSS_TYPES = (
     "sigmoid_norm",
 )
 
-Method = Literal["dpo", "sft", "orpo", "simpo", "kto", "reward"]
+Method = Literal["dpo", "sft", "orpo", "simpo", "kto", "reward", "grpo"]
 TrainerName = Literal["basic", "fsdp", "deepspeed-tp"]
 
 # What data each method trains on: preference pairs ('dpo' data), demonstrations ('sft'), or single answers marked
@@ -47,14 +47,32 @@ DATA_KINDS = {
     "sft": ("sft",),
     "kto": ("kto", "dpo"),
     "reward": ("dpo",),
+    "grpo": ("rft",),  # prompts, with the fields its grader reads (OpenAI's reinforcement data)
 }
 # The methods of the DPO trainer (`training.dpo`), on pairs.
 PAIR_METHODS = ("dpo", "orpo", "simpo")
 # The pair methods that train without a reference model: ORPO (Hong et al. 2024) and SimPO (Meng et al. 2024).
 REFERENCE_FREE_METHODS = ("orpo", "simpo")
 
-# DPO paper; TRL's SFTConfig; TRL's ORPOConfig and CPOConfig (SimPO); TRL's KTOConfig; TRL's RewardConfig
-DEFAULT_LEARNING_RATE = {"dpo": 1e-6, "sft": 2e-5, "orpo": 1e-6, "simpo": 1e-6, "kto": 1e-6, "reward": 1e-4}
+# DPO paper; TRL's SFTConfig; TRL's ORPOConfig and CPOConfig (SimPO); TRL's KTOConfig; TRL's RewardConfig and GRPOConfig
+DEFAULT_LEARNING_RATE = {
+    "dpo": 1e-6,
+    "sft": 2e-5,
+    "orpo": 1e-6,
+    "simpo": 1e-6,
+    "kto": 1e-6,
+    "reward": 1e-4,
+    "grpo": 1e-6,
+}
+# The fields of method 'grpo' alone, with their defaults (a value other than these on another method is refused).
+GRPO_FIELDS = {
+    "grader": None,
+    "num_generations": 4,
+    "max_completion_length": 64,
+    "temperature": 1.0,
+    "kl_coef": 0.04,
+    "generation_engine": "transformers",
+}
 
 
 class SpecError(ValueError):
@@ -102,6 +120,20 @@ class BatchBetaSpec(BaseModel):
     min_beta: float = Field(1e-3, gt=0, description="Floor that keeps beta positive.")
 
 
+class GradingSpec(BaseModel):
+    """How a GRPO run's grader runs, set by the worker from its settings (a job cannot set it): the python grader's
+    limits, and the local socket on which the worker runs python graders and asks judges (`worker.grading`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(10.0, gt=0, description="Wall and CPU seconds of one python grader call.")
+    memory_mb: int = Field(512, ge=16, description="Address space of one python grader call, MiB.")
+    workers: int = Field(4, ge=1, le=64, description="Samples graded at once.")
+    socket: str | None = Field(
+        None, description="The worker's grading socket; unset: python graders run here, model graders score 0."
+    )
+
+
 class TrainingSpec(BaseModel):
     """One training run. Paths are local to the process that runs it."""
 
@@ -110,8 +142,8 @@ class TrainingSpec(BaseModel):
     # what
     method: Method = Field(
         description="'dpo', 'orpo' or 'simpo' (preference pairs; ORPO and SimPO need no reference model), 'kto' "
-        "(answers labelled desirable or not, or pairs), 'reward' (a model that scores answers, trained on pairs) or "
-        "'sft' (demonstrations)."
+        "(answers labelled desirable or not, or pairs), 'reward' (a model that scores answers, trained on pairs), "
+        "'sft' (demonstrations) or 'grpo' (reinforcement: answers sampled for prompts and scored by a grader)."
     )
     model: str = Field(min_length=1, description="Base model: a Hugging Face format folder.")
     train_file: str = Field(min_length=1, description="Training data, JSONL (see `python -m training validate`).")
@@ -224,6 +256,25 @@ class TrainingSpec(BaseModel):
     risk: RiskBetaSpec = Field(default_factory=RiskBetaSpec, description="Parameters of beta_schedule 'risk'.")
     batch_beta: BatchBetaSpec = Field(default_factory=BatchBetaSpec, description="Parameters of 'batch'.")
 
+    # GRPO (OpenAI's reinforcement method)
+    grader: dict[str, Any] | None = Field(
+        None,
+        description="GRPO: the grader that scores each sampled answer, as OpenAI defines graders (string_check, "
+        "text_similarity, python, score_model, label_model, multi; `training.graders`).",
+    )
+    num_generations: int = Field(
+        4, ge=2, le=64, description="GRPO: answers sampled per prompt; their scores are compared within the group."
+    )
+    max_completion_length: int = Field(64, ge=1, le=8192, description="GRPO: longest sampled answer, in tokens.")
+    temperature: float = Field(1.0, gt=0, le=2, description="GRPO: sampling temperature of the answers.")
+    kl_coef: float = Field(0.04, ge=0, description="GRPO: weight of the KL penalty to the starting model (0: none).")
+    generation_engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="GRPO: who samples the answers: transformers, or vLLM beside the trainer (CUDA)."
+    )
+    grading: GradingSpec = Field(
+        default_factory=GradingSpec, description="GRPO: the grader's limits and judge socket (set by the worker)."
+    )
+
     # LoRA
     lora: LoraSpec | None = Field(None, description="LoRA adapters; off when unset.")
 
@@ -272,6 +323,12 @@ class TrainingSpec(BaseModel):
         for name in ("desirable_weight", "undesirable_weight"):
             if self.method != "kto" and getattr(self, name) != 1.0:
                 raise ValueError(f"{name}: only applies to method 'kto'; remove it for '{self.method}'")
+        if self.method != "grpo":
+            for name, default in GRPO_FIELDS.items():
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}: only applies to method 'grpo'; remove it for '{self.method}'")
+        else:
+            self._check_grpo()
         if self.method in ("kto", "reward") and self.trainer != "basic":
             raise ValueError(f"trainer: method '{self.method}' runs on the 'basic' trainer (one device) for now")
         if self.method == "reward" and self.max_prompt_length is not None:
@@ -320,6 +377,32 @@ class TrainingSpec(BaseModel):
             )
         return self
 
+    def _check_grpo(self) -> None:
+        from training import graders
+
+        if self.grader is None:
+            raise ValueError("grader: method 'grpo' needs a grader that scores the sampled answers")
+        try:
+            graders.parse(self.grader)
+        except graders.GraderError as exc:
+            raise ValueError(f"{exc.param}: {exc}") from None
+        if self.trainer == "deepspeed-tp":
+            raise ValueError("trainer: method 'grpo' runs on 'basic' or 'fsdp'")
+        if self.max_prompt_length is not None:
+            raise ValueError("max_prompt_length: GRPO cuts prompts to max_length - max_completion_length")
+        if self.max_completion_length >= self.max_length:
+            raise ValueError(
+                f"max_completion_length: {self.max_completion_length} leaves no room for the prompt within "
+                f"max_length {self.max_length}; make it smaller than max_length"
+            )
+        processes = self.gpus if self.trainer != "basic" else 1
+        batch = self.batch_size * self.gradient_accumulation_steps * processes
+        if batch % self.num_generations or (self.batch_size * processes) % self.num_generations:
+            raise ValueError(
+                f"batch_size: GRPO's batches hold whole groups of answers to one prompt, so batch_size x devices "
+                f"({self.batch_size} x {processes}) must be a multiple of num_generations ({self.num_generations})"
+            )
+
     @property
     def selection(self) -> tuple[str, str] | None:
         """The metric that picks the best checkpoint and whether lower ("min") or higher ("max") is better."""
@@ -343,7 +426,11 @@ class TrainingSpec(BaseModel):
     def has_reference(self) -> bool:
         """Whether the method compares the policy with a frozen reference model: KTO, and DPO without
         `reference_free`."""
-        return self.method == "kto" or (self.method == "dpo" and not self.reference_free)
+        return (
+            self.method == "kto"
+            or (self.method == "dpo" and not self.reference_free)
+            or (self.method == "grpo" and self.kl_coef > 0)
+        )
 
     @property
     def loss_types(self) -> list[str]:

@@ -1,7 +1,7 @@
 """Synthetic data with a learnable signal, so that tests and demos need no download.
 
 DPO: "What is a plus b?" with chosen "The answer is {a+b}." and rejected off by 10 to 20 (a small model
-learns this in a few dozen steps; off by 1 to 3 it does not). SFT: the same prompts with the right answer.
+learns this in a few dozen steps; off by 1 to 3 it does not). SFT: the same prompts with the right answer. RFT (GRPO): the prompts with the right number as `answer`, for a grader.
 `context_words` puts filler text before the question, to make long sequences for benchmarks.
 """
 
@@ -49,6 +49,8 @@ def toy_rows(method: str, rows: int, seed: int, context_words: int = 0) -> list[
             wrong = rng.random() < 1 / 3
             total = a + b + (rng.choice((-1, 1)) * rng.randint(10, 20) if wrong else 0)
             out.append({"prompt": prompt, "completion": answer(total), "label": not wrong})
+        elif method == "rft":  # a prompt and the reference its grader reads ({{item.answer}})
+            out.append({"prompt": prompt, "answer": str(a + b)})
         else:
             raise ValueError(f"Unknown method: {method}")
     return out

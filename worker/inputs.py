@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs import layout, modelref
@@ -18,6 +18,7 @@ from jobs.registry import Registry
 from storage import StorageError, get_dir, open_uri
 from storage.cache import ModelCache
 from training.spec import MANIFEST_NAME, SpecError, parse_spec
+from worker import grading
 from worker.attempt import Attempt, JobFailed
 
 log = logging.getLogger("prefq.worker")
@@ -31,6 +32,8 @@ class Inputs:
     resume: bool  # `out/` holds the newest complete checkpoint of an earlier attempt
     refcache_prefix: str | None  # where the run's new reference log-probs are kept (DPO), for later runs
     samples: list[dict]  # the job's `samples` events of earlier attempts (its samples artifact)
+    judges: dict = field(default_factory=dict)  # GRPO: the model graders' judges, by model (`worker.grading`)
+    grading_socket: Path | None = None  # where the run asks for its python graders and judges
 
 
 def fetch_inputs(a: Attempt) -> Inputs:
@@ -51,6 +54,17 @@ def fetch_inputs(a: Attempt) -> Inputs:
         spec = parse_spec(data)
     except SpecError as exc:
         raise JobFailed("invalid_spec", str(exc), user_error=True) from None
+    endpoints, socket_path = {}, None
+    if spec.grader is not None:  # GRPO: the server's grader limits, and the worker's grading service for the run
+        endpoints = grading.resolve(a, spec.grader)
+        socket_path = grading.socket_path(a) if grading.needs_service(spec.grader) else None
+        s = a.settings
+        data["grading"] = {
+            "timeout_s": s.grader_timeout_s,
+            "memory_mb": s.grader_memory_mb,
+            "socket": str(socket_path) if socket_path else None,
+        }
+        spec = parse_spec(data)
     refcache_prefix = None
     if job.method == "dpo":  # cached reference log-probs (ignored by the run without a reference)
         refcache_prefix = layout.refcache_prefix(job.tenant, _refcache_group(job))
@@ -63,7 +77,7 @@ def fetch_inputs(a: Attempt) -> Inputs:
     samples = _earlier_samples(a)
     if step is not None:
         a.lease.post(("resuming", {"step": step}))
-    return Inputs(spec_path, step is not None, refcache_prefix, samples)
+    return Inputs(spec_path, step is not None, refcache_prefix, samples, endpoints, socket_path)
 
 
 def _fetch(a: Attempt, uri: str, local: Path, what: str, prefix: bool = False) -> None:

@@ -22,6 +22,7 @@ from jobs.models import Job, JobStatus
 from jobs.store import JobStore
 from settings import Settings
 from storage import Storage
+from worker import grading
 from worker.attempt import Attempt, JobFailed, Result
 from worker.conclusion import conclude, fail, finish, hand_back
 from worker.follow import Follower
@@ -60,8 +61,9 @@ def run_attempt(
             return Result(finished=finish(a, JobStatus.cancelled))
         if stopping.is_set():
             return Result(requeued=hand_back(a, "interrupted_attempt"))
-        run = RunProcess(a, inputs.spec_path, inputs.resume)
-        return conclude(a, Follower(a, run, inputs).follow())
+        with grading.serving(a, inputs.judges, inputs.grading_socket):
+            run = RunProcess(a, inputs.spec_path, inputs.resume)
+            return conclude(a, Follower(a, run, inputs).follow())
     except JobFailed as exc:
         return fail(a, exc)
     except LeaseLost as exc:

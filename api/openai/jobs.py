@@ -26,21 +26,60 @@ from api.service import jobs as service
 from api.service.errors import NotFound, ServiceError
 from jobs.models import Job
 from training.events import metrics_by_step
-from training.spec import DEFAULT_LEARNING_RATE
+from training.spec import DEFAULT_LEARNING_RATE, GRPO_FIELDS
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["openai"])
-NATIVE = {"n_epochs": "epochs", "batch_size": "batch_size", "beta": "beta"}
+NATIVE = {
+    "n_epochs": "epochs",
+    "batch_size": "batch_size",
+    "beta": "beta",
+    "eval_interval": "eval_steps",
+    "eval_samples": "sample_prompts",
+    "compute_multiplier": "num_generations",
+}
+METHODS = {"supervised": "sft", "reinforcement": "grpo"}  # the rest are named alike
+GENERATIONS = GRPO_FIELDS["num_generations"]  # answers per prompt at compute_multiplier 1
+
+
+def _reinforcement(hp: dict, native: dict, where: str) -> None:
+    """OpenAI's reinforcement hyperparameters as GRPO's: answers per prompt from `compute_multiplier`, and
+    `batch_size` prompts of that many answers each."""
+    effort = hp.pop("reasoning_effort", None)
+    if effort not in (None, "default"):
+        raise APIError(
+            400,
+            "invalid_hyperparameters",
+            f"{where}.reasoning_effort: the models trained here have no reasoning-effort setting; send 'default' "
+            "or leave it out",
+            field=f"{where}.reasoning_effort",
+        )
+    multiplier = hp.pop("compute_multiplier", "auto")
+    generations = GENERATIONS if multiplier == "auto" else max(2, round(GENERATIONS * multiplier))
+    native["num_generations"] = generations
+    if hp.get("batch_size", "auto") != "auto":
+        native["batch_size"] = hp.pop("batch_size") * generations
 
 
 def _native(req: FineTuningJobCreate) -> tuple[JobCreate, str]:
     """The native job, and the prefix of OpenAI's hyperparameter fields (for error messages)."""
     kind = req.method.type if req.method else "supervised"
-    method = "sft" if kind == "supervised" else kind
+    method = METHODS.get(kind, kind)
     given = getattr(req.method, kind, None) if req.method else None
     hp = given.hyperparameters if given else req.hyperparameters if req.method is None else None
     where = f"method.{kind}.hyperparameters" if req.method else "hyperparameters"
     native: dict[str, Any] = {}
-    for name, value in (hp.model_dump(exclude_none=True) if hp else {}).items():
+    given_hp = hp.model_dump(exclude_none=True) if hp else {}
+    if kind == "reinforcement":
+        if given is None:
+            raise APIError(
+                400,
+                "invalid_request",
+                "method.reinforcement.grader: the reinforcement method needs a grader that scores the answers",
+                field="method.reinforcement.grader",
+            )
+        native["grader"] = given.grader
+        _reinforcement(given_hp, native, where)
+    for name, value in given_hp.items():
         if value == "auto":
             continue
         if name == "learning_rate_multiplier":
@@ -70,6 +109,8 @@ def _openai_field(field: str | None, where: str, extension: bool) -> str | None:
         return None
     if field in ("dataset", "eval_dataset"):
         return {"dataset": "training_file", "eval_dataset": "validation_file"}[field]
+    if field.startswith("hyperparameters.grader"):
+        return where.removesuffix(".hyperparameters") + field.removeprefix("hyperparameters")
     if field.startswith("hyperparameters."):
         name = field.split(".", 1)[1]
         back = {v: k for k, v in NATIVE.items()} | {"learning_rate": "learning_rate_multiplier"}

@@ -44,15 +44,38 @@ class DpoMethod(BaseModel):
     hyperparameters: DpoHyperparameters | None = None
 
 
+class ReinforcementHyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: _auto_or(int) = None
+    batch_size: _auto_or(int) = Field(None, description="Prompts per batch; each gets compute_multiplier x 4 answers.")
+    learning_rate_multiplier: _auto_or(float) = None
+    compute_multiplier: _auto_or(float) = Field(
+        None, description="Answers sampled per prompt, as a multiple of 4 (at least 2 answers)."
+    )
+    eval_interval: _auto_or(int) = Field(None, description="Steps between evaluations on the validation file.")
+    eval_samples: _auto_or(int) = Field(None, description="Held-out prompts sampled and graded at each evaluation.")
+    reasoning_effort: Literal["default", "low", "medium", "high"] | None = Field(
+        None, description="Only 'default': the models trained here have no reasoning-effort setting."
+    )
+
+
+class ReinforcementMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: dict[str, Any] = Field(description="The grader that scores each sampled answer (`/graders/validate`).")
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised", "dpo", "orpo", "simpo", "kto"] = Field(
+    type: Literal["supervised", "dpo", "reinforcement", "orpo", "simpo", "kto"] = Field(
         description="OpenAI's 'supervised' and 'dpo', and prefq's extensions: 'orpo' and 'simpo', reference-free "
         "preference methods on the same pair files as 'dpo', and 'kto', on answers labelled desirable or not "
-        "(`prompt`, `completion`, `label`) or on pair files; all with DPO's hyperparameters (`beta` is ORPO's lambda)."
+        "(`prompt`, `completion`, `label`) or on pair files; all with DPO's hyperparameters (`beta` is ORPO's lambda). "
+        "'reinforcement' is GRPO, scored by `reinforcement.grader`."
     )
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
+    reinforcement: ReinforcementMethod | None = None
     orpo: DpoMethod | None = None
     simpo: DpoMethod | None = None
     kto: DpoMethod | None = None

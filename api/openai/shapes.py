@@ -21,10 +21,18 @@ from api.service.jobs import paused
 from jobs import modelref
 from jobs.models import Dataset, Job, JobEvent, JobStatus
 from training.events import metrics_by_step
-from training.spec import DATA_KINDS, DEFAULT_LEARNING_RATE
+from training.spec import DATA_KINDS, DEFAULT_LEARNING_RATE, GRPO_FIELDS, TrainingSpec
 
 # OpenAI's method types, and prefq's own beside them (a reward job is listed; it is created through the native API)
-METHOD_TYPE = {"sft": "supervised", "dpo": "dpo", "orpo": "orpo", "simpo": "simpo", "kto": "kto", "reward": "reward"}
+METHOD_TYPE = {
+    "sft": "supervised",
+    "dpo": "dpo",
+    "grpo": "reinforcement",
+    "orpo": "orpo",
+    "simpo": "simpo",
+    "kto": "kto",
+    "reward": "reward",
+}
 RESULTS_PREFIX = "file-results-"  # the id of a job's metrics CSV: this prefix and the job id
 DEFAULTS = {"epochs": 1, "batch_size": 8, "beta": 0.1}
 LOCAL = {"path", "final_path", "pid"}  # event fields about the worker's own disk and processes: not for SDK users
@@ -75,9 +83,25 @@ def hyperparameters(job: Job) -> dict:
         "batch_size": hp.get("batch_size", DEFAULTS["batch_size"]),
         "learning_rate_multiplier": round(hp.get("learning_rate", base) / base, 6),
     }
-    if job.method not in ("sft", "reward"):
+    if job.method == "grpo":  # batches of prompts, each with its answers (`api.openai.jobs._reinforcement`)
+        generations = hp.get("num_generations", GRPO_FIELDS["num_generations"])
+        out["batch_size"] //= generations
+        out |= {
+            "compute_multiplier": generations / GRPO_FIELDS["num_generations"],
+            "eval_interval": hp.get("eval_steps"),
+            "eval_samples": hp.get("sample_prompts", TrainingSpec.model_fields["sample_prompts"].default),
+            "reasoning_effort": "default",
+        }
+    elif job.method not in ("sft", "reward"):
         out["beta"] = hp.get("beta", DEFAULTS["beta"])
     return out
+
+
+def method(job: Job, hp: dict) -> dict:
+    """OpenAI's `method`: its type, and under it the hyperparameters (and a reinforcement job's grader)."""
+    kind = METHOD_TYPE[job.method]
+    given = {"hyperparameters": hp} | ({"grader": job.hyperparameters.get("grader")} if job.method == "grpo" else {})
+    return {"type": kind, kind: given}
 
 
 def fine_tuned_model(job: Job) -> str | None:
@@ -110,8 +134,8 @@ def fine_tuning_job(job: Job) -> dict:
         "status": status(job),
         "training_file": job.dataset_id,
         "validation_file": job.eval_dataset_id,
-        "hyperparameters": {k: v for k, v in hp.items() if k != "beta"},
-        "method": {"type": METHOD_TYPE[job.method], METHOD_TYPE[job.method]: {"hyperparameters": hp}},
+        "hyperparameters": {k: v for k, v in hp.items() if k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
+        "method": method(job, hp),
         "result_files": [RESULTS_PREFIX + job.id] if job.status.finished and job.started_at else [],
         "trained_tokens": int(job.metrics["num_tokens"])
         if job.status.finished and "num_tokens" in job.metrics

@@ -17,7 +17,7 @@ router = APIRouter(tags=["datasets"])
 def create_dataset(
     who: Caller,
     file: UploadFile = File(description="JSONL, one example per line"),
-    method: str | None = Form(None, pattern="^(dpo|sft|kto)$"),
+    method: str | None = Form(None, pattern="^(dpo|sft|kto|rft)$"),
     svc: Services = Depends(services),
 ) -> DatasetPublic:
     """Validate a JSONL file and store it; a bad file gets every error (line, field, reason) and nothing is stored."""

@@ -238,12 +238,13 @@ def spec(svc: Services, req: JobCreate) -> TrainingSpec:
                 f"{value} is above this server's limit of {limit:g} ({setting})",
                 f"hyperparameters.{name}",
             )
-    if "ref_cache_dir" in req.hyperparameters:
-        raise Invalid(
-            "invalid_hyperparameters",
-            "the worker sets it (reference log-probs are cached for the tenant's jobs)",
-            "hyperparameters.ref_cache_dir",
-        )
+    set_by_worker = {
+        "ref_cache_dir": "the worker sets it (reference log-probs are cached for the tenant's jobs)",
+        "grading": "the worker sets it (the grader's limits are the server's; PREFQ_GRADER_*)",
+    }
+    for name, why in set_by_worker.items():
+        if name in req.hyperparameters:
+            raise Invalid("invalid_hyperparameters", why, f"hyperparameters.{name}")
     clash = sorted(RESERVED & req.hyperparameters.keys())
     if clash:
         raise Invalid("invalid_hyperparameters", "set it at the top level of the job", f"hyperparameters.{clash[0]}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from api.auth import Principal
 from api.deps import Services, dispatch_callback
 from api.schemas import JobCreate
-from api.service import checks
+from api.service import checks, graders
 from api.service.errors import Conflict, Unavailable, no_such
 from api.submit import EnqueueFailed
 from jobs.models import Job, JobStatus, Worker, new_id, now
@@ -59,6 +59,8 @@ async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key:
     eval_id = await checks.dataset(svc, who, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
     model = await checks.model(svc, who, req.model)
     spec = checks.spec(svc, req)
+    if spec.grader is not None:  # GRPO: its judges are the tenant's (or the operator's)
+        await graders.check_judges(svc, who.tenant, spec.grader, "hyperparameters.")
     await checks.fits(svc, spec, model)
     if req.callback_url:
         await checks.callback_url(svc, str(req.callback_url))

@@ -1,78 +1,24 @@
-"""Which models the playground serves to a tenant: its succeeded jobs' models and its registered models, named as
-`jobs.modelref` reads them."""
+"""Which models the playground, the chat face and the graders' judges serve to a tenant (`jobs.served`), with a
+name that resolves to none a 404 `model_not_found` naming it."""
 
 from __future__ import annotations
 
 from api.service.errors import NotFound
-from jobs import layout, modelref
-from jobs.perimeter import tenant_prefix
-from jobs.registry import Registry
+from jobs import served
 from jobs.store import JobStore
 from storage import Storage
 from training.spec import ADAPTER, CONSOLIDATED, MANIFEST_NAME
 
-
-def _not_found(name: str) -> NotFound:
-    return NotFound(
-        "model_not_found",
-        f"The model {name!r} does not exist or you do not have access to it: name a "
-        "fine-tuned model, a checkpoint of one, a succeeded job's id, or a registered model",
-        "model",
-    )
+FOLDERS = served.Folders(MANIFEST_NAME, ADAPTER, CONSOLIDATED)
 
 
 def resolve_served_model(store: JobStore, storage: Storage, tenant: str, name: str) -> dict[str, str]:
-    """What the serve loads for the model that `name` gives `tenant` (`jobs.modelref.resolve`): a succeeded job's
-    `fine_tuned_model` (`ft:<base>:<tenant>:<suffix>:<job id>`, exactly), a complete checkpoint of it
-    (`...:ckpt-step-<N>`), the job's id, or a registered model's version (`models:/NAME/N`, `models:/NAME@ALIAS`, a
-    bare `NAME`). Anything else (a hub id, a path), or another tenant's, is a 404 `model_not_found` naming it.
-
-    The answer is the serve request's model fields: `model_uri`, the folder's storage URI; for a LoRA job's model or
-    checkpoint, the adapter's folder with its base (`base_uri`, or `base_hub` and `base_revision`), so that the
-    adapters of one base share it in the serve; for a sharded checkpoint (`fsdp`, `deepspeed-tp`), its consolidated
-    folder. Blocking (database, storage)."""
-    registry = Registry(store.engine)
+    """The serve request's model fields for `name` (`jobs.served.resolve_served_model`)."""
     try:
-        found = modelref.resolve(name, tenant, store, registry, storage, MANIFEST_NAME)
-    except modelref.ModelNotFound:
-        raise _not_found(name) from None
-    if found.job is None or (found.name.startswith("ft:") and found.name != found.fine_tuned_model):
-        raise _not_found(found.name)
-    job, uri = found.job, found.uri.rstrip("/") + "/"
-    if found.ref.step is None:
-        prefix = layout.model_prefix(tenant, job.id)
-        keys = storage.list(prefix + ADAPTER + "/") if storage.uri(prefix) == uri else []
-        adapter = prefix + f"{ADAPTER}/adapter_config.json" in keys
-        folder = uri + ADAPTER + "/" if adapter else uri
-    else:
-        keys = layout.list_checkpoints(storage, tenant, job.id, MANIFEST_NAME, step=found.ref.step)[found.ref.step].keys
-        prefix = layout.checkpoint_prefix(tenant, job.id, found.ref.step)
-        adapter = prefix + "adapter_config.json" in keys
-        folder = uri + CONSOLIDATED + "/" if prefix + f"{CONSOLIDATED}/config.json" in keys else uri
-    if not adapter:
-        return {"model_uri": folder}
-    base = base_of(job.model, tenant, store, storage)
-    if base is None and found.ref.step is None:
-        return {"model_uri": uri}  # the merged model beside the adapter
-    if base is None:
-        raise NotFound(
-            "model_not_found",
-            f"{name!r} is a LoRA adapter whose base model ({job.model}) this service cannot load; "
-            "serve the job's final model, which has the adapter merged in",
-            "model",
-        )
-    return {"model_uri": folder, **base}
+        return served.resolve_served_model(store, storage, tenant, name, FOLDERS)
+    except served.NotServed as exc:
+        raise NotFound("model_not_found", str(exc), "model") from None
 
 
 def base_of(model: str, tenant: str, store: JobStore, storage: Storage) -> dict[str, str] | None:
-    """The serve request's base fields for a job's `model` (as the job pinned it): a hub id, or a folder of the
-    tenant's in storage; None for what the serve does not load (a local folder, a base that is gone)."""
-    try:
-        base = modelref.resolve(model, tenant, store, Registry(store.engine), storage, MANIFEST_NAME, bare_names=False)
-    except modelref.ModelNotFound:
-        return None
-    if base.ref.kind == "hub":
-        return {"base_hub": base.ref.value} | ({"base_revision": base.ref.revision} if base.ref.revision else {})
-    if base.uri and base.uri.startswith(storage.uri(tenant_prefix(tenant))):
-        return {"base_uri": base.uri}
-    return None
+    return served.base_of(model, tenant, store, storage, MANIFEST_NAME)

@@ -32,6 +32,8 @@ NOT_OFFERED = {
     "trainer",
     "gpus",
     "ref_cache_dir",
+    "grading",
+    "grader",
     "risk",
     "batch_beta",
     "lora",

@@ -1,0 +1,140 @@
+"""The judges of model graders (`score_model`, `label_model`): which a tenant may name, and asking one.
+
+A grader's `model` is, first, one of the operator's judge models (`PREFQ_JUDGE_MODELS`), answered by the
+OpenAI-compatible endpoint the operator configures (`PREFQ_JUDGE_URL`, its key `PREFQ_JUDGE_API_KEY`); else a model
+of the tenant's that `prefq serve` answers (`jobs.served`: a fine-tuned model, a checkpoint, a registered model).
+Another tenant's model, or any URL, names nothing. The API resolves judges for `/graders/run` and when a GRPO job is
+queued; the worker resolves them again for the job's run and answers the run's questions itself (`worker.judges`),
+so that neither the endpoints' credentials nor the serve's token reach a training process.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+
+import httpx
+
+from jobs import served
+
+
+class NoJudge(LookupError):
+    """`model` names no judge this tenant may use; the message says why."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one judge model is asked: the operator's endpoint (`model` as it is named there), or the serve with the
+    model's fields (`jobs.served.resolve_served_model`)."""
+
+    model: str
+    url: str  # the operator's base URL, or the serve's
+    secret: str | None = field(default=None, repr=False)  # the operator's API key, or the serve's token
+    served: dict[str, str] | None = None  # the serve request's model fields; None: the operator's endpoint
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the operator configured (from `Settings`)."""
+
+    serve_url: str
+    serve_token: str | None = field(default=None, repr=False)
+    judge_url: str | None = None
+    judge_api_key: str | None = field(default=None, repr=False)
+    judge_models: tuple[str, ...] = ()
+    timeout_s: float = 120.0
+
+    @classmethod
+    def of(cls, settings) -> Config:
+        def secret(value) -> str | None:
+            return value.get_secret_value() if value is not None else None
+
+        return cls(
+            settings.serve_url,
+            secret(settings.serve_token),
+            settings.judge_url,
+            secret(settings.judge_api_key),
+            tuple(settings.judge_models),
+            settings.judge_timeout_s,
+        )
+
+
+def models_of(grader: dict) -> list[tuple[str, str]]:
+    """(param, model) of each model grader in a grader's JSON (a `multi` grader's too)."""
+    if grader.get("type") == "multi" and isinstance(grader.get("graders"), dict):
+        return [
+            (f"grader.graders.{name}.model", g["model"])
+            for name, g in grader["graders"].items()
+            if isinstance(g, dict) and isinstance(g.get("model"), str)
+        ]
+    return [("grader.model", grader["model"])] if isinstance(grader.get("model"), str) else []
+
+
+def resolve(config: Config, store, storage, tenant: str, model: str, folders: served.Folders) -> Endpoint:
+    """The judge `model` names for `tenant`, or `NoJudge`. Blocking (database, storage)."""
+    if model in config.judge_models:
+        if not config.judge_url:
+            raise NoJudge(
+                f"{model!r} is an operator's judge model, but no judge endpoint is configured (PREFQ_JUDGE_URL)"
+            )
+        return Endpoint(model, config.judge_url, config.judge_api_key)
+    try:
+        fields = served.resolve_served_model(store, storage, tenant, model, folders)
+    except served.NotServed as exc:
+        others = (
+            f" or one of the operator's judge models ({', '.join(config.judge_models)})" if config.judge_models else ""
+        )
+        raise NoJudge(f"no judge model {model!r}: {exc}{others}") from None
+    return Endpoint(model, config.serve_url, config.serve_token, fields)
+
+
+MAX_TOKENS = 64  # a judge's reply when the grader's sampling_params set none: a score or a label
+
+
+def ask(http: httpx.Client, endpoint: Endpoint, messages: list[dict], params: dict, timeout_s: float) -> str:
+    """The judge's reply to `messages` (greedy unless the grader's `sampling_params` say otherwise); raises on
+    anything but a reply (the grader scores 0 and says why)."""
+    max_tokens = int(params.get("max_completions_tokens") or params.get("max_tokens") or MAX_TOKENS)
+    sampling = {
+        "max_tokens": max_tokens,
+        "temperature": float(params.get("temperature") or 0.0),
+        "top_p": float(params.get("top_p") or 1.0),
+        "seed": params.get("seed"),
+    }
+    headers = {"Authorization": f"Bearer {endpoint.secret}"} if endpoint.secret else {}
+    if endpoint.served is None:
+        response = http.post(
+            endpoint.url.rstrip("/") + "/chat/completions",
+            json={"model": endpoint.model, "messages": messages, **sampling},
+            headers=headers,
+            timeout=timeout_s,
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"the judge endpoint answered HTTP {response.status_code}: {response.text[:300]}")
+        return response.json()["choices"][0]["message"]["content"] or ""
+    request = {
+        "id": f"chatcmpl-{secrets.token_hex(12)}",
+        **endpoint.served,
+        "messages": messages,
+        "stop": [],
+        "logit_bias": {},
+        **sampling,
+    }
+    parts = []
+    with http.stream(
+        "POST", endpoint.url.rstrip("/") + "/generate", json=request, headers=headers, timeout=timeout_s
+    ) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"the generation service answered HTTP {response.status_code}")
+        for line in response.iter_lines():
+            if not line:
+                continue
+            answer = json.loads(line)
+            if "error" in answer:
+                error = answer["error"]
+                raise RuntimeError(f"{error.get('code')}: {error.get('message')}")
+            if answer.get("done"):
+                return "".join(parts)
+            parts.append(answer.get("delta", ""))
+    raise RuntimeError("the generation service's answer broke off")

@@ -1,0 +1,199 @@
+"""GRPO, OpenAI's reinforcement method, through the queue on the session stack: a short SFT job teaches the micro
+model the answers' form, then reinforcement jobs sample answers to the toy questions and learn from their graders'
+scores. The graders run inside the run's process tree; model graders' judges are answered by the worker (a model of
+the tenant's served by `prefq serve`, or the operator's endpoint)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.services import GRADER, HUB_ID, JUDGES_TENANT, OPERATOR_JUDGE, make_key
+from training.toy_data import write_toy_data
+
+pytestmark = pytest.mark.stack
+
+SFT = {  # half the held-out answers right: room for reinforcement to gain (measured: 0.46 of them)
+    "max_steps": 150,
+    "batch_size": 16,
+    "learning_rate": 3e-3,
+    "lr_scheduler": "constant",
+    "max_length": 64,
+    "save_steps": 1000,
+    "eval_fraction": 0.0,
+}
+GRPO = {  # 4 prompts of 8 answers a step; answers of up to 12 tokens (" The answer is 7." is 7)
+    "learning_rate": 1e-3,
+    "lr_scheduler": "constant",
+    "max_length": 64,
+    "max_completion_length": 12,
+    "eval_fraction": 0.15,
+    "sample_prompts": 4,
+    "sample_max_tokens": 12,
+    "logging_steps": 10,
+}
+PYTHON = {
+    "type": "python",
+    "name": "exact",
+    "source": "def grade(sample, item):\n    return float(sample['output_text'].strip() == 'The answer is ' + item['answer'] + '.')\n",
+}
+
+
+def _clients(stack, tenant: str) -> tuple[OpenAI, httpx.Client]:
+    """The tenant's SDK client and native API client."""
+    key = make_key(stack.env["PREFQ_DATABASE_URL"], tenant)
+    native = httpx.Client(base_url=stack.url, timeout=30, headers={"Authorization": f"Bearer {key}"})
+    return OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0), native
+
+
+@pytest.fixture(scope="module")
+def rft(stack, toy_sft, tmp_path_factory):
+    """Tenant `judges`'s SFT model (also registered as the operator's judge model), its client, and its RFT file
+    (`{"prompt", "answer"}` rows)."""
+    client, native = _clients(stack, JUDGES_TENANT)
+    with toy_sft.open("rb") as fh:
+        demonstrations = client.files.create(file=fh, purpose="fine-tune")
+    sft = client.fine_tuning.jobs.create(
+        model=HUB_ID, training_file=demonstrations.id, extra_body={"prefq": {"hyperparameters": SFT}}
+    )
+    job = stack.wait_for(sft.id, {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "succeeded", job
+    model = client.fine_tuning.jobs.retrieve(sft.id).fine_tuned_model
+    registered = native.post(f"/models/{OPERATOR_JUDGE}/versions", json={"job_id": sft.id})
+    assert registered.status_code == 201, registered.text
+    path = tmp_path_factory.mktemp("rft") / "rft.jsonl"
+    write_toy_data(path, "rft", rows=400, seed=1)
+    with path.open("rb") as fh:
+        file = client.files.create(file=fh, purpose="fine-tune")
+    assert file.status == "processed", file
+    return SimpleNamespace(client=client, native=native, model=model, file=file, sft=sft.id)
+
+
+def _events(stack, job_id: str, kind: str) -> list[dict]:
+    found = [e for e in stack.get(f"/jobs/{job_id}/events?limit=1000")["data"] if e["type"] == kind]
+    return sorted(found, key=lambda e: e["seq"] if "seq" in e else e["created_at"])
+
+
+def test_a_reinforcement_job_raises_the_held_out_reward_and_resumes_after_a_cancel(stack, rft):
+    """OpenAI's SDK creates a reinforcement job with a `string_check` grader; cancelled after its first checkpoint and
+    retried, it goes on from there and ends with a higher held-out mean reward than the SFT model's."""
+    method = {
+        "type": "reinforcement",
+        "reinforcement": {
+            "grader": GRADER,
+            "hyperparameters": {"batch_size": 4, "compute_multiplier": 2, "eval_interval": 80},
+        },
+    }
+    hyper = {**GRPO, "max_steps": 80, "save_steps": 20}
+    job = rft.client.fine_tuning.jobs.create(
+        model=rft.model, training_file=rft.file.id, method=method, extra_body={"prefq": {"hyperparameters": hyper}}
+    )
+    native = stack.get(f"/jobs/{job.id}")
+    assert native["method"] == "grpo"
+    assert (native["hyperparameters"]["num_generations"], native["hyperparameters"]["batch_size"]) == (8, 32)
+
+    stack.wait_for_event(job.id, "checkpoint", timeout_s=120)
+    rft.client.fine_tuning.jobs.cancel(job.id)
+    cancelled = stack.wait_for(job.id, {"cancelled", "succeeded", "failed"})
+    assert cancelled["status"] == "cancelled" and cancelled["step"] < 80, cancelled
+    retried = stack.http.post(f"/jobs/{job.id}/retry")
+    assert retried.status_code == 202, retried.text
+    done = stack.wait_for(job.id, {"succeeded", "failed", "cancelled"})
+    assert done["status"] == "succeeded", done
+
+    started = [e["data"] for e in _events(stack, job.id, "started")]
+    (stopped,) = [e["data"] for e in _events(stack, job.id, "stopped")]
+    assert started[-1]["resumed_from_step"] == stopped["step"] >= 20, "from the checkpoint saved at the cancel"
+    evals = {e["data"]["step"]: e["data"]["metrics"] for e in _events(stack, job.id, "eval")}
+    before, after = evals[0]["eval_reward"], evals[80]["eval_reward"]
+    print(f"held-out mean reward (60 prompts x 8 answers): {before:.3f} after SFT, {after:.3f} after GRPO")
+    assert after >= before + 0.04, (before, after)
+
+    progress = [e["data"] for e in _events(stack, job.id, "progress")]
+    metrics = progress[-1]["metrics"]
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "kl", "completions/mean_length", "graders/errors"):
+        assert name in metrics, (name, sorted(metrics))
+    assert metrics["rewards/right_number/mean"] == metrics["reward"] and metrics["graders/errors"] == 0
+    samples = [e["data"] for e in _events(stack, job.id, "samples") if e["data"]["model"] == "policy"]
+    assert samples and all(s["reward"] in (0.0, 1.0) for e in samples for s in e["samples"]), samples[:1]
+    sdk = rft.client.fine_tuning.jobs.retrieve(job.id)
+    assert sdk.method.type == "reinforcement" and sdk.fine_tuned_model, sdk
+
+
+def test_python_multi_and_model_graders_score_inside_a_run(stack, rft):
+    """A `multi` grader over a python grader, a string check, a `score_model` judged by the tenant's served model and
+    a `label_model` judged by the operator's endpoint: every one scores each answer inside the run (their scores
+    need not mean much); a judge that another tenant names is refused before the job is queued."""
+    judged = [{"role": "user", "content": "{{item.prompt}}"}]
+    grader = {
+        "type": "multi",
+        "name": "all",
+        "graders": {
+            "exact": PYTHON,
+            "number": GRADER,
+            "served": {
+                "type": "score_model",
+                "name": "served",
+                "model": rft.model,
+                "input": judged,
+                "range": [0, 10],
+                "sampling_params": {"max_completions_tokens": 8},
+            },
+            "operator": {
+                "type": "label_model",
+                "name": "operator",
+                "model": OPERATOR_JUDGE,
+                "input": judged,
+                "labels": ["The answer is 3.", "other"],
+                "passing_labels": ["The answer is 3."],
+            },
+        },
+        "calculate_output": "0.4 * exact + 0.4 * number + 0.1 * served / 10 + 0.1 * operator",
+    }
+    hyper = {**GRPO, "grader": grader, "max_steps": 2, "batch_size": 8, "save_steps": 1000, "logging_steps": 2}
+    hyper |= {"eval_fraction": 0.0}  # 2 steps of 2 prompts with 4 answers, each asked of both judges
+    body = {"model": rft.model, "dataset": rft.file.id, "method": "grpo", "hyperparameters": hyper}
+    created = rft.native.post("/jobs", json=body).json()
+    done = stack.wait_for(created["id"], {"succeeded", "failed", "cancelled"})
+    assert done["status"] == "succeeded", done["error"]
+    metrics = _events(stack, created["id"], "progress")[-1]["data"]["metrics"]
+    for name in ("graders/exact", "graders/number", "graders/served", "graders/operator"):
+        assert name in metrics, (name, sorted(metrics))
+    told = [e["data"] for e in _events(stack, created["id"], "grader_error")]
+    assert metrics["graders/errors/python_grader_runtime_error"] == 0, told
+    assert metrics["graders/errors/python_grader_server_error"] == 0, told
+    assert metrics["graders/errors/model_grader_server_error"] == 0, (
+        "both judges answered every question",
+        json.dumps(told),
+    )
+
+
+def test_bad_reinforcement_jobs_are_400s_naming_the_param(stack, rft):
+    other, _ = _clients(stack, "grpo-other")
+    path_rows = [{"prompt": "What is 1 plus 1?", "answer": "2"}] * 8
+    file = other.files.create(file=("rft.jsonl", "".join(json.dumps(r) + "\n" for r in path_rows)), purpose="fine-tune")
+    cases = {
+        "method.reinforcement.grader.type": {"grader": {**GRADER, "type": "regex_check"}},
+        "method.reinforcement.grader.model": {
+            "grader": {
+                "type": "score_model",
+                "name": "j",
+                "model": rft.model,  # another tenant's
+                "input": [{"role": "user", "content": "{{item.prompt}}"}],
+                "range": [0, 1],
+            }
+        },
+    }
+    for param, reinforcement in cases.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            other.fine_tuning.jobs.create(
+                model=HUB_ID,
+                training_file=file.id,
+                method={"type": "reinforcement", "reinforcement": reinforcement},
+            )
+        assert err.value.param == param, (param, err.value.body)

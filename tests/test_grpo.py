@@ -13,10 +13,11 @@ import openai
 import pytest
 from openai import OpenAI
 
+from tests.conftest import of_type, run_training
 from tests.services import GRADER, HUB_ID, JUDGES_TENANT, OPERATOR_JUDGE, make_key
+from tests.test_ui import Watched, sign_in
+from training.formats import check_lines
 from training.toy_data import write_toy_data
-
-pytestmark = pytest.mark.stack
 
 SFT = {  # half the held-out answers right: room for reinforcement to gain (measured: 0.46 of them)
     "max_steps": 150,
@@ -44,18 +45,25 @@ PYTHON = {
 }
 
 
-def _clients(stack, tenant: str) -> tuple[OpenAI, httpx.Client]:
-    """The tenant's SDK client and native API client."""
+def _clients(stack, tenant: str) -> tuple[OpenAI, httpx.Client, str]:
+    """The tenant's SDK client, native API client and key."""
     key = make_key(stack.env["PREFQ_DATABASE_URL"], tenant)
     native = httpx.Client(base_url=stack.url, timeout=30, headers={"Authorization": f"Bearer {key}"})
-    return OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0), native
+    return OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0), native, key
 
 
 @pytest.fixture(scope="module")
-def rft(stack, toy_sft, tmp_path_factory):
+def rft_rows(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rft") / "rft.jsonl"
+    write_toy_data(path, "rft", rows=400, seed=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rft(stack, toy_sft, rft_rows):
     """Tenant `judges`'s SFT model (also registered as the operator's judge model), its client, and its RFT file
     (`{"prompt", "answer"}` rows)."""
-    client, native = _clients(stack, JUDGES_TENANT)
+    client, native, key = _clients(stack, JUDGES_TENANT)
     with toy_sft.open("rb") as fh:
         demonstrations = client.files.create(file=fh, purpose="fine-tune")
     sft = client.fine_tuning.jobs.create(
@@ -66,12 +74,35 @@ def rft(stack, toy_sft, tmp_path_factory):
     model = client.fine_tuning.jobs.retrieve(sft.id).fine_tuned_model
     registered = native.post(f"/models/{OPERATOR_JUDGE}/versions", json={"job_id": sft.id})
     assert registered.status_code == 201, registered.text
-    path = tmp_path_factory.mktemp("rft") / "rft.jsonl"
-    write_toy_data(path, "rft", rows=400, seed=1)
-    with path.open("rb") as fh:
+    with rft_rows.open("rb") as fh:
         file = client.files.create(file=fh, purpose="fine-tune")
     assert file.status == "processed", file
-    return SimpleNamespace(client=client, native=native, model=model, file=file, sft=sft.id)
+    return SimpleNamespace(client=client, native=native, key=key, model=model, file=file, sft=sft.id)
+
+
+def _reinforce(stack, rft, grader: dict, **hyper) -> str:
+    """A GRPO job of 80 steps (4 prompts of 8 answers) on the SFT model, created with the SDK: its id."""
+    method = {
+        "type": "reinforcement",
+        "reinforcement": {
+            "grader": grader,
+            "hyperparameters": {"batch_size": 4, "compute_multiplier": 2, "eval_interval": 80},
+        },
+    }
+    job = rft.client.fine_tuning.jobs.create(
+        model=rft.model,
+        training_file=rft.file.id,
+        method=method,
+        extra_body={"prefq": {"hyperparameters": {**GRPO, "max_steps": 80, **hyper}}},
+    )
+    return job.id
+
+
+def _gain(stack, job_id: str, grader: str) -> tuple[float, float]:
+    evals = {e["data"]["step"]: e["data"]["metrics"] for e in _events(stack, job_id, "eval")}
+    before, after = evals[0]["eval_reward"], evals[80]["eval_reward"]
+    print(f"{grader}: held-out mean reward (60 prompts x 8 answers) {before:.3f} after SFT, {after:.3f} after GRPO")
+    return before, after
 
 
 def _events(stack, job_id: str, kind: str) -> list[dict]:
@@ -79,20 +110,12 @@ def _events(stack, job_id: str, kind: str) -> list[dict]:
     return sorted(found, key=lambda e: e["seq"] if "seq" in e else e["created_at"])
 
 
-def test_a_reinforcement_job_raises_the_held_out_reward_and_resumes_after_a_cancel(stack, rft):
+def test_a_reinforcement_job_raises_the_held_out_reward_and_resumes_after_a_cancel(stack, rft, browser):
     """OpenAI's SDK creates a reinforcement job with a `string_check` grader; cancelled after its first checkpoint and
-    retried, it goes on from there and ends with a higher held-out mean reward than the SFT model's."""
-    method = {
-        "type": "reinforcement",
-        "reinforcement": {
-            "grader": GRADER,
-            "hyperparameters": {"batch_size": 4, "compute_multiplier": 2, "eval_interval": 80},
-        },
-    }
-    hyper = {**GRPO, "max_steps": 80, "save_steps": 20}
-    job = rft.client.fine_tuning.jobs.create(
-        model=rft.model, training_file=rft.file.id, method=method, extra_body={"prefq": {"hyperparameters": hyper}}
-    )
+    retried, it goes on from there and ends with a higher held-out mean reward than the SFT model's. The dashboard
+    draws its reward curves."""
+    job_id = _reinforce(stack, rft, GRADER, save_steps=20)
+    job = rft.client.fine_tuning.jobs.retrieve(job_id)
     native = stack.get(f"/jobs/{job.id}")
     assert native["method"] == "grpo"
     assert (native["hyperparameters"]["num_generations"], native["hyperparameters"]["batch_size"]) == (8, 32)
@@ -109,9 +132,7 @@ def test_a_reinforcement_job_raises_the_held_out_reward_and_resumes_after_a_canc
     started = [e["data"] for e in _events(stack, job.id, "started")]
     (stopped,) = [e["data"] for e in _events(stack, job.id, "stopped")]
     assert started[-1]["resumed_from_step"] == stopped["step"] >= 20, "from the checkpoint saved at the cancel"
-    evals = {e["data"]["step"]: e["data"]["metrics"] for e in _events(stack, job.id, "eval")}
-    before, after = evals[0]["eval_reward"], evals[80]["eval_reward"]
-    print(f"held-out mean reward (60 prompts x 8 answers): {before:.3f} after SFT, {after:.3f} after GRPO")
+    before, after = _gain(stack, job.id, "string_check")
     assert after >= before + 0.04, (before, after)
 
     progress = [e["data"] for e in _events(stack, job.id, "progress")]
@@ -123,6 +144,16 @@ def test_a_reinforcement_job_raises_the_held_out_reward_and_resumes_after_a_canc
     assert samples and all(s["reward"] in (0.0, 1.0) for e in samples for s in e["samples"]), samples[:1]
     sdk = rft.client.fine_tuning.jobs.retrieve(job.id)
     assert sdk.method.type == "reinforcement" and sdk.fine_tuned_model, sdk
+    assert sdk.method.reinforcement.grader.name == "right_number"
+    assert sdk.method.reinforcement.hyperparameters.compute_multiplier == 2
+
+    watched = Watched(browser, stack.url)
+    page = watched.page()
+    sign_in(page, rft.key, f"/ui/jobs/{job.id}")
+    for chart in ("grader-reward", "no-signal", "kl", "answer-length"):  # 8 progress events and 2 evaluations
+        page.wait_for_function(f"() => +document.querySelector('#chart-{chart}')?.dataset.points >= 8")
+    assert not watched.errors, watched.errors
+    watched.context.close()
 
 
 def test_python_multi_and_model_graders_score_inside_a_run(stack, rft):
@@ -174,7 +205,7 @@ def test_python_multi_and_model_graders_score_inside_a_run(stack, rft):
 
 
 def test_bad_reinforcement_jobs_are_400s_naming_the_param(stack, rft):
-    other, _ = _clients(stack, "grpo-other")
+    other, *_ = _clients(stack, "grpo-other")
     path_rows = [{"prompt": "What is 1 plus 1?", "answer": "2"}] * 8
     file = other.files.create(file=("rft.jsonl", "".join(json.dumps(r) + "\n" for r in path_rows)), purpose="fine-tune")
     cases = {
@@ -197,3 +228,85 @@ def test_bad_reinforcement_jobs_are_400s_naming_the_param(stack, rft):
                 method={"type": "reinforcement", "reinforcement": reinforcement},
             )
         assert err.value.param == param, (param, err.value.body)
+
+
+def test_reinforcement_rows_are_prompts_with_their_row_as_the_item():
+    """OpenAI's RFT rows (messages that end before the answer, with any fields beside them) and plain prompts; the
+    whole row is the item the grader reads. Bad rows name their field."""
+    rows = [
+        {"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "answer": 4},
+        {"messages": [{"role": "user", "content": "3+3?"}], "answer": 6, "tags": ["easy"]},
+    ]
+    report, examples = check_lines([json.dumps(r).encode() for r in rows])
+    assert (report.format, report.method, report.rows) == ("rft_messages", "rft", 2)
+    assert examples[0]["prompt"][-1] == {"role": "user", "content": "2+2?"}
+    assert json.loads(examples[1]["item"]) == rows[1]
+    report, examples = check_lines([b'{"prompt": "What is 1 plus 1?", "answer": "2"}'], ("rft",))
+    assert (report.format, examples[0]["prompt"]) == ("rft_prompt", "What is 1 plus 1?")
+    report, _ = check_lines([b'{"prompt": "Q"}'], ("dpo",))
+    assert [(e.field, e.reason) for e in report.errors] == [("chosen", "missing")], "a pair still lacks its answers"
+
+    bad = {
+        ("messages[1].role", "the last message is the answer the model is to write"): {
+            "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+        },
+        ("tools", "tools in reinforcement data are not supported yet"): {
+            "messages": [{"role": "user", "content": "Q"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        ("prompt", "give messages or prompt, not both"): {
+            "messages": [{"role": "user", "content": "Q"}],
+            "prompt": "Q",
+        },
+    }
+    for (field, reason), row in bad.items():
+        report, _ = check_lines([json.dumps(row).encode()], ("rft",))
+        assert [(e.line, e.field, e.reason) for e in report.errors] == [(1, field, reason)], report.errors
+
+
+def test_grpo_on_fsdp_shards_the_policy_and_its_checkpoints_load(micro_model, rft_rows, tmp_path):
+    """Two CPU ranks under FSDP2: the policy's parameters are DTensors, every rank samples and grades its share, and
+    each checkpoint holds the gathered folder that the serve and exports load."""
+    spec = {
+        "method": "grpo",
+        "model": str(micro_model),
+        "train_file": str(rft_rows),
+        "grader": GRADER,
+        "trainer": "fsdp",
+        "gpus": 2,
+        "num_generations": 2,
+        "batch_size": 2,
+        "max_steps": 2,
+        "save_steps": 2,
+        "eval_fraction": 0.0,
+        "max_length": 48,
+        "max_completion_length": 8,
+        "learning_rate": 1e-3,
+    }
+    code, events = run_training(spec, tmp_path / "out")
+    assert code == 0, events[-3:]
+    (started,) = of_type(events, "started")
+    assert started["parallelism"]["dtensor_parameters"] > 0, started["parallelism"]
+    assert "reward" in of_type(events, "progress")[-1]["metrics"]
+    assert (tmp_path / "out" / "checkpoint-2" / "hf" / "config.json").is_file()
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("kind", ["python", "multi"])
+def test_python_and_multi_graders_raise_the_held_out_reward(stack, rft, kind):
+    """The long form of the reinforcement test for the graders that run code: 80 steps of 32 answers each graded in
+    a sandboxed child (about 40 s of grading here), so CI runs the short form above and `-m long` this one."""
+    grader = PYTHON
+    if kind == "multi":
+        grader = {
+            "type": "multi",
+            "name": "both",
+            "graders": {"exact": PYTHON, "number": GRADER},
+            "calculate_output": "0.5 * exact + 0.5 * number",
+        }
+    job_id = _reinforce(stack, rft, grader, save_steps=1000)
+    done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"})
+    assert done["status"] == "succeeded", done["error"]
+    before, after = _gain(stack, job_id, kind)
+    assert after >= before + 0.04, (before, after)

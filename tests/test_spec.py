@@ -46,7 +46,7 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monke
     ("change", "field", "words"),
     [
         ({"beta": 0}, "beta", "greater than 0"),
-        ({"method": "ppo"}, "method", "'dpo', 'sft', 'orpo', 'simpo', 'kto' or 'reward'"),
+        ({"method": "ppo"}, "method", "'dpo', 'sft', 'orpo', 'simpo', 'kto', 'reward' or 'grpo'"),
         ({"loss_type": ["sigmoid", "nope"]}, "loss_type", "unknown loss type 'nope'"),
         ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, "loss_weights", "one per type"),
         ({"loss_type": "exo_pair"}, "label_smoothing", "label_smoothing > 0"),

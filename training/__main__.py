@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("make-toy-data", help="write synthetic data with a learnable signal")
     p.add_argument("out")
-    p.add_argument("--method", choices=["dpo", "sft", "kto"], default="dpo")
+    p.add_argument("--method", choices=["dpo", "sft", "kto", "rft"], default="dpo")
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--context-words", type=int, default=0, help="filler words before each question")

@@ -173,7 +173,9 @@ def build(spec: TrainingSpec, common: dict, inputs: dict):
     )
     scorer = Scorer(spec)
 
-    class PrefqGRPOTrainer(GRPOTrainer):
+    from training.distributed import DistributedTrainerMixin
+
+    class PrefqGRPOTrainer(DistributedTrainerMixin, GRPOTrainer):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.scorer = scorer

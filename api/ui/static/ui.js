@@ -10,11 +10,17 @@ const CHARTS = [
   { id: "beta", title: "Beta", keys: ["beta"] },
   { id: "lr", title: "Learning rate", keys: ["learning_rate"], noEval: true },
   { id: "token-accuracy", title: "Token accuracy", keys: ["mean_token_accuracy"] },
+  // GRPO: the grader's scores, the prompts that teach nothing (all answers scored alike), drift and answer length
+  { id: "grader-reward", title: "Grader reward (mean and spread)", keys: ["reward", "reward_std"] },
+  { id: "no-signal", title: "Prompts whose answers all scored the same", keys: ["frac_reward_zero_std"] },
+  { id: "kl", title: "KL to the starting model", keys: ["kl"] },
+  { id: "answer-length", title: "Answer length (tokens)", keys: ["completions/mean_length"] },
+  { id: "grader-errors", title: "Answers whose grading failed", keys: ["graders/errors"] },
 ];
 const COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#db2777", "#65a30d"];
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 const PANEL_EVENTS = new Set(["claimed", "started", "eval", "checkpoint", "done", "succeeded", "failed", "cancelled",
-  "cancel_requested", "retried", "requeued", "error", "stopped"]);
+  "cancel_requested", "retried", "requeued", "error", "stopped", "grader_error"]);
 
 // One chart: series are [label, colour, isEval, {step: value}]; x is the union of their steps.
 class Chart {

@@ -73,9 +73,20 @@ def _dataset_ref(c: Client, ref: str, method: str) -> str:
     return ds["id"]
 
 
+def _json_arg(value: str, option: str):
+    """JSON from a file, or the value itself as JSON."""
+    text = Path(value).read_text() if Path(value).is_file() else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"{option}: not JSON ({exc.msg}, line {exc.lineno} column {exc.colno})")
+
+
 def row(job: dict) -> str:
     acc = job["eval_metrics"].get("eval_rewards/accuracies")
     extra = f" eval reward accuracy {acc:.3f}" if acc is not None else ""
+    if (reward := job["eval_metrics"].get("eval_reward")) is not None:  # GRPO: its grader's mean score
+        extra = f" eval reward {reward:.3f}"
     return f"{job['id']} {job['status']} step {job['step']}/{job['total_steps'] or '?'}{extra}"
 
 
@@ -88,7 +99,12 @@ def submit(
         "(org/name@rev), or a succeeded job's id or fine-tuned model name",
     ),
     method: str = typer.Option(
-        ..., help="dpo, orpo, simpo, reward (preference pairs), kto (labelled answers or pairs) or sft"
+        ...,
+        help="dpo, orpo, simpo, reward (preference pairs), kto (labelled answers or pairs), sft, or grpo "
+        "(prompts, scored by --grader)",
+    ),
+    grader: str = typer.Option(
+        None, help="grpo: the grader, OpenAI's JSON, in a file or inline (`POST /graders/validate` checks one)"
     ),
     trainer: str = typer.Option("basic", help="basic, fsdp or deepspeed-tp"),
     gpus: int = typer.Option(1, help="Devices of the job (0: a CPU worker)"),
@@ -120,6 +136,8 @@ def submit(
             "gpus": gpus,
             "hyperparameters": parse_sets(sets),
         }
+        if grader:
+            job["hyperparameters"]["grader"] = _json_arg(grader, "--grader")
         if eval_dataset:
             job["eval_dataset"] = _dataset_ref(c, eval_dataset, method)
         if callback_url:

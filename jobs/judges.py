@@ -60,15 +60,15 @@ class Config:
         )
 
 
-def models_of(grader: dict) -> list[tuple[str, str]]:
-    """(param, model) of each model grader in a grader's JSON (a `multi` grader's too)."""
+def models_of(grader: dict, root: str = "grader") -> list[tuple[str, str]]:
+    """(param, model) of each model grader in a grader's JSON (a `multi` grader's too); params start at `root`."""
     if grader.get("type") == "multi" and isinstance(grader.get("graders"), dict):
         return [
-            (f"grader.graders.{name}.model", g["model"])
+            (f"{root}.graders.{name}.model", g["model"])
             for name, g in grader["graders"].items()
             if isinstance(g, dict) and isinstance(g.get("model"), str)
         ]
-    return [("grader.model", grader["model"])] if isinstance(grader.get("model"), str) else []
+    return [(f"{root}.model", grader["model"])] if isinstance(grader.get("model"), str) else []
 
 
 def resolve(config: Config, store, storage, tenant: str, model: str, folders: served.Folders) -> Endpoint:

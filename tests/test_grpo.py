@@ -6,6 +6,7 @@ the tenant's served by `prefq serve`, or the operator's endpoint)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from types import SimpleNamespace
 
 import httpx
@@ -156,7 +157,7 @@ def test_a_reinforcement_job_raises_the_held_out_reward_and_resumes_after_a_canc
     watched.context.close()
 
 
-def test_python_multi_and_model_graders_score_inside_a_run(stack, rft):
+def test_python_multi_and_model_graders_score_inside_a_run(stack, rft, rft_rows, tmp_path):
     """A `multi` grader over a python grader, a string check, a `score_model` judged by the tenant's served model and
     a `label_model` judged by the operator's endpoint: every one scores each answer inside the run (their scores
     need not mean much); a judge that another tenant names is refused before the job is queued."""
@@ -186,16 +187,34 @@ def test_python_multi_and_model_graders_score_inside_a_run(stack, rft):
         },
         "calculate_output": "0.4 * exact + 0.4 * number + 0.1 * served / 10 + 0.1 * operator",
     }
-    hyper = {**GRPO, "grader": grader, "max_steps": 2, "batch_size": 8, "save_steps": 1000, "logging_steps": 2}
-    hyper |= {"eval_fraction": 0.0}  # 2 steps of 2 prompts with 4 answers, each asked of both judges
-    body = {"model": rft.model, "dataset": rft.file.id, "method": "grpo", "hyperparameters": hyper}
-    created = rft.native.post("/jobs", json=body).json()
-    done = stack.wait_for(created["id"], {"succeeded", "failed", "cancelled"})
-    assert done["status"] == "succeeded", done["error"]
-    metrics = _events(stack, created["id"], "progress")[-1]["data"]["metrics"]
+    # 2 steps of 2 prompts with 4 answers, each asked of both judges; through the CLI, the grader in a file
+    hyper = {**GRPO, "max_steps": 2, "batch_size": 8, "save_steps": 1000, "logging_steps": 2, "eval_fraction": 0.0}
+    (tmp_path / "grader.json").write_text(json.dumps(grader))
+    sets = [arg for k, v in hyper.items() for arg in ("--set", f"{k}={v}")]
+    args = [
+        "submit",
+        str(rft_rows),
+        "--model",
+        rft.model,
+        "--method",
+        "grpo",
+        "--grader",
+        str(tmp_path / "grader.json"),
+    ]
+    out = subprocess.run(
+        ["prefq", *args, *sets, "--wait"],
+        env={**stack.env, "PREFQ_API_KEY": rft.key},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    job_id = next(w for w in out.stdout.split() if w.startswith("job_"))
+    assert "dataset ds_" in out.stdout and "rft_prompt" in out.stdout, out.stdout
+    metrics = _events(stack, job_id, "progress")[-1]["data"]["metrics"]
     for name in ("graders/exact", "graders/number", "graders/served", "graders/operator"):
         assert name in metrics, (name, sorted(metrics))
-    told = [e["data"] for e in _events(stack, created["id"], "grader_error")]
+    told = [e["data"] for e in _events(stack, job_id, "grader_error")]
     assert metrics["graders/errors/python_grader_runtime_error"] == 0, told
     assert metrics["graders/errors/python_grader_server_error"] == 0, told
     assert metrics["graders/errors/model_grader_server_error"] == 0, (

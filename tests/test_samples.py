@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
 from jobs import modelref
 from tests.services import prefq, submit
@@ -111,3 +112,33 @@ def test_sft_samples_and_the_time_budget(micro_model, toy_sft, toy_dpo, tmp_path
     assert code == 0
     samples = of_type(events, "samples")
     assert samples and all(e["prompts"] == 3 and len(e["samples"]) < 3 for e in samples), samples
+
+
+def test_a_sample_grader_scores_each_evaluation_and_picks_the_best(micro_model, toy_sft, tmp_path):
+    """`sample_grader` grades each evaluation's samples against their held-out rows; the mean is the evaluation's
+    `eval_sample_grade`, which `best_metric` names. SFT on the toy answers: the samples grow like the reference
+    answers (fuzzy match), from nothing like them before training."""
+    from tests.conftest import dpo_spec, of_type, run_training
+
+    grader = {
+        "type": "text_similarity",
+        "name": "like_the_answer",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.completion}}",
+        "evaluation_metric": "fuzzy_match",
+    }
+    spec = dpo_spec(micro_model, toy_sft, method="sft", max_steps=60, eval_steps=30, sample_prompts=8)
+    spec |= dict(sample_max_tokens=10, sample_grader=grader, best_metric="sample_grade")
+    code, events = run_training(spec, tmp_path / "graded")
+    assert code == 0, events[-2:]
+    grades = {e["step"]: e["metrics"]["eval_sample_grade"] for e in of_type(events, "eval")}
+    assert sorted(grades) == [0, 30, 60] and grades[60] > grades[0] + 0.3, grades
+    (last,) = [e for e in of_type(events, "samples") if e["step"] == 60]
+    assert sum(s["grade"] for s in last["samples"]) / len(last["samples"]) == pytest.approx(grades[60])
+    best = of_type(events, "best")[-1]
+    assert best["metric"] == "eval_sample_grade" and best["value"] == max(grades.values()), best
+
+    spec |= dict(sample_grader={**grader, "evaluation_metric": "cosine"})
+    code, events = run_training(spec, tmp_path / "refused")
+    (error,) = of_type(events, "error")
+    assert error["code"] == "invalid_spec" and error["message"].startswith("sample_grader.evaluation_metric"), error

@@ -87,9 +87,9 @@ def completion_text(completion) -> str:
 class Scorer:
     """Grades answers with the spec's grader, several at a time; remembers what went wrong for the step's metrics."""
 
-    def __init__(self, spec: TrainingSpec):
+    def __init__(self, spec: TrainingSpec, grader: dict):
         g = spec.grading
-        self.grader = graders.parse(spec.grader)
+        self.grader = graders.parse(grader)
         self.limits = graders.Limits(seconds=g.timeout_s, memory_bytes=g.memory_mb << 20)
         self.judge = socket_judge(g.socket) if g.socket else None
         self.python = socket_python(g.socket) if g.socket else graders.run_python
@@ -145,12 +145,6 @@ class Scorer:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def held_out(eval_ds, n: int) -> tuple[list, list[str]]:
-    """The first `n` held-out prompts and their items: the samples of each evaluation, graded."""
-    rows = list(eval_ds.select(range(min(n, len(eval_ds))))) if eval_ds is not None else []
-    return [r["prompt"] for r in rows], [r["item"] for r in rows]
-
-
 def build(spec: TrainingSpec, common: dict, inputs: dict):
     """TRL's GRPO trainer for the spec: generation by transformers in the trainer, or by vLLM beside it on CUDA."""
     from trl import GRPOConfig, GRPOTrainer
@@ -171,7 +165,7 @@ def build(spec: TrainingSpec, common: dict, inputs: dict):
         log_completions=False,
         mask_truncated_completions=False,
     )
-    scorer = Scorer(spec)
+    scorer = Scorer(spec, spec.grader)
 
     from training.distributed import DistributedTrainerMixin
 

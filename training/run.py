@@ -288,12 +288,15 @@ def _make_callback(
                 Best(*selection, spec.early_stopping_patience, spec.early_stopping_min_delta) if selection else None
             )
 
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        def _samples(self, step: int) -> float | None:
+            """The evaluation's samples; the mean grade of `sample_grader` where the spec has one."""
             if self.sampler is None:
                 from training.samples import Sampler
 
                 self.sampler = Sampler(spec, prompts or [], self.trainer.processing_class, items)
-            self.sampler.run(self.trainer, state.global_step)
+            return self.sampler.run(self.trainer, step)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             if self.best is None:
                 return
             improved, stop_now = self.best.update(state.global_step, metrics or {})
@@ -325,6 +328,12 @@ def _make_callback(
             )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and any(k.startswith("eval_") for k in logs):
+                # an evaluation: its samples first, so that their grade is one of its metrics (the same dict reaches
+                # `on_evaluate`, where best_metric may name it)
+                grade = self._samples(state.global_step)
+                if grade is not None:
+                    logs["eval_sample_grade"] = grade
             logs = dict(logs or {})
             if any(k.startswith("eval_") for k in logs):
                 self.last_eval = {k: v for k, v in logs.items() if k.startswith("eval_")}
@@ -578,14 +587,12 @@ def train(spec: TrainingSpec, out_dir: Path, resume: bool, stop: _Stop) -> int:
     from training.samples import held_out_prompts
 
     items = None
-    if spec.method == "grpo":  # the samples are graded, as the answers it trains on
-        from training.grpo import held_out
-
-        prompts, items = held_out(eval_ds, spec.sample_prompts)
-    else:  # a reward model scores and writes nothing: no samples
-        prompts = (
-            held_out_prompts(eval_ds, spec.sample_prompts) if eval_ds is not None and spec.method != "reward" else []
-        )
+    if eval_ds is None or spec.method == "reward":  # a reward model scores and writes nothing: no samples
+        prompts = []
+    elif spec.method == "grpo" or spec.sample_grader is not None:  # samples graded against their rows
+        prompts, items = held_out_prompts(eval_ds, spec.sample_prompts, with_items=True)
+    else:
+        prompts = held_out_prompts(eval_ds, spec.sample_prompts)
     n_eval = len(eval_ds) if eval_ds is not None else 0
     callback = _make_callback(spec, stop, len(train_ds), n_eval, prompts, items)
     peak = _Peak()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import time
 
@@ -34,25 +35,30 @@ log = logging.getLogger("training")
 PROMPT_CHARS = 2000  # a sample keeps the end of a longer prompt: the question sits next to the answer
 
 
-def held_out_prompts(rows, n: int) -> list:
+def held_out_prompts(rows, n: int, with_items: bool = False):
     """The prompts of the first `n` usable rows of a split (strings or message lists), each once (KTO's rows of an
-    unrolled pair share theirs)."""
-    prompts = []
+    unrolled pair share theirs). `with_items`: also each one's row as JSON, the item its grader reads (a
+    reinforcement row's own `item`)."""
+    prompts, items = [], []
     for row in rows:
         if len(prompts) >= n:
             break
+        prompt = None
         if "prompt" in row and row["prompt"]:
             if row["prompt"] not in prompts:
-                prompts.append(row["prompt"])
+                prompt = row["prompt"]
         elif row.get("messages"):
             messages = clean(row["messages"])
             cut = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
             if cut > 0:
-                prompts.append(messages[:cut])
+                prompt = messages[:cut]
         elif row.get("text"):  # plain text: its first words are the prompt
             words = row["text"].split()
-            prompts.append(" ".join(words[: max(1, min(16, len(words) // 3))]))
-    return prompts
+            prompt = " ".join(words[: max(1, min(16, len(words) // 3))])
+        if prompt is not None:
+            prompts.append(prompt)
+            items.append(row["item"] if "item" in row else json.dumps(dict(row), ensure_ascii=False, default=str))
+    return (prompts, items) if with_items else prompts
 
 
 def prompt_text(prompt, tokenizer) -> str:
@@ -78,7 +84,8 @@ class Sampler:
 
     def __init__(self, spec: TrainingSpec, prompts: list, tokenizer, items: list[str] | None = None):
         self.spec, self.prompts, self.tokenizer = spec, prompts, tokenizer
-        self.items = items  # GRPO: each prompt's item, for the grader (`training.grpo`)
+        self.items = items  # each prompt's item, for GRPO's grader or `sample_grader` (`training.grpo.Scorer`)
+        self.scorer = None
         self.reference_done = False
         self.loaded_reference = None  # the base model, loaded once where the trainer keeps no reference model
 
@@ -135,14 +142,15 @@ class Sampler:
             seconds=round(time.monotonic() - started, 3),
         )
 
-    def run(self, trainer, step: int) -> None:
+    def run(self, trainer, step: int) -> float | None:
+        """Generate, score and emit this evaluation's samples; the mean grade of `sample_grader`, if any."""
         if not self.enabled:
-            return
+            return None
         if trainer.accelerator.num_processes > 1:
             if not self.reference_done:
                 log.info("samples: skipped, a run of several processes does not generate")
                 self.reference_done = True
-            return
+            return None
         started = time.monotonic()
         budget = self.spec.sample_max_seconds
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -155,9 +163,12 @@ class Sampler:
             dpo = self.spec.method not in ("sft", "grpo")
             policy = self._complete(model, autocast, device, started + budget)
             rewards: list[float | None] = [None] * len(policy)
+            grades = None
             if self.items is not None:
                 texts = [self.tokenizer.decode(c, skip_special_tokens=True) for *_, c in policy]
-                rewards = [g.reward for g in trainer.scorer.grade(texts, [self.items[i] for i, *_ in policy])]
+                grades = [g.reward for g in self._scorer(trainer).grade(texts, [self.items[i] for i, *_ in policy])]
+                if self.spec.method == "grpo":  # its samples' reward is its grader's score
+                    rewards, grades = grades, None
             if dpo:
                 beta = float(trainer.beta)
                 mine = [_completion_logp(model, ids, c, autocast) for _, _, ids, c in policy]
@@ -168,7 +179,10 @@ class Sampler:
                         beta * (lp - _completion_logp(reference, ids, c, autocast))
                         for lp, (_, _, ids, c) in zip(mine, policy, strict=True)
                     ]
-                self._emit(step, "policy", self._rows(policy, rewards), started)
+                rows = self._rows(policy, rewards)
+                for row, grade in zip(rows, grades or [], strict=False):
+                    row["grade"] = grade
+                self._emit(step, "policy", rows, started)
                 if not self.reference_done and reference is not None:  # SFT: the policy's step-0 samples are it
                     ref_started = time.monotonic()
                     done = self._complete(reference, autocast, device, ref_started + budget)
@@ -176,6 +190,15 @@ class Sampler:
             self.reference_done = True
         finally:
             model.train(was_training)
+        return sum(grades) / len(grades) if grades else None
+
+    def _scorer(self, trainer):
+        """GRPO's own, or one for `sample_grader`."""
+        if self.scorer is None:
+            from training.grpo import Scorer
+
+            self.scorer = getattr(trainer, "scorer", None) or Scorer(self.spec, self.spec.sample_grader)
+        return self.scorer
 
     @contextlib.contextmanager
     def _reference(self, trainer, model, device):

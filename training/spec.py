@@ -120,6 +120,16 @@ class BatchBetaSpec(BaseModel):
     min_beta: float = Field(1e-3, gt=0, description="Floor that keeps beta positive.")
 
 
+def _parse_grader(grader: dict, field: str) -> None:
+    """A grader field checked as OpenAI's graders are (`training.graders`); the error names the field within it."""
+    from training import graders
+
+    try:
+        graders.parse(grader)
+    except graders.GraderError as exc:
+        raise ValueError(f"{field}{exc.param.removeprefix('grader')}: {exc}") from None
+
+
 class GradingSpec(BaseModel):
     """How a GRPO run's grader runs, set by the worker from its settings (a job cannot set it): the python grader's
     limits, and the local socket on which the worker runs python graders and asks judges (`worker.grading`)."""
@@ -210,6 +220,12 @@ class TrainingSpec(BaseModel):
     )
     sample_max_seconds: float = Field(
         60.0, gt=0, le=3600, description="Time budget of one evaluation's samples; prompts left over are skipped."
+    )
+    sample_grader: dict[str, Any] | None = Field(
+        None,
+        description="A grader (as `grader`) that scores each sample at every evaluation against its held-out row "
+        "({{item.chosen}}, {{item.completion}}, ...); the mean is the evaluation's `eval_sample_grade`, which "
+        "best_metric and early stopping may use. GRPO grades its samples with its own `grader`.",
     )
 
     # DPO, ORPO, SimPO
@@ -323,6 +339,13 @@ class TrainingSpec(BaseModel):
         for name in ("desirable_weight", "undesirable_weight"):
             if self.method != "kto" and getattr(self, name) != 1.0:
                 raise ValueError(f"{name}: only applies to method 'kto'; remove it for '{self.method}'")
+        if self.sample_grader is not None:
+            if self.method in ("grpo", "reward"):
+                why = "GRPO grades its samples with `grader`" if self.method == "grpo" else "a reward model writes none"
+                raise ValueError(f"sample_grader: {why}; remove it")
+            if self.sample_prompts == 0:
+                raise ValueError("sample_grader: grades the samples; set sample_prompts above 0")
+            _parse_grader(self.sample_grader, "sample_grader")
         if self.method != "grpo":
             for name, default in GRPO_FIELDS.items():
                 if getattr(self, name) != default:
@@ -378,14 +401,9 @@ class TrainingSpec(BaseModel):
         return self
 
     def _check_grpo(self) -> None:
-        from training import graders
-
         if self.grader is None:
             raise ValueError("grader: method 'grpo' needs a grader that scores the sampled answers")
-        try:
-            graders.parse(self.grader)
-        except graders.GraderError as exc:
-            raise ValueError(f"{exc.param}: {exc}") from None
+        _parse_grader(self.grader, "grader")
         if self.trainer == "deepspeed-tp":
             raise ValueError("trainer: method 'grpo' runs on 'basic' or 'fsdp'")
         if self.max_prompt_length is not None:

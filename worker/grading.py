@@ -32,20 +32,29 @@ FOLDERS = Folders(MANIFEST_NAME, ADAPTER, CONSOLIDATED)
 MAX_QUESTION_BYTES = 16 << 20
 
 
-def resolve(a: Attempt, grader: dict) -> dict[str, judges.Endpoint]:
-    """The judge of each model grader of the job's grader, checked again for its tenant."""
+def graders_of(spec) -> dict[str, dict]:
+    """The spec's graders by field: GRPO's `grader`, `sample_grader`."""
+    return {root: g for root in ("grader", "sample_grader") if (g := getattr(spec, root)) is not None}
+
+
+def resolve(a: Attempt, found_graders: dict[str, dict]) -> dict[str, judges.Endpoint]:
+    """The judge of each model grader of the job's graders, checked again for its tenant."""
     config, found = judges.Config.of(a.settings), {}
-    for param, model in judges.models_of(grader):
-        try:
-            found[model] = judges.resolve(config, a.store, a.storage, a.job.tenant, model, FOLDERS)
-        except judges.NoJudge as exc:
-            raise JobFailed("invalid_grader", f"hyperparameters.{param}: {exc}", user_error=True) from None
+    for root, grader in found_graders.items():
+        for param, model in judges.models_of(grader, root):
+            try:
+                found[model] = judges.resolve(config, a.store, a.storage, a.job.tenant, model, FOLDERS)
+            except judges.NoJudge as exc:
+                raise JobFailed("invalid_grader", f"hyperparameters.{param}: {exc}", user_error=True) from None
     return found
 
 
-def needs_service(grader: dict) -> bool:
-    """Whether a grader has a python or a model grader, which the worker runs for the run."""
-    kinds = {g.get("type") for g in (grader.get("graders") or {}).values() if isinstance(g, dict)} | {grader["type"]}
+def needs_service(found_graders: dict[str, dict]) -> bool:
+    """Whether the graders have a python or a model grader, which the worker runs for the run."""
+    kinds = set()
+    for grader in found_graders.values():
+        kinds |= {g.get("type") for g in (grader.get("graders") or {}).values() if isinstance(g, dict)}
+        kinds.add(grader["type"])
     return bool(kinds & {"python", "score_model", "label_model"})
 
 

@@ -55,9 +55,9 @@ def fetch_inputs(a: Attempt) -> Inputs:
     except SpecError as exc:
         raise JobFailed("invalid_spec", str(exc), user_error=True) from None
     endpoints, socket_path = {}, None
-    if spec.grader is not None:  # GRPO: the server's grader limits, and the worker's grading service for the run
-        endpoints = grading.resolve(a, spec.grader)
-        socket_path = grading.socket_path(a) if grading.needs_service(spec.grader) else None
+    if found := grading.graders_of(spec):  # the server's grader limits, and the worker's grading service for the run
+        endpoints = grading.resolve(a, found)
+        socket_path = grading.socket_path(a) if grading.needs_service(found) else None
         s = a.settings
         data["grading"] = {
             "timeout_s": s.grader_timeout_s,

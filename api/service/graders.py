@@ -26,11 +26,13 @@ def parse(grader: object) -> graders.Grader:
         raise Invalid("invalid_grader", str(exc), exc.param) from None
 
 
-def _endpoints(svc: Services, tenant: str, grader: dict, prefix: str = "") -> dict[str, judges.Endpoint]:
-    """The judge of each model grader in `grader` (JSON), by model; a 400 naming the first that names none.
-    Blocking."""
+def _endpoints(
+    svc: Services, tenant: str, grader: dict, prefix: str = "", root: str = "grader"
+) -> dict[str, judges.Endpoint]:
+    """The judge of each model grader in `grader` (JSON), by model; a 400 naming the first that names none (at
+    `prefix` + `root`). Blocking."""
     config, found = judges.Config.of(svc.settings), {}
-    for param, model in judges.models_of(grader):
+    for param, model in judges.models_of(grader, root):
         try:
             found[model] = judges.resolve(config, svc.store, svc.storage, tenant, model, FOLDERS)
         except judges.NoJudge as exc:
@@ -38,9 +40,9 @@ def _endpoints(svc: Services, tenant: str, grader: dict, prefix: str = "") -> di
     return found
 
 
-async def check_judges(svc: Services, tenant: str, grader: dict, prefix: str = "") -> None:
-    """Every judge that `grader` names is one `tenant` may use (a job's grader is checked at `prefix`)."""
-    await run_in_threadpool(_endpoints, svc, tenant, grader, prefix)
+async def check_judges(svc: Services, tenant: str, grader: dict, prefix: str = "", root: str = "grader") -> None:
+    """Every judge that `grader` names is one `tenant` may use (a job's grader is checked at `prefix` + `root`)."""
+    await run_in_threadpool(_endpoints, svc, tenant, grader, prefix, root)
 
 
 async def validate(svc: Services, who: Principal, grader: object) -> dict:

@@ -59,8 +59,9 @@ async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key:
     eval_id = await checks.dataset(svc, who, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
     model = await checks.model(svc, who, req.model)
     spec = checks.spec(svc, req)
-    if spec.grader is not None:  # GRPO: its judges are the tenant's (or the operator's)
-        await graders.check_judges(svc, who.tenant, spec.grader, "hyperparameters.")
+    for root in ("grader", "sample_grader"):  # their judges are the tenant's (or the operator's)
+        if (grader := getattr(spec, root)) is not None:
+            await graders.check_judges(svc, who.tenant, grader, "hyperparameters.", root)
     await checks.fits(svc, spec, model)
     if req.callback_url:
         await checks.callback_url(svc, str(req.callback_url))

@@ -34,6 +34,7 @@ NOT_OFFERED = {
     "ref_cache_dir",
     "grading",
     "grader",
+    "sample_grader",
     "risk",
     "batch_beta",
     "lora",

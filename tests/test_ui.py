@@ -116,7 +116,8 @@ def test_the_dashboard_in_a_browser(stack, browser, keys, micro_model, toy_dpo):
     page.wait_for_function(
         f"() => +document.querySelector('#chart-loss').dataset.points > {before + 2}", timeout=60_000
     )
-    assert float(page.get_attribute("#progress", "value")) > bar
+    # the bar follows `progress` events, the curve `eval` ones too: the bar may come a moment after the curve
+    page.wait_for_function(f"() => +document.querySelector('#progress').value > {bar}", timeout=60_000)
     assert points(page, "accuracy") > 0 and points(page, "lr") > 0
     assert page.locator("#events tr.ev-progress").count() >= before
     page.wait_for_selector(".ckpt-file", state="attached", timeout=60_000)

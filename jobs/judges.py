@@ -20,7 +20,9 @@ from jobs import served
 
 
 class NoJudge(LookupError):
-    """`model` names no judge this tenant may use; the message says why."""
+    """`model` names no judge this tenant may use; the message says why, `param` where (`resolve_all`)."""
+
+    param = "grader.model"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,22 @@ def resolve(config: Config, store, storage, tenant: str, model: str, folders: se
         )
         raise NoJudge(f"no judge model {model!r}: {exc}{others}") from None
     return Endpoint(model, config.serve_url, config.serve_token, fields)
+
+
+def resolve_all(
+    config: Config, store, storage, tenant: str, found_graders: dict[str, dict], folders: served.Folders
+) -> dict[str, Endpoint]:
+    """The judge of each model grader in `found_graders` (JSON by field: `grader`, `sample_grader`), by model; a
+    `NoJudge` whose `param` names the first that names none."""
+    found = {}
+    for root, grader in found_graders.items():
+        for param, model in models_of(grader, root):
+            try:
+                found[model] = resolve(config, store, storage, tenant, model, folders)
+            except NoJudge as exc:
+                exc.param = param
+                raise
+    return found
 
 
 MAX_TOKENS = 64  # a judge's reply when the grader's sampling_params set none: a score or a label

@@ -78,7 +78,7 @@ def rft(stack, toy_sft, rft_rows):
     with rft_rows.open("rb") as fh:
         file = client.files.create(file=fh, purpose="fine-tune")
     assert file.status == "processed", file
-    return SimpleNamespace(client=client, native=native, key=key, model=model, file=file, sft=sft.id)
+    return SimpleNamespace(client=client, key=key, model=model, file=file)
 
 
 def _reinforce(stack, rft, grader: dict, **hyper) -> str:

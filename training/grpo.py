@@ -141,9 +141,6 @@ class Scorer:
                     )
                     emit("grader_error", step=step, flag=flag, grader=self.grader.name, details=details)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
 
 def build(spec: TrainingSpec, common: dict, inputs: dict):
     """TRL's GRPO trainer for the spec: generation by transformers in the trainer, or by vLLM beside it on CUDA."""

@@ -39,14 +39,11 @@ def graders_of(spec) -> dict[str, dict]:
 
 def resolve(a: Attempt, found_graders: dict[str, dict]) -> dict[str, judges.Endpoint]:
     """The judge of each model grader of the job's graders, checked again for its tenant."""
-    config, found = judges.Config.of(a.settings), {}
-    for root, grader in found_graders.items():
-        for param, model in judges.models_of(grader, root):
-            try:
-                found[model] = judges.resolve(config, a.store, a.storage, a.job.tenant, model, FOLDERS)
-            except judges.NoJudge as exc:
-                raise JobFailed("invalid_grader", f"hyperparameters.{param}: {exc}", user_error=True) from None
-    return found
+    config = judges.Config.of(a.settings)
+    try:
+        return judges.resolve_all(config, a.store, a.storage, a.job.tenant, found_graders, FOLDERS)
+    except judges.NoJudge as exc:
+        raise JobFailed("invalid_grader", f"hyperparameters.{exc.param}: {exc}", user_error=True) from None
 
 
 def needs_service(found_graders: dict[str, dict]) -> bool:

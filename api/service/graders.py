@@ -31,13 +31,11 @@ def _endpoints(
 ) -> dict[str, judges.Endpoint]:
     """The judge of each model grader in `grader` (JSON), by model; a 400 naming the first that names none (at
     `prefix` + `root`). Blocking."""
-    config, found = judges.Config.of(svc.settings), {}
-    for param, model in judges.models_of(grader, root):
-        try:
-            found[model] = judges.resolve(config, svc.store, svc.storage, tenant, model, FOLDERS)
-        except judges.NoJudge as exc:
-            raise Invalid("invalid_grader", str(exc), prefix + param) from None
-    return found
+    config = judges.Config.of(svc.settings)
+    try:
+        return judges.resolve_all(config, svc.store, svc.storage, tenant, {root: grader}, FOLDERS)
+    except judges.NoJudge as exc:
+        raise Invalid("invalid_grader", str(exc), prefix + exc.param) from None
 
 
 async def check_judges(svc: Services, tenant: str, grader: dict, prefix: str = "", root: str = "grader") -> None:

@@ -13,7 +13,7 @@ from api.auth import DEFAULT_TENANT
 from api.deps import Services
 from api.limits import Gate
 from api.openai import routers as openai_routers
-from api.routes import datasets, graders, jobs, keys, models, ops
+from api.routes import datasets, evals, graders, jobs, keys, models, ops
 from api.routes.ops import RequestCounter
 from api.text import require_text
 from jobs.db import make_engine
@@ -64,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models.router,
         keys.router,
         graders.router,
+        evals.router,
+        evals.openai_router,
         *openai_routers,
     ):
         app.include_router(router)

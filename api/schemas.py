@@ -201,6 +201,12 @@ class PromoteRequest(BaseModel):
         False,
         description="The model of the job's best evaluation (its `best_metric`): a checkpoint, or the final model",
     )
+    require: dict[Annotated[str, Field(max_length=128)], float] = Field(
+        {},
+        max_length=16,
+        description="Minimums of metrics of the model's newest evaluation run (`/evals`), e.g. "
+        "{'eval_win_rate': 0.55}; a 409 names the one below its minimum",
+    )
 
     @field_validator("best")
     @classmethod
@@ -281,3 +287,77 @@ class GraderValidate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     grader: dict[str, Any]
+
+
+Metadata = dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]]
+
+
+class EvalCreate(BaseModel):
+    """An evaluation, as OpenAI's Evals API shapes one: a name, what its data holds, and its testing criteria."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text = Field(min_length=1, max_length=256)
+    data_source_config: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "custom"},
+        description="What the rows hold (OpenAI's `custom` item schema is kept as given); rows are prefq's data: "
+        "prompts with completions, pairs, or prompts with the fields graders read.",
+    )
+    testing_criteria: list[dict[str, Any]] = Field(
+        min_length=1,
+        max_length=32,
+        description="OpenAI's graders (string_check, text_similarity, python, score_model, label_model, multi), "
+        "and prefq's: {type: reference_metrics, metrics: [exact_match, f1, rouge_l, bleu, perplexity]}, "
+        "{type: preference} (reward accuracy against the baseline), {type: pairwise, judge: MODEL} (win rate).",
+    )
+    metadata: Metadata = Field(default_factory=dict, max_length=16)
+
+
+class EvalSourceFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["file_id"] = "file_id"
+    id: Text = Field(min_length=1, max_length=2048, description="A dataset id (a file id of `/v1/files`), or a URI.")
+
+
+class EvalSamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_completions_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+    seed: int | None = None
+    top_p: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("top_p")
+    @classmethod
+    def _whole(cls, value: float | None) -> float | None:
+        if value is not None and value != 1:
+            raise ValueError("only 1 (no nucleus cut) is supported")
+        return value
+
+
+class EvalRunSource(BaseModel):
+    """OpenAI's `completions` data source: the model answers each row's prompt; `baseline`, `max_samples`,
+    `max_seconds` and `gpus` are prefq's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["completions"] = "completions"
+    model: Text = Field(min_length=1, max_length=2048, description="The model evaluated, as a job's `model` names it.")
+    source: EvalSourceFile
+    baseline: Text | None = Field(
+        None, min_length=1, max_length=2048, description="A second model, scored alike and judged against `model`."
+    )
+    sampling_params: EvalSamplingParams = Field(default_factory=EvalSamplingParams)
+    max_samples: int | None = Field(None, ge=1, le=10000, description="Rows evaluated at most (default 200).")
+    max_seconds: float | None = Field(None, gt=0, le=86400, description="Generation's time budget (default 1800).")
+    max_length: int | None = Field(None, ge=8, le=1 << 20, description="Longest prompt and answer, in tokens.")
+    gpus: int = Field(1, ge=0, le=8, description="Devices of the run; 0 runs it on a CPU worker.")
+
+
+class EvalRunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text | None = Field(None, max_length=256)
+    data_source: EvalRunSource
+    metadata: Metadata = Field(default_factory=dict, max_length=16)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from cli import chat, dev, keys, models, procs
+from cli import chat, dev, evals, keys, models, procs
 from cli.client import Client, ClientError
 from cli.config import client, state
 from cli.console import JSON_OPTION, console, fail, print_json, print_table, wait_with_progress
@@ -19,6 +19,7 @@ from training.spec import DATA_KINDS
 app = typer.Typer(help="prefq: preference training (DPO, SFT) on your own GPU pool.", no_args_is_help=True)
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(models.models_app, name="models")
+app.add_typer(evals.evals_app, name="evals")
 app.add_typer(procs.procs_app)
 app.add_typer(dev.dev_app)
 app.command()(models.samples)

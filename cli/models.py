@@ -40,10 +40,17 @@ def promote(
     description: str = typer.Option(None, help="What this version is"),
     checkpoint: int = typer.Option(None, "--checkpoint", help="The job's checkpoint at this step, not its final model"),
     best: bool = typer.Option(False, "--best", help="The model of the job's best evaluation (its best_metric)"),
+    require: list[str] = typer.Option(
+        [], "--require", help="METRIC=MIN: a minimum of the model's newest evaluation run (repeatable)"
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Register a succeeded job's model (final, --checkpoint N, or --best) as the next version of NAME."""
     body = {"job_id": job_id, "aliases": alias, "description": description, "checkpoint": checkpoint, "best": best}
+    try:
+        body["require"] = {k: float(v) for k, v in (r.split("=", 1) for r in require)}
+    except ValueError:
+        fail(f"--require: give METRIC=MIN, e.g. eval_win_rate=0.55; got {require}")
     try:
         v = client().create(f"/models/{name}/versions", body=lambda: {"json": body})
     except ClientError as exc:

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from jobs.db import session
-from jobs.models import FINISHED, Dataset, Job, JobEvent, JobStatus, Worker
+from jobs.models import FINISHED, Dataset, Eval, Job, JobEvent, JobStatus, Worker
 
 TRIES = 10  # transactions retried when a concurrent writer took the same event sequence number
 
@@ -21,7 +21,7 @@ class Catalog:
 
     # -- rows -------------------------------------------------------------------------------------------
 
-    def add(self, row: Dataset | Worker) -> None:
+    def add(self, row: Dataset | Worker | Eval) -> None:
         with session(self.engine) as s:
             s.merge(row)
             s.commit()
@@ -33,6 +33,31 @@ class Catalog:
     def _by_keys(self, keys: list[str]) -> dict[str, Job]:
         with session(self.engine) as s:
             return {j.idempotency_key: j for j in s.exec(select(Job).where(col(Job.idempotency_key).in_(keys)))}
+
+    def get_eval(self, eval_id: str) -> Eval | None:
+        with session(self.engine) as s:
+            return s.get(Eval, eval_id)
+
+    def list_evals(self, tenant: str | None, limit: int = 20, after: str | None = None) -> tuple[list[Eval], bool]:
+        query = select(Eval).order_by(col(Eval.id).desc()).limit(limit + 1)
+        if tenant is not None:
+            query = query.where(Eval.tenant == tenant)
+        if after is not None:
+            query = query.where(Eval.id < after)
+        with session(self.engine) as s:
+            rows = list(s.exec(query))
+        return rows[:limit], len(rows) > limit
+
+    def delete_eval(self, eval_id: str) -> None:
+        self._delete(Eval, eval_id)
+
+    def eval_runs(self, tenant: str, models: list[str], limit: int = 10, succeeded: bool = False) -> list[Job]:
+        """The tenant's newest evaluation runs of any of `models` (as the runs name them), newest first."""
+        query = select(Job).where(Job.tenant == tenant, Job.method == "eval", col(Job.model).in_(models))
+        if succeeded:
+            query = query.where(Job.status == JobStatus.succeeded)
+        with session(self.engine) as s:
+            return list(s.exec(query.order_by(col(Job.id).desc()).limit(limit)))
 
     def get_job(self, job_id: str) -> Job | None:
         with session(self.engine) as s:
@@ -47,6 +72,8 @@ class Catalog:
         tenant: str | None = None,
         metadata: dict[str, str] | None = None,
         search: str | None = None,
+        eval_id: str | None = None,
+        training_only: bool = False,
     ) -> tuple[list[Job], bool]:
         """Newest first (of `tenant`'s; None: every tenant's); `after` is the last id of the previous page;
         `metadata`: jobs whose metadata holds every one of these key/value pairs; `search`: a part of the id or of
@@ -56,6 +83,10 @@ class Catalog:
             query = query.where(col(Job.user_metadata)[key].as_string() == value)
         if tenant is not None:
             query = query.where(Job.tenant == tenant)
+        if eval_id is not None:
+            query = query.where(Job.eval_id == eval_id)
+        if training_only:  # not evaluation runs
+            query = query.where(Job.method != "eval")
         if status is not None:
             query = query.where(Job.status == status)
         if since is not None:

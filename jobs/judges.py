@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -46,6 +48,8 @@ class Config:
     judge_api_key: str | None = field(default=None, repr=False)
     judge_models: tuple[str, ...] = ()
     timeout_s: float = 120.0
+    retries: int = 3
+    requests_per_s: float = 0.0
 
     @classmethod
     def of(cls, settings) -> Config:
@@ -59,6 +63,8 @@ class Config:
             secret(settings.judge_api_key),
             tuple(settings.judge_models),
             settings.judge_timeout_s,
+            settings.judge_retries,
+            settings.judge_requests_per_s,
         )
 
 
@@ -108,11 +114,72 @@ def resolve_all(
 
 
 MAX_TOKENS = 64  # a judge's reply when the grader's sampling_params set none: a score or a label
+RETRY_BASE_S = 0.5  # the first wait before asking a failed judge again; doubled each time, at most RETRY_MAX_S
+RETRY_MAX_S = 8.0
 
 
-def ask(http: httpx.Client, endpoint: Endpoint, messages: list[dict], params: dict, timeout_s: float) -> str:
-    """The judge's reply to `messages` (greedy unless the grader's `sampling_params` say otherwise); raises on
-    anything but a reply (the grader scores 0 and says why)."""
+class Unavailable(RuntimeError):
+    """The judge did not answer (no connection, a timeout, 429 or 5xx): worth asking again."""
+
+
+class RateLimit:
+    """At most `per_s` questions a second to each endpoint (by URL), for every thread of this process: each question
+    takes the next free slot and waits for it. `clock` and `sleep` are the time's, replaceable in a test."""
+
+    def __init__(self, clock=time.monotonic, sleep=time.sleep):
+        self.clock, self.sleep = clock, sleep
+        self.next_free: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def wait(self, key: str, per_s: float) -> float:
+        """Wait for `key`'s next slot; returns the seconds waited."""
+        if per_s <= 0:
+            return 0.0
+        with self.lock:
+            now = self.clock()
+            slot = max(now, self.next_free.get(key, now))
+            self.next_free[key] = slot + 1.0 / per_s
+        if slot > now:
+            self.sleep(slot - now)
+        return slot - now
+
+
+LIMIT = RateLimit()
+
+
+def ask(
+    http: httpx.Client,
+    endpoint: Endpoint,
+    messages: list[dict],
+    params: dict,
+    timeout_s: float,
+    retries: int = 0,
+    requests_per_s: float = 0.0,
+    sleep=time.sleep,
+) -> str:
+    """The judge's reply, within the rate limit, asked again up to `retries` times (waiting 0.5 s, 1 s, 2 s, ...)
+    while it is unavailable; raises on anything but a reply (the grader scores 0, an evaluation fails, and says
+    why)."""
+    for attempt in range(retries + 1):
+        LIMIT.wait(endpoint.url, requests_per_s)
+        try:
+            return _ask_once(http, endpoint, messages, params, timeout_s)
+        except (Unavailable, httpx.TransportError) as exc:
+            if attempt == retries:
+                tries = f" (asked {retries + 1} times)" if retries else ""
+                raise RuntimeError(f"{exc or type(exc).__name__}{tries}") from None
+            sleep(min(RETRY_MAX_S, RETRY_BASE_S * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _status(response: httpx.Response, what: str) -> None:
+    if response.status_code == 429 or response.status_code >= 500:
+        raise Unavailable(f"{what} answered HTTP {response.status_code}")
+    if response.status_code != 200:
+        raise RuntimeError(f"{what} answered HTTP {response.status_code}: {response.text[:300]}")
+
+
+def _ask_once(http: httpx.Client, endpoint: Endpoint, messages: list[dict], params: dict, timeout_s: float) -> str:
     max_tokens = int(params.get("max_completions_tokens") or params.get("max_tokens") or MAX_TOKENS)
     sampling = {
         "max_tokens": max_tokens,
@@ -128,8 +195,7 @@ def ask(http: httpx.Client, endpoint: Endpoint, messages: list[dict], params: di
             headers=headers,
             timeout=timeout_s,
         )
-        if response.status_code != 200:
-            raise RuntimeError(f"the judge endpoint answered HTTP {response.status_code}: {response.text[:300]}")
+        _status(response, "the judge endpoint")
         return response.json()["choices"][0]["message"]["content"] or ""
     request = {
         "id": f"chatcmpl-{secrets.token_hex(12)}",
@@ -144,7 +210,8 @@ def ask(http: httpx.Client, endpoint: Endpoint, messages: list[dict], params: di
         "POST", endpoint.url.rstrip("/") + "/generate", json=request, headers=headers, timeout=timeout_s
     ) as response:
         if response.status_code != 200:
-            raise RuntimeError(f"the generation service answered HTTP {response.status_code}")
+            response.read()
+            _status(response, "the generation service")
         for line in response.iter_lines():
             if not line:
                 continue

@@ -202,6 +202,8 @@ def resolve(
     job = jobs.get_job(ref.value)
     if job is None or job.tenant != tenant:
         raise ModelNotFound(f"no fine-tuned model {name!r}")
+    if job.method == "eval":
+        raise ModelNotFound(f"job {job.id} is an evaluation run: it measured models and made none")
     if job.status != "succeeded" or not job.result_uri:
         raise ModelNotFound(f"job {job.id} is {job.status}; its model can be named once it has succeeded")
     if job.method == "reward":

@@ -75,6 +75,7 @@ class Job(SQLModel, table=True):
     suffix: str | None = None  # the user's part of its fine-tuned model name
     integrations: list = _json([])  # as sent (OpenAI's `integrations`)
     paused_at: float | None = None  # set by pause (a cancel that keeps the job resumable), cleared by its retry
+    eval_id: str | None = Field(default=None, index=True)  # an evaluation run's evaluation (`Eval`)
 
     attempt: int = 1
     max_attempts: int = 3
@@ -219,6 +220,7 @@ class JobPublic(BaseModel):
     model: str
     dataset_id: str
     eval_dataset_id: str | None
+    eval_id: str | None = None  # an evaluation run's evaluation (method 'eval')
     hyperparameters: dict
     callback_url: str | None
     metadata: dict
@@ -244,6 +246,21 @@ class JobPublic(BaseModel):
             progress = round(min(1.0, job.step / job.total_steps), 4)
         fields = job.model_dump(exclude={"user_metadata", "error_code", "error_message", "error_is_user"})
         return cls(**fields, metadata=job.user_metadata, progress=progress, error=error)
+
+
+class Eval(SQLModel, table=True):
+    """An evaluation (`/evals`, OpenAI's Evals shape): what to measure on a dataset; its runs are jobs of method
+    'eval' (`Job.eval_id`), each scoring a model (and a baseline)."""
+
+    __tablename__ = "evals"
+
+    id: str = Field(primary_key=True)
+    tenant: str = Field(index=True)
+    created_at: float = Field(default_factory=now)
+    name: str
+    data_source_config: dict = _json({})
+    testing_criteria: list = _json([])
+    user_metadata: dict = _json({})
 
 
 class RegisteredModel(SQLModel, table=True):

@@ -339,11 +339,13 @@ def stack(tmp_path_factory, broker_url, pg_url, s3, hub_cache, mlflow_server):
 
     from cli.stack import free_port
     from tests.services import (
+        ARITHMETIC_JUDGE,
         HUB_ID,
         JUDGES_TENANT,
         OPERATOR_JUDGE,
         SERVE_MAX_TOKENS,
         SERVE_TIMEOUT_S,
+        JudgeEndpoint,
         Stack,
         make_key,
     )
@@ -385,14 +387,20 @@ def stack(tmp_path_factory, broker_url, pg_url, s3, hub_cache, mlflow_server):
     )
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("logs"))
-    # the operator's judge endpoint: this API's own chat face, as tenant `judges` (`tests/test_grpo.py`)
-    stack.env["PREFQ_JUDGE_URL"] = f"{stack.url}/v1"
+    # the operator's judge endpoint (`tests.services.JudgeEndpoint`): this API's own chat face as tenant `judges`
+    # (`tests/test_grpo.py`), and the arithmetic judge (`tests/test_evals.py`); judges asked again after 0.5 s
+    judge = JudgeEndpoint()
+    judge.upstream = stack.url
+    stack.judge = judge
+    stack.env["PREFQ_JUDGE_URL"] = judge.url
     stack.env["PREFQ_JUDGE_API_KEY"] = make_key(pg_url, JUDGES_TENANT)
-    stack.env["PREFQ_JUDGE_MODELS"] = OPERATOR_JUDGE
+    stack.env["PREFQ_JUDGE_MODELS"] = f"{OPERATOR_JUDGE},{ARITHMETIC_JUDGE}"
+    stack.env["PREFQ_JUDGE_RETRIES"] = "1"
     stack.up(serve=True)
     mlflow_server.ready()
     yield stack
     stack.down()
+    judge.server.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -424,6 +432,42 @@ def dpo_job(stack, toy_dpo, tmp_path_factory):
     assert job["status"] == "succeeded", job
     sdk = client.fine_tuning.jobs.retrieve(created.id)
     return SimpleNamespace(created=created, sdk=sdk, job=job, file=file, client=client, create=create, path=path)
+
+
+@pytest.fixture(scope="session")
+def rft_rows(tmp_path_factory):
+    """RFT rows of the toy sums: `{"prompt", "answer"}`."""
+    from training.toy_data import write_toy_data
+
+    path = tmp_path_factory.mktemp("rft") / "rft.jsonl"
+    write_toy_data(path, "rft", rows=400, seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def rft(stack, toy_sft, rft_rows):
+    """Tenant `judges`'s SFT job of 150 steps on the toy sums (its model also registered as the operator's judge
+    model): its id, its model, the tenant's SDK client, native client and key, and its RFT file (`rft_rows`). Used
+    by the GRPO tests (a start that knows the answers' form) and the evaluation tests (an SFT job's model)."""
+    from types import SimpleNamespace
+
+    from tests.services import HUB_ID, JUDGES_TENANT, OPERATOR_JUDGE, SFT_JOB_HYPER, tenant_clients
+
+    client, native, key = tenant_clients(stack, JUDGES_TENANT)
+    with toy_sft.open("rb") as fh:
+        demonstrations = client.files.create(file=fh, purpose="fine-tune")
+    sft = client.fine_tuning.jobs.create(
+        model=HUB_ID, training_file=demonstrations.id, extra_body={"prefq": {"hyperparameters": SFT_JOB_HYPER}}
+    )
+    job = stack.wait_for(sft.id, {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "succeeded", job
+    model = client.fine_tuning.jobs.retrieve(sft.id).fine_tuned_model
+    registered = native.post(f"/models/{OPERATOR_JUDGE}/versions", json={"job_id": sft.id})
+    assert registered.status_code == 201, registered.text
+    with rft_rows.open("rb") as fh:
+        file = client.files.create(file=fh, purpose="fine-tune")
+    assert file.status == "processed", file
+    return SimpleNamespace(client=client, native=native, key=key, model=model, file=file, job_id=sft.id)
 
 
 @pytest.fixture(scope="session")

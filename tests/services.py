@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -40,6 +41,8 @@ SERVE_TIMEOUT_S = 2.0  # PREFQ_SERVE_TIMEOUT_S: 2000 tokens of the micro model t
 WANDB = {"type": "wandb", "wandb": {"project": "toy-project", "name": "toy-run", "tags": ["toy", "dpo"]}}
 # The operator's judge model of the session stack, a model that tenant `judges` registers under that name
 OPERATOR_JUDGE, JUDGES_TENANT = "operator-judge", "judges"
+# The operator's arithmetic judge (`JudgeEndpoint`): stands in for a hosted LLM judge, which cannot run here
+ARITHMETIC_JUDGE = "arithmetic-judge"
 # GRPO's grader on the toy questions: the answer names the right number (`training.toy_data`, RFT rows)
 GRADER = {
     "type": "string_check",
@@ -47,6 +50,15 @@ GRADER = {
     "input": "{{sample.output_text}}",
     "reference": "is {{item.answer}}.",
     "operation": "like",
+}
+SFT_JOB_HYPER = {  # half the held-out answers right: room for reinforcement to gain (measured: 0.46 of them)
+    "max_steps": 150,
+    "batch_size": 16,
+    "learning_rate": 3e-3,
+    "lr_scheduler": "constant",
+    "max_length": 64,
+    "save_steps": 1000,
+    "eval_fraction": 0.0,
 }
 DPO_JOB_HYPER = {
     "max_steps": 16,
@@ -189,6 +201,7 @@ class Stack:
         """`env` reaches the services; with a PREFQ_DATABASE_URL in it, an admin key is made there, which the CLI
         (PREFQ_API_KEY) and `http` send."""
         self.env, self.log_dir, self.procs = env, log_dir, {}
+        self.judge: JudgeEndpoint | None = None  # the operator's judge endpoint, where the stack has one
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env["PREFQ_API_URL"] = self.url
@@ -328,3 +341,84 @@ def make_key(database_url: str, tenant: str, admin: bool = False) -> str:
     from jobs.keys import KeyStore
 
     return KeyStore(make_engine(database_url)).create(tenant, admin, label="tests")[1]
+
+
+class JudgeEndpoint:
+    """The session stack's operator judge endpoint (`PREFQ_JUDGE_URL`), an OpenAI-compatible `/chat/completions`.
+
+    Model `arithmetic-judge` stands in for the hosted LLM judge an operator would configure (none can run on this
+    machine, and the tiny models cannot judge): it reads a pairwise question (`training.evalmetrics.JUDGE_TEMPLATE`)
+    on the toy sums and answers "A" or "B" for the one answer that names the right sum, else "tie". Every other model
+    is forwarded to `upstream` (the stack, whose `/v1` answers `operator-judge` as tenant `judges`). `down` makes
+    every request a 503: a judge that is down. `asked` counts the requests that arrived."""
+
+    def __init__(self):
+        self.upstream: str | None = None
+        self.down = False
+        self.asked = 0
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                endpoint.asked += 1
+                if endpoint.down:
+                    return self._answer(503, b'{"error": {"message": "the judge is down"}}')
+                request = json.loads(body)
+                if request.get("model") != ARITHMETIC_JUDGE:
+                    forwarded = httpx.post(
+                        endpoint.upstream + self.path,
+                        content=body,
+                        headers={
+                            "Authorization": self.headers.get("Authorization", ""),
+                            "Content-Type": "application/json",
+                        },
+                        timeout=120,
+                    )
+                    return self._answer(forwarded.status_code, forwarded.content)
+                reply = arithmetic_verdict(request["messages"][-1]["content"])
+                answer = {
+                    "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}],
+                }
+                return self._answer(200, json.dumps(answer).encode())
+
+            def _answer(self, status: int, content: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+
+def arithmetic_verdict(question: str) -> str:
+    """ "A", "B" or "tie": which answer of a pairwise question names the sum the toy question asks for."""
+    asked = re.search(r"What is (\d+) plus (\d+)\?", question)
+    parts = re.search(r"Answer A:\n(.*?)\n\nAnswer B:\n(.*?)\n\nReply", question, re.S)
+    if asked is None or parts is None:
+        return "tie"
+    right = int(asked.group(1)) + int(asked.group(2))
+
+    def names_it(answer: str) -> bool:
+        found = re.search(r"-?\d+", answer)
+        return found is not None and int(found.group()) == right
+
+    a, b = names_it(parts.group(1)), names_it(parts.group(2))
+    return "A" if a and not b else "B" if b and not a else "tie"
+
+
+def tenant_clients(stack: Stack, tenant: str):
+    """The tenant's SDK client, native API client and key."""
+    from openai import OpenAI
+
+    key = make_key(stack.env["PREFQ_DATABASE_URL"], tenant)
+    native = httpx.Client(base_url=stack.url, timeout=30, headers={"Authorization": f"Bearer {key}"})
+    return OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0), native, key

@@ -7,28 +7,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-from types import SimpleNamespace
 
-import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 from tests.conftest import of_type, run_training
-from tests.services import GRADER, HUB_ID, JUDGES_TENANT, OPERATOR_JUDGE, make_key
+from tests.services import GRADER, HUB_ID, OPERATOR_JUDGE, tenant_clients
 from tests.test_ui import Watched, sign_in
 from training.formats import check_lines
-from training.toy_data import write_toy_data
 
-SFT = {  # half the held-out answers right: room for reinforcement to gain (measured: 0.46 of them)
-    "max_steps": 150,
-    "batch_size": 16,
-    "learning_rate": 3e-3,
-    "lr_scheduler": "constant",
-    "max_length": 64,
-    "save_steps": 1000,
-    "eval_fraction": 0.0,
-}
 GRPO = {  # 4 prompts of 8 answers a step; answers of up to 12 tokens (" The answer is 7." is 7)
     "learning_rate": 1e-3,
     "lr_scheduler": "constant",
@@ -44,41 +31,6 @@ PYTHON = {
     "name": "exact",
     "source": "def grade(sample, item):\n    return float(sample['output_text'].strip() == 'The answer is ' + item['answer'] + '.')\n",
 }
-
-
-def _clients(stack, tenant: str) -> tuple[OpenAI, httpx.Client, str]:
-    """The tenant's SDK client, native API client and key."""
-    key = make_key(stack.env["PREFQ_DATABASE_URL"], tenant)
-    native = httpx.Client(base_url=stack.url, timeout=30, headers={"Authorization": f"Bearer {key}"})
-    return OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0), native, key
-
-
-@pytest.fixture(scope="module")
-def rft_rows(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rft") / "rft.jsonl"
-    write_toy_data(path, "rft", rows=400, seed=1)
-    return path
-
-
-@pytest.fixture(scope="module")
-def rft(stack, toy_sft, rft_rows):
-    """Tenant `judges`'s SFT model (also registered as the operator's judge model), its client, and its RFT file
-    (`{"prompt", "answer"}` rows)."""
-    client, native, key = _clients(stack, JUDGES_TENANT)
-    with toy_sft.open("rb") as fh:
-        demonstrations = client.files.create(file=fh, purpose="fine-tune")
-    sft = client.fine_tuning.jobs.create(
-        model=HUB_ID, training_file=demonstrations.id, extra_body={"prefq": {"hyperparameters": SFT}}
-    )
-    job = stack.wait_for(sft.id, {"succeeded", "failed", "cancelled"})
-    assert job["status"] == "succeeded", job
-    model = client.fine_tuning.jobs.retrieve(sft.id).fine_tuned_model
-    registered = native.post(f"/models/{OPERATOR_JUDGE}/versions", json={"job_id": sft.id})
-    assert registered.status_code == 201, registered.text
-    with rft_rows.open("rb") as fh:
-        file = client.files.create(file=fh, purpose="fine-tune")
-    assert file.status == "processed", file
-    return SimpleNamespace(client=client, key=key, model=model, file=file)
 
 
 def _reinforce(stack, rft, grader: dict, **hyper) -> str:
@@ -224,7 +176,7 @@ def test_python_multi_and_model_graders_score_inside_a_run(stack, rft, rft_rows,
 
 
 def test_bad_reinforcement_jobs_are_400s_naming_the_param(stack, rft):
-    other, *_ = _clients(stack, "grpo-other")
+    other, *_ = tenant_clients(stack, "grpo-other")
     path_rows = [{"prompt": "What is 1 plus 1?", "answer": "2"}] * 8
     file = other.files.create(file=("rft.jsonl", "".join(json.dumps(r) + "\n" for r in path_rows)), purpose="fine-tune")
     cases = {

@@ -288,8 +288,8 @@ def _make_callback(
                 Best(*selection, spec.early_stopping_patience, spec.early_stopping_min_delta) if selection else None
             )
 
-        def _samples(self, step: int) -> float | None:
-            """The evaluation's samples; the mean grade of `sample_grader` where the spec has one."""
+        def _samples(self, step: int) -> dict[str, float]:
+            """The evaluation's samples; their metrics (`sample_grader`'s mean grade, `sample_judge`'s win rate)."""
             if self.sampler is None:
                 from training.samples import Sampler
 
@@ -331,9 +331,7 @@ def _make_callback(
             if logs is not None and any(k.startswith("eval_") for k in logs):
                 # an evaluation: its samples first, so that their grade is one of its metrics (the same dict reaches
                 # `on_evaluate`, where best_metric may name it)
-                grade = self._samples(state.global_step)
-                if grade is not None:
-                    logs["eval_sample_grade"] = grade
+                logs.update(self._samples(state.global_step))
             logs = dict(logs or {})
             if any(k.startswith("eval_") for k in logs):
                 self.last_eval = {k: v for k, v in logs.items() if k.startswith("eval_")}
@@ -672,6 +670,17 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+def _evaluate(spec: TrainingSpec, out_dir: Path, stop: _Stop) -> int:
+    """An evaluation run (`training.evaluate`); its own failures as `error` events."""
+    from training.evaluate import EvalError, evaluate
+
+    try:
+        return evaluate(spec, out_dir, stop)
+    except EvalError as exc:
+        emit("error", code=exc.code, message=str(exc), user_error=exc.user_error)
+        return EXIT_USER_ERROR if exc.user_error else EXIT_INFRA_ERROR
+
+
 def main(spec_path: str, out_dir: str, resume: bool) -> int:
     """Run and map every failure to an `error` event and an exit code; never a bare traceback."""
     stop = _Stop()
@@ -679,6 +688,8 @@ def main(spec_path: str, out_dir: str, resume: bool) -> int:
     try:
         spec = resolve_precision(load_spec(spec_path))
         _skip_unused_libraries(spec)
+        if spec.method == "eval":
+            return _evaluate(spec, Path(out_dir), stop)
         if spec.trainer != "basic" and "LOCAL_RANK" not in os.environ:
             from training.launch import launch
 

@@ -67,7 +67,7 @@ def prompt_text(prompt, tokenizer) -> str:
     return prompt
 
 
-def _completion_logp(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, autocast) -> float:
+def completion_logp(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, autocast) -> float:
     """Sum of log p(completion token | everything before it)."""
     if completion_ids.numel() == 0:
         return 0.0
@@ -87,6 +87,7 @@ class Sampler:
         self.items = items  # each prompt's item, for GRPO's grader or `sample_grader` (`training.grpo.Scorer`)
         self.scorer = None
         self.reference_done = False
+        self.reference_texts: dict[int, str] | None = None  # the reference's answers by prompt, for `sample_judge`
         self.loaded_reference = None  # the base model, loaded once where the trainer keeps no reference model
 
     @property
@@ -142,15 +143,16 @@ class Sampler:
             seconds=round(time.monotonic() - started, 3),
         )
 
-    def run(self, trainer, step: int) -> float | None:
-        """Generate, score and emit this evaluation's samples; the mean grade of `sample_grader`, if any."""
+    def run(self, trainer, step: int) -> dict[str, float]:
+        """Generate, score and emit this evaluation's samples; their metrics: the mean grade of `sample_grader`
+        (`eval_sample_grade`) and the win rate of `sample_judge` (`eval_win_rate`), where the spec asks."""
         if not self.enabled:
-            return None
+            return {}
         if trainer.accelerator.num_processes > 1:
             if not self.reference_done:
                 log.info("samples: skipped, a run of several processes does not generate")
                 self.reference_done = True
-            return None
+            return {}
         started = time.monotonic()
         budget = self.spec.sample_max_seconds
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -171,12 +173,12 @@ class Sampler:
                     rewards, grades = grades, None
             if dpo:
                 beta = float(trainer.beta)
-                mine = [_completion_logp(model, ids, c, autocast) for _, _, ids, c in policy]
+                mine = [completion_logp(model, ids, c, autocast) for _, _, ids, c in policy]
                 rewards = [beta * lp for lp in mine]
             with self._reference(trainer, model, device) as reference:
                 if dpo and reference is not None:
                     rewards = [
-                        beta * (lp - _completion_logp(reference, ids, c, autocast))
+                        beta * (lp - completion_logp(reference, ids, c, autocast))
                         for lp, (_, _, ids, c) in zip(mine, policy, strict=True)
                     ]
                 rows = self._rows(policy, rewards)
@@ -186,11 +188,47 @@ class Sampler:
                 if not self.reference_done and reference is not None:  # SFT: the policy's step-0 samples are it
                     ref_started = time.monotonic()
                     done = self._complete(reference, autocast, device, ref_started + budget)
-                    self._emit(step, "reference", self._rows(done, [None] * len(done)), ref_started)
+                    ref_rows = self._rows(done, [None] * len(done))
+                    self._emit(step, "reference", ref_rows, ref_started)
+                    self.reference_texts = {r["index"]: r["completion"] for r in ref_rows}
+            if self.reference_texts is None and step == 0:  # no reference model: step 0's answers are the reference
+                self.reference_texts = {r["index"]: r["completion"] for r in rows}
             self.reference_done = True
         finally:
             model.train(was_training)
-        return sum(grades) / len(grades) if grades else None
+        metrics = {}
+        if grades:
+            metrics["eval_sample_grade"] = sum(grades) / len(grades)
+        if self.spec.sample_judge is not None:
+            metrics["eval_win_rate"] = self._win_rate(rows)
+        return metrics
+
+    def _win_rate(self, rows: list[dict]) -> float | None:
+        """`sample_judge`'s win rate of these samples against the reference's answers, both orders each."""
+        from training import evalmetrics
+        from training.grpo import socket_judge
+
+        if self.spec.grading.socket is None or self.reference_texts is None:  # (a resumed run without a reference
+            # model has lost the answers of step 0)
+            log.warning("sample_judge: no judge (asked through the worker) or no reference answers; no win rate")
+            return None
+        judge, scores = socket_judge(self.spec.grading.socket), []
+        for row in rows:
+            theirs = self.reference_texts.get(row["index"])
+            if theirs is None:
+                continue
+            verdicts = []
+            for first, second in ((row["completion"], theirs), (theirs, row["completion"])):
+                question = evalmetrics.JUDGE_TEMPLATE.format(prompt=row["prompt"], first=first, second=second)
+                try:
+                    reply = judge(self.spec.sample_judge, [{"role": "user", "content": question}], {})
+                except (OSError, ValueError, RuntimeError) as exc:
+                    log.warning("sample_judge: no verdict (%s); this evaluation has no win rate", exc)
+                    return None
+                verdicts.append(evalmetrics.verdict(reply))
+            row["judge"] = verdicts
+            scores.append(evalmetrics.pair_score(*verdicts))
+        return sum(scores) / len(scores) if scores else None
 
     def _scorer(self, trainer):
         """GRPO's own, or one for `sample_grader`."""

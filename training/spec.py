@@ -33,7 +33,7 @@ DPO_LOSS_TYPES = (
     "sigmoid_norm",
 )
 
-Method = Literal["dpo", "sft", "orpo", "simpo", "kto", "reward", "grpo"]
+Method = Literal["dpo", "sft", "orpo", "simpo", "kto", "reward", "grpo", "eval"]
 TrainerName = Literal["basic", "fsdp", "deepspeed-tp"]
 
 # What data each method trains on: preference pairs ('dpo' data), demonstrations ('sft'), or single answers marked
@@ -48,6 +48,7 @@ DATA_KINDS = {
     "kto": ("kto", "dpo"),
     "reward": ("dpo",),
     "grpo": ("rft",),  # prompts, with the fields its grader reads (OpenAI's reinforcement data)
+    "eval": ("sft", "dpo", "rft"),  # an evaluation run: prompts with references, pairs, or items for graders
 }
 # The methods of the DPO trainer (`training.dpo`), on pairs.
 PAIR_METHODS = ("dpo", "orpo", "simpo")
@@ -63,6 +64,7 @@ DEFAULT_LEARNING_RATE = {
     "kto": 1e-6,
     "reward": 1e-4,
     "grpo": 1e-6,
+    "eval": 1e-6,  # trains nothing
 }
 # The fields of method 'grpo' alone, with their defaults (a value other than these on another method is refused).
 GRPO_FIELDS = {
@@ -142,6 +144,82 @@ class GradingSpec(BaseModel):
     socket: str | None = Field(
         None, description="The worker's grading socket; unset: python graders run here, model graders score 0."
     )
+
+
+EVAL_METRICS = ("exact_match", "f1", "rouge_l", "bleu", "perplexity", "reward_accuracy")
+
+
+class PairwiseSpec(BaseModel):
+    """A pairwise judge: which of two answers to a prompt is better (`training.evalmetrics`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    judge: str = Field(
+        min_length=1, description="The judge model: one of the operator's judge models or a served model of yours."
+    )
+    template: str | None = Field(
+        None,
+        description="The judge's question, with {prompt}, {first} and {second}; its reply names A, B or tie. "
+        "Default: `training.evalmetrics.JUDGE_TEMPLATE`.",
+    )
+    max_tokens: int = Field(8, ge=1, le=512, description="Tokens of the judge's reply.")
+
+    @field_validator("template")
+    @classmethod
+    def _fields(cls, value: str | None) -> str | None:
+        if value is not None:
+            missing = [f for f in ("{prompt}", "{first}", "{second}") if f not in value]
+            if missing:
+                raise ValueError(f"the template lacks {', '.join(missing)}")
+        return value
+
+
+class EvaluationSpec(BaseModel):
+    """What an evaluation run (method 'eval') computes: the model (and a baseline) on every row of its data, up to
+    `max_samples` rows within `max_seconds` (`training.evaluate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    eval_id: str | None = Field(None, description="The evaluation this run belongs to (`/evals`).")
+    baseline: str | None = Field(
+        None,
+        description="A second model, scored the same way and judged against the model: a base, a job's model, a "
+        "checkpoint, a registered version.",
+    )
+    metrics: list[Literal[EVAL_METRICS]] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="Against the rows' references (an SFT completion, a pair's chosen answer): exact_match, f1, "
+        "rouge_l, bleu, perplexity; on pairs: reward_accuracy (and margins) against the baseline as reference.",
+    )
+    graders: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Graders by name (as OpenAI's), each scoring every answer against its row."
+    )
+    pass_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="A grader's score at which a row passes it (default 0.5)."
+    )
+    pairwise: PairwiseSpec | None = Field(None, description="A judge of the model's answers against the baseline's.")
+    max_samples: int = Field(200, ge=1, le=10000, description="Rows evaluated at most (from the start).")
+    max_seconds: float = Field(
+        1800.0, gt=0, le=86400, description="Time budget of generation; rows left when it runs out are skipped."
+    )
+    max_tokens: int = Field(48, ge=1, le=4096, description="New tokens of each answer.")
+    temperature: float = Field(0.0, ge=0, le=2, description="0: greedy answers; above 0: sampled with the seed.")
+    bootstrap: int = Field(1000, ge=100, le=100000, description="Resamples of the win rate's 95% interval.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluationSpec:
+        if not (self.metrics or self.graders or self.pairwise):
+            raise ValueError("evaluation: give metrics, graders or a pairwise judge")
+        for name, grader in self.graders.items():
+            _parse_grader(grader, f"evaluation.graders.{name}")
+        for name in self.pass_thresholds:
+            if name not in self.graders:
+                raise ValueError(f"evaluation.pass_thresholds.{name}: no grader of that name")
+        if self.pairwise is not None and self.baseline is None:
+            raise ValueError("evaluation.pairwise: judges the model against a baseline; set evaluation.baseline")
+        if "reward_accuracy" in self.metrics and self.baseline is None:
+            raise ValueError("evaluation.metrics: reward_accuracy compares with a reference; set evaluation.baseline")
+        return self
 
 
 class TrainingSpec(BaseModel):
@@ -227,6 +305,13 @@ class TrainingSpec(BaseModel):
         "({{item.chosen}}, {{item.completion}}, ...); the mean is the evaluation's `eval_sample_grade`, which "
         "best_metric and early stopping may use. GRPO grades its samples with its own `grader`.",
     )
+    sample_judge: str | None = Field(
+        None,
+        min_length=1,
+        description="A judge model (one of the operator's judge models or a served model of yours) that compares "
+        "each evaluation's samples with the reference's answers to the same prompts (the model before training), "
+        "in both orders: the win rate is the evaluation's `eval_win_rate`.",
+    )
 
     # DPO, ORPO, SimPO
     beta: float = Field(
@@ -294,6 +379,11 @@ class TrainingSpec(BaseModel):
     # LoRA
     lora: LoraSpec | None = Field(None, description="LoRA adapters; off when unset.")
 
+    # an evaluation run
+    evaluation: EvaluationSpec | None = Field(
+        None, description="Method 'eval': what the run measures of `model` (and a baseline) on `train_file`."
+    )
+
     @field_validator("loss_type")
     @classmethod
     def _known_loss_types(cls, value: str | list[str]) -> str | list[str]:
@@ -346,6 +436,17 @@ class TrainingSpec(BaseModel):
             if self.sample_prompts == 0:
                 raise ValueError("sample_grader: grades the samples; set sample_prompts above 0")
             _parse_grader(self.sample_grader, "sample_grader")
+        if (self.method == "eval") != (self.evaluation is not None):
+            raise ValueError(
+                "evaluation: method 'eval' needs one" if self.method == "eval" else "evaluation: only for method 'eval'"
+            )
+        if self.method == "eval" and self.trainer != "basic":
+            raise ValueError("trainer: an evaluation runs on the 'basic' trainer (one device)")
+        if self.sample_judge is not None:
+            if self.method in ("reward", "eval"):
+                raise ValueError(f"sample_judge: method '{self.method}' writes no samples; remove it")
+            if self.sample_prompts == 0:
+                raise ValueError("sample_judge: judges the samples; set sample_prompts above 0")
         if self.method != "grpo":
             for name, default in GRPO_FIELDS.items():
                 if getattr(self, name) != default:
@@ -431,6 +532,20 @@ class TrainingSpec(BaseModel):
         return metric, self.best_mode or ("min" if "loss" in metric else "max")
 
     @property
+    def graders(self) -> dict[str, dict]:
+        """The spec's graders by field, whose python graders and judges the worker runs for the run: GRPO's `grader`,
+        `sample_grader`, an evaluation's graders, and each judge (`sample_judge`, an evaluation's pairwise judge) as
+        the label_model grader that asks it."""
+        found = {root: g for root in ("grader", "sample_grader") if (g := getattr(self, root)) is not None}
+        if self.sample_judge is not None:
+            found["sample_judge"] = {"type": "label_model", "model": self.sample_judge}
+        if (ev := self.evaluation) is not None:
+            found |= {f"evaluation.graders.{name}": g for name, g in ev.graders.items()}
+            if ev.pairwise is not None:
+                found["evaluation.pairwise"] = {"type": "label_model", "model": ev.pairwise.judge}
+        return found
+
+    @property
     def data_kinds(self) -> tuple[str, ...]:
         """What the method's data may hold: 'dpo' (pairs), 'sft' (demonstrations), 'kto' (labelled answers)."""
         return DATA_KINDS[self.method]
@@ -479,7 +594,7 @@ def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
         field = ".".join(str(p) for p in err["loc"]) or "spec"
         reason = err["msg"].removeprefix("Value error, ")
         # A model-level check names its field at the start of the message ("loss_weights: ...")
-        if field == "spec" and ": " in reason:
+        if ": " in reason and (field == "spec" or reason.split(": ", 1)[0].startswith(field)):
             field, reason = reason.split(": ", 1)
         if err["type"] == "extra_forbidden":
             reason = "unknown field; see `python -m training schema` for the accepted ones"

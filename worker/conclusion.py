@@ -30,17 +30,20 @@ def conclude(a: Attempt, outcome: Outcome) -> Result:
     if outcome.cancelled:
         return Result(finished=finish(a, JobStatus.cancelled))
     if outcome.returncode == EXIT_OK and outcome.done:
-        prefix = layout.model_prefix(a.job.tenant, a.job_id)
+        # an evaluation run's results are the job's artifacts; it has no model
+        evaluation = a.job.method == "eval"
+        prefix = (layout.artifacts_prefix if evaluation else layout.model_prefix)(a.job.tenant, a.job_id)
         try:
             put_dir(a.storage, Path(outcome.done["final_path"]), prefix)
         except (StorageError, OSError) as exc:
-            raise JobFailed("storage_error", f"upload of the final model failed: {exc}", user_error=False) from exc
+            what = "the evaluation's results" if evaluation else "the final model"
+            raise JobFailed("storage_error", f"upload of {what} failed: {exc}", user_error=False) from exc
         metrics = outcome.done.get("metrics", {})
         return Result(
             finished=finish(
                 a,
                 JobStatus.succeeded,
-                result_uri=a.storage.uri(prefix),
+                result_uri=None if evaluation else a.storage.uri(prefix),
                 step=metrics.get("step", 0),
                 eval_metrics=metrics.get("eval") or {},
             )

@@ -32,11 +32,6 @@ FOLDERS = Folders(MANIFEST_NAME, ADAPTER, CONSOLIDATED)
 MAX_QUESTION_BYTES = 16 << 20
 
 
-def graders_of(spec) -> dict[str, dict]:
-    """The spec's graders by field: GRPO's `grader`, `sample_grader`."""
-    return {root: g for root in ("grader", "sample_grader") if (g := getattr(spec, root)) is not None}
-
-
 def resolve(a: Attempt, found_graders: dict[str, dict]) -> dict[str, judges.Endpoint]:
     """The judge of each model grader of the job's graders, checked again for its tenant."""
     config = judges.Config.of(a.settings)
@@ -80,7 +75,11 @@ def serving(a: Attempt, endpoints: dict[str, judges.Endpoint], path: Path | None
         endpoint = endpoints.get(asked.get("model"))
         if endpoint is None:
             raise ValueError(f"{asked.get('model')!r} is not a judge of this job")
-        return {"text": judges.ask(http, endpoint, asked["messages"], asked.get("params") or {}, s.judge_timeout_s)}
+        params = asked.get("params") or {}
+        text = judges.ask(
+            http, endpoint, asked["messages"], params, s.judge_timeout_s, s.judge_retries, s.judge_requests_per_s
+        )
+        return {"text": text}
 
     class Handler(socketserver.StreamRequestHandler):
         def handle(self) -> None:

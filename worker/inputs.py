@@ -48,6 +48,8 @@ def fetch_inputs(a: Attempt) -> Inputs:
         "model": _model(a, job.model),
         "train_file": str(_dataset(a, job.dataset_id, a.work / "train.jsonl", "dataset")),
     }
+    if job.method == "eval" and isinstance(ev := data.get("evaluation"), dict) and ev.get("baseline"):
+        data["evaluation"] = {**ev, "baseline": _model(a, ev["baseline"], "evaluation.baseline")}
     if job.eval_dataset_id:
         data["eval_file"] = str(_dataset(a, job.eval_dataset_id, a.work / "eval.jsonl", "eval_dataset"))
     try:
@@ -55,7 +57,7 @@ def fetch_inputs(a: Attempt) -> Inputs:
     except SpecError as exc:
         raise JobFailed("invalid_spec", str(exc), user_error=True) from None
     endpoints, socket_path = {}, None
-    if found := grading.graders_of(spec):  # the server's grader limits, and the worker's grading service for the run
+    if found := spec.graders:  # the server's grader limits, and the worker's grading service for the run
         endpoints = grading.resolve(a, found)
         socket_path = grading.socket_path(a) if grading.needs_service(found) else None
         s = a.settings
@@ -113,10 +115,11 @@ def _dataset(a: Attempt, ref: str, local: Path, field: str) -> Path:
     return local
 
 
-def _model(a: Attempt, name: str) -> str:
+def _model(a: Attempt, name: str, field: str = "model") -> str:
     """The local folder of the model the job's row names (`jobs.modelref.resolve`; the API pinned a registered name
-    when it queued the job). A folder fetched into the model cache stays locked while the run reads it."""
-    name = _confine(a, name, "model", models=True)
+    when it queued the job), or an evaluation's baseline. A folder fetched into the model cache stays locked while
+    the run reads it."""
+    name = _confine(a, name, field, models=True)
     try:
         found = modelref.resolve(
             name, a.job.tenant, a.store, Registry(a.store.engine), a.storage, MANIFEST_NAME, bare_names=False

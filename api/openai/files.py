@@ -45,15 +45,16 @@ def _results_csv(svc: Services, job: Job) -> bytes:
 def create_file(
     who: Caller,
     file: UploadFile = File(description="JSONL, one example per line"),
-    purpose: str = Form(description='"fine-tune"'),
+    purpose: str = Form(description='"fine-tune", or "evals" (the rows of an evaluation run)'),
     svc: Services = Depends(services),
 ) -> dict:
-    """Upload a training or validation file (`purpose` "fine-tune"); it is validated at once."""
-    if purpose != "fine-tune":
+    """Upload a training, validation or evaluation file (`purpose` "fine-tune" or "evals"); it is validated at
+    once."""
+    if purpose not in ("fine-tune", "evals"):
         raise APIError(
             400,
             "invalid_purpose",
-            f"purpose: {purpose!r} is not supported; this server takes 'fine-tune' files",
+            f"purpose: {purpose!r} is not supported; this server takes 'fine-tune' and 'evals' files",
             field="purpose",
         )
     filename = (file.filename or "data.jsonl")[:255]

@@ -180,7 +180,9 @@ def list_jobs(
             metadata[match.group(1)] = value
         elif key.startswith("metadata"):
             raise APIError(400, "invalid_request", f"{key}: filter by metadata as metadata[key]=value", field=key)
-    rows, more = service.list_jobs(svc, who, limit=limit, after=after, tenant=who.tenant, metadata=metadata)
+    rows, more = service.list_jobs(
+        svc, who, limit=limit, after=after, tenant=who.tenant, metadata=metadata, training_only=True
+    )
     data = [shapes.fine_tuning_job(j) for j in rows]
     return {"object": "list", "data": data, "has_more": more}
 

@@ -32,6 +32,7 @@ METHOD_TYPE = {
     "simpo": "simpo",
     "kto": "kto",
     "reward": "reward",
+    "eval": "eval",  # an evaluation run (`/evals`): on the queue like any job
 }
 RESULTS_PREFIX = "file-results-"  # the id of a job's metrics CSV: this prefix and the job id
 DEFAULTS = {"epochs": 1, "batch_size": 8, "beta": 0.1}
@@ -105,7 +106,7 @@ def method(job: Job, hp: dict) -> dict:
 
 
 def fine_tuned_model(job: Job) -> str | None:
-    if job.status != JobStatus.succeeded:
+    if job.status != JobStatus.succeeded or job.method == "eval":
         return None
     return modelref.fine_tuned_name(job.model, job.tenant, job.suffix, job.id)
 

@@ -52,7 +52,16 @@ async def promote(
     """Register a succeeded job's model (its final model, a checkpoint, or its best evaluation's) as the next version
     of `name` (created on first use)."""
     return await run_in_threadpool(
-        registry.promote, svc, who, name, req.job_id, req.aliases, req.description, req.checkpoint, req.best
+        registry.promote,
+        svc,
+        who,
+        name,
+        req.job_id,
+        req.aliases,
+        req.description,
+        req.checkpoint,
+        req.best,
+        req.require,
     )
 
 

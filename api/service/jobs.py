@@ -45,11 +45,14 @@ def list_jobs(
     tenant: str | None = None,
     search: str | None = None,
     metadata: dict | None = None,
+    training_only: bool = False,
 ) -> tuple[list[Job], bool]:
     """A page of jobs, newest first, and whether more follow: the caller's tenant's, or for an admin every tenant's
-    (or `tenant`'s)."""
+    (or `tenant`'s); `training_only`: not evaluation runs."""
     scope = tenant if who.admin else who.tenant
-    return svc.store.list_jobs(status, created_after, limit, after, scope, search=search, metadata=metadata)
+    return svc.store.list_jobs(
+        status, created_after, limit, after, scope, search=search, metadata=metadata, training_only=training_only
+    )
 
 
 async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key: str | None = None, **row) -> Submitted:
@@ -59,10 +62,10 @@ async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key:
     eval_id = await checks.dataset(svc, who, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
     model = await checks.model(svc, who, req.model)
     spec = checks.spec(svc, req)
-    for root in ("grader", "sample_grader"):  # their judges are the tenant's (or the operator's)
-        if (grader := getattr(spec, root)) is not None:
-            await graders.check_judges(svc, who.tenant, grader, "hyperparameters.", root)
-    await checks.fits(svc, spec, model)
+    for root, grader in spec.graders.items():  # their judges are the tenant's (or the operator's)
+        await graders.check_judges(svc, who.tenant, grader, "hyperparameters.", root)
+    if req.method != "eval":  # the estimate is of training's memory
+        await checks.fits(svc, spec, model)
     if req.callback_url:
         await checks.callback_url(svc, str(req.callback_url))
     await checks.room_for(svc, who)

@@ -58,12 +58,15 @@ def promote(
     description: str | None = None,
     checkpoint: int | None = None,
     best: bool = False,
+    require: dict[str, float] | None = None,
 ) -> ModelVersionPublic:
     """Register a succeeded job's model (its final model, a complete checkpoint, or the model of its best evaluation)
     as the next version of `name` (created on first use). Blocking."""
     job = svc.store.get_job(job_id)
     if job is None or job.tenant != who.tenant:
         raise no_such("job", job_id, field="job_id")
+    if job.method == "eval":
+        raise Conflict("job_has_no_model", f"job {job.id} is an evaluation run: it made no model", "job_id")
     if job.status != JobStatus.succeeded or not job.result_uri:
         raise Conflict(
             "job_not_succeeded",
@@ -80,6 +83,12 @@ def promote(
         if checkpoint not in found:
             raise no_such("checkpoint", f"{job.id} step {checkpoint}", field="checkpoint")
         ft_name, source = f"{ft_name}:ckpt-step-{checkpoint}", svc.storage.uri(found[checkpoint].prefix)
+    found = svc.store.eval_runs(job.tenant, [ft_name, job.id] if checkpoint is None else [ft_name], 1, True)
+    run = found[0] if found else None
+    _meets(job, ft_name, run, require or {})
+    if run is not None:  # the version carries its model's newest evaluation
+        metrics = metrics or {"train": job.metrics or {}, "eval": job.eval_metrics or {}}
+        metrics["evaluation"] = {"run_id": run.id, "eval_id": run.eval_id, **run.eval_metrics}
     try:
         version = svc.registry.promote(job, name, ft_name, aliases, description, source, metrics)
     except RegistryError as exc:
@@ -87,6 +96,33 @@ def promote(
     now_aliases = svc.registry.aliases(who.tenant, name)
     _mirror(svc, version, now_aliases)
     return ModelVersionPublic.of(version, now_aliases)
+
+
+def _meets(job, ft_name: str, run, require: dict[str, float]) -> None:
+    """Each metric of `require` is at least its minimum in the newest evaluation run of the model (`/evals`)."""
+    if not require:
+        return
+    if run is None:
+        raise Conflict(
+            "no_evaluation",
+            f"no succeeded evaluation run of {ft_name} (or {job.id}); run one (`/evals`) before promoting with require",
+            "require",
+        )
+    for metric, minimum in require.items():
+        value = run.eval_metrics.get(metric)
+        if not isinstance(value, int | float):
+            reported = ", ".join(sorted(run.eval_metrics)) or "nothing"
+            raise Conflict(
+                "evaluation_below_minimum",
+                f"evaluation run {run.id} reports no {metric}; it reports {reported}",
+                f"require.{metric}",
+            )
+        if value < minimum:
+            raise Conflict(
+                "evaluation_below_minimum",
+                f"evaluation run {run.id}: {metric} is {value:.4g}, below the minimum {minimum:g}",
+                f"require.{metric}",
+            )
 
 
 def _best(svc: Services, job) -> tuple[int | None, dict]:

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import ID_PATTERN, JobId, Services, services
 from api.errors import status_of
-from api.service import artifacts, events
+from api.service import artifacts, evals, events
 from api.service import jobs as service
 from api.service.errors import NotFound, ServiceError
 from api.ui import PageError, render
@@ -172,6 +172,7 @@ def _panel(request: Request, svc: Services, viewer, job: Job, name: str):
         checkpoints=checkpoints,
         model_files=model_files,
         storage_error=storage_error,
+        eval_runs=evals.runs_of_model(svc, job) if job.status == JobStatus.succeeded else [],
     )
 
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from api.deps import JobId, Services, services
 from api.schemas import PromoteRequest
-from api.service import artifacts, playground
+from api.service import artifacts, evals, playground
 from api.service import registry as models
 from api.service.errors import ServiceError
 from api.ui import PageError, render
@@ -37,6 +37,16 @@ def job_samples(request: Request, job_id: JobId, viewer: Signed, svc: Services =
     """The samples section of a job's page: re-read when a `samples` event arrives."""
     owned_job(svc, viewer, job_id)
     return render(request, "_samples.html", prompts=by_prompt(artifacts.samples(svc, job_id)))
+
+
+@router.get("/jobs/{job_id}/evaluation")
+def job_evaluation(request: Request, job_id: JobId, viewer: Signed, svc: Services = Depends(services)):
+    """An evaluation run's section of its job page: each model's metrics, the win rate, and the judged pairs."""
+    job = owned_job(svc, viewer, job_id)
+    summary = evals.results(svc, job)
+    rows = evals.items(svc, job, 500, None)[0] if summary else []
+    metrics = sorted({*(summary or {}).get("model", {}), *(summary or {}).get("baseline", {})})
+    return render(request, "_evaluation.html", job=job, summary=summary, metrics=metrics, rows=rows)
 
 
 @router.post("/jobs/{job_id}/promote")

@@ -186,6 +186,10 @@ function startJobPage(root) {
     }
     if (PANEL_EVENTS.has(e.type)) panel();
     if (e.type === "samples") samples();
+    const box = document.getElementById("evaluation-box");
+    if (box && FINAL.has(e.type)) {  // the results are stored once the run has ended
+      htmx.ajax("GET", box.dataset.evaluation, { target: "#evaluation-box", swap: "innerHTML" });
+    }
     const current = Number(document.getElementById("panel")?.dataset.attempt || 0);
     if (FINAL.has(e.type) && e.attempt >= current) {  // not an earlier attempt's end, replayed
       source.close();

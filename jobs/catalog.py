@@ -15,6 +15,11 @@ from jobs.models import FINISHED, Dataset, Eval, Job, JobEvent, JobStatus, Worke
 TRIES = 10  # transactions retried when a concurrent writer took the same event sequence number
 
 
+def _literal(text: str) -> str:
+    """`text` matched as it is by LIKE (with `escape="\\"`): its wildcards and the escape itself escaped."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 class Catalog:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -51,9 +56,15 @@ class Catalog:
     def delete_eval(self, eval_id: str) -> None:
         self._delete(Eval, eval_id)
 
-    def eval_runs(self, tenant: str, models: list[str], limit: int = 10, succeeded: bool = False) -> list[Job]:
-        """The tenant's newest evaluation runs of any of `models` (as the runs name them), newest first."""
-        query = select(Job).where(Job.tenant == tenant, Job.method == "eval", col(Job.model).in_(models))
+    def eval_runs(
+        self, tenant: str, models: list[str], limit: int = 10, succeeded: bool = False, prefix: str | None = None
+    ) -> list[Job]:
+        """The tenant's newest evaluation runs of any of `models` (as the runs name them), or of a model whose name
+        starts with `prefix` (a job's checkpoints), newest first."""
+        named = col(Job.model).in_(models)
+        if prefix is not None:
+            named = or_(named, col(Job.model).like(_literal(prefix) + "%", escape="\\"))
+        query = select(Job).where(Job.tenant == tenant, Job.method == "eval", named)
         if succeeded:
             query = query.where(Job.status == JobStatus.succeeded)
         with session(self.engine) as s:
@@ -94,7 +105,7 @@ class Catalog:
         if after is not None:
             query = query.where(Job.id < after)
         if search:
-            like = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            like = "%" + _literal(search) + "%"
             query = query.where(
                 or_(col(Job.id).ilike(like, escape="\\"), cast(Job.user_metadata, String).ilike(like, escape="\\"))
             )

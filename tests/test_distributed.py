@@ -149,9 +149,9 @@ def test_through_the_queue_cancel_then_retry_resumes_and_learns(
         "--gpus",
         "2",
         "--set",
-        "max_steps=40",
+        "max_steps=24",
         "--set",
-        "save_steps=10",
+        "save_steps=8",
         "--set",
         f"batch_size={batch_size}",
     )
@@ -170,7 +170,7 @@ def test_through_the_queue_cancel_then_retry_resumes_and_learns(
 
     assert prefq(stack, "retry", job_id).returncode == 0
     done = stack.wait_for(job_id, {"succeeded", "failed"})
-    assert done["status"] == "succeeded" and done["step"] == 40, done
+    assert done["status"] == "succeeded" and done["step"] == 24, done
     assert done["eval_metrics"]["eval_rewards/accuracies"] >= 0.9
     events = stack.get(f"/jobs/{job_id}/events")["data"]
     started = [e["data"] for e in events if e["type"] == "started"]

@@ -267,6 +267,11 @@ def test_a_dpo_model_wins_against_its_base_and_the_base_ties_itself(stack, evalu
     for path in paths:
         assert other.get(path).status_code == 404, path
     assert other.get("/evals").json()["data"] == []
+    watched = Watched(browser, stack.url)
+    page = watched.page()
+    sign_in(page, other.headers["Authorization"].removeprefix("Bearer "), "/ui/jobs")
+    assert page.goto(f"/ui/jobs/{run.id}").status == 404
+    watched.context.close()
 
 
 def test_an_sft_jobs_reference_metrics_match_a_hand_computation_on_three_rows(stack, rft, tmp_path):

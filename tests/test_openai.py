@@ -15,6 +15,7 @@ from openai import OpenAI
 from tests.services import DPO_JOB_HYPER, GRADER, HUB_ID, make_key, openai_dpo_file, prefq
 
 FAST = {
+    "sample_prompts": 0,
     "max_steps": 4,
     "save_steps": 2,
     "max_length": 64,

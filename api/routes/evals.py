@@ -32,7 +32,8 @@ def router_at(prefix: str, openai: bool) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["openai" if openai else "evals"])
 
     def answers(*codes: int) -> dict:
-        return openai_responses(*codes) if openai else responses(*codes)
+        """OpenAI's face answers an invalid request 400 (never 422), the native one 422."""
+        return openai_responses(*(c for c in codes if c not in (400, 422))) if openai else responses(*codes)
 
     @router.post("", status_code=200 if openai else 201, responses=answers(400, 401, 422))
     async def create_eval(req: EvalCreate, who: Caller, svc: Services = Depends(services)) -> dict:

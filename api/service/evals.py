@@ -22,7 +22,7 @@ from jobs import layout, modelref
 from jobs.models import Eval, Job, JobStatus, new_id
 from storage import StorageError
 from training import graders as grader_types
-from training.spec import EVAL_METRICS, PairwiseSpec, describe_errors
+from training.spec import EVAL_METRICS, EvaluationSpec, PairwiseSpec, describe_errors
 
 RESULTS, ITEMS = "eval_results.json", "eval_items.jsonl"  # `training.evaluate`'s files, the run's artifacts
 GRADER_TYPES = {"string_check", "text_similarity", "python", "score_model", "label_model", "multi"}
@@ -58,12 +58,12 @@ def evaluation(criteria: list[dict]) -> dict:
                 out["pass_thresholds"][parsed.name] = threshold
         elif kind == "reference_metrics":
             metrics = criterion.get("metrics") or ["exact_match", "f1", "rouge_l", "bleu", "perplexity"]
-            unknown = [m for m in metrics if m not in EVAL_METRICS or m == "reward_accuracy"]
-            if not isinstance(metrics, list) or unknown:
+            listed = isinstance(metrics, list)
+            unknown = [m for m in metrics if m not in EVAL_METRICS or m == "reward_accuracy"] if listed else [metrics]
+            if unknown:
                 raise Invalid(
                     "invalid_eval",
-                    f"unknown metric {unknown[0] if unknown else metrics!r}; choose from exact_match, f1, rouge_l, "
-                    "bleu, perplexity",
+                    f"unknown metric {unknown[0]!r}; give a list of exact_match, f1, rouge_l, bleu, perplexity",
                     where + ".metrics",
                 )
             out["metrics"] += [m for m in metrics if m not in out["metrics"]]
@@ -99,7 +99,12 @@ async def _check_judges(svc: Services, tenant: str, criteria: list[dict]) -> Non
 
 
 async def create(svc: Services, who: Principal, req: EvalCreate) -> Eval:
-    evaluation(req.testing_criteria)
+    part = evaluation(req.testing_criteria)
+    try:  # as a run will check it (its baseline is the run's)
+        EvaluationSpec.model_validate({**part, "baseline": "-"})
+    except ValidationError as exc:
+        first = describe_errors(exc)[0]
+        raise Invalid("invalid_eval", first["reason"], f"testing_criteria ({first['field']})") from None
     await _check_judges(svc, who.tenant, req.testing_criteria)
     row = Eval(
         id=new_id("eval"),
@@ -186,11 +191,12 @@ def runs(svc: Services, who: Principal, eval_id: str, limit: int, after: str | N
 
 
 def runs_of_model(svc: Services, job: Job, limit: int = 10) -> list[Job]:
-    """The newest evaluation runs of a training job's model (named by its job id or its fine-tuned name)."""
+    """The newest evaluation runs of a training job's model (named by its job id or its fine-tuned name) and of its
+    checkpoints (`...:ckpt-step-N`): side by side, a comparison of the checkpoints."""
     if job.method == "eval":
         return []
-    names = [job.id, modelref.fine_tuned_name(job.model, job.tenant, job.suffix, job.id)]
-    return svc.store.eval_runs(job.tenant, names, limit)
+    name = modelref.fine_tuned_name(job.model, job.tenant, job.suffix, job.id)
+    return svc.store.eval_runs(job.tenant, [job.id, name], limit, prefix=f"{name}:ckpt-step-")
 
 
 def owned_run(svc: Services, who: Principal, eval_id: str, run_id: str) -> Job:

@@ -168,7 +168,7 @@ def evaluated(stack, toy_dpo, tmp_path_factory):
     return SimpleNamespace(client=client, native=native, key=key, job=trained, questions=questions, eval=created)
 
 
-def _run(evaluated, model: str, baseline: str, eval_id: str | None = None, name: str = "run"):
+def _run(evaluated, model: str, baseline: str, eval_id: str | None = None, name: str = "run", tokens: int = 12):
     return evaluated.client.evals.runs.create(
         eval_id or evaluated.eval.id,
         name=name,
@@ -177,17 +177,18 @@ def _run(evaluated, model: str, baseline: str, eval_id: str | None = None, name:
             "model": model,
             "source": {"type": "file_id", "id": evaluated.questions.id},
             "baseline": baseline,
-            "sampling_params": {"max_completions_tokens": 12},
+            "sampling_params": {"max_completions_tokens": tokens},
         },
     )
 
 
-def test_a_dpo_model_wins_against_its_base_and_the_base_ties_itself(stack, evaluated, rft, browser):
+def test_a_dpo_model_wins_against_its_base_and_the_base_ties_itself(stack, evaluated, rft, browser, mlflow_server):
     """Through the queue: the DPO job's model against its base on 40 held-out questions, graded by the python grader
     and judged in both orders: a win rate above 50% whose interval is above 50% too; the base against itself,
     judged by a real model, exactly 50%. The SDK reads the runs and their rows; `prefq evals show` prints the table;
     the dashboard shows the table and the judged pairs; the registry requires a minimum win rate; the DPO job's own
-    evaluations judged its samples against the reference's; another tenant sees none of it."""
+    evaluations judged its samples against the reference's; MLflow has the run's metrics; another tenant sees none of
+    it."""
     client, job = evaluated.client, evaluated.job
     run = _run(evaluated, job["id"], HUB_ID, name="dpo-vs-base")
     assert run.status == "queued" and run.eval_id == evaluated.eval.id
@@ -208,6 +209,14 @@ def test_a_dpo_model_wins_against_its_base_and_the_base_ties_itself(stack, evalu
     judged = rows[0].model_extra["prefq"]["judge"]
     assert len(judged) == 2 and all(v["verdict"] in ("A", "B", "tie") for v in judged)
     assert {r.status for r in rows} <= {"pass", "fail"}
+
+    # MLflow, as any job's evaluation
+    from tests.test_tracking import mlflow_client
+
+    tracking = mlflow_client(mlflow_server)
+    experiment = tracking.get_experiment_by_name("prefq/evals")
+    tracked = tracking.search_runs([experiment.experiment_id], f"tags.`prefq.job_id` = '{run.id}'")
+    assert tracked[0].data.metrics["eval_win_rate"] == pytest.approx(pairwise["win_rate"])
 
     # the base against itself, judged by a real model (the operator's): every pair a tie, whatever it replies
     self_eval = client.evals.create(
@@ -372,3 +381,43 @@ def test_bad_evaluations_are_refused_naming_the_field(stack, evaluated):
     )
     assert no_baseline.status_code == 400, no_baseline.text
     assert no_baseline.json()["error"]["param"] == "data_source.baseline"
+
+
+def test_preference_accuracy_of_a_dpo_model_against_its_reference(micro_model, toy_dpo, tmp_path):
+    """On held-out pairs, the share whose chosen answer the DPO model raises more than its reference does: DPO's
+    held-out reward accuracy, computed by an evaluation run (here without the queue) from the two models."""
+    from tests.conftest import dpo_spec, of_type, run_training
+
+    rc, trained = run_training(dpo_spec(micro_model, toy_dpo, max_steps=20, eval_fraction=0), tmp_path / "dpo")
+    assert rc == 0
+    held_out = tmp_path / "pairs.jsonl"
+    write_toy_data(held_out, "dpo", rows=30, seed=11)
+    spec = {
+        "method": "eval",
+        "model": str(tmp_path / "dpo" / "final"),
+        "train_file": str(held_out),
+        "max_length": 64,
+        "evaluation": {"baseline": str(micro_model), "metrics": ["reward_accuracy", "exact_match"], "max_tokens": 8},
+    }
+    rc, events = run_training(spec, tmp_path / "eval")
+    assert rc == 0, events[-1]
+    metrics = of_type(events, "eval")[-1]["metrics"]
+    assert metrics["eval_reward_accuracy"] >= 0.9 and metrics["eval_reward_margin"] > 0, metrics
+    assert "eval_baseline/reward_accuracy" not in metrics  # the baseline is the reference, not a second policy
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "final" / "eval_items.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and sum(r["reward_margin"] > 0 for r in rows) / 30 == metrics["eval_reward_accuracy"]
+
+
+def test_an_eval_run_is_cancelled_and_retried_as_a_job(stack, evaluated):
+    """Cancelled while it answers, the run ends `canceled` (its rows stop at once); retried, it runs again whole."""
+    run = _run(evaluated, evaluated.job["id"], HUB_ID, name="cancelled", tokens=48)  # 80 answers: seconds
+    stack.wait_for_event(run.id, "started")
+    cancel = evaluated.native.post(f"/evals/{evaluated.eval.id}/runs/{run.id}/cancel")
+    assert cancel.status_code == 200, cancel.text
+    assert stack.wait_for(run.id, {"succeeded", "failed", "cancelled"})["status"] == "cancelled"
+    assert evaluated.client.evals.runs.retrieve(run.id, eval_id=evaluated.eval.id).status == "canceled"
+    retried = evaluated.native.post(f"/jobs/{run.id}/retry")
+    assert retried.status_code == 202, retried.text
+    assert stack.wait_for(run.id, {"succeeded", "failed", "cancelled"})["status"] == "succeeded"
+    found = evaluated.native.get(f"/evals/{evaluated.eval.id}/runs/{run.id}").json()
+    assert found["status"] == "completed" and found["result_counts"]["total"] == 40

@@ -133,7 +133,7 @@ def show(eval_id: str, run_id: str, as_json: bool = JSON_OPTION) -> None:
         [(n, _number(summary["model"].get(n)), _number(baseline.get(n))) for n in names],
         ids=("metric",),
     )
-    if pairwise := summary.get("pairwise"):
+    if (pairwise := summary.get("pairwise")) and pairwise.get("interval"):
         low, high = pairwise["interval"]
         console.print(
             f"win rate {pairwise['win_rate']:.3f} [95%: {low:.3f}, {high:.3f}] against {found['data_source']['baseline']}"

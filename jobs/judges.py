@@ -69,11 +69,18 @@ class Config:
 
 
 def models_of(grader: dict, root: str = "grader") -> list[tuple[str, str]]:
-    """(param, model) of each model grader in a grader's JSON (a `multi` grader's too); params start at `root`."""
-    if grader.get("type") == "multi" and isinstance(grader.get("graders"), dict):
+    """(param, model) of each model grader in a grader's JSON (a `multi` grader's too, its graders given by name or
+    as a list); params start at `root`."""
+    if grader.get("type") == "multi":
+        graders = grader.get("graders")
+        if isinstance(graders, dict) and "type" in graders:  # one grader, as the SDK's type allows
+            graders = {graders.get("name") if isinstance(graders.get("name"), str) else "grader": graders}
+        named = (
+            graders.items() if isinstance(graders, dict) else enumerate(graders if isinstance(graders, list) else [])
+        )
         return [
             (f"{root}.graders.{name}.model", g["model"])
-            for name, g in grader["graders"].items()
+            for name, g in named
             if isinstance(g, dict) and isinstance(g.get("model"), str)
         ]
     return [(f"{root}.model", grader["model"])] if isinstance(grader.get("model"), str) else []
@@ -156,24 +163,33 @@ def ask(
     retries: int = 0,
     requests_per_s: float = 0.0,
     sleep=time.sleep,
+    budget_s: float | None = None,
 ) -> str:
     """The judge's reply, within the rate limit, asked again up to `retries` times (waiting 0.5 s, 1 s, 2 s, ...)
-    while it is unavailable; raises on anything but a reply (the grader scores 0, an evaluation fails, and says
-    why)."""
+    while it is unavailable, and not past `budget_s` seconds in all (whoever asked stops waiting then); raises on
+    anything but a reply (the grader scores 0, an evaluation fails, and says why)."""
+    deadline = time.monotonic() + budget_s if budget_s is not None else None
     for attempt in range(retries + 1):
         LIMIT.wait(endpoint.url, requests_per_s)
+        left = timeout_s if deadline is None else min(timeout_s, deadline - time.monotonic())
         try:
-            return _ask_once(http, endpoint, messages, params, timeout_s)
-        except (Unavailable, httpx.TransportError) as exc:
-            if attempt == retries:
-                tries = f" (asked {retries + 1} times)" if retries else ""
+            if left <= 0:
+                raise Unavailable("no time left to ask")
+            return _ask_once(http, endpoint, messages, params, left)
+        except (Unavailable, httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+            pause = min(RETRY_MAX_S, RETRY_BASE_S * 2**attempt)
+            if attempt == retries or (deadline is not None and time.monotonic() + pause >= deadline):
+                tries = f" (asked {attempt + 1} times)" if attempt else ""
                 raise RuntimeError(f"{exc or type(exc).__name__}{tries}") from None
-            sleep(min(RETRY_MAX_S, RETRY_BASE_S * 2**attempt))
+            sleep(pause)
     raise AssertionError("unreachable")
 
 
+RETRIED = (429, 500, 502, 503, 504)  # a judge busy or away for now; anything else is its answer
+
+
 def _status(response: httpx.Response, what: str) -> None:
-    if response.status_code == 429 or response.status_code >= 500:
+    if response.status_code in RETRIED:
         raise Unavailable(f"{what} answered HTTP {response.status_code}")
     if response.status_code != 200:
         raise RuntimeError(f"{what} answered HTTP {response.status_code}: {response.text[:300]}")

@@ -49,14 +49,8 @@ def test_reference_metrics_equal_their_hand_computed_values():
 
 
 def test_pairwise_verdicts_cancel_a_position_bias_and_the_interval_holds_the_win_rate():
-    assert [evalmetrics.verdict(r) for r in ("A", " b.", "Tie", "**A** is better", "neither", "")] == [
-        "A",
-        "B",
-        "tie",
-        "A",
-        None,
-        None,
-    ]
+    replies = ("A", " b.", "Tie", "**A** is better", "It's a tie.", "a tie", "B, by a mile", "neither", "")
+    assert [evalmetrics.verdict(r) for r in replies] == ["A", "B", "tie", "A", "tie", "tie", "B", None, None]
     # the model's answer is A first, then B: a judge that always says "A" gives a tie
     assert evalmetrics.pair_score("A", "A") == 0.5
     assert evalmetrics.pair_score("A", "B") == 1.0 and evalmetrics.pair_score("B", "A") == 0.0
@@ -370,6 +364,9 @@ def test_bad_evaluations_are_refused_naming_the_field(stack, evaluated):
         ([{"type": "reference_metrics", "metrics": ["accuracy"]}], "testing_criteria.0.metrics"),
         ([{"type": "pairwise", "judge": ARITHMETIC_JUDGE, "template": "no fields"}], "testing_criteria.0.template"),
         ([{"type": "string_check", "name": "x", "input": "a", "reference": "b"}], "testing_criteria.0.operation"),
+        ([{"type": ["x"]}], "testing_criteria.0.type"),
+        ([{"type": "reference_metrics", "metrics": 3}], "testing_criteria.0.metrics"),
+        ([{"type": "python", "name": "p", "source": "x" + "+x" * 60000}], "testing_criteria.0.source"),
     ]
     for criteria, field in cases:
         answer = native.post("/evals", json={"name": "bad", "testing_criteria": criteria})
@@ -381,6 +378,25 @@ def test_bad_evaluations_are_refused_naming_the_field(stack, evaluated):
     )
     assert no_baseline.status_code == 400, no_baseline.text
     assert no_baseline.json()["error"]["param"] == "data_source.baseline"
+    # another tenant's model as the baseline names the field too
+    other = native.post(
+        f"/evals/{evaluated.eval.id}/runs",
+        json={"data_source": {"model": HUB_ID, "source": {"id": evaluated.questions.id}, "baseline": "job_nothere"}},
+    )
+    assert other.status_code == 422 and other.json()["error"]["field"] == "data_source.baseline", other.text
+    runs = native.get(f"/evals/{evaluated.eval.id}/runs").json()["data"]
+    cursor = native.get(f"/evals/{evaluated.eval.id}/runs/{runs[0]['id']}/output_items", params={"after": "x-1"})
+    assert cursor.status_code == 422 and cursor.json()["error"]["field"] == "after", cursor.text
+
+
+def test_an_evaluation_without_a_value_of_the_best_metric_is_no_improvement():
+    """A judge that did not answer leaves `eval_win_rate` None for that evaluation: neither the best nor a crash."""
+    from training.best import Best
+
+    best = Best("eval_win_rate", "max", patience=2)
+    assert best.update(0, {"eval_win_rate": 0.5}) == (True, False)
+    assert best.update(10, {"eval_win_rate": None}) == (False, False)
+    assert best.update(20, {"eval_win_rate": 0.6}) == (True, False) and best.value == 0.6
 
 
 def test_preference_accuracy_of_a_dpo_model_against_its_reference(micro_model, toy_dpo, tmp_path):
@@ -421,3 +437,11 @@ def test_an_eval_run_is_cancelled_and_retried_as_a_job(stack, evaluated):
     assert stack.wait_for(run.id, {"succeeded", "failed", "cancelled"})["status"] == "succeeded"
     found = evaluated.native.get(f"/evals/{evaluated.eval.id}/runs/{run.id}").json()
     assert found["status"] == "completed" and found["result_counts"]["total"] == 40
+
+
+def test_the_judges_of_a_multi_grader_are_found_however_its_graders_are_given():
+    """Given as a list or as one grader, a `multi` grader's judges are still the ones checked for the tenant."""
+    judged = {"type": "score_model", "name": "s", "model": "judge-1", "input": [], "range": [0, 1]}
+    for graders in ([judged], {"s": judged}, judged):
+        grader = {"type": "multi", "name": "m", "graders": graders, "calculate_output": "s"}
+        assert [model for _, model in judges.models_of(grader)] == ["judge-1"], graders

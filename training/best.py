@@ -37,7 +37,8 @@ class Best:
         if self.metric not in metrics:
             names = ", ".join(sorted(k for k in metrics if k.startswith("eval_")))
             raise MetricMissing(f"best_metric: the evaluations report no {self.metric!r}; they report {names}")
-        value = float(metrics[self.metric])
+        value = metrics[self.metric]  # None: this evaluation could not measure it (a judge that did not answer)
+        value = math.nan if value is None else float(value)
         if not math.isfinite(value):
             improved = False
         elif self.value is None:

@@ -116,16 +116,20 @@ JUDGE_TEMPLATE = (
     "Request:\n{prompt}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\n"
     'Reply with one word: "A", "B", or "tie".'
 )
-_VERDICT = re.compile(r"\b(A|B|tie)\b", re.IGNORECASE)
+# The answers by their capital letters (the article "a" is no verdict), a tie in any case
+_VERDICT = re.compile(r"\b(A|B)\b|\b([Tt][Ii][Ee])\b")
 
 
 def verdict(reply: str) -> str | None:
-    """ "A", "B" or "tie" from a judge's reply (the first that it names), None when it names none."""
+    """The verdict "A", "B" or "tie" of a judge's reply: the whole reply when it is one of them ("a", "b." or
+    "**B**"), else the first capital A or B or "tie" it names; None when it names none."""
+    bare = (reply or "").strip().strip("*_.:!\"'`() ").lower()
+    if bare in ("a", "b", "tie"):
+        return "tie" if bare == "tie" else bare.upper()
     found = _VERDICT.search(reply or "")
     if found is None:
         return None
-    word = found.group(1)
-    return "tie" if word.lower() == "tie" else word.upper()
+    return "tie" if found.group(2) else found.group(1)
 
 
 def pair_score(first_order: str | None, second_order: str | None) -> float:

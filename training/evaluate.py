@@ -208,12 +208,15 @@ def _grade(spec: TrainingSpec, answers: list[str], done: list[dict], which: str)
     for name, grader in ev.graders.items():
         scorer = Scorer(spec, grader)
         graded = scorer.grade(answers, [c["item"] for c in done])
-        down = [g for g in graded if g.errors.get("model_grader_server_error")]
-        if down:
-            details = down[0].errors.get("model_grader_server_error_details") or "no answer"
-            raise EvalError(
-                "judge_unavailable", f"evaluation.graders.{name}: the judge did not answer: {details}", False
-            )
+        scorer.pool.shutdown()
+        for flag, code, what in (
+            ("model_grader_server_error", "judge_unavailable", "the judge did not answer"),
+            ("python_grader_server_error", "grader_unavailable", "the worker did not run the python grader"),
+        ):
+            down = [g for g in graded if g.errors.get(flag)]
+            if down:  # a score of 0 for an answer nobody graded would be wrong, not lower
+                details = down[0].errors.get(f"{flag}_details") or "no answer"
+                raise EvalError(code, f"evaluation.graders.{name}: {what}: {details}", False)
         threshold = ev.pass_thresholds.get(name, 0.5)
         for case, g in zip(done, graded, strict=True):
             grade = {"score": g.reward, "passed": g.reward >= threshold, "error": g.failed}
@@ -266,7 +269,7 @@ def evaluate(spec: TrainingSpec, out_dir: Path, stop) -> int:
         padding_free=False,
     )
     stop.training = True  # from here a SIGTERM ends the loop at the next row
-    deadline = started + ev.max_seconds
+    deadline = time.monotonic() + ev.max_seconds  # of generation
     done: list[dict] = []
     for index, case in enumerate(todo):
         if stop.requested:
@@ -280,8 +283,13 @@ def evaluate(spec: TrainingSpec, out_dir: Path, stop) -> int:
         done.append(case)
         if len(done) % PROGRESS_EVERY == 0:
             _progress(len(done), len(todo), started)
+    if not done:
+        raise EvalError("time_budget", f"evaluation.max_seconds: {ev.max_seconds:g} s answered no row; raise it", True)
     summary: dict = {"rows": len(done), "rows_skipped": len(todo) - len(done)}
     for which, model in models.items():
+        if stop.requested:
+            emit("stopped", step=len(done), checkpoint=None)
+            return EXIT_STOPPED
         answers = [c["answers"][which] for c in done]
         scored = {}
         if needs_reference:

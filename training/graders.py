@@ -98,6 +98,8 @@ class Python(_Grader):
             tree = ast.parse(value)
         except SyntaxError as exc:
             raise ValueError(f"does not parse: line {exc.lineno}: {exc.msg}") from None
+        except (RecursionError, MemoryError):  # nested past what the parser takes
+            raise ValueError("does not parse: nested too deeply") from None
         if not any(isinstance(n, ast.FunctionDef) and n.name == "grade" for n in tree.body):
             raise ValueError("defines no function `grade(sample, item)`")
         return value
@@ -141,6 +143,23 @@ class LabelModel(_Grader):
         return self
 
 
+def _name_of(grader, default: str) -> str:
+    """A sub-grader's own name where it has a string one."""
+    name = grader.get("name") if isinstance(grader, dict) else None
+    return name if isinstance(name, str) else default
+
+
+def sub_graders(grader: dict) -> list[dict]:
+    """A `multi` grader's graders as JSON (given by name or as a list); none for another grader."""
+    if not isinstance(grader, dict) or grader.get("type") != "multi":
+        return []
+    found = grader.get("graders")
+    if isinstance(found, dict) and "type" in found:
+        found = [found]
+    found = found.values() if isinstance(found, dict) else found if isinstance(found, list) else []
+    return [g for g in found if isinstance(g, dict)]
+
+
 Single = Annotated[StringCheck | TextSimilarity | Python | ScoreModel | LabelModel, Field(discriminator="type")]
 
 
@@ -153,9 +172,9 @@ class Multi(_Grader):
     @classmethod
     def _named(cls, value):
         if isinstance(value, list):  # a list: each grader under its own name
-            return {g.get("name", str(i)) if isinstance(g, dict) else str(i): g for i, g in enumerate(value)}
+            return {_name_of(g, str(i)): g for i, g in enumerate(value)}
         if isinstance(value, dict) and "type" in value:  # one grader, as the SDK's type allows
-            return {value.get("name", "grader"): value}
+            return {_name_of(value, "grader"): value}
         return value
 
     @model_validator(mode="after")

@@ -30,6 +30,8 @@ from worker.attempt import Attempt, JobFailed
 log = logging.getLogger("prefq.worker")
 FOLDERS = Folders(MANIFEST_NAME, ADAPTER, CONSOLIDATED)
 MAX_QUESTION_BYTES = 16 << 20
+# A judge's answer, retries and rate limit included, within the run's wait for the socket (`training.grpo`, 600 s)
+ANSWER_BUDGET_S = 540.0
 
 
 def resolve(a: Attempt, found_graders: dict[str, dict]) -> dict[str, judges.Endpoint]:
@@ -45,7 +47,7 @@ def needs_service(found_graders: dict[str, dict]) -> bool:
     """Whether the graders have a python or a model grader, which the worker runs for the run."""
     kinds = set()
     for grader in found_graders.values():
-        kinds |= {g.get("type") for g in (grader.get("graders") or {}).values() if isinstance(g, dict)}
+        kinds |= {g.get("type") for g in graders.sub_graders(grader)}
         kinds.add(grader["type"])
     return bool(kinds & {"python", "score_model", "label_model"})
 
@@ -77,7 +79,14 @@ def serving(a: Attempt, endpoints: dict[str, judges.Endpoint], path: Path | None
             raise ValueError(f"{asked.get('model')!r} is not a judge of this job")
         params = asked.get("params") or {}
         text = judges.ask(
-            http, endpoint, asked["messages"], params, s.judge_timeout_s, s.judge_retries, s.judge_requests_per_s
+            http,
+            endpoint,
+            asked["messages"],
+            params,
+            s.judge_timeout_s,
+            s.judge_retries,
+            s.judge_requests_per_s,
+            budget_s=ANSWER_BUDGET_S,
         )
         return {"text": text}
 

@@ -89,7 +89,7 @@ def list_files(
     svc: Services = Depends(services),
 ) -> dict:
     """The tenant's files, newest first; pass the last id as `after` for the next page."""
-    if purpose not in (None, "fine-tune"):
+    if purpose not in (None, "fine-tune", "evals"):  # any of the tenant's files may be an evaluation's rows
         return {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
     rows, more = svc.store.list_datasets(who.tenant, min(limit, 100), after)
     data = [shapes.file_object(d) for d in rows]

@@ -101,8 +101,7 @@ def router_at(prefix: str, openai: bool) -> APIRouter:
     ) -> dict:
         """The run's rows: each answer, its grades, the baseline's answer and the judge's verdicts."""
         job = evals.owned_run(svc, who, eval_id, run_id)
-        index = int(after.rsplit("-", 1)[-1]) if after and after.rsplit("-", 1)[-1].isdigit() else None
-        rows, more = evals.items(svc, job, limit, index)
+        rows, more = evals.items(svc, job, limit, evals.item_index(job, after))
         return _page([evals.output_item(job, r) for r in rows], more)
 
     return router

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import Principal
 from api.deps import Services
 from api.schemas import EvalCreate, EvalRunCreate, JobCreate
-from api.service import checks, graders
+from api.service import graders
 from api.service import jobs as job_service
 from api.service.errors import Invalid, no_such
 from jobs import layout, modelref
@@ -44,6 +44,7 @@ def evaluation(criteria: list[dict]) -> dict:
     for i, criterion in enumerate(criteria):
         where = f"testing_criteria.{i}"
         kind = criterion.get("type")
+        kind = kind if isinstance(kind, str) else repr(kind)
         if kind in GRADER_TYPES:
             try:
                 parsed = grader_types.parse(criterion)
@@ -144,15 +145,8 @@ async def create_run(svc: Services, who: Principal, eval_id: str, req: EvalRunCr
         raise Invalid(
             "invalid_eval", f"{why} of this evaluation compares with a baseline; name one", "data_source.baseline"
         )
-    baseline = None
-    if src.baseline is not None:
-        try:
-            baseline = (await checks.model(svc, who, src.baseline)).name  # pinned, as a job's model is
-        except Invalid as exc:
-            exc.field = "data_source.baseline"
-            raise
     params = src.sampling_params
-    run = {**part, "eval_id": eval_id, "baseline": baseline}
+    run = {**part, "eval_id": eval_id, "baseline": src.baseline}  # checked and pinned as the job is queued
     for name, value in (
         ("max_samples", src.max_samples),
         ("max_seconds", src.max_seconds),
@@ -223,6 +217,18 @@ def results(svc: Services, job: Job) -> dict | None:
     return json.loads(found) if found else None
 
 
+def item_index(job: Job, after: str | None) -> int | None:
+    """The row an `after` cursor names (an output item's id, `<run id>-<row>`); an `Invalid` for anything else."""
+    if after is None:
+        return None
+    run, _, index = after.rpartition("-")
+    if run != job.id or not index.isdigit():
+        raise Invalid(
+            "invalid_cursor", f"{after!r} is no output item of run {job.id}; pass the last item's id", "after"
+        )
+    return int(index)
+
+
 def items(svc: Services, job: Job, limit: int, after: int | None) -> tuple[list[dict], bool]:
     """A page of the run's rows (answers, grades, the judge's verdicts), by index."""
     found = _artifact(svc, job, ITEMS)
@@ -243,7 +249,7 @@ def output_item(job: Job, row: dict) -> dict:
         "eval_id": job.eval_id,
         "run_id": job.id,
         "created_at": int(job.finished_at or job.created_at),
-        "status": "pass" if all(r["passed"] for r in results) else "fail",
+        "status": ("pass" if all(r["passed"] for r in results) else "fail") if results else "completed",
         "datasource_item_id": row["index"],
         "datasource_item": {"prompt": row["prompt"], "reference": row.get("reference")},
         "results": results,

@@ -14,7 +14,7 @@ from api.auth import Principal
 from api.deps import Services, dispatch_callback
 from api.schemas import JobCreate
 from api.service import checks, graders
-from api.service.errors import Conflict, Unavailable, no_such
+from api.service.errors import Conflict, Invalid, Unavailable, no_such
 from api.submit import EnqueueFailed
 from jobs.models import Job, JobStatus, Worker, new_id, now
 from queue_config import enqueue_job, gpu_queue
@@ -62,6 +62,14 @@ async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key:
     eval_id = await checks.dataset(svc, who, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
     model = await checks.model(svc, who, req.model)
     spec = checks.spec(svc, req)
+    if spec.evaluation is not None and spec.evaluation.baseline is not None:  # named and pinned as `model` is
+        try:
+            baseline = await checks.model(svc, who, spec.evaluation.baseline)
+        except Invalid as exc:
+            exc.field = "hyperparameters.evaluation.baseline"
+            raise
+        evaluation = {**req.hyperparameters["evaluation"], "baseline": baseline.name}
+        req = req.model_copy(update={"hyperparameters": {**req.hyperparameters, "evaluation": evaluation}})
     for root, grader in spec.graders.items():  # their judges are the tenant's (or the operator's)
         await graders.check_judges(svc, who.tenant, grader, "hyperparameters.", root)
     if req.method != "eval":  # the estimate is of training's memory

@@ -39,7 +39,10 @@ class JobCreate(BaseModel):
         "desirable or not, or pairs) or 'sft' (demonstrations)."
     )
     trainer: Literal["basic", "fsdp", "deepspeed-tp"] = "basic"
-    gpus: int = Field(1, ge=0, le=64, description="Devices of the job; 0 runs it on a CPU worker.")
+    gpus: int = Field(1, ge=0, le=64, description="Devices of the job (of each node); 0 runs it on a CPU worker.")
+    nodes: int = Field(
+        1, ge=1, le=64, description="Nodes the job spans, `gpus` devices on each, placed on the operator's Ray cluster."
+    )
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     callback_url: HttpUrl | None = Field(None, description="POSTed the job, HMAC-signed, when it finishes.")
     metadata: dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]] = Field(

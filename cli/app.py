@@ -108,7 +108,8 @@ def submit(
         None, help="grpo: the grader, OpenAI's JSON, in a file or inline (`POST /graders/validate` checks one)"
     ),
     trainer: str = typer.Option("basic", help="basic, fsdp or deepspeed-tp"),
-    gpus: int = typer.Option(1, help="Devices of the job (0: a CPU worker)"),
+    gpus: int = typer.Option(1, help="Devices of the job, of each node (0: a CPU worker)"),
+    nodes: int = typer.Option(1, help="Nodes the job spans (fsdp, deepspeed-tp), on the server's Ray cluster"),
     eval_dataset: str = typer.Option(None, "--eval", help="Held-out data: a file, dataset id or URI"),
     sets: list[str] = typer.Option([], "--set", help="A hyperparameter, key=value (repeatable)"),
     callback_url: str = typer.Option(None, help="POSTed the finished job, HMAC-signed"),
@@ -135,6 +136,7 @@ def submit(
             "method": method,
             "trainer": trainer,
             "gpus": gpus,
+            "nodes": nodes,
             "hyperparameters": parse_sets(sets),
         }
         if grader:

@@ -76,6 +76,7 @@ class Job(SQLModel, table=True):
     integrations: list = _json([])  # as sent (OpenAI's `integrations`)
     paused_at: float | None = None  # set by pause (a cancel that keeps the job resumable), cleared by its retry
     eval_id: str | None = Field(default=None, index=True)  # an evaluation run's evaluation (`Eval`)
+    nodes: int = 1  # nodes the job spans; `gpus` devices on each (`training.cluster`)
 
     attempt: int = 1
     max_attempts: int = 3
@@ -217,6 +218,7 @@ class JobPublic(BaseModel):
     method: str
     trainer: str
     gpus: int
+    nodes: int = 1  # nodes the job spans, `gpus` devices on each
     model: str
     dataset_id: str
     eval_dataset_id: str | None

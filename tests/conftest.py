@@ -9,8 +9,10 @@ processes), `browser` (headless chromium); `cuda` and `chaos` are set by hand.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -341,7 +343,62 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, broker_url, pg_url, s3, hub_cache, mlflow_server):
+def ray_cluster():
+    """A Ray cluster of two nodes on this machine (two raylets of one CPU each): where jobs of several nodes are
+    placed (`training.cluster`). Its address."""
+    import shutil
+    import tempfile
+
+    from cli.stack import free_port, stop
+    from tests.services import wait
+
+    folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # its sockets' paths must stay short
+    port = free_port()
+    ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "1", "--disable-usage-stats"]
+    env = dict(python_env(), RAY_USAGE_STATS_ENABLED="0")
+    head = subprocess.Popen(
+        [*ray, "--head", "--port", str(port), "--temp-dir", folder, "--include-dashboard=false"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    address = f"127.0.0.1:{port}"
+    procs = [head]
+
+    def nodes() -> int:
+        probe = [
+            sys.executable,
+            "-c",
+            f"import ray; ray.init(address='{address}', logging_level='ERROR'); "
+            "print(sum(n['Alive'] for n in ray.nodes()))",
+        ]
+        out = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=60)
+        return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
+
+    try:
+        wait(lambda: nodes() == 1, 60, "the head node")
+        procs.append(
+            subprocess.Popen(
+                [*ray, "--address", address],
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait(lambda: nodes() == 2, 60, "the second node", every_s=1)
+        yield address
+    finally:  # SIGINT: `ray start --block` stops its node's processes (its group) in about a second; SIGTERM, 33 s
+        for proc in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+        stop(procs, timeout_s=20)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, broker_url, pg_url, s3, hub_cache, mlflow_server, ray_cluster):
     """The whole service on PostgreSQL, the broker and S3, with short heartbeats and leases, and every feature on:
     the OpenAI face with a hub model served from an offline cache, the playground's `prefq serve`, tracking to
     MLflow and W&B (offline). One training worker with 2 CPU devices and the service worker."""
@@ -394,6 +451,9 @@ def stack(tmp_path_factory, broker_url, pg_url, s3, hub_cache, mlflow_server):
         PREFQ_WANDB_MODE="offline",
         MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
         MLFLOW_HTTP_REQUEST_TIMEOUT="5",
+        # jobs of several nodes, placed on the session's two-node Ray cluster
+        PREFQ_RAY_ADDRESS=ray_cluster,
+        PREFQ_RAY_PLACEMENT_TIMEOUT_S="20",
     )
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("logs"))

@@ -74,6 +74,21 @@ CASES = {
         ),
         "ScaledObject/prefq-worker: spec: Additional properties are not allowed ('maxReplicas' was unexpected)",
     ),
+    "unknown KubeRay field": (
+        "schemas",
+        edit("deploy/k8s/components/ray-cluster/raycluster.yaml", "      maxReplicas: 8\n", "      maxReplica: 8\n"),
+        "RayCluster/prefq-ray: spec.workerGroupSpecs.0: Additional properties are not allowed ('maxReplica' was "
+        "unexpected)",
+    ),
+    "bad pod template in a RayCluster": (
+        "schemas",
+        edit(
+            "deploy/k8s/components/ray-cluster/raycluster.yaml",
+            "                - {name: shm, mountPath: /dev/shm}",
+            "                - {name: shm, mountpath: /dev/shm}",
+        ),
+        "RayCluster/prefq-ray: spec.workerGroupSpecs.0.template.",
+    ),
     "broken compose file": (
         "compose",
         edit("compose.yaml", "    redis: {condition: service_healthy}\n", "    cache: {condition: service_healthy}\n"),

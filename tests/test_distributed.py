@@ -2,6 +2,7 @@
 
 import json
 
+import httpx
 import psutil
 import pytest
 
@@ -220,3 +221,52 @@ def test_a_forked_rank_that_dies_ends_the_run_and_leaves_no_process(micro_model,
     assert code not in (0, 75), code
     assert time.monotonic() - started < 45, "the other rank was stopped, not waited for"
     assert not [r for r in ranks if r.is_running() and r.status() != psutil.STATUS_ZOMBIE], "no rank left"
+
+
+def _weights(stack, job_id: str, folder) -> dict:
+    """The job's final model's tensors, downloaded."""
+    from safetensors.torch import load_file
+
+    folder.mkdir(parents=True)
+    for f in stack.get(f"/jobs/{job_id}/model")["files"]:
+        if f["name"].endswith(".safetensors") and "/" not in f["name"]:
+            (folder / f["name"]).write_bytes(httpx.get(f["url"], timeout=60).content)
+    return {k: v for p in folder.glob("*.safetensors") for k, v in load_file(p).items()}
+
+
+def test_a_two_node_job_trains_as_one_node_does_and_is_cancelled_and_retried(stack, micro_model, toy_dpo, tmp_path):
+    """FSDP on two Ray nodes of one rank each (the session's two raylets), through the queue: the same losses and
+    final weights (within 1e-4) as the same job on one node of two ranks; cancelled after a checkpoint, no rank is
+    left; retried, it resumes from that checkpoint and succeeds."""
+    fixed = ["--trainer", "fsdp", "--set", "eval_fraction=0", "--set", "precision=fp32", "--set", "save_steps=4"]
+    one = submit(stack, micro_model, toy_dpo, *fixed, "--gpus", "2", "--set", "max_steps=8")
+    two = submit(stack, micro_model, toy_dpo, *fixed, "--gpus", "1", "--nodes", "2", "--set", "max_steps=8")
+    runs = {}
+    for job_id in (one, two):
+        done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"})
+        assert done["status"] == "succeeded", done
+        events = stack.get(f"/jobs/{job_id}/events?limit=1000")["data"]
+        runs[job_id] = [e["data"]["loss"] for e in events if e["type"] == "progress"]
+    assert stack.get(f"/jobs/{two}")["nodes"] == 2
+    assert runs[two] == pytest.approx(runs[one], abs=1e-4) and len(runs[two]) == 8, runs
+    mine, theirs = _weights(stack, two, tmp_path / "two"), _weights(stack, one, tmp_path / "one")
+    assert mine.keys() == theirs.keys()
+    for name, tensor in mine.items():
+        assert (tensor - theirs[name]).abs().max().item() < 1e-4, name
+
+    job_id = submit(stack, micro_model, toy_dpo, *fixed, "--gpus", "1", "--nodes", "2", "--set", "max_steps=400")
+    stack.wait_for_event(job_id, "checkpoint")
+    assert prefq(stack, "cancel", job_id).returncode == 0
+    assert stack.wait_for(job_id, {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
+    wait(lambda: run_processes(job_id) == [], 30, "no process of the cancelled job")
+    saved = max(c["step"] for c in stack.get(f"/jobs/{job_id}/checkpoints")["data"])
+    assert prefq(stack, "retry", job_id).returncode == 0
+
+    def started() -> list[dict]:
+        return [e["data"] for e in stack.get(f"/jobs/{job_id}/events?limit=1000")["data"] if e["type"] == "started"]
+
+    wait(lambda: len(started()) == 2, 120, "the retried attempt's start", every_s=0.5)
+    assert started()[-1]["resumed_from_step"] == saved >= 4
+    assert prefq(stack, "cancel", job_id).returncode == 0  # not trained to the end here: the resume is the point
+    assert stack.wait_for(job_id, {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
+    wait(lambda: run_processes(job_id) == [], 30, "no process of the cancelled job")

@@ -690,6 +690,10 @@ def main(spec_path: str, out_dir: str, resume: bool) -> int:
         _skip_unused_libraries(spec)
         if spec.method == "eval":
             return _evaluate(spec, Path(out_dir), stop)
+        if spec.nodes > 1 and "LOCAL_RANK" not in os.environ:  # the launcher of the nodes' ranks
+            from training.cluster import launch_nodes
+
+            return launch_nodes(spec, spec_path, Path(out_dir), resume)
         if spec.trainer != "basic" and "LOCAL_RANK" not in os.environ:
             from training.launch import launch
 

@@ -222,6 +222,18 @@ class EvaluationSpec(BaseModel):
         return self
 
 
+class ClusterSpec(BaseModel):
+    """Where a run of several nodes places its ranks, set by the worker from its settings (a job cannot set it): the
+    Ray cluster's address, the placement group's name (the job's and the attempt's) and how long placement may take
+    (`training.cluster`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = Field(min_length=1, description="The Ray cluster's address (PREFQ_RAY_ADDRESS).")
+    name: str = Field(min_length=1, description="The placement group's name: prefq-<job>-<attempt>.")
+    placement_timeout_s: float = Field(300.0, gt=0, description="Seconds to wait for every node to be placed.")
+
+
 class TrainingSpec(BaseModel):
     """One training run. Paths are local to the process that runs it."""
 
@@ -238,7 +250,13 @@ class TrainingSpec(BaseModel):
     eval_file: str | None = Field(None, description="Held-out data, JSONL. Without it, `eval_fraction` is split off.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of train_file held out when eval_file is unset.")
     trainer: TrainerName = Field("basic", description="'basic' (one device), 'fsdp' or 'deepspeed-tp'.")
-    gpus: int = Field(1, ge=1, le=64, description="Devices of the run; processes for fsdp and deepspeed-tp.")
+    gpus: int = Field(
+        1, ge=1, le=512, description="Devices of the run, all nodes together; processes for fsdp and deepspeed-tp."
+    )
+    nodes: int = Field(
+        1, ge=1, le=64, description="Nodes the run spans (`gpus` / `nodes` devices on each), placed by Ray."
+    )
+    cluster: ClusterSpec | None = Field(None, description="Where a run of several nodes runs (set by the worker).")
 
     # optimisation
     learning_rate: float | None = Field(None, gt=0, description="Peak learning rate; default 1e-6 DPO, 2e-5 SFT.")
@@ -472,6 +490,11 @@ class TrainingSpec(BaseModel):
                 f"max_prompt_length: {self.max_prompt_length} leaves no room for the completion within "
                 f"max_length {self.max_length}; make it smaller than max_length"
             )
+        if self.nodes > 1:
+            if self.trainer == "basic":
+                raise ValueError("nodes: a run across nodes shards the model; use 'fsdp' or 'deepspeed-tp'")
+            if self.gpus % self.nodes:
+                raise ValueError(f"gpus: {self.gpus} devices do not split evenly over {self.nodes} nodes")
         if self.trainer == "basic" and self.gpus != 1:
             raise ValueError(f"gpus: the 'basic' trainer runs on one device, not {self.gpus}; use 'fsdp' or 1")
         if self.trainer != "basic" and self.gpus < 2:

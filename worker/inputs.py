@@ -44,10 +44,21 @@ def fetch_inputs(a: Attempt) -> Inputs:
         **job.hyperparameters,
         "method": job.method,
         "trainer": job.trainer,
-        "gpus": max(1, job.gpus),
+        "gpus": max(1, job.gpus) * job.nodes,
+        "nodes": job.nodes,
         "model": _model(a, job.model),
         "train_file": str(_dataset(a, job.dataset_id, a.work / "train.jsonl", "dataset")),
     }
+    if job.nodes > 1:  # placed on the Ray cluster by the run (`training.cluster`)
+        if not a.settings.ray_address:
+            raise JobFailed(
+                "no_cluster", "nodes: this worker knows no Ray cluster (PREFQ_RAY_ADDRESS)", user_error=True
+            )
+        data["cluster"] = {
+            "address": a.settings.ray_address,
+            "name": f"prefq-{job.id}-{a.attempt}",
+            "placement_timeout_s": a.settings.ray_placement_timeout_s,
+        }
     if job.method == "eval" and isinstance(ev := data.get("evaluation"), dict) and ev.get("baseline"):
         data["evaluation"] = {**ev, "baseline": _model(a, ev["baseline"], "evaluation.baseline")}
     if job.eval_dataset_id:

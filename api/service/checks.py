@@ -28,7 +28,7 @@ from training import memory
 from training.memory import GIB
 from training.spec import DATA_KINDS, MANIFEST_NAME, TrainingSpec, describe_errors
 
-TOP_LEVEL = {"method", "trainer", "gpus"}  # spec fields set on the job itself
+TOP_LEVEL = {"method", "trainer", "gpus", "nodes"}  # spec fields set on the job itself
 RESERVED = TOP_LEVEL | {"model", "train_file", "eval_file"}
 
 
@@ -241,6 +241,7 @@ def spec(svc: Services, req: JobCreate) -> TrainingSpec:
     set_by_worker = {
         "ref_cache_dir": "the worker sets it (reference log-probs are cached for the tenant's jobs)",
         "grading": "the worker sets it (the grader's limits are the server's; PREFQ_GRADER_*)",
+        "cluster": "the worker sets it (the Ray cluster is the server's; PREFQ_RAY_ADDRESS)",
     }
     for name, why in set_by_worker.items():
         if name in req.hyperparameters:
@@ -252,7 +253,8 @@ def spec(svc: Services, req: JobCreate) -> TrainingSpec:
         **req.hyperparameters,
         "method": req.method,
         "trainer": req.trainer,
-        "gpus": max(1, req.gpus),
+        "gpus": max(1, req.gpus) * req.nodes,
+        "nodes": req.nodes,
         "model": req.model,
         "train_file": "-",
     }

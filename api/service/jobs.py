@@ -62,6 +62,8 @@ async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key:
     eval_id = await checks.dataset(svc, who, req.eval_dataset, req.method, "eval_dataset") if req.eval_dataset else None
     model = await checks.model(svc, who, req.model)
     spec = checks.spec(svc, req)
+    if req.nodes > 1 and not svc.settings.ray_address:
+        raise Invalid("no_cluster", "this server runs jobs on one node (no Ray cluster: PREFQ_RAY_ADDRESS)", "nodes")
     if spec.evaluation is not None and spec.evaluation.baseline is not None:  # named and pinned as `model` is
         try:
             baseline = await checks.model(svc, who, spec.evaluation.baseline)
@@ -85,6 +87,7 @@ async def submit(svc: Services, who: Principal, req: JobCreate, idempotency_key:
         method=req.method,
         trainer=req.trainer,
         gpus=req.gpus,
+        nodes=req.nodes,
         model=model.name,
         dataset_id=dataset_id,
         eval_dataset_id=eval_id,

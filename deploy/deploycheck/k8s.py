@@ -1,5 +1,6 @@
 """Kubernetes: render every kustomization with kubectl's kustomize, validate every object against its schema
-(kubernetes-validate --strict for the built-in kinds, deploy/keda.schema.json for KEDA's), then check that the
+(kubernetes-validate --strict for the built-in kinds, deploy/keda.schema.json for KEDA's, deploy/kuberay.schema.json
+for KubeRay's), then check that the
 objects agree with each other and with the code."""
 
 from __future__ import annotations
@@ -48,20 +49,49 @@ def name_of(obj: dict) -> str:
     return f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
 
 
-def validate(obj: dict, keda_schema: dict, where: str, problems: Problems) -> bool:
-    """One object against its schema, unknown fields rejected; True when it is valid."""
-    if obj.get("apiVersion", "").startswith("keda.sh/"):
-        if obj.get("kind") not in keda_schema["$defs"]:
-            problems.add(
-                where, f"{name_of(obj)}: no schema for KEDA kind {obj.get('kind')!r} in deploy/keda.schema.json"
-            )
+# Custom resources by API group: the schema file that deploy/check validates them against
+CRD_SCHEMAS = {"keda.sh/": "keda.schema.json", "ray.io/": "kuberay.schema.json"}
+
+
+def crd_schemas(root: Path) -> dict[str, dict]:
+    return {group: json.loads((root / "deploy" / name).read_text()) for group, name in CRD_SCHEMAS.items()}
+
+
+def pod_templates(obj: dict) -> list[tuple[str, dict]]:
+    """The pod templates inside a RayCluster (its head's and each worker group's)."""
+    spec = obj.get("spec") or {}
+    found = [("spec.headGroupSpec.template", (spec.get("headGroupSpec") or {}).get("template"))]
+    found += [
+        (f"spec.workerGroupSpecs.{i}.template", g.get("template"))
+        for i, g in enumerate(spec.get("workerGroupSpecs") or [])
+    ]
+    return [(path, t) for path, t in found if isinstance(t, dict)]
+
+
+def validate(obj: dict, schemas: dict[str, dict], where: str, problems: Problems) -> bool:
+    """One object against its schema, unknown fields rejected; True when it is valid. A custom resource is checked
+    against its group's schema (`CRD_SCHEMAS`), and the pod templates inside one as Kubernetes PodTemplates."""
+    group = next((g for g in CRD_SCHEMAS if obj.get("apiVersion", "").startswith(g)), None)
+    if group is not None:
+        defs, file = schemas[group]["$defs"], f"deploy/{CRD_SCHEMAS[group]}"
+        if obj.get("kind") not in defs:
+            problems.add(where, f"{name_of(obj)}: no schema for kind {obj.get('kind')!r} in {file}")
             return False
-        validator = jsonschema.Draft202012Validator({"$ref": f"#/$defs/{obj['kind']}", "$defs": keda_schema["$defs"]})
+        validator = jsonschema.Draft202012Validator({"$ref": f"#/$defs/{obj['kind']}", "$defs": defs})
         errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
         for error in errors:
             path = ".".join(str(p) for p in error.absolute_path)
-            problems.add(where, f"{name_of(obj)}: {path}: {error.message} (deploy/keda.schema.json)")
-        return not errors
+            problems.add(where, f"{name_of(obj)}: {path}: {error.message} ({file})")
+        valid = not errors
+        for path, template in pod_templates(obj):
+            as_pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+            try:
+                kubernetes_validate.validate(as_pod, KUBERNETES_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                inner = ".".join(str(p) for p in list(error.path)[1:])
+                problems.add(where, f"{name_of(obj)}: {path}.{inner}: {error.message} (kubernetes-validate --strict)")
+                valid = False
+        return valid
     try:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     except kubernetes_validate.ValidationError as error:
@@ -423,9 +453,9 @@ def readme_secret_keys(readme: str) -> set[str] | None:
 
 def check(root: Path, problems: Problems) -> tuple[list[str], int]:
     """Render and check every kustomization under deploy/k8s; returns what was rendered and the object count."""
-    keda_schema = json.loads((root / "deploy" / "keda.schema.json").read_text())
+    schemas = crd_schemas(root)
     example = yaml.safe_load((root / SECRET_EXAMPLE).read_text())
-    validate(example, keda_schema, SECRET_EXAMPLE, problems)
+    validate(example, schemas, SECRET_EXAMPLE, problems)
     keys = readme_secret_keys((root / "README.md").read_text())
     example_keys = set(example.get("stringData", {})) | set(example.get("data", {}))
     if keys != example_keys:
@@ -443,7 +473,7 @@ def check(root: Path, problems: Problems) -> tuple[list[str], int]:
         for obj in objects:
             key = json.dumps(obj, sort_keys=True)
             if key not in seen:  # the overlays share most objects with the base: validate each once
-                seen[key] = validate(obj, keda_schema, where, problems)
+                seen[key] = validate(obj, schemas, where, problems)
         if objects and all(seen[json.dumps(obj, sort_keys=True)] for obj in objects):
             check_rendering(where, objects, example, problems)
         rendered.append(directory.name)

@@ -349,7 +349,7 @@ def ray_cluster():
     import shutil
     import tempfile
 
-    from cli.stack import free_port, stop
+    from cli.stack import free_port
     from tests.services import wait
 
     folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # its sockets' paths must stay short
@@ -393,7 +393,12 @@ def ray_cluster():
         for proc in reversed(procs):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGINT)
-        stop(procs, timeout_s=20)
+        for proc in reversed(procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of its group is left
+            proc.wait()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from cli.client import Client
+from cli.client import Client, ClientError
+from cli.console import fail
 from settings import Settings
 
 state: dict = {}  # the global options of this invocation (`--api-url`)
@@ -20,6 +21,14 @@ def client() -> Client:
     url = state.get("api_url") or (settings.api_url if "api_url" in settings.model_fields_set else None)
     key = settings.api_key.get_secret_value() if settings.api_key else saved.get("api_key")
     return Client(url or saved.get("api_url") or settings.api_url, key)
+
+
+def call(method: str, path: str, **kwargs) -> dict:
+    """One request of this invocation's client; an error the API answers ends the command, saying why."""
+    try:
+        return client().request(method, path, **kwargs)
+    except ClientError as exc:
+        fail(str(exc))
 
 
 def path() -> Path:

@@ -9,19 +9,12 @@ from pathlib import Path
 import typer
 
 from cli.client import Client, ClientError
-from cli.config import client
+from cli.config import call, client
 from cli.console import JSON_OPTION, console, fail, print_json, print_table, wait_with_progress
 
 evals_app = typer.Typer(
     help="Evaluations: criteria (graders, reference metrics, a pairwise judge) run on models.", no_args_is_help=True
 )
-
-
-def _call(method: str, path: str, **kwargs) -> dict:
-    try:
-        return client().request(method, path, **kwargs)
-    except ClientError as exc:
-        fail(str(exc))
 
 
 def _number(value) -> str:
@@ -39,7 +32,7 @@ def create(
         testing = json.loads(criteria.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         fail(f"{criteria}: {exc}")
-    found = _call("POST", "/evals", json={"name": name, "testing_criteria": testing})
+    found = call("POST", "/evals", json={"name": name, "testing_criteria": testing})
     if as_json:
         print_json(found)
         return
@@ -49,7 +42,7 @@ def create(
 @evals_app.command("list")
 def list_evals(as_json: bool = JSON_OPTION) -> None:
     """The tenant's evaluations."""
-    data = _call("GET", "/evals")["data"]
+    data = call("GET", "/evals")["data"]
     if as_json:
         print_json(data)
         return
@@ -80,7 +73,7 @@ def run(
     data_source = {"type": "completions", "model": model, "source": {"type": "file_id", "id": source}}
     data_source |= {"baseline": baseline, "max_samples": max_samples, "gpus": gpus, "sampling_params": params}
     body = {"name": name, "data_source": {k: v for k, v in data_source.items() if v is not None}}
-    created = _call("POST", f"/evals/{eval_id}/runs", json=body)
+    created = call("POST", f"/evals/{eval_id}/runs", json=body)
     if not wait:
         print_json(created) if as_json else console.print(f"{created['id']} {created['status']}")
         return
@@ -102,7 +95,7 @@ def _data(c: Client, ref: str) -> str:
 @evals_app.command("runs")
 def runs(eval_id: str, as_json: bool = JSON_OPTION) -> None:
     """The evaluation's runs, newest first."""
-    data = _call("GET", f"/evals/{eval_id}/runs")["data"]
+    data = call("GET", f"/evals/{eval_id}/runs")["data"]
     if as_json:
         print_json(data)
         return
@@ -116,7 +109,7 @@ def runs(eval_id: str, as_json: bool = JSON_OPTION) -> None:
 @evals_app.command("show")
 def show(eval_id: str, run_id: str, as_json: bool = JSON_OPTION) -> None:
     """A run's results: each model's metrics, the win rate with its interval, and the criteria's pass counts."""
-    found = _call("GET", f"/evals/{eval_id}/runs/{run_id}")
+    found = call("GET", f"/evals/{eval_id}/runs/{run_id}")
     if as_json:
         print_json(found)
         return
@@ -146,7 +139,7 @@ def show(eval_id: str, run_id: str, as_json: bool = JSON_OPTION) -> None:
 @evals_app.command("items")
 def items(eval_id: str, run_id: str, limit: int = typer.Option(20, "--limit"), as_json: bool = JSON_OPTION) -> None:
     """A run's rows: the answers, their grades and the judge's verdicts."""
-    data = _call("GET", f"/evals/{eval_id}/runs/{run_id}/output_items", params={"limit": limit})["data"]
+    data = call("GET", f"/evals/{eval_id}/runs/{run_id}/output_items", params={"limit": limit})["data"]
     if as_json:
         print_json(data)
         return

@@ -12,19 +12,12 @@ from pathlib import Path
 import typer
 
 from cli.client import Client, ClientError
-from cli.config import client
+from cli.config import call, client
 from cli.console import JSON_OPTION, console, fail, print_json, print_table
 
 models_app = typer.Typer(
     help="The model registry: promote a job's model, list versions, set aliases.", no_args_is_help=True
 )
-
-
-def _call(method: str, path: str, **kwargs) -> dict:
-    try:
-        return client().request(method, path, **kwargs)
-    except ClientError as exc:
-        fail(str(exc))
 
 
 def _metric(metrics: dict, name: str) -> str:
@@ -65,7 +58,7 @@ def promote(
 @models_app.command("list")
 def list_models(as_json: bool = JSON_OPTION) -> None:
     """The tenant's registered models (--json: the API's array)."""
-    data = _call("GET", "/models")["data"]
+    data = call("GET", "/models")["data"]
     if as_json:
         print_json(data)
         return
@@ -84,7 +77,7 @@ def list_models(as_json: bool = JSON_OPTION) -> None:
 @models_app.command("show")
 def show(name: str, as_json: bool = JSON_OPTION) -> None:
     """A registered model's versions with their metrics and aliases (--json: the API's object)."""
-    m = _call("GET", f"/models/{name}")
+    m = call("GET", f"/models/{name}")
     if as_json:
         print_json(m)
         return
@@ -109,14 +102,14 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
 @models_app.command("alias")
 def set_alias(name: str, alias: str, version: int) -> None:
     """Point ALIAS (e.g. production) of NAME at VERSION."""
-    m = _call("PUT", f"/models/{name}/aliases/{alias}", json={"version": version})
+    m = call("PUT", f"/models/{name}/aliases/{alias}", json={"version": version})
     console.print(f"{m['name']}@{alias} → version {m['aliases'][alias]}")
 
 
 @models_app.command("unalias")
 def delete_alias(name: str, alias: str) -> None:
     """Remove ALIAS from NAME."""
-    _call("DELETE", f"/models/{name}/aliases/{alias}", expected=(204,))
+    call("DELETE", f"/models/{name}/aliases/{alias}", expected=(204,))
     console.print(f"{name}@{alias} removed")
 
 
@@ -125,7 +118,7 @@ def samples(
 ) -> None:
     """A job's sample generations at each evaluation: the policy's, and the reference's once (--json: the API's
     array, one object per evaluation)."""
-    data = _call("GET", f"/jobs/{job_id}/samples")["data"]
+    data = call("GET", f"/jobs/{job_id}/samples")["data"]
     if step is not None:
         data = [d for d in data if d["step"] == step]
     if as_json:

@@ -43,15 +43,20 @@ class Catalog:
         with session(self.engine) as s:
             return s.get(Eval, eval_id)
 
-    def list_evals(self, tenant: str | None, limit: int = 20, after: str | None = None) -> tuple[list[Eval], bool]:
-        query = select(Eval).order_by(col(Eval.id).desc()).limit(limit + 1)
+    def _page(self, table, tenant: str | None, limit: int, after: str | None) -> tuple[list, bool]:
+        """A page of a tenant's rows (None: every tenant's), newest id first, after the id `after`; and whether more
+        follow."""
+        query = select(table).order_by(col(table.id).desc()).limit(limit + 1)
         if tenant is not None:
-            query = query.where(Eval.tenant == tenant)
+            query = query.where(table.tenant == tenant)
         if after is not None:
-            query = query.where(Eval.id < after)
+            query = query.where(table.id < after)
         with session(self.engine) as s:
             rows = list(s.exec(query))
         return rows[:limit], len(rows) > limit
+
+    def list_evals(self, tenant: str | None, limit: int = 20, after: str | None = None) -> tuple[list[Eval], bool]:
+        return self._page(Eval, tenant, limit, after)
 
     def delete_eval(self, eval_id: str) -> None:
         self._delete(Eval, eval_id)
@@ -116,14 +121,7 @@ class Catalog:
     def list_datasets(
         self, tenant: str | None, limit: int = 20, after: str | None = None
     ) -> tuple[list[Dataset], bool]:
-        query = select(Dataset).order_by(col(Dataset.id).desc()).limit(limit + 1)
-        if tenant is not None:
-            query = query.where(Dataset.tenant == tenant)
-        if after is not None:
-            query = query.where(Dataset.id < after)
-        with session(self.engine) as s:
-            rows = list(s.exec(query))
-        return rows[:limit], len(rows) > limit
+        return self._page(Dataset, tenant, limit, after)
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._delete(Dataset, dataset_id)

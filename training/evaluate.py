@@ -31,7 +31,7 @@ import torch
 from training import evalmetrics
 from training.events import emit
 from training.formats import read_examples
-from training.samples import completion_logp, prompt_text
+from training.samples import completion_logp, generation_kwargs, prompt_text
 from training.spec import EXIT_OK, EXIT_STOPPED, SpecError, TrainingSpec
 
 log = logging.getLogger("training")
@@ -123,13 +123,7 @@ class _Model:
     def answer(self, prompt) -> str:
         ev, tok = self.spec.evaluation, self.tokenizer
         ids = self.prompt_ids(prompt)
-        kwargs = dict(max_new_tokens=ev.max_tokens, pad_token_id=tok.pad_token_id, use_cache=True)
-        if tok.eos_token_id is not None:
-            kwargs["eos_token_id"] = tok.eos_token_id
-        if ev.temperature > 0:
-            kwargs.update(do_sample=True, temperature=ev.temperature, top_p=1.0, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs = generation_kwargs(tok, ev.max_tokens, ev.temperature)
         with torch.no_grad(), self.autocast():
             out = self.model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], **kwargs)
         return tok.decode(out[0, ids.numel() :], skip_special_tokens=True)

@@ -187,6 +187,7 @@ class Multi(_Grader):
 
 Grader = Annotated[StringCheck | TextSimilarity | Python | ScoreModel | LabelModel | Multi, Field(discriminator="type")]
 _ADAPTER = TypeAdapter(Grader)
+TYPES = frozenset({"string_check", "text_similarity", "python", "score_model", "label_model", "multi"})
 
 
 def parse(grader: Any) -> StringCheck | TextSimilarity | Python | ScoreModel | LabelModel | Multi:
@@ -196,7 +197,7 @@ def parse(grader: Any) -> StringCheck | TextSimilarity | Python | ScoreModel | L
     except ValidationError as exc:
         first = exc.errors()[0]
         raw = [str(p) for p in first["loc"]]
-        kinds = {"string_check", "text_similarity", "python", "score_model", "label_model", "multi"}
+        kinds = TYPES
         # pydantic names the union member chosen by `type`: not a field of the request
         loc = [p for i, p in enumerate(raw) if not (p in kinds and (i == 0 or (i >= 2 and raw[i - 2] == "graders")))]
         reason = first["msg"].removeprefix("Value error, ")

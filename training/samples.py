@@ -61,6 +61,18 @@ def held_out_prompts(rows, n: int, with_items: bool = False):
     return (prompts, items) if with_items else prompts
 
 
+def generation_kwargs(tokenizer, max_new_tokens: int, temperature: float) -> dict:
+    """`generate`'s arguments: greedy at temperature 0, else sampled at `temperature` with no top-p or top-k cut."""
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if tokenizer.eos_token_id is not None:
+        kwargs["eos_token_id"] = tokenizer.eos_token_id
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
 def prompt_text(prompt, tokenizer) -> str:
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
@@ -95,14 +107,7 @@ class Sampler:
         return bool(self.prompts) and self.spec.sample_prompts > 0
 
     def _generate(self, model, ids: torch.Tensor, autocast) -> torch.Tensor:
-        spec, tok = self.spec, self.tokenizer
-        kwargs = dict(max_new_tokens=spec.sample_max_tokens, pad_token_id=tok.pad_token_id, use_cache=True)
-        if tok.eos_token_id is not None:
-            kwargs["eos_token_id"] = tok.eos_token_id
-        if spec.sample_temperature > 0:
-            kwargs.update(do_sample=True, temperature=spec.sample_temperature, top_p=1.0, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs = generation_kwargs(self.tokenizer, self.spec.sample_max_tokens, self.spec.sample_temperature)
         with torch.no_grad(), autocast():
             out = model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], **kwargs)
         return out[0, ids.numel() :]

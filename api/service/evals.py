@@ -25,7 +25,7 @@ from training import graders as grader_types
 from training.spec import EVAL_METRICS, EvaluationSpec, PairwiseSpec, describe_errors
 
 RESULTS, ITEMS = "eval_results.json", "eval_items.jsonl"  # `training.evaluate`'s files, the run's artifacts
-GRADER_TYPES = {"string_check", "text_similarity", "python", "score_model", "label_model", "multi"}
+GRADER_TYPES = grader_types.TYPES
 OWN_TYPES = {"reference_metrics", "preference", "pairwise"}
 RUN_STATUS = {  # OpenAI's names of a run's states
     JobStatus.queued: "queued",
@@ -262,7 +262,7 @@ def output_item(job: Job, row: dict) -> dict:
     }
 
 
-def _counts(job: Job, summary: dict | None) -> tuple[dict, list[dict]]:
+def _counts(summary: dict | None) -> tuple[dict, list[dict]]:
     """OpenAI's `result_counts` and `per_testing_criteria_results`, from the rows' grades of the model."""
     rows = (summary or {}).get("rows", 0)
     criteria = (summary or {}).get("criteria") or {}
@@ -274,7 +274,7 @@ def _counts(job: Job, summary: dict | None) -> tuple[dict, list[dict]]:
 def run_public(svc: Services, job: Job, base_url: str = "") -> dict:
     """A run as OpenAI's `eval.run`, with prefq's results (`prefq`)."""
     summary = results(svc, job)
-    counts, per = _counts(job, summary)
+    counts, per = _counts(summary)
     evaluation_spec = job.hyperparameters.get("evaluation") or {}
     error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
     return {

@@ -27,10 +27,19 @@ from training.parent import die_with_parent  # a killed `prefq dev` leaves no br
 WORKER_NAME = "prefq-worker@"  # the stack's training worker, `prefq-worker@<host>`
 
 
+_GIVEN: set[int] = set()  # the ports this process has handed out: a server may bind its port seconds later
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, never one this process has handed out before: two servers that start at once
+    (the tests' MLflow and Ray) would otherwise be given the same port and one of them would find it taken."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:

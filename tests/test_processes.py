@@ -141,3 +141,12 @@ class _NoBroker(DatabaseCollector):
             yield from super().collect()
         finally:
             m.queue_depths = real
+
+
+def test_free_port_never_hands_out_a_port_twice():
+    """Two servers that start at once are each given a port before either binds it: the ports must differ (the
+    tests' MLflow server and Ray's head were once given the same one, and MLflow found it taken)."""
+    from cli.stack import free_port
+
+    ports = [free_port() for _ in range(3000)]
+    assert len(set(ports)) == len(ports)

@@ -144,12 +144,20 @@ def make_celery(settings: Settings, name: str = "prefq") -> Celery:
     return app
 
 
-def enqueue_job(app: Celery, job_id: str, attempt: int, gpus: int, producer=None) -> None:
+def enqueue_job(
+    app: Celery, job_id: str, attempt: int, gpus: int, producer=None, countdown: float | None = None
+) -> None:
     """Send one attempt of a job to the queue for its device count; the job row must be committed first.
     Within `with producer.batch():` the message waits for the batch's one pipelined write to the broker.
-    The task id names the attempt (`job_….2`), so Flower and the broker show which job a message is."""
+    The task id names the attempt (`job_….2`), so Flower and the broker show which job a message is. With
+    `countdown`, a worker takes it and runs it that many seconds later (Celery's ETA), taking other tasks meanwhile."""
     app.send_task(
-        RUN_JOB, args=[job_id, attempt], queue=gpu_queue(gpus), producer=producer, task_id=f"{job_id}.{attempt}"
+        RUN_JOB,
+        args=[job_id, attempt],
+        queue=gpu_queue(gpus),
+        producer=producer,
+        task_id=f"{job_id}.{attempt}",
+        countdown=countdown or None,
     )
 
 

@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     judge_models: Annotated[list[str], NoDecode] = []  # the names graders may give it, e.g. gpt-4o-mini
     judge_timeout_s: float = Field(120.0, gt=0)  # one judge's answer
     ray_address: str | None = None  # a Ray cluster (`ray://`, or host:port of its GCS) for jobs of several nodes
-    ray_placement_timeout_s: float = Field(300.0, gt=0)  # every node of such a job placed within this, or it fails
+    ray_placement_timeout_s: float = Field(300.0, gt=0)  # every node of such a job placed within this, or queued again
+    ray_placement_retry_s: float = Field(30.0, ge=0)  # ... and tried again after this, its worker free meanwhile
     judge_retries: int = Field(3, ge=0, le=10)  # a judge that fails to answer (no connection, 429, 5xx) is asked again
     judge_requests_per_s: float = Field(0.0, ge=0)  # per judge endpoint and process; 0: no limit
     # Limits: a request beyond one is refused with 413 or 422 naming it

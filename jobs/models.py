@@ -77,6 +77,7 @@ class Job(SQLModel, table=True):
     paused_at: float | None = None  # set by pause (a cancel that keeps the job resumable), cleared by its retry
     eval_id: str | None = Field(default=None, index=True)  # an evaluation run's evaluation (`Eval`)
     nodes: int = 1  # nodes the job spans; `gpus` devices on each (`training.cluster`)
+    queued_reason: str | None = None  # why a queued job waits (its nodes could not be placed); cleared when taken
 
     attempt: int = 1
     max_attempts: int = 3
@@ -94,7 +95,7 @@ class Job(SQLModel, table=True):
     error_is_user: bool | None = None  # True: the user's to fix (data, spec, model); False: infrastructure
     result_uri: str | None = None  # the final model's folder in storage
     callback_status: str | None = None  # pending | delivered | failed (its outbox row, `Callback`, decides)
-    enqueued_at: float | None = None  # when its task was last sent: the reconciler re-sends a lost one
+    enqueued_at: float | None = None  # when its task was last sent (or is due): the reconciler re-sends a lost one
 
 
 class JobEvent(SQLModel, table=True):
@@ -219,6 +220,7 @@ class JobPublic(BaseModel):
     trainer: str
     gpus: int
     nodes: int = 1  # nodes the job spans, `gpus` devices on each
+    queued_reason: str | None = None  # why a queued job waits: its nodes could not be placed yet
     model: str
     dataset_id: str
     eval_dataset_id: str | None

@@ -31,6 +31,7 @@ _CLEARED = {
     "lease_expires_at": None,
     "callback_status": None,
     "paused_at": None,
+    "queued_reason": None,
 }
 
 Events = list[tuple[str, dict]]
@@ -173,6 +174,7 @@ class JobStore(Catalog):
             "lease_owner": owner,
             "lease_expires_at": db_now() + ttl_s,
             "started_at": func.coalesce(Job.started_at, now()),
+            "queued_reason": None,
         }
         if not self._cas(job_id, [Job.attempt == attempt, Job.status == JobStatus.queued], values):
             return None
@@ -247,11 +249,17 @@ class JobStore(Catalog):
             return None
         return new
 
-    def requeue(self, job_id: str, attempt: int, owner: str | None = None) -> bool:
-        """An active attempt (fenced by owner, or with an expired lease) -> queued as attempt + 1."""
+    def requeue(
+        self, job_id: str, attempt: int, owner: str | None = None, reason: str | None = None, later_s: float = 0
+    ) -> bool:
+        """An active attempt -> queued as attempt + 1. Fenced by `owner`: its worker hands it back (stopped in time,
+        or not placed: `reason`, its task sent `later_s` from now), which costs the job none of its automatic
+        attempts; or by an expired lease (the reconciler), which does."""
         where = [Job.attempt == attempt, col(Job.status).in_(ACTIVE)]
         where += [Job.lease_owner == owner] if owner else [Job.lease_expires_at < db_now()]
         values = {**_CLEARED, "status": JobStatus.queued, "attempt": attempt + 1, "enqueued_at": now()}
+        if owner:  # the reconciler re-sends a task unclaimed `resend_after_s` after `enqueued_at`
+            values |= {"max_attempts": Job.max_attempts + 1, "queued_reason": reason, "enqueued_at": now() + later_s}
         return self._cas(job_id, where, values)
 
     def expired(self) -> list[Job]:

@@ -9,10 +9,8 @@ processes), `browser` (headless chromium); `cuda` and `chaos` are set by hand.""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -345,61 +343,16 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A Ray cluster of two nodes on this machine (two raylets of one CPU each): where jobs of several nodes are
-    placed (`training.cluster`). Its address."""
-    import shutil
-    import tempfile
+    placed (`training.cluster`). `tests.services.RayCluster`: its address; a test may kill a node and add one."""
+    from tests.services import RayCluster
 
-    from cli.stack import free_port
-    from tests.services import wait
-
-    folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # its sockets' paths must stay short
-    port = free_port()
-    ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "1", "--disable-usage-stats"]
-    env = dict(python_env(), RAY_USAGE_STATS_ENABLED="0")
-    head = subprocess.Popen(
-        [*ray, "--head", "--port", str(port), "--temp-dir", folder, "--include-dashboard=false"],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    address = f"127.0.0.1:{port}"
-    procs = [head]
-
-    def nodes() -> int:
-        probe = [
-            sys.executable,
-            "-c",
-            f"import ray; ray.init(address='{address}', logging_level='ERROR'); "
-            "print(sum(n['Alive'] for n in ray.nodes()))",
-        ]
-        out = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=60)
-        return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
-
+    cluster = RayCluster(python_env())
     try:
-        wait(lambda: nodes() == 1, 60, "the head node")
-        procs.append(
-            subprocess.Popen(
-                [*ray, "--address", address],
-                env=env,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        wait(lambda: nodes() == 2, 60, "the second node", every_s=1)
-        yield address
-    finally:  # SIGINT: `ray start --block` stops its node's processes (its group) in about a second; SIGTERM, 33 s
-        for proc in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGINT)
-        for proc in reversed(procs):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=20)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever of its group is left
-            proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
+        cluster.add_node()
+        cluster.add_node()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -457,8 +410,9 @@ def stack(tmp_path_factory, broker_url, pg_url, s3, hub_cache, mlflow_server, ra
         MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
         MLFLOW_HTTP_REQUEST_TIMEOUT="5",
         # jobs of several nodes, placed on the session's two-node Ray cluster
-        PREFQ_RAY_ADDRESS=ray_cluster,
-        PREFQ_RAY_PLACEMENT_TIMEOUT_S="20",
+        PREFQ_RAY_ADDRESS=ray_cluster.address,
+        PREFQ_RAY_PLACEMENT_TIMEOUT_S="5",
+        PREFQ_RAY_PLACEMENT_RETRY_S="4",
     )
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     stack = Stack(env, tmp_path_factory.mktemp("logs"))

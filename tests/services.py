@@ -4,12 +4,15 @@ processes. Each is started fresh on free ports."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
@@ -304,6 +307,81 @@ def wait(predicate, timeout_s: float, what: str, every_s: float = 0.1):
             return value
         time.sleep(every_s)
     raise TimeoutError(f"not within {timeout_s}s: {what}")
+
+
+class RayCluster:
+    """A Ray cluster of one-CPU nodes on this machine, each a `ray start --block` in its own process group, on ports
+    of `free_port` (none left to Ray's own choice, which could fall on a port handed out to a server still
+    starting). The head keeps the GCS; a node killed (SIGKILL to its group: its raylet, its workers, and through
+    them the ranks they started) is found dead in about 3 s."""
+
+    def __init__(self, env: dict):
+        import tempfile
+
+        self.folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # its sockets' paths must stay short
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = dict(
+            env,
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_health_check_initial_delay_ms="1000",
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_timeout_ms="1000",
+            RAY_health_check_failure_threshold="2",
+        )
+        self.procs: list[subprocess.Popen] = []
+
+    def add_node(self) -> None:
+        """Start a node and wait until the cluster counts it (the first is the head)."""
+        ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "1"]
+        ray += ["--disable-usage-stats", "--min-worker-port", "10002", "--max-worker-port", "19999"]
+        for option in ("node-manager", "object-manager", "runtime-env-agent", "dashboard-agent-grpc"):
+            ray += [f"--{option}-port", str(free_port())]
+        ray += ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
+        if self.procs:
+            ray += ["--address", self.address]
+        else:
+            ray += ["--head", "--port", str(self.port), "--temp-dir", self.folder, "--include-dashboard=false"]
+        want = len([p for p in self.procs if p.poll() is None]) + 1
+        self.procs.append(
+            subprocess.Popen(
+                ray, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
+        wait(lambda: self.alive_nodes() == want, 60, f"node {want} of the Ray cluster", every_s=0.5)
+
+    def alive_nodes(self) -> int:
+        probe = [
+            sys.executable,
+            "-c",
+            f"import ray; ray.init(address='{self.address}', logging_level='ERROR', log_to_driver=False); "
+            "print('alive', sum(n['Alive'] for n in ray.nodes()))",
+        ]
+        out = subprocess.run(probe, env=self.env, capture_output=True, text=True, timeout=60)
+        found = re.findall(r"^alive (\d+)$", out.stdout, re.M)  # Ray may print its own lines too
+        return int(found[-1]) if out.returncode == 0 and found else 0
+
+    def kill_node(self) -> None:
+        """The newest node, lost at once (SIGKILL, no goodbye); returns when the cluster has found it dead."""
+        proc = [p for p in self.procs if p.poll() is None][-1]
+        want = len([p for p in self.procs if p.poll() is None]) - 1
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        wait(lambda: self.alive_nodes() == want, 60, "the lost node found dead", every_s=0.5)
+
+    def stop(self) -> None:
+        """SIGINT: `ray start --block` stops its node's processes (its group) in about a second; SIGTERM, 33 s."""
+        for proc in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+        for proc in reversed(self.procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of its group is left
+            proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def alive(pid: int) -> bool:

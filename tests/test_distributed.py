@@ -234,10 +234,9 @@ def _weights(stack, job_id: str, folder) -> dict:
     return {k: v for p in folder.glob("*.safetensors") for k, v in load_file(p).items()}
 
 
-def test_a_two_node_job_trains_as_one_node_does_and_is_cancelled_and_retried(stack, micro_model, toy_dpo, tmp_path):
+def test_a_two_node_job_trains_as_one_node_does(stack, micro_model, toy_dpo, tmp_path):
     """FSDP on two Ray nodes of one rank each (the session's two raylets), through the queue: the same losses and
-    final weights (within 1e-4) as the same job on one node of two ranks; cancelled after a checkpoint, no rank is
-    left; retried, it resumes from that checkpoint and succeeds."""
+    final weights (within 1e-4) as the same job on one node of two ranks; no process of either is left."""
     fixed = ["--trainer", "fsdp", "--set", "eval_fraction=0", "--set", "precision=fp32", "--set", "save_steps=4"]
     one = submit(stack, micro_model, toy_dpo, *fixed, "--gpus", "2", "--set", "max_steps=8")
     two = submit(stack, micro_model, toy_dpo, *fixed, "--gpus", "1", "--nodes", "2", "--set", "max_steps=8")
@@ -253,20 +252,59 @@ def test_a_two_node_job_trains_as_one_node_does_and_is_cancelled_and_retried(sta
     assert mine.keys() == theirs.keys()
     for name, tensor in mine.items():
         assert (tensor - theirs[name]).abs().max().item() < 1e-4, name
+    wait(lambda: run_processes(two) == [], 30, "no process of the finished job")
 
+
+def test_a_two_node_job_waits_queued_for_a_lost_node_resumes_and_is_cancelled_and_retried(
+    stack, ray_cluster, micro_model, toy_dpo
+):
+    """A node of a running two-node job is lost (its raylet SIGKILLed): the job is handed back, and with one node
+    left it cannot be placed, so it waits `queued` with the reason (API, CLI, dashboard) and nothing of it runs, not
+    even the lost node's rank. A node comes back: the job resumes from its newest checkpoint. Then it is cancelled
+    (no process left) and retried as a one-node job is, and cancelled again while its ranks start."""
+    fixed = ["--trainer", "fsdp", "--set", "eval_fraction=0", "--set", "precision=fp32", "--set", "save_steps=4"]
     job_id = submit(stack, micro_model, toy_dpo, *fixed, "--gpus", "1", "--nodes", "2", "--set", "max_steps=400")
     stack.wait_for_event(job_id, "checkpoint")
-    assert prefq(stack, "cancel", job_id).returncode == 0
-    assert stack.wait_for(job_id, {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
-    wait(lambda: run_processes(job_id) == [], 30, "no process of the cancelled job")
+    assert len(rank_processes(job_id)) == 2
+    ray_cluster.kill_node()
+
+    def job() -> dict:
+        return stack.get(f"/jobs/{job_id}")
+
+    waiting = wait(lambda: (j := job())["status"] == "queued" and j["queued_reason"] and j, 90, "queued for a node")
+    assert "waiting for 2 nodes" in waiting["queued_reason"] and "1 alive" in waiting["queued_reason"], waiting
+    ui = httpx.Client(base_url=stack.url, timeout=30, follow_redirects=True)
+    assert ui.post("/ui/login", data={"key": stack.env["PREFQ_API_KEY"]}).status_code == 200
+    page = ui.get(f"/ui/jobs/{job_id}").text
+    assert "on each of 2 nodes" in page and "waiting for 2 nodes" in page
+    shown = json.loads(prefq(stack, "status", job_id, "--json").stdout)
+    assert shown["nodes"] == 2 and shown["queued_reason"] and job_id in prefq(stack, "list").stdout
+    assert run_processes(job_id) == [], "nothing of a job that waits for its nodes runs, the lost node's rank neither"
+    events = stack.get(f"/jobs/{job_id}/events?limit=1000")["data"]
+    assert not [e for e in events if e["type"] in ("error", "failed")], "a lost node is no failure of the job"
+    requeued = [e["data"] for e in events if e["type"] == "requeued"]
+    assert requeued[0] == {"interrupted_attempt": 1} and "unplaced_attempt" in requeued[-1], requeued
     saved = max(c["step"] for c in stack.get(f"/jobs/{job_id}/checkpoints")["data"])
-    assert prefq(stack, "retry", job_id).returncode == 0
+
+    ray_cluster.add_node()
 
     def started() -> list[dict]:
         return [e["data"] for e in stack.get(f"/jobs/{job_id}/events?limit=1000")["data"] if e["type"] == "started"]
 
-    wait(lambda: len(started()) == 2, 120, "the retried attempt's start", every_s=0.5)
+    wait(lambda: len(started()) == 2, 120, "the attempt placed on the new node", every_s=0.5)
     assert started()[-1]["resumed_from_step"] == saved >= 4
-    assert prefq(stack, "cancel", job_id).returncode == 0  # not trained to the end here: the resume is the point
+    assert job()["queued_reason"] is None and job()["status"] == "running"
+    assert prefq(stack, "cancel", job_id).returncode == 0
+    assert stack.wait_for(job_id, {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
+    wait(lambda: run_processes(job_id) == [], 30, "no process of the cancelled job")
+    assert prefq(stack, "retry", job_id).returncode == 0
+    retried = job()["attempt"]
+
+    def placed() -> bool:
+        events = stack.get(f"/jobs/{job_id}/events?limit=1000")["data"]
+        return any(e["type"] == "placed" and e["attempt"] == retried for e in events)
+
+    wait(placed, 120, "the retried attempt placed", every_s=0.3)  # cancelled while its ranks start
+    assert prefq(stack, "cancel", job_id).returncode == 0
     assert stack.wait_for(job_id, {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
     wait(lambda: run_processes(job_id) == [], 30, "no process of the cancelled job")

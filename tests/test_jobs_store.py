@@ -95,6 +95,24 @@ def test_expired_lease_is_requeued_once_and_the_old_worker_is_fenced(store):
     assert store.get_job(job.id).attempt == 2 and store.get_job(job.id).status == JobStatus.queued
 
 
+def test_a_hand_back_keeps_the_jobs_automatic_attempts_and_says_why_it_waits(store):
+    """Handed back by its worker (its nodes not placed): queued as the next attempt with the reason, none of its
+    automatic attempts spent, its task due `later_s` from now (not re-sent by the reconciler before); a worker
+    that takes it clears the reason. The reconciler's requeue of an expired lease spends one."""
+    job, _ = create(store)
+    store.claim(job.id, 1, "w", 30)
+    assert not store.requeue(job.id, 1, "other", "waiting"), "fenced by its owner"
+    assert store.requeue(job.id, 1, "w", "waiting for 2 nodes", later_s=60)
+    waiting = store.get_job(job.id)
+    assert (waiting.status, waiting.attempt, waiting.max_attempts) == (JobStatus.queued, 2, job.max_attempts + 1)
+    assert waiting.queued_reason == "waiting for 2 nodes" and waiting.enqueued_at > time.time() + 50
+    assert store.unclaimed(older_than_s=0) == [], "its task is due later: not lost"
+    assert store.claim(job.id, 2, "w", ttl_s=0.2).queued_reason is None
+    time.sleep(0.4)
+    assert store.requeue(job.id, 2)
+    assert store.get_job(job.id).max_attempts == job.max_attempts + 1
+
+
 def test_idempotency_key_returns_the_same_job(store):
     first, created = create(store, idempotency_key="key-1")
     second, created_again = create(store, idempotency_key="key-1")

@@ -2,15 +2,18 @@
 
 1. A placement group named after the job and the attempt (`spec.cluster.name`): one bundle of `gpus / nodes` devices
    (GPUs, or CPUs on a CPU cluster) per node, STRICT_SPREAD, so every node is a different Ray node. It is placed
-   whole or not at all (gang placement); not placed within `placement_timeout_s`, the run fails with
-   `nodes_unavailable` and nothing has started.
+   whole or not at all (gang placement); not placed within `placement_timeout_s`, the run says so (`unplaced`)
+   and ends with EXIT_STOPPED before anything has started: the worker queues the job again with that reason, for
+   a later attempt. A SIGTERM while it waits ends the wait at once.
 2. One actor per bundle. Each starts its node's ranks as `python -m training run` processes in their own session,
    with the environment `accelerate launch` would give a rank (`training.ranks.rank_envs`), their global ranks, and
-   the first node's address as `MASTER_ADDR`. Rank 0 writes its events to a file in the run's folder, which this
-   launcher relays to its own stdout: the worker follows them as a one-node run's.
+   the first node's address as `MASTER_ADDR`. A rank dies with its actor (a node lost, or the launcher killed and
+   its actors with it by Ray), so that none outlives its node. Rank 0 writes its events to a file in the run's
+   folder, which this launcher relays to its own stdout: the worker follows them as a one-node run's.
 3. SIGTERM (cancel, pause, the worker's shutdown) is passed to every rank: they save a checkpoint and stop. A node
    lost (its actor dead) stops the others and ends the run with EXIT_STOPPED, so that the worker hands the job back
-   and the next attempt resumes from the newest complete checkpoint.
+   and the next attempt resumes from the newest complete checkpoint. Rank 0's `error` events are held until the
+   run's end is known: a rank fails when its peer's node is lost, and that is no failure of the job.
 
 The run's folder must be one that every node and the worker see (a shared volume: `deploy/k8s`); on one machine,
 as in the tests, it is. The exit code is rank 0's.
@@ -25,8 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from training.events import emit, event_stream
-from training.spec import EXIT_INFRA_ERROR, EXIT_STOPPED, EXIT_USER_ERROR, TrainingSpec
+from training.events import emit, event_stream, read_event
+from training.parent import die_with_parent
+from training.spec import EXIT_STOPPED, EXIT_USER_ERROR, TrainingSpec
 
 POLL_S = 0.2
 EVENTS = "rank0-events.jsonl"
@@ -76,7 +80,15 @@ def _node_actor():
             for env in envs:
                 out = open(events, "wb") if env.get("RANK") == "0" and events else subprocess.DEVNULL
                 self.procs.append(
-                    subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=None, start_new_session=True)
+                    subprocess.Popen(
+                        argv,
+                        env=env,
+                        cwd=cwd,
+                        stdout=out,
+                        stderr=None,
+                        start_new_session=True,
+                        preexec_fn=lambda: die_with_parent(signal.SIGKILL),  # a rank dies with its node
+                    )
                 )
             return [p.pid for p in self.procs]
 
@@ -95,10 +107,11 @@ def _node_actor():
 
 
 class _Relay:
-    """Rank 0's event lines, as they are written, to this process's stdout."""
+    """Rank 0's event lines, as they are written, to this process's stdout; its `error` events are held back
+    until `release` (the run ended of itself) or dropped (a node was lost: the next attempt resumes)."""
 
     def __init__(self, path: Path):
-        self.path, self.offset, self.partial = path, 0, b""
+        self.path, self.offset, self.partial, self.held = path, 0, b"", []
 
     def pump(self) -> None:
         if not self.path.is_file():
@@ -110,8 +123,24 @@ class _Relay:
         *lines, self.partial = (self.partial + data).split(b"\n")
         stream = event_stream()
         for line in lines:
-            if line.strip():
-                stream.write(line.decode(errors="replace") + "\n")
+            text = line.decode(errors="replace")
+            if not text.strip():
+                continue
+            try:
+                kind = read_event(text)[0]
+            except ValueError:
+                kind = None
+            if kind == "error":
+                self.held.append(text)
+            else:
+                stream.write(text + "\n")
+        stream.flush()
+
+    def release(self) -> None:
+        self.pump()
+        stream = event_stream()
+        for text in self.held:
+            stream.write(text + "\n")
         stream.flush()
 
 
@@ -133,18 +162,25 @@ def launch_nodes(spec: TrainingSpec, spec_path: str, out_dir: Path, resume: bool
     cuda = bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
     bundle = {"GPU": per_node} if cuda else {"CPU": per_node}
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    emit("placing", nodes=spec.nodes, bundle=bundle, timeout_s=cluster.placement_timeout_s, name=cluster.name)
     group = placement_group([bundle] * spec.nodes, strategy="STRICT_SPREAD", name=cluster.name)
     nodes = []
     try:
-        if not group.wait(cluster.placement_timeout_s):
+        deadline = time.monotonic() + cluster.placement_timeout_s
+        placed = False
+        while not placed and stopping["signal"] is None and (left := deadline - time.monotonic()) > 0:
+            placed = group.wait(min(1.0, left))
+        if stopping["signal"] is not None:
+            return EXIT_STOPPED  # cancelled, paused or shut down before anything started
+        if not placed:
+            free = sum(1 for n in ray.nodes() if n["Alive"])
             emit(
-                "error",
-                code="nodes_unavailable",
-                message=f"nodes: the Ray cluster could not place {spec.nodes} nodes of {bundle} within "
-                f"{cluster.placement_timeout_s:g} s; nothing was started",
-                user_error=False,
+                "unplaced",
+                message=f"waiting for {spec.nodes} nodes of {bundle} each on the Ray cluster ({free} alive): none "
+                f"placed within {cluster.placement_timeout_s:g} s, nothing was started",
             )
-            return EXIT_INFRA_ERROR
+            return EXIT_STOPPED
+        emit("placed", nodes=spec.nodes, name=cluster.name)
         Node = _node_actor()
         nodes = [
             Node.options(
@@ -190,12 +226,12 @@ def _supervise(nodes, relay: _Relay, stopping: dict, actor_error) -> int:
         try:
             codes = ray.get([node.poll.remote() for node in nodes], timeout=30)
         except (actor_error, ray.exceptions.GetTimeoutError) as exc:
-            relay.pump()
+            relay.pump()  # what rank 0 said before; its errors are dropped
             print(f"a node of the run was lost ({type(exc).__name__}: {exc}); handed back", file=sys.stderr)
             return EXIT_STOPPED  # handed back: the next attempt resumes from the newest complete checkpoint
         flat = [c for node_codes in codes for c in node_codes]
         if all(c is not None for c in flat):
-            relay.pump()
+            relay.release()
             return flat[0]
         if any(c not in (None, 0) for c in flat) and not told:  # a rank failed: the others cannot go on
             told, kill_at = True, time.monotonic() + 30

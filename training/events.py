@@ -16,6 +16,9 @@ Every event has `event` (its type) and `time` (Unix seconds). The types and thei
 | `checkpoint` | `step`, `path` (a complete checkpoint folder: its manifest is written) |
 | `stopped` | `step`, `checkpoint` (path or null): SIGTERM was handled; the exit code is 75 |
 | `memory` | `device` (`cuda`, `cpu`), `estimated_gib` (the estimate of peak memory per device, `training.memory`), `parts_gib` (its weights, gradients, optimizer, reference, activations, head), `available_gib` (free on the device when the run began), `peak_gib` (measured on rank 0 from before the model loaded to the end of training: the CUDA allocator's peak, or the process's resident high-water mark on CPU); once, after training |
+| `placing` | `nodes`, `bundle` (the devices each node brings: `GPU` or `CPU`), `timeout_s`, `name` (the placement group, after the job and the attempt): a run of several nodes asks the Ray cluster for them, before `started` (`training.cluster`) |
+| `placed` | `nodes`, `name`: every node was placed at once |
+| `unplaced` | `message`: not placed within `timeout_s`; nothing started, the exit code is 75 and the job is queued again with `message` as its `queued_reason` |
 | `done` | `final_path`, `metrics` (`train` and `eval`, as in metrics.json; with `best_metric` also `best`: the best evaluation and `path`, its checkpoint, the final model, or null for the model before training) |
 | `error` | `code`, `message`, `user_error` (true for bad data, a bad spec, a model that cannot load or does not fit) |
 
@@ -46,6 +49,9 @@ EventType = Literal[
     "grader_error",
     "checkpoint",
     "stopped",
+    "placing",
+    "placed",
+    "unplaced",
     "memory",
     "done",
     "error",

@@ -29,6 +29,7 @@ class Result:
 
     finished: Finished | None = None
     requeued: int | None = None
+    requeued_in_s: float | None = None  # the new attempt's task is sent for then (a job waiting for its nodes)
 
 
 @dataclass(frozen=True)

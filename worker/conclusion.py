@@ -53,6 +53,9 @@ def conclude(a: Attempt, outcome: Outcome) -> Result:
         if not err.get("user_error"):  # for the operator: the run's own traceback, in the worker's log
             log.warning("Job %s: the run's last lines:\n%s", a.job_id, "".join(_stderr_tail(a.work, 150)))
         raise JobFailed(err.get("code", "training_failed"), err.get("message", ""), bool(err.get("user_error")))
+    if outcome.returncode == EXIT_STOPPED and outcome.unplaced:  # nothing started: queued, tried again later
+        later = a.settings.ray_placement_retry_s
+        return Result(requeued=hand_back(a, "unplaced_attempt", outcome.unplaced, later), requeued_in_s=later)
     # the worker is shutting down (or the run was told to stop some other way): another attempt resumes it.
     # A run stopped before it could install its SIGTERM handler dies of the signal: the same hand-back.
     if outcome.returncode == EXIT_STOPPED or outcome.stopping:
@@ -80,14 +83,17 @@ def finish(a: Attempt, status: JobStatus, **fields) -> Finished | None:
     return done
 
 
-def hand_back(a: Attempt, reason: str) -> int | None:
-    """Queue the job again as the next attempt (it resumes from the newest checkpoint), if still ours."""
+def hand_back(a: Attempt, reason: str, waiting: str | None = None, later_s: float = 0) -> int | None:
+    """Queue the job again as the next attempt (it resumes from the newest checkpoint), if still ours; `waiting`,
+    what it waits for, is its `queued_reason` until a worker takes it again, `later_s` from now (its task is sent
+    for then). An attempt handed back is no failed attempt: the job keeps as many automatic attempts as it had."""
     a.tracker.finish(None)
     a.lease.flush(a.settings.lease_ttl_s)
     a.lease.close()
-    if not _store_call(a, a.store.requeue, a.job_id, a.attempt, a.owner):
+    if not _store_call(a, a.store.requeue, a.job_id, a.attempt, a.owner, waiting, later_s):
         return None
-    _store_call(a, a.store.add_event, a.job_id, a.attempt + 1, "requeued", {reason: a.attempt})
+    data = {reason: a.attempt} | ({"message": waiting} if waiting else {})
+    _store_call(a, a.store.add_event, a.job_id, a.attempt + 1, "requeued", data)
     return a.attempt + 1
 
 

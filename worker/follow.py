@@ -35,6 +35,7 @@ class Outcome:
     returncode: int | None = None
     done: dict | None = None  # the `done` event's fields
     error: dict | None = None  # the `error` event's fields
+    unplaced: str | None = None  # the `unplaced` event's message: a run of several nodes that Ray could not place
     cancelled: bool = False
     lease_expiring: bool = False  # stopped because the lease could not be renewed in time
     stopping: bool = False  # stopped because the worker shuts down
@@ -131,6 +132,8 @@ class Follower:
             self.outcome.done = data
         elif kind == "error":
             self.outcome.error = data
+        elif kind == "unplaced":
+            self.outcome.unplaced = data.get("message") or "the Ray cluster could not place the job's nodes"
         a.lease.post((kind, data), **fields)
         a.tracker.on_event(kind, data)
 

@@ -59,7 +59,7 @@ def run_job(self, job_id: str, attempt: int) -> None:
     finally:
         pool.set_current_job(self.request.hostname, None)
     if result.requeued is not None:
-        _dispatch(f"job {job_id}", enqueue_job, job_id, result.requeued, job.gpus)
+        _dispatch(f"job {job_id}", enqueue_job, job_id, result.requeued, job.gpus, None, result.requeued_in_s)
     if result.finished and result.finished.callback_id:
         _dispatch(f"callback {result.finished.callback_id}", send_callback, result.finished.callback_id)
 

@@ -37,8 +37,8 @@ QUEUE_SIZE = 1000  # events waiting for one sink; beyond, they are dropped
 FLUSH_S = 30.0  # how long the end of an attempt waits for its sinks
 JOB_TAG = "prefq.job_id"
 MLFLOW_STATUS = {JobStatus.succeeded: "FINISHED", JobStatus.failed: "FAILED", JobStatus.cancelled: "KILLED"}
-# paths and settings of this worker: not the job's params
-LOCAL_FIELDS = ("model", "train_file", "eval_file", "ref_cache_dir", "grading")
+# paths and settings of this worker (and its Ray cluster, with the attempt in its name): not the job's params
+LOCAL_FIELDS = ("model", "train_file", "eval_file", "ref_cache_dir", "grading", "cluster")
 SAMPLE_COLUMNS = ["step", "model", "index", "prompt", "completion", "tokens", "reward"]
 
 

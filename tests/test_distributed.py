@@ -234,10 +234,12 @@ def _weights(stack, job_id: str, folder) -> dict:
     return {k: v for p in folder.glob("*.safetensors") for k, v in load_file(p).items()}
 
 
-def test_a_two_node_job_trains_as_one_node_does(stack, micro_model, toy_dpo, tmp_path):
-    """FSDP on two Ray nodes of one rank each (the session's two raylets), through the queue: the same losses and
-    final weights (within 1e-4) as the same job on one node of two ranks; no process of either is left."""
-    fixed = ["--trainer", "fsdp", "--set", "eval_fraction=0", "--set", "precision=fp32", "--set", "save_steps=4"]
+@pytest.mark.parametrize("trainer", ["fsdp", pytest.param("deepspeed-tp", marks=pytest.mark.long)])
+def test_a_two_node_job_trains_as_one_node_does(trainer, stack, micro_model, toy_dpo, tmp_path):
+    """FSDP (and in the long run DeepSpeed's tensor parallelism) on two Ray nodes of one rank each (the session's two
+    raylets), through the queue: the same losses and final weights (within 1e-4) as the same job on one node of two
+    ranks; no process of either is left."""
+    fixed = ["--trainer", trainer, "--set", "eval_fraction=0", "--set", "precision=fp32", "--set", "save_steps=4"]
     one = submit(stack, micro_model, toy_dpo, *fixed, "--gpus", "2", "--set", "max_steps=8")
     two = submit(stack, micro_model, toy_dpo, *fixed, "--gpus", "1", "--nodes", "2", "--set", "max_steps=8")
     runs = {}
@@ -308,3 +310,35 @@ def test_a_two_node_job_waits_queued_for_a_lost_node_resumes_and_is_cancelled_an
     assert prefq(stack, "cancel", job_id).returncode == 0
     assert stack.wait_for(job_id, {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
     wait(lambda: run_processes(job_id) == [], 30, "no process of the cancelled job")
+
+
+@pytest.mark.long
+def test_a_reinforcement_job_runs_across_two_nodes(stack, rft):
+    """GRPO on fsdp across the session's two Ray nodes, graded by a `string_check` grader (which runs in each rank;
+    python graders and judges are refused across nodes): it samples, grades, checkpoints and succeeds."""
+    from tests.services import GRADER
+    from tests.test_grpo import GRPO
+
+    body = {
+        "model": rft.model,
+        "dataset": rft.file.id,
+        "method": "grpo",
+        "trainer": "fsdp",
+        "gpus": 1,
+        "nodes": 2,
+        "hyperparameters": {**GRPO, "grader": GRADER, "max_steps": 8, "save_steps": 4, "sample_prompts": 0},
+    }
+    created = rft.native.post("/jobs", json=body)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"})
+    assert done["status"] == "succeeded" and done["nodes"] == 2 and done["step"] == 8, done
+    events = stack.get(f"/jobs/{job_id}/events?limit=1000")["data"]
+    assert [e["data"]["parallelism"]["processes"] for e in events if e["type"] == "started"] == [2]
+    progress = [e["data"]["metrics"] for e in events if e["type"] == "progress"]
+    assert progress and all("reward" in m for m in progress), progress
+    wait(lambda: run_processes(job_id) == [], 30, "no process of the finished job")
+
+    judge = {**body["hyperparameters"], "sample_judge": "x", "sample_prompts": 4}
+    judged = rft.native.post("/jobs", json={**body, "hyperparameters": judge})
+    assert judged.status_code == 400 and "cannot reach" in judged.text, judged.text

@@ -64,6 +64,27 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monke
         ({"method": "reward", "sample_judge": "j"}, "sample_judge", "writes no samples"),
         ({"nodes": 2}, "nodes", "use 'fsdp' or 'deepspeed-tp'"),
         ({"trainer": "fsdp", "gpus": 3, "nodes": 2}, "gpus", "do not split evenly over 2 nodes"),
+        ({"trainer": "fsdp", "gpus": 2, "nodes": 2, "sample_judge": "j"}, "sample_judge", "cannot reach"),
+        (
+            {
+                "method": "grpo",
+                "trainer": "fsdp",
+                "gpus": 2,
+                "nodes": 2,
+                "grader": {
+                    "type": "multi",
+                    "name": "m",
+                    "graders": [
+                        {"type": "string_check", "name": "a", "input": "{{sample.output_text}}", "reference": "x"}
+                        | {"operation": "eq"},
+                        {"type": "python", "name": "b", "source": "def grade(sample, item):\n    return 1.0"},
+                    ],
+                    "calculate_output": "a + b",
+                },
+            },
+            "grader",
+            "python graders and judges are run by the worker",
+        ),
         ({"sample_judge": "j", "sample_prompts": 0}, "sample_judge", "set sample_prompts above 0"),
         ({"loss_type": ["sigmoid", "nope"]}, "loss_type", "unknown loss type 'nope'"),
         ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, "loss_weights", "one per type"),

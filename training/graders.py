@@ -188,6 +188,13 @@ class Multi(_Grader):
 Grader = Annotated[StringCheck | TextSimilarity | Python | ScoreModel | LabelModel | Multi, Field(discriminator="type")]
 _ADAPTER = TypeAdapter(Grader)
 TYPES = frozenset({"string_check", "text_similarity", "python", "score_model", "label_model", "multi"})
+RUN_BY_WORKER = frozenset({"python", "score_model", "label_model"})  # over the worker's grading socket
+
+
+def run_by_worker(found: dict[str, dict]) -> list[str]:
+    """The fields (of `TrainingSpec.graders`) whose grader, or one of whose sub-graders, the worker runs for the run:
+    python graders and judges."""
+    return [k for k, g in found.items() if ({g.get("type")} | {s.get("type") for s in sub_graders(g)}) & RUN_BY_WORKER]
 
 
 def parse(grader: Any) -> StringCheck | TextSimilarity | Python | ScoreModel | LabelModel | Multi:

@@ -495,6 +495,14 @@ class TrainingSpec(BaseModel):
                 raise ValueError("nodes: a run across nodes shards the model; use 'fsdp' or 'deepspeed-tp'")
             if self.gpus % self.nodes:
                 raise ValueError(f"gpus: {self.gpus} devices do not split evenly over {self.nodes} nodes")
+            from training.graders import run_by_worker
+
+            if found := run_by_worker(self.graders):
+                raise ValueError(
+                    f"{found[0]}: python graders and judges are run by the worker over a local socket, which ranks "
+                    f"on other nodes cannot reach; a job of {self.nodes} nodes grades with string_check and "
+                    "text_similarity graders, or runs on one node"
+                )
         if self.trainer == "basic" and self.gpus != 1:
             raise ValueError(f"gpus: the 'basic' trainer runs on one device, not {self.gpus}; use 'fsdp' or 1")
         if self.trainer != "basic" and self.gpus < 2:

@@ -45,11 +45,7 @@ def resolve(a: Attempt, found_graders: dict[str, dict]) -> dict[str, judges.Endp
 
 def needs_service(found_graders: dict[str, dict]) -> bool:
     """Whether the graders have a python or a model grader, which the worker runs for the run."""
-    kinds = set()
-    for grader in found_graders.values():
-        kinds |= {g.get("type") for g in graders.sub_graders(grader)}
-        kinds.add(grader["type"])
-    return bool(kinds & {"python", "score_model", "label_model"})
+    return bool(graders.run_by_worker(found_graders))
 
 
 def socket_path(a: Attempt) -> Path:

@@ -342,17 +342,14 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A Ray cluster of two nodes on this machine (two raylets of one CPU each): where jobs of several nodes are
-    placed (`training.cluster`). `tests.services.RayCluster`: its address; a test may kill a node and add one."""
+    """The Ray cluster where the stack places jobs of several nodes (`training.cluster`), `tests.services.RayCluster`:
+    its address, for the stack's worker. Its nodes (raylets of one CPU each) are started by the tests that place jobs
+    on it (`tests/test_distributed.py`'s `ray_nodes`)."""
     from tests.services import RayCluster
 
     cluster = RayCluster(python_env())
-    try:
-        cluster.add_node()
-        cluster.add_node()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -312,13 +312,13 @@ def wait(predicate, timeout_s: float, what: str, every_s: float = 0.1):
 class RayCluster:
     """A Ray cluster of one-CPU nodes on this machine, each a `ray start --block` in its own process group, on ports
     of `free_port` (none left to Ray's own choice, which could fall on a port handed out to a server still
-    starting). The head keeps the GCS; a node killed (SIGKILL to its group: its raylet, its workers, and through
-    them the ranks they started) is found dead in about 3 s."""
+    starting). Its address is known before it starts (`start`), so that the stack's worker can be given it and the
+    cluster run only while tests place jobs on it: idle, its processes take about 6% of a core. The head keeps the
+    GCS; a node killed (SIGKILL to its group: its raylet, its workers, and through them the ranks they started) is
+    found dead in about 3 s."""
 
     def __init__(self, env: dict):
-        import tempfile
-
-        self.folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # its sockets' paths must stay short
+        self.folder = ""
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = dict(
@@ -330,6 +330,13 @@ class RayCluster:
             RAY_health_check_failure_threshold="2",
         )
         self.procs: list[subprocess.Popen] = []
+
+    def start(self, nodes: int) -> None:
+        import tempfile
+
+        self.folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # its sockets' paths must stay short
+        for _ in range(nodes):
+            self.add_node()
 
     def add_node(self) -> None:
         """Start a node and wait until the cluster counts it (the first is the head)."""
@@ -381,7 +388,9 @@ class RayCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # whatever of its group is left
             proc.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.procs = []
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def alive(pid: int) -> bool:

@@ -15,6 +15,14 @@ TRAINERS = [("fsdp", 4), ("deepspeed-tp", 8)]  # (trainer, per-process batch giv
 
 
 @pytest.fixture(scope="module")
+def ray_nodes(ray_cluster):
+    """The stack's Ray cluster with two nodes, for this module's tests; stopped after them."""
+    ray_cluster.start(2)
+    yield ray_cluster
+    ray_cluster.stop()
+
+
+@pytest.fixture(scope="module")
 def basic_run(tmp_path_factory, micro_model, toy_dpo):
     out = tmp_path_factory.mktemp("basic") / "run"
     rc, events = run_training(
@@ -235,7 +243,7 @@ def _weights(stack, job_id: str, folder) -> dict:
 
 
 @pytest.mark.parametrize("trainer", ["fsdp", pytest.param("deepspeed-tp", marks=pytest.mark.long)])
-def test_a_two_node_job_trains_as_one_node_does(trainer, stack, micro_model, toy_dpo, tmp_path):
+def test_a_two_node_job_trains_as_one_node_does(trainer, stack, ray_nodes, micro_model, toy_dpo, tmp_path):
     """FSDP (and in the long run DeepSpeed's tensor parallelism) on two Ray nodes of one rank each (the session's two
     raylets), through the queue: the same losses and final weights (within 1e-4) as the same job on one node of two
     ranks; no process of either is left."""
@@ -258,7 +266,7 @@ def test_a_two_node_job_trains_as_one_node_does(trainer, stack, micro_model, toy
 
 
 def test_a_two_node_job_waits_queued_for_a_lost_node_resumes_and_is_cancelled_and_retried(
-    stack, ray_cluster, micro_model, toy_dpo
+    stack, ray_nodes, micro_model, toy_dpo
 ):
     """A node of a running two-node job is lost (its raylet SIGKILLed): the job is handed back, and with one node
     left it cannot be placed, so it waits `queued` with the reason (API, CLI, dashboard) and nothing of it runs, not
@@ -268,7 +276,7 @@ def test_a_two_node_job_waits_queued_for_a_lost_node_resumes_and_is_cancelled_an
     job_id = submit(stack, micro_model, toy_dpo, *fixed, "--gpus", "1", "--nodes", "2", "--set", "max_steps=400")
     stack.wait_for_event(job_id, "checkpoint")
     assert len(rank_processes(job_id)) == 2
-    ray_cluster.kill_node()
+    ray_nodes.kill_node()
 
     def job() -> dict:
         return stack.get(f"/jobs/{job_id}")
@@ -288,7 +296,7 @@ def test_a_two_node_job_waits_queued_for_a_lost_node_resumes_and_is_cancelled_an
     assert requeued[0] == {"interrupted_attempt": 1} and "unplaced_attempt" in requeued[-1], requeued
     saved = max(c["step"] for c in stack.get(f"/jobs/{job_id}/checkpoints")["data"])
 
-    ray_cluster.add_node()
+    ray_nodes.add_node()
 
     def started() -> list[dict]:
         return [e["data"] for e in stack.get(f"/jobs/{job_id}/events?limit=1000")["data"] if e["type"] == "started"]
@@ -313,7 +321,7 @@ def test_a_two_node_job_waits_queued_for_a_lost_node_resumes_and_is_cancelled_an
 
 
 @pytest.mark.long
-def test_a_reinforcement_job_runs_across_two_nodes(stack, rft):
+def test_a_reinforcement_job_runs_across_two_nodes(stack, ray_nodes, rft):
     """GRPO on fsdp across the session's two Ray nodes, graded by a `string_check` grader (which runs in each rank;
     python graders and judges are refused across nodes): it samples, grades, checkpoints and succeeds."""
     from tests.services import GRADER
@@ -326,7 +334,8 @@ def test_a_reinforcement_job_runs_across_two_nodes(stack, rft):
         "trainer": "fsdp",
         "gpus": 1,
         "nodes": 2,
-        "hyperparameters": {**GRPO, "grader": GRADER, "max_steps": 8, "save_steps": 4, "sample_prompts": 0},
+        "hyperparameters": {**GRPO, "grader": GRADER, "max_steps": 8, "save_steps": 4, "logging_steps": 4}
+        | {"sample_prompts": 0},
     }
     created = rft.native.post("/jobs", json=body)
     assert created.status_code == 202, created.text
@@ -341,4 +350,29 @@ def test_a_reinforcement_job_runs_across_two_nodes(stack, rft):
 
     judge = {**body["hyperparameters"], "sample_judge": "x", "sample_prompts": 4}
     judged = rft.native.post("/jobs", json={**body, "hyperparameters": judge})
-    assert judged.status_code == 400 and "cannot reach" in judged.text, judged.text
+    assert judged.status_code == 422 and "hyperparameters.sample_judge: " in judged.text, judged.text
+
+
+def test_a_killed_launcher_leaves_no_rank_on_any_node(ray_nodes, micro_model, toy_dpo, tmp_path):
+    """The launcher of a two-node run SIGKILLed (no goodbye: an OOM kill, a lost worker pod): Ray ends the actors of
+    the driver that died, and each rank dies with its actor, so no rank is left on either node."""
+    import signal
+
+    from tests.conftest import start_cold
+
+    cluster = {"address": ray_nodes.address, "name": "prefq-killed-1", "placement_timeout_s": 30}
+    spec = dpo_spec(micro_model, toy_dpo, max_steps=5000, eval_fraction=0, trainer="fsdp", gpus=2, nodes=2)
+    launcher = start_cold(spec | {"cluster": cluster}, tmp_path / "run")
+    for line in launcher.stdout:
+        if json.loads(line)["event"] == "placed":
+            break
+    spec_path = launcher.args[4]
+
+    def ranks() -> list[psutil.Process]:
+        found = [p for p in psutil.process_iter(["cmdline"]) if spec_path in (p.info["cmdline"] or [])]
+        return [p for p in found if p.pid != launcher.pid and p.status() != psutil.STATUS_ZOMBIE]
+
+    wait(lambda: len(ranks()) == 2, 60, "a rank on each node", every_s=0.2)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    wait(lambda: ranks() == [], 60, "the ranks gone with their actors", every_s=0.5)

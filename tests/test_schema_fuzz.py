@@ -51,7 +51,7 @@ def live_api(tmp_path_factory, broker_url, pg_template):
 def test_generated_requests_get_documented_answers_and_no_5xx(live_api, tmp_path):
     live_api, key = live_api
     report = tmp_path / "report.json"
-    examples = os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "12")
+    examples = os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "8")
     out = subprocess.run(
         [
             SCHEMATHESIS,

@@ -78,18 +78,18 @@ def _node_actor():
 
         def start(self, argv: list[str], envs: list[dict], events: str | None, cwd: str) -> list[int]:
             for env in envs:
-                out = open(events, "wb") if env.get("RANK") == "0" and events else subprocess.DEVNULL
-                self.procs.append(
-                    subprocess.Popen(
-                        argv,
-                        env=env,
-                        cwd=cwd,
-                        stdout=out,
-                        stderr=None,
-                        start_new_session=True,
-                        preexec_fn=lambda: die_with_parent(signal.SIGKILL),  # a rank dies with its node
+                with open(events if env.get("RANK") == "0" and events else os.devnull, "wb") as out:
+                    self.procs.append(
+                        subprocess.Popen(
+                            argv,
+                            env=env,
+                            cwd=cwd,
+                            stdout=out,  # the rank holds its own copy
+                            stderr=None,
+                            start_new_session=True,
+                            preexec_fn=lambda: die_with_parent(signal.SIGKILL),  # a rank dies with its node
+                        )
                     )
-                )
             return [p.pid for p in self.procs]
 
         def poll(self) -> list[int | None]:

@@ -378,11 +378,11 @@ class RayCluster:
         wait(lambda: self.alive_nodes() == want, 60, "the lost node found dead", every_s=0.5)
 
     def stop(self) -> None:
-        """SIGINT: `ray start --block` stops its node's processes (its group) in about a second; SIGTERM, 33 s. One
-        node after another, the head last: a node stopped after the head waits for the GCS until it gives up."""
+        """SIGINT: `ray start --block` stops its node's processes (its group) in about a second; SIGTERM, 33 s."""
         for proc in reversed(self.procs):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGINT)
+        for proc in reversed(self.procs):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=20)
             with contextlib.suppress(ProcessLookupError):
